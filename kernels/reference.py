@@ -1,0 +1,100 @@
+"""The hot ops in plain NumPy: the reference a reader can check by eye.
+
+Every function here has a twin of the same name and signature in `fast.py` (Numba). Nothing here knows
+about models: arrays in, arrays out. All activations are float32. Weights may be float32, float16, or
+bfloat16 held as raw `np.uint16` bits (see phinano/weights.py); `widen` turns any of them into float32.
+
+Shape letters: T tokens, S cached positions, D model width, H query heads, KVH key/value heads,
+HD head dim, R rotary dims, N output rows, K input width, F MLP width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def widen(w: np.ndarray) -> np.ndarray:
+    """Any stored weight -> float32. bf16 bits (uint16) go to the high half of a 32-bit word: exact."""
+    if w.dtype == np.uint16:
+        return (w.astype(np.uint32) << 16).view(np.float32)
+    return w.astype(np.float32, copy=False)
+
+
+def embed(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Rows of the (V, D) embedding table for the (T,) token ids -> (T, D) float32."""
+    return widen(table[ids])
+
+
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ w.T (+ b). x (T, K) float32, w (N, K) as stored, b (N,) -> (T, N) float32."""
+    y = x @ widen(w).T
+    if b is not None:
+        y += widen(b)
+    return y
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * w, per row. x (T, D) float32, w (D,) -> (T, D)."""
+    variance = np.mean(x * x, axis=-1, keepdims=True)
+    return x / np.sqrt(variance + np.float32(eps)) * widen(w)
+
+
+def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    """(x - mean) / sqrt(var + eps) * w + b, per row (biased variance). x (T, D), w and b (D,) -> (T, D)."""
+    mean = np.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    variance = np.mean(centred * centred, axis=-1, keepdims=True)
+    return centred / np.sqrt(variance + np.float32(eps)) * widen(w) + widen(b)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotary embedding, "rotate-half" (NeoX) pairing, on the first R dims of every head.
+
+    x (T, NH, HD); cos, sin (T, R) with the R/2 angles repeated twice. Dim i < R/2 pairs with i + R/2:
+        x'[i]       = x[i] * cos[i]       - x[i + R/2] * sin[i]
+        x'[i + R/2] = x[i + R/2] * cos[i] + x[i] * sin[i]
+    Dims R..HD pass through unchanged (Phi-4-mini rotates 96 of 128).
+    """
+    R = cos.shape[-1]
+    half = R // 2
+    rot = x[..., :R]  # (T, NH, R)
+    rotated_half = np.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)  # (T, NH, R)
+    out = x.copy()
+    out[..., :R] = rot * cos[:, None, :] + rotated_half * sin[:, None, :]
+    return out
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, float32; rows that are all -inf are not expected."""
+    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int | None) -> np.ndarray:
+    """Causal (optionally sliding-window) attention of T new queries over S cached keys.
+
+    q (T, H, HD): queries at absolute positions start .. start+T-1
+    k, v (S, KVH, HD): keys/values at positions 0 .. S-1 (S = start + T, the new ones included)
+    Query at position i sees key j iff j <= i and i - j < window (window W = W keys, the query's own
+    included). Query head h reads KV head h // (H // KVH) (grouped-query attention).
+    Returns (T, H, HD).
+    """
+    T, H, HD = q.shape
+    S, KVH, _ = k.shape
+    group = H // KVH
+    k = np.repeat(k, group, axis=1)  # (S, H, HD): KV head j serves query heads j*group .. j*group+group-1
+    v = np.repeat(v, group, axis=1)  # (S, H, HD)
+    scores = np.einsum("thd,shd->hts", q, k) * np.float32(HD**-0.5)  # (H, T, S)
+    i = np.arange(start, start + T)[:, None]  # (T, 1) query positions
+    j = np.arange(S)[None, :]  # (1, S) key positions
+    visible = j <= i
+    if window is not None:
+        visible &= i - j < window
+    scores = np.where(visible[None], scores, -np.inf)
+    probs = softmax(scores)  # (H, T, S)
+    return np.einsum("hts,shd->thd", probs, v)  # (T, H, HD)
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """up * silu(gate), silu(g) = g * sigmoid(g). gate, up (T, F) -> (T, F)."""
+    return up * (gate / (1.0 + np.exp(-gate)))

@@ -1,0 +1,40 @@
+"""The KV cache: every layer's rotated keys and values, allocated once per generation.
+
+Prefill writes T positions at once; each decode step appends one. Keys are stored after rotary, so a
+cache is only valid for the rope factor set it was built with (`variant`): when a longrope model grows past
+its original length, generate.py throws the cache away and recomputes the sequence (Transformers does the
+same), so cached decoding always equals a full recompute.
+
+Every position is kept; the sliding window is applied as a mask in attention, which gives the same result
+as Transformers' cache that keeps only the last W-1 keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import Config
+
+
+@dataclass
+class KVCache:
+    k: np.ndarray  # (L, S_max, KVH, HD) float32, rotated keys
+    v: np.ndarray  # (L, S_max, KVH, HD) float32
+    length: int = 0  # S: positions filled so far (the same in every layer)
+    variant: str | None = None  # rope factor set the cached keys were rotated with
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self) -> None:
+        self.length = 0
+        self.variant = None
+
+
+def new_cache(cfg: Config, capacity: int) -> KVCache:
+    """Room for `capacity` positions in every layer (capacity * L * 2 * KVH * HD * 4 bytes)."""
+    shape = (cfg.num_hidden_layers, capacity, cfg.num_key_value_heads, cfg.head_dim)
+    return KVCache(k=np.zeros(shape, np.float32), v=np.zeros(shape, np.float32))
