@@ -65,3 +65,38 @@ def generate_tokens(model, token_ids: Sequence[int], max_new_tokens: int, *, tem
                 stats["finish_reason"] = "stop"
                 return
         pending = np.array([token], dtype=np.int64)
+
+
+def stream_text(model, token_ids: Sequence[int], max_new_tokens: int, *, stop_strings: Sequence[str] = (),
+                skip_special_tokens: bool = True, stats: dict | None = None, **sampling) -> Iterator[str]:
+    """Yield the generated text in printable pieces (never half a UTF-8 character, never a lost space).
+
+    A stop string ends the generation and is not yielded; text that could be the start of a stop string
+    is held back until it is known not to be one.
+    """
+    stats = {} if stats is None else stats
+    decoder = model.tokenizer.stream(skip_special_tokens=skip_special_tokens)
+    keep = max((len(s) for s in stop_strings), default=1) - 1  # chars that might begin a stop string
+    held = ""
+    tokens = generate_tokens(model, token_ids, max_new_tokens, stats=stats, **sampling)
+    try:
+        for token in tokens:
+            held += decoder.push(token)
+            cut = min((held.find(s) for s in stop_strings if s in held), default=-1)
+            if cut >= 0:
+                stats["finish_reason"] = "stop"
+                if cut:
+                    yield held[:cut]
+                return
+            if len(held) > keep:
+                yield held[: len(held) - keep]
+                held = held[len(held) - keep :]
+        held += decoder.flush()
+        cut = min((held.find(s) for s in stop_strings if s in held), default=-1)
+        if cut >= 0:
+            stats["finish_reason"] = "stop"
+            held = held[:cut]
+        if held:
+            yield held
+    finally:
+        tokens.close()

@@ -1,0 +1,154 @@
+"""The `phinano` command: generate and info (chat and serve live in their own modules).
+
+    phinano generate "def fibonacci(n):"                       # the shipped nano model
+    phinano generate --model microsoft/Phi-3-mini-4k-instruct --chat "Why is the sky blue?"
+    phinano info --model ./my-phi3-folder
+
+Any PhinanoError (missing file, bad checkpoint, prompt too long, offline Hub) prints one line on stderr and
+exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import DEFAULT_MODEL, PhinanoError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"local folder, shipped nano model name, or Hub repo id (default: {DEFAULT_MODEL})")
+    p.add_argument("--backend", choices=("numba", "numpy"), default="numba", help="kernel backend (default numba)")
+    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def load_model(args: argparse.Namespace):
+    import phinano
+
+    return phinano.load(args.model, backend=args.backend, threads=args.threads, revision=args.revision)
+
+
+def _speed_line(stats: dict) -> str:
+    prefill = stats["prompt_tokens"] / stats["prefill_seconds"] if stats["prefill_seconds"] else 0.0
+    decoded = stats["new_tokens"] - 1
+    decode = decoded / stats["decode_seconds"] if stats["decode_seconds"] and decoded > 0 else 0.0
+    return (f"[{stats['prompt_tokens']} prompt tokens at {prefill:.1f} tok/s, {stats['new_tokens']} new tokens "
+            f"at {decode:.1f} tok/s, finish: {stats['finish_reason']}]")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import stream_text
+
+    model = load_model(args)
+    tok = model.tokenizer
+    if tok is None:
+        raise PhinanoError(f"{args.model}: no tokenizer.json in the model folder, cannot encode a text prompt")
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    else:
+        ids = tok.encode(args.prompt)
+        print(args.prompt, end="", flush=True)
+    stats: dict = {}
+    show = getattr(args, "show_experts", False)
+    if show:
+        from .moe import print_expert_trace
+
+        print_expert_trace(model, ids, args, stats)
+    else:
+        for piece in stream_text(model, ids, args.max_new_tokens, stop_strings=args.stop, stats=stats,
+                                 **sampling_options(args)):
+            print(piece, end="", flush=True)
+    print()
+    if args.verbose:
+        print(_speed_line(stats), file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    cfg, w = model.config, model.weights
+    total, active = model.parameter_counts()
+    kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # float32 K and V
+    context = cfg.max_position_embeddings
+    lines = [
+        ("model", model.name),
+        ("architecture", cfg.architecture),
+        ("parameters", f"{total:,}" + (f" total, {active:,} active per token" if active != total else "")),
+        ("layers", f"{cfg.num_hidden_layers} x (hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}, "
+                   f"kv heads {cfg.num_key_value_heads}, head dim {cfg.head_dim}, mlp {cfg.intermediate_size})"),
+        ("vocab", f"{cfg.vocab_size}"),
+        ("rope", f"{cfg.rope_type}, theta {cfg.rope_theta:g}, rotary dims {cfg.rotary_dim} of {cfg.head_dim}"
+                 + (f", original length {cfg.original_max_position_embeddings}" if cfg.rope_type == "longrope" else "")),
+        ("context", f"{context} tokens" + (f", sliding window {cfg.sliding_window}" if cfg.sliding_window else "")),
+        ("dtype on disk", w.dtype),
+        ("weights", f"{w.nbytes / 1e9:.3f} GB, memory-mapped"),
+        ("kv cache", f"{kv_per_token / 1e6:.3f} MB per token (float32), {kv_per_token * context / 1e9:.2f} GB "
+                     f"at the full {context}-token context"),
+        ("memory needed", f"about {(w.nbytes + kv_per_token * min(context, 4096)) / 1e9:.2f} GB for a "
+                          f"{min(context, 4096)}-token generation"),
+        ("stop tokens", ", ".join(str(t) for t in model.stop_token_ids) or "none"),
+        ("backend", model.backend),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phinano", description="Phi-3 family inference in NumPy + Numba")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="continue a prompt (or answer it with --chat), streaming to stdout")
+    add_model_args(g)
+    add_sampling_args(g)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--show-experts", action="store_true",
+                   help="PhiMoE: print each generated token with the experts it was routed to per layer")
+    g.add_argument("--verbose", "-v", action="store_true", help="print a speed report on stderr")
+    g.add_argument("prompt")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="architecture, parameter count, dtype, memory")
+    add_model_args(i)
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PhinanoError as e:
+        print(f"phinano: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `phinano generate ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
