@@ -65,8 +65,8 @@ def init_weights(model, seed: int, std: float = 0.1) -> None:
                 p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 scale = std * math.sqrt(64 / p.shape[1]) if p.shape[1] > 64 else std
-                if "embed_tokens" in name:
-                    scale = 1.0
+                if "embed_tokens" in name or "lm_head" in name:
+                    scale = 1.0  # wide logits: top-1/top-2 gaps far above float32 noise
                 p.copy_(scale * torch.randn(p.shape, generator=g))
 
 
@@ -88,8 +88,11 @@ def make_phi3(folder: Path, name: str, dtype: str = "float32", shard: bool = Fal
               layers: int = 2) -> Path:
     from transformers import Phi3ForCausalLM
 
-    model = Phi3ForCausalLM(phi3_config(name, layers)).eval()
-    init_weights(model, seed)
+    config = phi3_config(name, layers)
+    model = Phi3ForCausalLM(config).eval()
+    # A tied head maps the residual stream's own token embedding back onto itself: at std 0.1 the layers
+    # are too weak to move it and greedy repeats one token, so tied models get wider layers.
+    init_weights(model, seed, std=0.2 if config.tie_word_embeddings else 0.1)
     return save_checkpoint(model, folder, dtype, shard)
 
 
@@ -100,3 +103,79 @@ def hf_reference(folder: Path):
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return model
+
+
+# ------------------------------------------------------------------ a tiny Phi-3-style tokenizer
+TINY_TEXT = [  # lowercase only: capitals and anything else fall back to bytes, as rare characters do in Phi-3
+    "the quick brown fox jumps over the lazy dog.",
+    "hello, how are you today? i am fine, thank you.",
+    "a model reads tokens and writes tokens, one at a time.",
+    "the sky is blue because the air scatters blue light more than red light.",
+    "write a short poem about the sea and the wind.",
+]
+CHAT_MARKERS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+PHI35_CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+                       "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def add_tiny_tokenizer(folder: Path, vocab_size: int = VOCAB) -> dict[str, int]:
+    """Write a Phi-3-shaped tokenizer of at most `vocab_size` ids into `folder`; return the chat markers' ids.
+
+    The layout is Phi-3's: <unk> <s> </s> at 0-2, the byte pieces <0x00>..<0xFF> at 3-258 (byte fallback), BPE
+    pieces trained here on TINY_TEXT, then the chat markers as added special tokens (rstrip as in Phi-3).
+    Normalizer, decoder and the <s>-prepending post-processor are Phi-3's. Also writes tokenizer_config.json
+    (Phi-3.5-style chat template) and generation_config.json (stop on <|endoftext|> and <|end|>).
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    pieces = vocab_size - 3 - 256 - len(CHAT_MARKERS)  # room left for characters and merges
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")  # merge within words
+    trainer_tok.train_from_iterator(TINY_TEXT, trainers.BpeTrainer(vocab_size=pieces, show_progress=False))
+    trained = json.loads(trainer_tok.to_str())["model"]
+    learned = sorted(trained["vocab"], key=trained["vocab"].get)[:pieces]
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for piece in learned:
+        vocab.setdefault(piece, len(vocab))
+    merges = [m for m in trained["merges"] if "".join(m if isinstance(m, list) else m.split(" ")) in vocab]
+    markers = {marker: len(vocab) + i for i, marker in enumerate(CHAT_MARKERS)}
+    assert max(markers.values()) < vocab_size
+
+    def added(token_id, content, special=True, rstrip=False):
+        return {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": rstrip,
+                "normalized": False, "special": special}
+
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [added(0, "<unk>"), added(1, "<s>"), added(2, "</s>", special=False, rstrip=True)]
+        + [added(i, m, rstrip=m != "<|endoftext|>") for m, i in markers.items()],
+        "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                           {"type": "Replace", "pattern": {"String": " "},
+                                                            "content": "▁"}]},
+        "pre_tokenizer": None,
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                      {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                    {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                                                     {"type": "ByteFallback"}, {"type": "Fuse"},
+                                                     {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False, indent=1))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "add_eos_token": False, "bos_token": "<s>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<unk>", "model_max_length": 4096,
+        "clean_up_tokenization_spaces": False, "chat_template": PHI35_CHAT_TEMPLATE}, indent=1))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": [markers["<|endoftext|>"], markers["<|end|>"]]}))
+    return markers
