@@ -68,11 +68,14 @@ class Model:
         return ops.linear(ops.swiglu(gate, up), w.down)  # (T, D)
 
     # ------------------------------------------------------------------ the whole stack
-    def _run(self, ids: np.ndarray, cache: KVCache, last_only: bool, routing: list | None = None) -> np.ndarray:
+    def _run(self, ids: np.ndarray, cache: KVCache, last_only: bool, routing: list | None = None,
+             trace: list | None = None) -> np.ndarray:
         """Run T new tokens through the model, appending their keys/values to the cache.
 
         ids (T,) at positions cache.length .. cache.length+T-1. Returns logits (T, V), or (1, V) for the
-        last position only when `last_only` (what generation needs after a prefill).
+        last position only when `last_only` (what generation needs after a prefill). `trace`, if given,
+        receives the residual stream x (T, D) after the embedding and after every layer (for debugging
+        a parity failure layer by layer).
         """
         cfg, ops, W = self.config, self.ops, self.weights
         T, start = len(ids), cache.length
@@ -84,6 +87,8 @@ class Model:
         cos, sin = rope_tables(cfg, start, T, variant)  # (T, R) each
 
         x = ops.embed(W.embed, ids)  # (T, D)
+        if trace is not None:
+            trace.append(x)
         for i, w in enumerate(W.layers):
             x = x + self._attention(w, self._norm(x, w.attn_norm, w.attn_norm_bias), cache, i, start, cos, sin)
             h = self._norm(x, w.mlp_norm, w.mlp_norm_bias)  # (T, D)
@@ -94,6 +99,8 @@ class Model:
             else:
                 out = self._mlp(w, h)
             x = x + out
+            if trace is not None:
+                trace.append(x)
         cache.length, cache.variant = start + T, variant
 
         if last_only:

@@ -42,6 +42,21 @@ def hf_greedy(hf, ids, n: int) -> tuple[list[int], float]:
     return out.sequences[0, len(ids):].tolist(), min(gaps)
 
 
+def layer_report(model, hf, ids) -> str:
+    """[OK]/[DIFF] per layer, so a parity failure points at the first layer that differs."""
+    ours: list = []
+    model._run(np.asarray(ids), model.new_cache(len(ids)), last_only=False, trace=ours)
+    with torch.no_grad():
+        theirs = hf(torch.tensor(np.asarray(ids)[None]), output_hidden_states=True).hidden_states
+    lines = []
+    for i, (a, b) in enumerate(zip(ours, theirs)):  # Transformers' last entry is after the final norm
+        b = b[0].numpy()
+        diff = np.abs(a - b).max()
+        ok = diff <= LOGIT_RTOL * max(1.0, np.abs(b).max())
+        lines.append(f"{'[OK]  ' if ok else '[DIFF]'} {'embedding' if i == 0 else f'layer {i - 1}'}: max |diff| {diff:.2e}")
+    return "\n".join(lines)
+
+
 @pytest.mark.parametrize("name,dtype,shard", VARIANTS)
 def test_logits_match_transformers(checkpoint_dir, name, dtype, shard):
     folder = checkpoint_dir(name, dtype, shard)
@@ -52,7 +67,7 @@ def test_logits_match_transformers(checkpoint_dir, name, dtype, shard):
     assert out.dtype == np.float32 and out.shape == (100, VOCAB)
     diff = np.abs(out - ref).max()
     print(f"{name} {dtype}: max |diff| {diff:.2e}, max |logit| {np.abs(ref).max():.1f}")
-    assert diff <= LOGIT_RTOL * np.abs(ref).max()
+    assert diff <= LOGIT_RTOL * np.abs(ref).max(), layer_report(model, hf, ids)
 
 
 @pytest.mark.parametrize("name,dtype,shard", VARIANTS)
@@ -109,6 +124,8 @@ def test_tolerance_catches_bugs(checkpoint_dir):
             bug = dict(rope_short_factor=cfg.rope_long_factor)
         model.config = dataclasses.replace(cfg, **bug)
         assert np.abs(model.forward(ids[:40]) - ref).max() > 100 * LOGIT_RTOL * np.abs(ref).max()
+        report = layer_report(model, hf_reference(folder), ids[:40])
+        assert report.splitlines()[0].startswith("[OK]") and "[DIFF] layer 0" in report, report
 
 
 def test_backends_agree_on_logits(checkpoint_dir):
