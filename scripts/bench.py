@@ -1,0 +1,333 @@
+"""Benchmark phinano (numba and numpy backends) against Transformers on one checkpoint, in one run.
+
+    python scripts/make_random_checkpoint.py --out /tmp/phi3-mini            # full-size random Phi-3-mini
+    python scripts/bench.py --model /tmp/phi3-mini --write docs/benchmarks.md
+
+For every engine, in its own process (so peak memory is its own): load time, prefill tokens/s for
+128- and 512-token prompts, time to first token (128-token prompt), decode tokens/s over 64 new tokens,
+and peak resident memory; the median of --runs runs. The parent process measures the machine's
+memory bandwidth (a float32 BLAS matrix-vector product over a 1 GiB matrix) in the same run, so decode
+speed is reported as a share of the bandwidth limit = bandwidth / bytes of weights read per token.
+
+Engines: phinano-numba, phinano-numpy, hf-bf16, hf-fp32 (Transformers, CPU, same thread count), and
+llama.cpp when llama-cpp-python is installed and --gguf names the same weights converted to GGUF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENGINES = ("phinano-numba", "phinano-numpy", "hf-bf16", "hf-fp32", "llama.cpp")
+
+
+# ------------------------------------------------------------------------------------------- measuring
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process (VmHWM), in GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def measure_bandwidth(threads: int, gib: float = 1.0, runs: int = 7) -> float:
+    """GB/s of a float32 BLAS matrix-vector product over a `gib`-GiB matrix: the streaming limit."""
+    import numpy as np
+
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads))
+    rows = int(gib * 2**30 / 4 / 8192)
+    a = np.random.default_rng(0).standard_normal((rows, 8192), dtype=np.float32)
+    x = np.ones(8192, np.float32)
+    a @ x
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        a @ x
+        times.append(time.perf_counter() - t)
+    return a.nbytes / statistics.median(times) / 1e9
+
+
+def weight_bytes_per_token(folder: Path) -> int:
+    """Bytes of weights one decode step reads: every matrix once, the embedding table only gathered
+    (unless it is also the tied lm_head); PhiMoE reads 2 of its experts."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from phinano.config import load_config
+    from phinano.weights import read_checkpoint
+
+    cfg = load_config(folder)
+    total = 0
+    for name, t in read_checkpoint(folder).items():
+        if name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
+            continue
+        if ".experts." in name:
+            total += t.nbytes * cfg.num_experts_per_tok // cfg.num_local_experts
+        else:
+            total += t.nbytes
+    return total
+
+
+# --------------------------------------------------------------------------------------------- workers
+def prompts(vocab: int, lengths: list[int]) -> dict[int, list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return {n: rng.integers(100, min(vocab, 32000), n).tolist() for n in lengths}
+
+
+def run_phinano(args, backend: str) -> dict:
+    import numpy as np
+
+    import phinano
+    from phinano.generate import generate_tokens
+
+    t = time.perf_counter()
+    model = phinano.load(args.model, backend=backend, threads=args.threads, tokenizer=False)
+    ids = prompts(model.config.vocab_size, args.prompt)
+    model.generate(ids[args.prompt[0]][:8], 2, stop_token_ids=[])  # compile / warm up
+    load = time.perf_counter() - t
+    out = {"load_s": load, "prefill": {}, "ttft": [], "decode": []}
+    for n in args.prompt:
+        times = []
+        for _ in range(args.runs):
+            t = time.perf_counter()
+            model._run(np.asarray(ids[n]), model.new_cache(n), last_only=True)
+            times.append(time.perf_counter() - t)
+        out["prefill"][n] = n / statistics.median(times)
+    for _ in range(args.runs):
+        stats: dict = {}
+        for _ in generate_tokens(model, ids[args.prompt[0]], args.new, stop_token_ids=[], stats=stats):
+            pass
+        out["ttft"].append(stats["prefill_seconds"])
+        out["decode"].append((stats["new_tokens"] - 1) / stats["decode_seconds"])
+    return out
+
+
+def run_hf(args, dtype_name: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    ids = prompts(model.config.vocab_size, args.prompt)
+    with torch.no_grad():
+        model.generate(torch.tensor([ids[args.prompt[0]][:8]]), max_new_tokens=2, do_sample=False)
+    load = time.perf_counter() - t
+    out = {"load_s": load, "prefill": {}, "ttft": [], "decode": []}
+    gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        for n in args.prompt:
+            x = torch.tensor([ids[n]])
+            times = []
+            for _ in range(args.runs):
+                t = time.perf_counter()
+                model(x, logits_to_keep=1)
+                times.append(time.perf_counter() - t)
+            out["prefill"][n] = n / statistics.median(times)
+        x = torch.tensor([ids[args.prompt[0]]])
+        for _ in range(args.runs):
+            t = time.perf_counter()
+            model.generate(x, max_new_tokens=1, min_new_tokens=1, **gen)
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            model.generate(x, max_new_tokens=args.new, min_new_tokens=args.new, **gen)
+            whole = time.perf_counter() - t
+            out["ttft"].append(first)
+            out["decode"].append((args.new - 1) / max(whole - first, 1e-9))
+    return out
+
+
+def run_llama_cpp(args) -> dict:
+    from llama_cpp import Llama
+
+    t = time.perf_counter()
+    llm = Llama(model_path=args.gguf, n_ctx=max(args.prompt) + args.new + 8, n_threads=args.threads,
+                n_batch=512, verbose=False)
+    load = time.perf_counter() - t
+    ids = prompts(llm.n_vocab(), args.prompt)
+    out = {"load_s": load, "prefill": {}, "ttft": [], "decode": []}
+    for n in args.prompt:
+        times = []
+        for _ in range(args.runs):
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(ids[n])
+            times.append(time.perf_counter() - t)
+        out["prefill"][n] = n / statistics.median(times)
+    for _ in range(args.runs):  # greedy generation; the first yield comes after the prompt's evaluation
+        llm.reset()
+        t = time.perf_counter()
+        for i, _token in enumerate(llm.generate(ids[args.prompt[0]], top_k=1, reset=True)):
+            if i == 0:
+                first = time.perf_counter() - t
+                t = time.perf_counter()
+            if i == args.new - 1:
+                break
+        out["ttft"].append(first)
+        out["decode"].append((args.new - 1) / (time.perf_counter() - t))
+    return out
+
+
+def worker(args) -> None:
+    engine = args.worker
+    if engine.startswith("phinano-"):
+        out = run_phinano(args, engine.split("-", 1)[1])
+    elif engine.startswith("hf-"):
+        out = run_hf(args, engine.split("-", 1)[1])
+    else:
+        out = run_llama_cpp(args)
+    out["ttft"] = statistics.median(out["ttft"])
+    out["decode"] = statistics.median(out["decode"])
+    out["peak_rss_gb"] = peak_rss_gb()
+    print("RESULT " + json.dumps(out))
+
+
+# ---------------------------------------------------------------------------------------------- parent
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def available(engine: str, args) -> str | None:
+    """None if the engine can run, else why not."""
+    if engine.startswith("hf-"):
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            return "torch/transformers not installed"
+    if engine == "llama.cpp":
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            return "llama-cpp-python not installed"
+        if not args.gguf:
+            return "no --gguf file given"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder (e.g. from make_random_checkpoint.py)")
+    p.add_argument("--engines", default="phinano-numba,phinano-numpy,hf-bf16,hf-fp32,llama.cpp")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--prompt", default="128,512", help="prompt lengths for prefill (the first also for decode)")
+    p.add_argument("--new", type=int, default=64, help="new tokens for the decode measurement")
+    p.add_argument("--gguf", default=None, help="the same weights as GGUF, for llama.cpp")
+    p.add_argument("--write", default=None, help="write the results table into this markdown file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.prompt = [int(n) for n in str(args.prompt).split(",")]
+    if args.worker:
+        worker(args)
+        return 0
+
+    folder = Path(args.model)
+    bytes_per_token = weight_bytes_per_token(folder)
+    checkpoint_gb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
+    print(f"measuring memory bandwidth ({args.threads} threads) ...", flush=True)
+    bandwidth = measure_bandwidth(args.threads)
+    limit = bandwidth * 1e9 / bytes_per_token
+    print(f"bandwidth {bandwidth:.1f} GB/s; {bytes_per_token / 1e9:.2f} GB read per token -> "
+          f"decode limit {limit:.2f} tokens/s", flush=True)
+
+    results: dict[str, dict | str] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads),
+           "NUMBA_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    for engine in args.engines.split(","):
+        why = available(engine, args)
+        if why:
+            results[engine] = why
+            print(f"{engine}: skipped ({why})")
+            continue
+        print(f"{engine} ...", flush=True)
+        cmd = [sys.executable, __file__, "--worker", engine, "--model", str(folder), "--threads", str(args.threads),
+               "--runs", str(args.runs), "--prompt", ",".join(map(str, args.prompt)), "--new", str(args.new)]
+        if args.gguf:
+            cmd += ["--gguf", args.gguf]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if r.returncode or line is None:
+            tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            results[engine] = f"failed: {tail}"
+            print(f"{engine}: failed: {tail}")
+            continue
+        results[engine] = json.loads(line[len("RESULT "):])
+        print(f"{engine}: {results[engine]}", flush=True)
+
+    table = render(args, results, bandwidth, bytes_per_token, limit, checkpoint_gb)
+    print(table)
+    if args.write:
+        write_section(Path(args.write), "## Full-size decode and prefill", table)
+    return 0
+
+
+def render(args, results, bandwidth, bytes_per_token, limit, checkpoint_gb) -> str:
+    P = args.prompt
+    head = (f"| engine | load s | " + " | ".join(f"prefill {n} tok/s" for n in P)
+            + f" | TTFT ({P[0]}) s | decode tok/s | share of limit | peak RSS GB | RSS / checkpoint |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    base = results.get("phinano-numba")
+    for engine, r in results.items():
+        if isinstance(r, str):
+            lines.append(f"| {engine} | {r} |" + " |" * (head.count("|") - 3))
+            continue
+        lines.append(f"| {engine} | {r['load_s']:.1f} | " + " | ".join(f"{_pf(r, n):.1f}" for n in P)
+                     + f" | {r['ttft']:.2f} | {r['decode']:.2f} | {100 * r['decode'] / limit:.0f} % | "
+                     f"{r['peak_rss_gb']:.2f} | {r['peak_rss_gb'] / checkpoint_gb:.2f} |")
+    ratios = []
+    if isinstance(base, dict):
+        for engine, r in results.items():
+            if engine != "phinano-numba" and isinstance(r, dict):
+                ratios.append(f"- phinano-numba vs {engine}: decode {base['decode'] / r['decode']:.2f}x, prefill "
+                              f"{P[-1]} {_pf(base, P[-1]) / _pf(r, P[-1]):.2f}x")
+    date = datetime.date.today().isoformat()
+    return "\n".join([
+        f"Command: `python scripts/bench.py --model {args.model} --threads {args.threads} --runs {args.runs}`  ",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads; date {date}  ",
+        f"Checkpoint: {checkpoint_gb:.2f} GB on disk; {bytes_per_token / 1e9:.2f} GB of weights read per decoded token  ",
+        f"Memory bandwidth (float32 BLAS matvec, 1 GiB, same run): {bandwidth:.1f} GB/s → decode limit "
+        f"{limit:.2f} tokens/s  ",
+        f"Median of {args.runs} runs; decode = {args.new} new tokens after a {P[0]}-token prompt.",
+        "",
+        *lines,
+        "",
+        *ratios,
+    ])
+
+
+def _pf(r: dict, n: int) -> float:
+    return r["prefill"][str(n)] if str(n) in r["prefill"] else r["prefill"][n]
+
+
+def write_section(path: Path, title: str, body: str) -> None:
+    """Replace (or append) the section `title` of a markdown file, leaving the other sections alone."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(title)
+    if start >= 0:
+        end = text.find("\n## ", start + len(title))
+        text = text[:start] + title + "\n\n" + body + "\n" + (text[end:] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + title + "\n\n" + body + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
