@@ -38,14 +38,14 @@ def _factors(n: int, start: float, stop: float) -> list[float]:
     return [start + (stop - start) * i / max(1, n - 1) for i in range(n)]
 
 
-def phi3_config(name: str, layers: int = 2):
+def phi3_config(name: str, layers: int = 2, vocab: int = VOCAB):
     from transformers import Phi3Config
 
     spec = dict(DENSE_SPECS[name])
     rope = spec.pop("rope", None)
     head_dim = spec["hidden_size"] // spec["num_attention_heads"]
     rotary = int(head_dim * spec.get("partial_rotary_factor", 1.0))
-    kwargs = dict(vocab_size=VOCAB, num_hidden_layers=layers, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    kwargs = dict(vocab_size=vocab, num_hidden_layers=layers, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                   rope_theta=10000.0, rms_norm_eps=1e-5, **spec)
     if rope == "longrope":
         kwargs["rope_scaling"] = {"type": "longrope", "short_factor": _factors(rotary // 2, 1.0, 1.6),
@@ -85,10 +85,10 @@ def save_checkpoint(model, folder: Path, dtype: str = "float32", shard: bool = F
 
 
 def make_phi3(folder: Path, name: str, dtype: str = "float32", shard: bool = False, seed: int = 0,
-              layers: int = 2) -> Path:
+              layers: int = 2, vocab: int = VOCAB) -> Path:
     from transformers import Phi3ForCausalLM
 
-    config = phi3_config(name, layers)
+    config = phi3_config(name, layers, vocab)
     model = Phi3ForCausalLM(config).eval()
     # A tied head maps the residual stream's own token embedding back onto itself: at std 0.1 the layers
     # are too weak to move it and greedy repeats one token, so tied models get wider layers.
