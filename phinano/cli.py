@@ -1,4 +1,4 @@
-"""The `phinano` command: generate and info (chat and serve live in their own modules).
+"""The `phinano` command: generate and info (chat and serve live in their own modules, chat.py and server.py).
 
     phinano generate "def fibonacci(n):"                       # the shipped nano model
     phinano generate --model microsoft/Phi-3-mini-4k-instruct --chat "Why is the sky blue?"
@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from . import DEFAULT_MODEL, PhinanoError
+from .generate import speed_line
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -46,14 +47,6 @@ def load_model(args: argparse.Namespace):
     return phinano.load(args.model, backend=args.backend, threads=args.threads, revision=args.revision)
 
 
-def _speed_line(stats: dict) -> str:
-    prefill = stats["prompt_tokens"] / stats["prefill_seconds"] if stats["prefill_seconds"] else 0.0
-    decoded = stats["new_tokens"] - 1
-    decode = decoded / stats["decode_seconds"] if stats["decode_seconds"] and decoded > 0 else 0.0
-    return (f"[{stats['prompt_tokens']} prompt tokens at {prefill:.1f} tok/s, {stats['new_tokens']} new tokens "
-            f"at {decode:.1f} tok/s, finish: {stats['finish_reason']}]")
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import stream_text
 
@@ -80,7 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(piece, end="", flush=True)
     print()
     if args.verbose:
-        print(_speed_line(stats), file=sys.stderr)
+        print(speed_line(stats), file=sys.stderr)
     return 0
 
 
@@ -115,6 +108,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import Chat, repl
+
+    chat = Chat(load_model(args), system=args.system, max_new_tokens=args.max_new_tokens,
+                sampling=sampling_options(args), stop_strings=args.stop)
+    return repl(chat, sys.stdin, sys.stdout, sys.stderr, speed_line if args.verbose else None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import check_extra, serve, served_name
+
+    check_extra()  # before loading a model: a missing extra is a one-line error
+    model = load_model(args)
+    serve(model, args.name or served_name(args.model), args.host, args.port, args.max_queue, args.max_request_bytes,
+          args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phinano", description="Phi-3 family inference in NumPy + Numba")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="architecture, parameter count, dtype, memory")
     add_model_args(i)
     i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /system TEXT, /exit)")
+    add_model_args(c)
+    add_sampling_args(c)
+    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--verbose", "-v", action="store_true", help="print a speed report after each answer")
+    c.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI- and Ollama-compatible HTTP server (needs phinano[serve])")
+    add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--name", default=None, help="model name clients send (default: the folder's name or --model)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get a 503")
+    s.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get a 413")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -9,7 +9,7 @@ sequence (prompt + generated so far) is run again with the long factors -- what 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -22,13 +22,17 @@ def generate_tokens(model, token_ids: Sequence[int], max_new_tokens: int, *, tem
                     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                     repetition_penalty: float = 1.0, seed: int | None = None,
                     stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
-                    stats: dict | None = None) -> Iterator[int]:
+                    stats: dict | None = None,
+                    on_step: Callable[[int, np.ndarray], None] | None = None) -> Iterator[int]:
     """Yield up to `max_new_tokens` new ids (fewer at a stop token, a stop string, or the context's end).
 
     stop_token_ids: None = the model's generation_config list; [] = never stop on a token.
     stop_strings: stop once the generated text contains one (the completing token is still yielded).
     stats: if given, filled with prompt_tokens, new_tokens, prefill_seconds, decode_seconds, finish_reason
     ("stop" or "length").
+    on_step: if given, called as on_step(token, logits) before each token is yielded, with the logits (V,)
+    float32 it was drawn from, after the repetition penalty and before temperature (for log-probabilities);
+    it may raise to stop the generation.
     """
     cfg = model.config
     ids = model._check_ids(token_ids)  # (P,)
@@ -55,6 +59,8 @@ def generate_tokens(model, token_ids: Sequence[int], max_new_tokens: int, *, tem
         stats["prefill_seconds" if step == 0 else "decode_seconds"] += time.perf_counter() - t0
         tokens.append(token)
         stats["new_tokens"] = step + 1
+        if on_step is not None:
+            on_step(token, logits)
         yield token
         if token in stops:
             stats["finish_reason"] = "stop"
@@ -100,3 +106,12 @@ def stream_text(model, token_ids: Sequence[int], max_new_tokens: int, *, stop_st
             yield held
     finally:
         tokens.close()
+
+
+def speed_line(stats: dict) -> str:
+    """One line for humans from a generate_tokens stats dict: prefill and decode tokens/s, finish reason."""
+    prefill = stats["prompt_tokens"] / stats["prefill_seconds"] if stats["prefill_seconds"] else 0.0
+    decoded = stats["new_tokens"] - 1
+    decode = decoded / stats["decode_seconds"] if stats["decode_seconds"] and decoded > 0 else 0.0
+    return (f"[{stats['prompt_tokens']} prompt tokens at {prefill:.1f} tok/s, {stats['new_tokens']} new tokens "
+            f"at {decode:.1f} tok/s, finish: {stats['finish_reason']}]")

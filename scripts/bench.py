@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(args, results, bandwidth, bytes_per_token, limit, checkpoint_gb) -> str:
     P = args.prompt
-    head = (f"| engine | load s | " + " | ".join(f"prefill {n} tok/s" for n in P)
+    head = ("| engine | load s | " + " | ".join(f"prefill {n} tok/s" for n in P)
             + f" | TTFT ({P[0]}) s | decode tok/s | share of limit | peak RSS GB | RSS / checkpoint |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     base = results.get("phinano-numba")

@@ -85,7 +85,7 @@ def test_greedy_64_tokens_match_transformers(checkpoint_dir, name, dtype, shard,
         if gap > 2 * LOGIT_RTOL and len(set(expected)) > 8:  # and not stuck repeating a token
             break
     else:
-        pytest.fail(f"every prompt hits a near-tie or a repeat; widen the tiny model's init")
+        pytest.fail("every prompt hits a near-tie or a repeat; widen the tiny model's init")
     for backend in ("numpy", "numba"):
         model = phinano.load(folder, backend=backend)
         assert model.generate(ids, 64, stop_token_ids=[]) == expected, backend

@@ -1,0 +1,164 @@
+"""`phinano chat`: an interactive terminal chat with history, streaming answers and the model's own template.
+
+    $ phinano chat --model microsoft/Phi-3-mini-4k-instruct --verbose
+    >>> Why is the sky blue?
+    Because air scatters blue light more than red ...
+    [14 prompt tokens at 85.2 tok/s, 61 new tokens at 9.8 tok/s, finish: stop]
+    >>> /system Answer in one sentence.
+    >>> /reset
+    >>> /exit
+
+Each answer is generated from the whole conversation rendered by the model's chat template, and stops on the
+model's own stop tokens (generation_config.json). Ctrl-C during an answer stops that answer (what was printed
+stays in the history) and the session goes on; Ctrl-D or /exit ends it. When the conversation outgrows the
+context, the oldest turns are dropped.
+
+`Chat` holds the conversation and is usable on its own; `repl` drives it from any line source, which is how
+the tests talk to it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from typing import TextIO
+
+from .errors import PhinanoError
+from .generate import stream_text
+
+HELP = """commands:
+  /reset         forget the conversation (the system message stays)
+  /system TEXT   set the system message (/system alone removes it)
+  /exit          leave (also /bye, /quit, Ctrl-D)
+Ctrl-C stops the answer being written."""
+
+
+class Chat:
+    """A conversation with one model: the system message, the turns so far, and the generation options."""
+
+    def __init__(self, model, system: str | None = None, max_new_tokens: int = 256, sampling: dict | None = None,
+                 stop_strings: list[str] | None = None):
+        if model.tokenizer is None:
+            raise PhinanoError("chat needs a tokenizer.json in the model folder")
+        model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])  # no template: fail now, clearly
+        self.model = model
+        self.system = system or None
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling or {}
+        self.stop_strings = stop_strings or []
+        self.turns: list[dict] = []  # {"role": "user" | "assistant", "content": ...}, alternating
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def prompt_ids(self) -> list[int]:
+        """The conversation rendered by the chat template, oldest turns dropped until the answer fits."""
+        context = self.model.config.max_position_embeddings
+        while True:
+            system = [{"role": "system", "content": self.system}] if self.system else []
+            ids = self.model.tokenizer.apply_chat_template(system + self.turns, add_generation_prompt=True)
+            if len(ids) + min(self.max_new_tokens, 16) <= context or len(self.turns) <= 1:
+                break
+            self.turns = self.turns[2:]  # forget the oldest question and its answer
+        if len(ids) >= context:
+            raise PhinanoError(f"the message is {len(ids)} tokens long; the context holds {context}")
+        return ids
+
+    def answer(self, text: str, stats: dict | None = None) -> Iterator[str]:
+        """Add a user turn and stream the assistant's answer; the answer (or as much of it as was generated
+        before the generator was closed or interrupted) joins the history."""
+        self.turns.append({"role": "user", "content": text})
+        try:
+            ids = self.prompt_ids()
+        except PhinanoError:
+            self.turns.pop()
+            raise
+        pieces: list[str] = []
+        finished = False
+        generation = stream_text(self.model, ids, self.max_new_tokens, stop_strings=self.stop_strings, stats=stats,
+                                 **self.sampling)
+        try:
+            for piece in generation:
+                pieces.append(piece)
+                yield piece
+            finished = True
+        finally:  # also on Ctrl-C and on close(): keep what the user saw; forget a question left unanswered
+            generation.close()  # frees the KV cache now
+            if finished or pieces:
+                self.turns.append({"role": "assistant", "content": "".join(pieces)})
+            else:
+                self.turns.pop()
+
+
+def repl(chat: Chat, lines: TextIO, out: TextIO, err: TextIO,
+         speed_line: Callable[[dict], str] | None = None, prompt: str = ">>> ") -> int:
+    """Read lines, answer them, until /exit or end of input. speed_line(stats), if given, is printed to `err`
+    after each answer."""
+    interactive = lines is sys.stdin and sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    print(f"Chatting with {chat.model.name or 'the model'}. /help for commands, Ctrl-D to leave.", file=err)
+    while True:
+        try:
+            line = _read(lines, out, prompt, interactive)
+        except KeyboardInterrupt:
+            print("\n(use /exit or Ctrl-D to leave)", file=err)
+            continue
+        if line is None:  # end of input
+            print(file=out)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if _command(chat, line, err) == "exit":
+                return 0
+            continue
+        stats: dict = {}
+        try:
+            pieces = chat.answer(line, stats)
+            try:
+                for piece in pieces:
+                    out.write(piece)
+                    out.flush()
+            except KeyboardInterrupt:
+                pieces.close()
+                out.write(" [stopped]")
+        except PhinanoError as error:
+            print(f"error: {error}", file=err)
+            continue
+        out.write("\n")
+        out.flush()
+        if speed_line is not None and stats.get("new_tokens"):
+            print(speed_line(stats), file=err)
+
+
+def _read(lines: TextIO, out: TextIO, prompt: str, interactive: bool) -> str | None:
+    if interactive:
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    out.write(prompt)
+    out.flush()
+    line = lines.readline()
+    return line if line else None
+
+
+def _command(chat: Chat, line: str, err: TextIO) -> str | None:
+    name, _, rest = line.partition(" ")
+    if name in ("/exit", "/quit", "/bye"):
+        return "exit"
+    if name == "/reset":
+        chat.reset()
+        print("(conversation cleared)", file=err)
+    elif name == "/system":
+        chat.system = rest.strip() or None
+        print("(system message set)" if chat.system else "(system message removed)", file=err)
+    else:
+        print(HELP, file=err)
+    return None
+

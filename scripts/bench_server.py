@@ -1,0 +1,213 @@
+"""Benchmark `phinano serve`: requests/s and time to first token for 1 and 4 concurrent streaming clients.
+
+    python scripts/bench_server.py                                   # the shipped nano model (else a tiny one)
+    python scripts/bench_server.py --model ./my-phi3 --new 64 --requests 8 --write docs/benchmarks.md
+
+Starts the server as a real process on a free 127.0.0.1 port, warms it up, then for each concurrency level
+runs `--requests` streaming `POST /v1/completions` requests (greedy, `ignore_eos` so every answer is exactly
+`--new` tokens) from that many client threads, each sending its next request when the last one ends.
+Reported per level: requests/s (requests / wall time), time to first token (request sent -> first SSE chunk
+with text; includes the wait in the server's queue, since phinano generates one sequence at a time),
+median and 90th percentile, and the aggregate new tokens/s. With --write the table replaces the
+"## Server" section of the markdown file (created if absent), with the command, machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_model(tmp: Path) -> str:
+    """The shipped nano model if it is installed, else the tests' tiny random checkpoint (needs torch)."""
+    from phinano.nano import nano_path
+
+    if nano_path("nano-phi3") is not None:
+        return "nano-phi3"
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import add_tiny_tokenizer, make_phi3
+
+    folder = make_phi3(tmp / "tiny", "mini-4k")
+    add_tiny_tokenizer(folder)
+    return str(folder)
+
+
+def start_server(model: str, port: int, threads: int | None, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "phinano.cli", "serve", "--model", model, "--name", "bench", "--port", str(port)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit(f"the server did not start in 300 s:\n{log.read_text()}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/api/version")
+            if conn.getresponse().status == 200:
+                return process
+        except OSError:
+            time.sleep(0.2)
+
+
+def one_request(port: int, new: int) -> tuple[float, float, int]:
+    """(time to first text chunk, total time, new tokens) of one streaming completion."""
+    body = json.dumps({"model": "bench", "prompt": PROMPT, "max_tokens": new, "temperature": 0, "stream": True,
+                       "ignore_eos": True, "stream_options": {"include_usage": True}})
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
+    first, tokens = None, 0
+    for raw in response:  # one SSE line at a time
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+            first = time.perf_counter() - t0
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+    conn.close()
+    total = time.perf_counter() - t0
+    return (total if first is None else first), total, tokens
+
+
+def run_level(port: int, clients: int, requests: int, new: int) -> dict:
+    """`requests` requests from `clients` threads; requests/s, TTFT median and p90, new tokens/s."""
+    results: list[tuple[float, float, int]] = []
+    lock = threading.Lock()
+    remaining = [requests]
+
+    def client():
+        while True:
+            with lock:
+                if remaining[0] == 0:
+                    return
+                remaining[0] -= 1
+            r = one_request(port, new)
+            with lock:
+                results.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttft = sorted(r[0] for r in results)
+    return {"clients": clients, "requests": len(results), "wall_s": wall, "rps": len(results) / wall,
+            "ttft_median": statistics.median(ttft), "ttft_p90": ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))],
+            "tokens_per_s": sum(r[2] for r in results) / wall}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def render(args, model: str, levels: list[dict], tiny: bool = False) -> str:
+    lines = ["| clients | requests | requests/s | TTFT median s | TTFT p90 s | new tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for r in levels:
+        lines.append(f"| {r['clients']} | {r['requests']} | {r['rps']:.2f} | {r['ttft_median']:.3f} | "
+                     f"{r['ttft_p90']:.3f} | {r['tokens_per_s']:.1f} |")
+    command = "python scripts/bench_server.py" + "".join(
+        f" --{k} {v}" for k, v in (("model", args.model), ("new", args.new), ("requests", args.requests),
+                                   ("threads", args.threads)) if v is not None)
+    return "\n".join([
+        f"Command: `{command}`  ",
+        f"Model: {model}; machine: {cpu_name()}, {os.cpu_count()} cores; date {datetime.date.today().isoformat()}  ",
+        f"Streaming `POST /v1/completions`, greedy, {args.new} new tokens each (ignore_eos), a "
+        f"{len(PROMPT)}-character prompt; TTFT counts the time queued behind other clients' answers "
+        f"(one sequence at a time)."
+        + (" The tiny model is random: its first text often waits for a run of byte-fallback tokens." if tiny else ""),
+        "",
+        *lines,
+    ])
+
+
+def write_section(path: Path, title: str, body: str) -> None:
+    """Replace (or append) the section `title` of a markdown file, leaving the other sections alone."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(title + "\n")
+    if start >= 0:
+        end = text.find("\n## ", start + len(title))
+        text = text[:start] + title + "\n\n" + body + "\n" + (text[end:] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + title + "\n\n" + body + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder / name (default: nano-phi3, else a tiny random one)")
+    p.add_argument("--clients", default="1,4", help="concurrency levels (default 1,4)")
+    p.add_argument("--requests", type=int, default=8, help="requests per level (default 8)")
+    p.add_argument("--new", type=int, default=64, help="new tokens per request (default 64)")
+    p.add_argument("--threads", type=int, default=None, help="the server's kernel threads (default: all cores)")
+    p.add_argument("--write", default=None, help="put the table in this markdown file's '## Server' section")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or default_model(Path(tmp))
+        port = free_port()
+        log = Path(tmp) / "server.log"
+        print(f"starting phinano serve --model {model} on 127.0.0.1:{port} ...", flush=True)
+        server = start_server(model, port, args.threads, log)
+        try:
+            for _ in range(2):  # warm-up: first-call compilation, caches
+                one_request(port, args.new)
+            levels = []
+            for clients in (int(c) for c in args.clients.split(",")):
+                levels.append(run_level(port, clients, args.requests, args.new))
+                print(f"{clients} client(s): {levels[-1]}", flush=True)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    tiny = args.model is None and model != "nano-phi3"
+    table = render(args, "tiny random Phi-3 (tests/tiny_models.py)" if tiny else model, levels, tiny)
+    print(table)
+    if args.write:
+        write_section(Path(args.write), "## Server", table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
