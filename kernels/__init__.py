@@ -1,7 +1,8 @@
 """phinano.kernels: every hot op twice, with the same signature.
 
 - `reference` : plain NumPy, for reading and checking.
-- `fast`      : Numba-JIT, for speed (falls back to nothing: it needs numba).
+- `fast`      : Numba-JIT, for speed. It needs numba: without it, asking for "numba" raises ImportError
+                (never a silent fallback to the slow reference).
 
 `backend(name)` returns the module for "numpy" or "numba"; the model calls ops only through it.
 """
@@ -20,9 +21,7 @@ def backend(name: str = "numba") -> ModuleType:
 
         return reference
     if name == "numba":
-        try:
-            from . import fast
-        except ImportError:  # the fast kernels are not there yet or numba is missing: use the reference
-            from . import reference as fast
+        from . import fast  # raises ImportError naming the missing numba package
+
         return fast
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,158 @@
+"""How fast are the Numba kernels here? Prints weight-streaming GB/s of `linear` against a BLAS reference.
+
+    python scripts/kernel_bench.py              # decode matvec on a 1 GiB bf16 matrix vs BLAS, same run
+    python scripts/kernel_bench.py --prefill    # + the fused-vs-BLAS crossover in tokens, and attention
+    python scripts/kernel_bench.py --startup    # + compile time and cached start time, in fresh processes
+
+Decode: y = x @ w.T with w a 1 GiB bfloat16 matrix (32768 x 16384, uint16 bits) through
+`fast.linear`, against NumPy's float32 BLAS matrix-vector product on a 1 GiB float32 matrix (16384 x 16384)
+timed in the same run: that product streams memory at the machine's read rate, so the ratio says how
+close the kernel gets to the bandwidth limit. GB/s counts weight bytes read once per call.
+Median (and best) of --repeats runs after one warm-up. The machine is shared: run it when it is quiet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(median, best) seconds of fn() over `repeats` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), float(np.min(times))
+
+
+def random_bf16(rng: np.random.Generator, shape: tuple[int, int], std: float = 0.02) -> np.ndarray:
+    """Random bf16 bits (uint16), made a block of rows at a time (no full-size float32 temporary)."""
+    w = np.empty(shape, np.uint16)
+    step = max(1, (16 << 20) // shape[1])
+    for r in range(0, shape[0], step):
+        block = rng.standard_normal((min(step, shape[0] - r), shape[1]), dtype=np.float32) * np.float32(std)
+        w[r : r + step] = block.view(np.uint32) >> 16
+    return w
+
+
+def bench_decode(fast, repeats: int) -> None:
+    rng = np.random.default_rng(0)
+    N, K = 32768, 16384  # 1 GiB of bf16
+    w = random_bf16(rng, (N, K))
+    x = rng.standard_normal((1, K), dtype=np.float32)
+    fast.linear(x, w)  # compile or load from cache
+    med, best = timed(lambda: fast.linear(x, w), repeats)
+    gbs = w.nbytes / 1e9
+    print(f"linear bf16 decode, {N} x {K} ({w.nbytes / 2**30:.2f} GiB): {gbs / med:6.1f} GB/s median, {gbs / best:6.1f} best")
+    del w
+
+    wf = rng.standard_normal((16384, 16384), dtype=np.float32)  # 1 GiB of float32
+    xf = rng.standard_normal(16384, dtype=np.float32)
+    med_b, best_b = timed(lambda: wf @ xf, repeats)
+    gbf = wf.nbytes / 1e9
+    print(f"BLAS float32 matvec, 16384 x 16384 ({wf.nbytes / 2**30:.2f} GiB): {gbf / med_b:6.1f} GB/s median, {gbf / best_b:6.1f} best")
+    print(f"linear / BLAS read rate: {(gbs / med) / (gbf / med_b):.0%} (median), {(gbs / best) / (gbf / best_b):.0%} (best)")
+    med_f, best_f = timed(lambda: fast.linear(xf[None], wf), repeats)
+    print(f"linear float32 decode on the same float32 matrix: {gbf / med_f:6.1f} GB/s median, {gbf / best_f:6.1f} best")
+
+
+def bench_prefill(fast, repeats: int) -> None:
+    """Tokens x (16384, 3072) bf16 (Phi-3-mini's gate_up_proj): fused kernel vs widened tiles + BLAS."""
+    rng = np.random.default_rng(1)
+    N, K = 16384, 3072
+    w = random_bf16(rng, (N, K))
+    wf = (w.astype(np.uint32) << 16).view(np.float32)
+    print(f"\nlinear on a {N} x {K} bf16 matrix, GFLOP/s (threshold BLAS_MIN_TOKENS = {fast.BLAS_MIN_TOKENS}):")
+    print(f"{'tokens':>6} {'fused':>8} {'tiles+BLAS':>11} {'f32 BLAS (whole f32 copy)':>26}")
+    for T in (1, 2, 4, 8, 16, 32, 48, 64, 128, 512):
+        x = rng.standard_normal((T, K), dtype=np.float32)
+        flop = 2.0 * T * N * K / 1e9
+        y = np.empty((T, N), np.float32)
+        fused = flop / timed(lambda: fast._matmul_fused(x, w, y), repeats)[0] if T <= 128 else float("nan")
+        tiles = flop / timed(lambda: fast._matmul_blas(x, w), repeats)[0] if T >= 4 else float("nan")
+        full = flop / timed(lambda: x @ wf.T, repeats)[0]
+        print(f"{T:>6} {fused:8.1f} {tiles:11.1f} {full:26.1f}", flush=True)
+
+
+def bench_attention(fast, reference, repeats: int) -> None:
+    rng = np.random.default_rng(2)
+    print("\nattention, ms (fast vs NumPy reference):")
+    for T, S, H, KVH, HD in ((1, 4096, 32, 32, 96), (1, 4096, 24, 8, 128), (512, 512, 32, 32, 96)):
+        q = rng.standard_normal((T, H, HD), dtype=np.float32)
+        k = rng.standard_normal((S, KVH, HD), dtype=np.float32)
+        v = rng.standard_normal((S, KVH, HD), dtype=np.float32)
+        f = timed(lambda: fast.attention(q, k, v, S - T, None), repeats)[0]
+        r = timed(lambda: reference.attention(q, k, v, S - T, None), 1)[0]
+        kv = 2 * k.nbytes / 1e9
+        print(f"  T={T:<4} S={S:<5} H={H:<3} KVH={KVH:<3} HD={HD:<4} fast {f * 1e3:8.1f}  reference {r * 1e3:8.1f}"
+              + (f"   (KV cache read at {kv / f:.1f} GB/s)" if T == 1 else ""))
+
+
+_STARTUP = """
+import time
+t0 = time.perf_counter()
+import numpy as np
+from phinano.kernels import fast
+t1 = time.perf_counter()
+x = np.ones((1, 256), np.float32)
+w = np.ones((64, 256), np.uint16)
+fast.linear(x, w)
+t2 = time.perf_counter()
+for T in (5, 64):
+    fast.linear(np.ones((T, 256), np.float32), w)
+fast.rmsnorm(x, w[0], 1e-5)
+fast.rope(np.ones((1, 2, 96), np.float32), np.ones((1, 96), np.float32), np.ones((1, 96), np.float32))
+fast.attention(np.ones((1, 4, 96), np.float32), np.ones((3, 2, 96), np.float32), np.ones((3, 2, 96), np.float32), 2, None)
+fast.swiglu(x, x)
+fast.softmax(x)
+fast.embed(w, np.array([1, 2]))
+t3 = time.perf_counter()
+print(f"{t1 - t0:.2f} {t2 - t1:.2f} {t3 - t2:.2f}")
+"""
+
+
+def bench_startup() -> None:
+    """Import + first linear call + the other kernels, cold (empty Numba cache) and then cached."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        print("\nstartup, seconds: import phinano.kernels.fast | first linear() | the other kernels")
+        for label in ("first run (compiles)", "second run (cached)"):
+            out = subprocess.run([sys.executable, "-c", _STARTUP], env=env, capture_output=True, text=True, check=True)
+            imp, first, rest = (float(s) for s in out.stdout.split())
+            print(f"  {label:22s} import {imp:5.2f}   first linear {first:6.2f}   other kernels {rest:6.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prefill", action="store_true", help="also the token-count crossover and attention")
+    parser.add_argument("--startup", action="store_true", help="also compile and cached start times")
+    parser.add_argument("--no-decode", action="store_true", help="skip the 1 GiB decode benchmark")
+    args = parser.parse_args(argv)
+
+    from phinano.kernels import fast, reference
+
+    threads = fast.set_threads(args.threads)
+    print(f"kernel threads: {threads}; BLAS threads: OpenBLAS default (OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})")
+    if not args.no_decode:
+        bench_decode(fast, args.repeats)
+    if args.prefill:
+        bench_prefill(fast, args.repeats)
+        bench_attention(fast, reference, args.repeats)
+    if args.startup:
+        bench_startup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
