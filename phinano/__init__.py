@@ -25,7 +25,7 @@ def load(path_or_repo_id: str | Path = DEFAULT_MODEL, *, backend: str = "numba",
     backend: "numba" (fast kernels) or "numpy" (the plain reference ops); both give the same tokens.
     threads: kernel threads (default: all cores). Weights are memory-mapped, not copied.
     """
-    from .config import load_config, load_stop_ids
+    from .config import load_config, load_sampling_defaults, load_stop_ids
     from .hub import resolve
     from .model import Model
     from .weights import load_weights
@@ -40,6 +40,7 @@ def load(path_or_repo_id: str | Path = DEFAULT_MODEL, *, backend: str = "numba",
         tok = load_tokenizer(folder)
     model = Model(config, weights, tok, load_stop_ids(folder, config), backend_name=backend,
                   name=str(path_or_repo_id))
+    model.sampling_defaults = load_sampling_defaults(folder)
     if threads is not None and hasattr(model.ops, "set_threads"):
         model.ops.set_threads(threads)
     return model

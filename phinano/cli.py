@@ -27,7 +27,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
-    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", "-t", type=float, default=None,
+                   help="0 = greedy; default: the model's generation_config (greedy for released Phi models)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
@@ -36,9 +37,16 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
 
 
-def sampling_options(args: argparse.Namespace) -> dict:
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed)
+def sampling_options(args: argparse.Namespace, model=None) -> dict:
+    """Sampling options from the flags; with no --temperature, the model's own generation_config defaults
+    (Transformers' behaviour: greedy unless the checkpoint sets do_sample) fill in what was not given."""
+    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                 repetition_penalty=args.repetition_penalty if args.repetition_penalty != 1.0 else None)
+    defaults = getattr(model, "sampling_defaults", {}) if args.temperature is None else {}
+    options = {k: (v if v is not None else defaults.get(k)) for k, v in given.items()}
+    options["temperature"] = options["temperature"] or 0.0
+    options["repetition_penalty"] = options["repetition_penalty"] or 1.0
+    return {**options, "seed": args.seed}
 
 
 def load_model(args: argparse.Namespace):
@@ -66,10 +74,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if show:
         from .moe import print_expert_trace
 
-        print_expert_trace(model, ids, args, stats)
+        print_expert_trace(model, ids, args.max_new_tokens, sampling_options(args, model), args.stop, stats)
     else:
         for piece in stream_text(model, ids, args.max_new_tokens, stop_strings=args.stop, stats=stats,
-                                 **sampling_options(args)):
+                                 **sampling_options(args, model)):
             print(piece, end="", flush=True)
     print()
     if args.verbose:
@@ -111,8 +119,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import Chat, repl
 
-    chat = Chat(load_model(args), system=args.system, max_new_tokens=args.max_new_tokens,
-                sampling=sampling_options(args), stop_strings=args.stop)
+    model = load_model(args)
+    chat = Chat(model, system=args.system, max_new_tokens=args.max_new_tokens,
+                sampling=sampling_options(args, model), stop_strings=args.stop)
     return repl(chat, sys.stdin, sys.stdout, sys.stderr, speed_line if args.verbose else None)
 
 

@@ -218,3 +218,17 @@ def load_stop_ids(folder: str | Path, config: Config) -> tuple[int, ...]:
         if ids:
             return ids
     return config.eos_token_id
+
+
+def load_sampling_defaults(folder: str | Path) -> dict:
+    """The model's own sampling defaults from generation_config.json, as Transformers' generate() would
+    use them: {} (greedy) unless it sets do_sample, else its temperature / top_k / top_p / min_p /
+    repetition_penalty. Released Phi-3 checkpoints set none of these, so they stay greedy."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    raw = _read_json(path)
+    if not raw.get("do_sample"):
+        return {}
+    keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    return {"temperature": 1.0, **{k: raw[k] for k in keys if raw.get(k) is not None}}

@@ -33,6 +33,7 @@ class Model:
         self.weights = weights
         self.tokenizer = tokenizer  # phinano.tokenizer.Tokenizer, or None for a folder without tokenizer.json
         self.stop_token_ids = tuple(stop_token_ids)  # generation_config.json's eos list
+        self.sampling_defaults: dict = {}  # generation_config.json's do_sample settings (used by the CLI)
         self.backend = backend_name
         self.ops = backend(backend_name)
         self.name = name
