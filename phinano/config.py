@@ -95,7 +95,8 @@ def _require(raw: dict, key: str, where: str):
 
 def config_from_dict(raw: dict, where: str = "config.json") -> Config:
     """Build a Config from the parsed config.json (either spelling)."""
-    archs = raw.get("architectures") or []
+    # The Phi-3.5-MoE release spells the class "PhiMoEForCausalLM"; Transformers calls it "PhimoeForCausalLM".
+    archs = ["PhimoeForCausalLM" if a == "PhiMoEForCausalLM" else a for a in raw.get("architectures") or []]
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None and raw.get("model_type") in _MODEL_TYPES and not archs:
         arch = _MODEL_TYPES[raw["model_type"]]
@@ -104,8 +105,6 @@ def config_from_dict(raw: dict, where: str = "config.json") -> Config:
         raise PhinanoError(
             f"{where}: unsupported architecture {named}; phinano runs {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    if arch == "PhimoeForCausalLM":
-        arch = "PhimoeForCausalLM"  # released configs spell it "PhiMoEForCausalLM"; accepted below too
 
     hidden = int(_require(raw, "hidden_size", where))
     heads = int(_require(raw, "num_attention_heads", where))
@@ -202,11 +201,7 @@ def load_config(folder: str | Path) -> Config:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise PhinanoError(f"{path}: no config.json in the model folder")
-    raw = _read_json(path)
-    archs = raw.get("architectures") or []
-    # The Phi-3.5-MoE release spells the class "PhiMoEForCausalLM"; Transformers calls it "PhimoeForCausalLM".
-    raw_archs = ["PhimoeForCausalLM" if a == "PhiMoEForCausalLM" else a for a in archs]
-    return config_from_dict({**raw, "architectures": raw_archs}, where=str(path))
+    return config_from_dict(_read_json(path), where=str(path))
 
 
 def load_stop_ids(folder: str | Path, config: Config) -> tuple[int, ...]:

@@ -47,6 +47,13 @@ def test_released_configs():
     assert config_from_dict(su) == c
     phi4 = {**RELEASED_PHI35_MINI, "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 200064,
             "partial_rotary_factor": 0.75, "tie_word_embeddings": True}
+    moe = {**RELEASED_PHI35_MINI, "architectures": ["PhiMoEForCausalLM"], "model_type": "phimoe",
+           "hidden_size": 4096, "num_key_value_heads": 8, "intermediate_size": 6400, "num_local_experts": 16,
+           "rope_scaling": {**RELEASED_PHI35_MINI["rope_scaling"], "short_factor": [1.0] * 64,
+                            "long_factor": [1.0] * 64, "short_mscale": 1.243163121016122,
+                            "long_mscale": 1.243163121016122, "original_max_position_embeddings": 4096}}
+    cm = config_from_dict(moe)  # the release spells the class PhiMoEForCausalLM
+    assert cm.is_moe and cm.rope_short_mscale == pytest.approx(1.243163121016122) and cm.head_dim == 128
     c4 = config_from_dict(phi4)
     assert (c4.head_dim, c4.rotary_dim, c4.num_key_value_heads, c4.tie_word_embeddings) == (128, 96, 8, True)
 
