@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench import write_section  # scripts/bench.py, beside this file
+
 REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -303,16 +305,6 @@ def total_ram_gb() -> float:
     return 0.0
 
 
-def write_section(path: Path, title: str, body: str) -> None:
-    """Replace (or append) the section `title` of a markdown file, leaving the other sections alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(title)
-    if start >= 0:
-        end = text.find("\n## ", start + len(title))
-        text = text[:start] + title + "\n\n" + body + "\n" + (text[end:] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + title + "\n\n" + body + "\n"
-    path.write_text(text)
 
 
 def main() -> int:

@@ -19,7 +19,6 @@ import datetime
 import http.client
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from bench import cpu_name, write_section  # scripts/bench.py, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
@@ -129,14 +130,6 @@ def run_level(port: int, clients: int, requests: int, new: int) -> dict:
             "tokens_per_s": sum(r[2] for r in results) / wall}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def render(args, model: str, levels: list[dict], tiny: bool = False) -> str:
@@ -160,16 +153,6 @@ def render(args, model: str, levels: list[dict], tiny: bool = False) -> str:
     ])
 
 
-def write_section(path: Path, title: str, body: str) -> None:
-    """Replace (or append) the section `title` of a markdown file, leaving the other sections alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(title + "\n")
-    if start >= 0:
-        end = text.find("\n## ", start + len(title))
-        text = text[:start] + title + "\n\n" + body + "\n" + (text[end:] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + title + "\n\n" + body + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
