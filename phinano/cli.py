@@ -70,16 +70,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tok.encode(args.prompt)
         print(args.prompt, end="", flush=True)
     stats: dict = {}
-    show = getattr(args, "show_experts", False)
-    if show:
+    if getattr(args, "show_experts", False):  # one line per token: its text and its experts per layer
         from .moe import print_expert_trace
 
+        if not args.chat:
+            print()  # end the echoed prompt's line
         print_expert_trace(model, ids, args.max_new_tokens, sampling_options(args, model), args.stop, stats)
     else:
         for piece in stream_text(model, ids, args.max_new_tokens, stop_strings=args.stop, stats=stats,
                                  **sampling_options(args, model)):
             print(piece, end="", flush=True)
-    print()
+        print()
     if args.verbose:
         print(speed_line(stats), file=sys.stderr)
     return 0

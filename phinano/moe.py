@@ -228,7 +228,6 @@ def print_expert_trace(model, ids, max_new_tokens: int, sampling: dict, stop_str
     trace: list[tuple[int, list]] = []
     tokens = [int(t) for t in ids]
     previous = None  # the last generated token, not yet printed (its routing comes with the next step)
-    print()
     for token in generate_tokens(recorder, ids, max_new_tokens, stop_strings=stop_strings or None,
                                  stats=stats, **sampling):
         if previous is not None:

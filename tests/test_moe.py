@@ -605,6 +605,7 @@ def test_cli_show_experts(moe_with_tokenizer, capsys):
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if re.search(r" L0:\d+\+\d+ L1:\d+\+\d+$", line)]
     assert re.search(r"\[experts used per layer: L0:\d+/16 L1:\d+/16\]", out)
+    assert out.splitlines()[0] == text and "" not in out.splitlines(), "the prompt's line, then no blank line"
 
     new = model.generate(ids, n)  # the model's own stop tokens, as the CLI
     assert len(lines) == len(new), out
@@ -628,7 +629,7 @@ def test_show_experts_returns_every_token_with_sampling(moe_checkpoint, capsys):
     sampled = model.generate(ids, 70, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1, seed=5)
     assert [t for t, _ in trace] == sampled
     assert stats["new_tokens"] == len(sampled)
-    assert len(capsys.readouterr().out.splitlines()) == len(sampled) + 2  # blank line, tokens, footer
+    assert len(capsys.readouterr().out.splitlines()) == len(sampled) + 1  # a line per token, then the footer
 
 
 def test_cli_show_experts_on_a_dense_model_is_a_clear_error(checkpoint_dir, tmp_path, capsys):
