@@ -7,9 +7,12 @@ Greedy (temperature 0) is the argmax after the repetition penalty, first index o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
+
+from .errors import PhinanoError
 
 
 def repetition_penalty(logits: np.ndarray, seen: Iterable[int], penalty: float) -> np.ndarray:
@@ -75,3 +78,90 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.
     cdf = np.cumsum(probs)
     index = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
     return min(index, int(np.flatnonzero(probs)[-1]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The one rule set for generation options: the library, the CLI and both server APIs check them here.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class OptionError(PhinanoError):
+    """A generation option outside its range. `param` names it (the CLI prints the message; the server
+    answers 400 naming `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _number(param: str, value, integer: bool = False):
+    """value as float (or int), refusing bools, strings, nan and inf with an OptionError naming `param`."""
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, kinds):
+        raise OptionError(param, f"{param} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not integer and not math.isfinite(float(value)):
+        raise OptionError(param, f"{param} must be a finite number, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def check_options(*, max_new_tokens=1, temperature=0.0, top_k=None, top_p=None, min_p=None,
+                  repetition_penalty=1.0, seed=None) -> dict:
+    """Validate generation options; return them normalised (floats, ints, None for "off").
+
+        max_new_tokens      integer >= 1
+        temperature         >= 0 (0 = greedy)
+        top_k               integer >= 0, or None (0 and None = off)
+        top_p               0 < top_p <= 1, or None (1 and None = off)
+        min_p               0 <= min_p <= 1, or None (0 and None = off)
+        repetition_penalty  > 0 (1 = off)
+        seed                integer >= 0, or None (random)
+
+    Raises OptionError naming the first option out of range.
+    """
+    n = _number("max_new_tokens", max_new_tokens, integer=True)
+    if n < 1:
+        raise OptionError("max_new_tokens", f"max_new_tokens must be at least 1, got {n}")
+    t = _number("temperature", temperature)
+    if t < 0:
+        raise OptionError("temperature", f"temperature must be >= 0 (0 = greedy), got {t:g}")
+    if top_k is not None:
+        top_k = _number("top_k", top_k, integer=True)
+        if top_k < 0:
+            raise OptionError("top_k", f"top_k must be >= 0 (0 = off), got {top_k}")
+    if top_p is not None:
+        top_p = _number("top_p", top_p)
+        if not 0 < top_p <= 1:
+            raise OptionError("top_p", f"top_p must be in (0, 1] (1 = off), got {top_p:g}")
+    if min_p is not None:
+        min_p = _number("min_p", min_p)
+        if not 0 <= min_p <= 1:
+            raise OptionError("min_p", f"min_p must be in [0, 1] (0 = off), got {min_p:g}")
+    r = _number("repetition_penalty", repetition_penalty)
+    if r <= 0:
+        raise OptionError("repetition_penalty", f"repetition_penalty must be > 0 (1 = off), got {r:g}")
+    if seed is not None:
+        seed = _number("seed", seed, integer=True)
+        if seed < 0:
+            raise OptionError("seed", f"seed must be >= 0, got {seed}")
+    return dict(max_new_tokens=n, temperature=t, top_k=top_k or None, top_p=top_p if top_p != 1 else None,
+                min_p=min_p or None, repetition_penalty=r, seed=seed)
+
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+
+
+def resolve_options(given: dict, defaults: dict | None = None) -> dict:
+    """The sampling translator every door uses: the options a user gave (None = not given), filled in from
+    `defaults` (the model's generation_config for the CLI, OpenAI's or Ollama's documented defaults for the
+    server), checked by `check_options`. Returns generate_tokens' keyword arguments (max_new_tokens included
+    when given). Keys other than the sampling options and max_new_tokens are refused (a bug in the caller)."""
+    unknown = set(given) - set(SAMPLING_KEYS) - {"max_new_tokens"}
+    if unknown:
+        raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+    merged = {k: v for k, v in (defaults or {}).items() if v is not None}
+    merged.update({k: v for k, v in given.items() if v is not None})
+    checked = check_options(**{"max_new_tokens": 1, **merged})
+    out = {k: checked[k] for k in SAMPLING_KEYS}
+    if "max_new_tokens" in merged:
+        out["max_new_tokens"] = checked["max_new_tokens"]
+    return out
