@@ -26,7 +26,7 @@ def load(path_or_repo_id: str | Path = DEFAULT_MODEL, *, backend: str = "numba",
     threads: kernel threads (default: all cores). Weights are memory-mapped, not copied.
     """
     from .config import load_config, load_sampling_defaults, load_stop_ids
-    from .hub import resolve
+    from .formats.hub import resolve
     from .model import Model
     from .weights import load_weights
 

@@ -1,9 +1,10 @@
 """The KV cache: every layer's rotated keys and values, allocated once per generation.
 
 Prefill writes T positions at once; each decode step appends one. Keys are stored after rotary, so a
-cache is only valid for the rope factor set it was built with (`variant`): when a longrope model grows past
-its original length, generate.py throws the cache away and recomputes the sequence (Transformers does the
-same), so cached decoding always equals a full recompute.
+cache is only valid for the rope factor set it was built with (`variant`): `claim` refuses a step with
+another set. When a longrope model grows past its original length, the generation loop (generate.py) throws
+the cache away and recomputes the sequence (Transformers does the same), so cached decoding always equals a
+full recompute.
 
 Every position is kept; the sliding window is applied as a mask in attention, which gives the same result
 as Transformers' cache that keeps only the last W-1 keys.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import Config
+from .errors import PhinanoError
 
 
 @dataclass
@@ -32,6 +34,17 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
         self.variant = None
+
+    def fits(self, variant: str) -> bool:
+        """Whether a step rotated with `variant` may append to what is cached."""
+        return self.variant is None or self.length == 0 or self.variant == variant
+
+    def claim(self, variant: str) -> None:
+        """Mark the cache as holding keys rotated with `variant`; refuse to mix factor sets."""
+        if not self.fits(variant):
+            raise PhinanoError(f"cache holds keys rotated with the {self.variant} rope factors; a {variant} step "
+                               "must recompute the sequence from scratch")
+        self.variant = variant
 
 
 def new_cache(cfg: Config, capacity: int) -> KVCache:

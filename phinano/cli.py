@@ -71,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(args.prompt, end="", flush=True)
     stats: dict = {}
     if getattr(args, "show_experts", False):  # one line per token: its text and its experts per layer
-        from .moe import print_expert_trace
+        from .tracing import print_expert_trace
 
         if not args.chat:
             print()  # end the echoed prompt's line

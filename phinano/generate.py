@@ -1,115 +1,174 @@
-"""The generation loop: prefill the prompt into a fresh KV cache, then one token at a time.
+"""The generation loop, the only one: prefill the prompt, then one token per step, until a stop.
 
-Longrope models switch rotary factors when the sequence grows past original_max_position_embeddings. The
-keys cached so far were rotated with the short factors, so at that step the cache is dropped and the whole
-sequence (prompt + generated so far) is run again with the long factors -- what Transformers'
-`prepare_inputs_for_generation` does for Phi-3, and why cached decoding equals a full recompute.
+    Sequence        the tokens so far and their KV cache; `feed` steps the model and owns the longrope switch
+    TextStops       tokens -> printable text, ended at the first stop string (one mechanism for both)
+    generate_steps  the loop: feed, penalise, sample, check stops; yields (token, text piece)
+    generate_tokens the new token ids;  stream_text  the new text, in printable pieces
+
+Longrope models switch rotary factors when the sequence grows past original_max_position_embeddings. The keys
+cached so far were rotated with the short factors, so at that step the cache is dropped and the whole sequence
+(prompt + generated so far) is run again with the long factors -- what Transformers' generation does for
+Phi-3, and why cached decoding equals a full recompute (docs/pitfalls.md, "longrope-switch").
+
+This module drives any model with `step`, `new_cache`, `check_ids`, `config`, `tokenizer` and
+`stop_token_ids` (model.py's Model); it never imports the model.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence as Ids
 
 import numpy as np
 
+from .errors import PhinanoError
 from .rope import rope_variant
+from .sampling import check_options, sample
 from .sampling import repetition_penalty as apply_repetition_penalty
-from .sampling import sample
 
 
-def generate_tokens(model, token_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
-                    top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                    repetition_penalty: float = 1.0, seed: int | None = None,
-                    stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
-                    stats: dict | None = None,
-                    on_step: Callable[[int, np.ndarray], None] | None = None) -> Iterator[int]:
-    """Yield up to `max_new_tokens` new ids (fewer at a stop token, a stop string, or the context's end).
+class Sequence:
+    """A sequence being generated: its tokens and their KV cache (room for `capacity` positions)."""
 
-    stop_token_ids: None = the model's generation_config list; [] = never stop on a token.
-    stop_strings: stop once the generated text contains one (the completing token is still yielded).
+    def __init__(self, model, capacity: int, observer: dict | None = None):
+        self.model = model
+        self.cache = model.new_cache(capacity)
+        self.tokens: list[int] = []  # every token whose keys are (or were) cached
+        self.observer = observer  # passed to every model step (see model.py)
+
+    def feed(self, new: Ids[int]) -> np.ndarray:
+        """Append tokens and return the logits (V,) float32 after the last of them.
+
+        If the sequence crosses the original length here, keys cached with the short factors are stale: the
+        cache is dropped and the whole sequence runs again, with the long factors."""
+        new = [int(t) for t in new]
+        pending = new
+        if not self.cache.fits(rope_variant(self.model.config, len(self.tokens) + len(new))):
+            self.cache.reset()
+            pending = self.tokens + new
+        logits = self.model.step(self.cache, pending, observer=self.observer, last_only=True)[0]
+        self.tokens += new
+        return logits
+
+
+class TextStops:
+    """Generated tokens -> printable text, ended at the first stop string.
+
+    `push(token)` returns the text that is now safe to show: never half a UTF-8 character, never text that
+    could still be the start of a stop string. Once a stop string appears, `stopped` is True and neither it
+    nor anything after it is ever returned. `flush()` returns what is held back when generation ends.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Ids[str] = (), skip_special_tokens: bool = True):
+        if tokenizer is None:
+            raise PhinanoError("stop strings and text output need a tokenizer (no tokenizer.json in the model folder)")
+        self.decoder = tokenizer.stream(skip_special_tokens=skip_special_tokens)
+        self.stops = [s for s in stop_strings if s]
+        self.keep = max((len(s) for s in self.stops), default=1) - 1  # chars that might begin a stop string
+        self.held = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.held += self.decoder.push(token)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        if not self.stopped:
+            self.held += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        cut = min((self.held.find(s) for s in self.stops if s in self.held), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            out, self.held = self.held[:cut], ""
+            return out
+        n = len(self.held) if final else max(0, len(self.held) - self.keep)
+        out, self.held = self.held[:n], self.held[n:]
+        return out
+
+
+def generate_steps(model, token_ids: Ids[int], max_new_tokens: int, *, temperature: float = 0.0,
+                   top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                   repetition_penalty: float = 1.0, seed: int | None = None,
+                   stop_token_ids: Ids[int] | None = None, text: TextStops | None = None,
+                   stats: dict | None = None, on_step: Callable[[int, np.ndarray], None] | None = None,
+                   observer: dict | None = None, sequence: Sequence | None = None) -> Iterator[tuple[int, str]]:
+    """The loop. Yields (token, text piece) for up to `max_new_tokens` new tokens; the piece is what `text`
+    releases for that token ("" without `text`). Ends early at a stop token, a stop string or the context's end.
+
+    stop_token_ids: None = the model's own list (generation_config.json); [] = never stop on a token.
     stats: if given, filled with prompt_tokens, new_tokens, prefill_seconds, decode_seconds, finish_reason
     ("stop" or "length").
-    on_step: if given, called as on_step(token, logits) before each token is yielded, with the logits (V,)
-    float32 it was drawn from, after the repetition penalty and before temperature (for log-probabilities);
-    it may raise to stop the generation.
+    on_step(token, logits): called before each token is yielded, with the logits (V,) float32 it was drawn
+    from (after the repetition penalty, before temperature); it may raise to stop the generation.
+    sequence: generate into this Sequence (the caller keeps its cache: e.g. to feed the last token and observe
+    it); by default a new one, with `observer` on every step.
     """
+    options = check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     cfg = model.config
-    ids = model._check_ids(token_ids)  # (P,)
-    max_new = max(0, min(int(max_new_tokens), cfg.max_position_embeddings - len(ids)))
+    ids = model.check_ids(token_ids)  # (P,)
+    max_new = min(options["max_new_tokens"], cfg.max_position_embeddings - len(ids))
     stops = set(model.stop_token_ids if stop_token_ids is None else stop_token_ids)
-    if stop_strings and model.tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(options["seed"])
     stats = {} if stats is None else stats
     stats.update(prompt_tokens=len(ids), new_tokens=0, prefill_seconds=0.0, decode_seconds=0.0,
                  finish_reason="length")
+    seq = sequence if sequence is not None else Sequence(model, len(ids) + max_new, observer)
 
-    tokens = [int(t) for t in ids]  # the whole sequence so far
-    cache = model.new_cache(len(ids) + max_new)
-    pending = ids  # tokens not yet in the cache: the prompt, then the last sampled token
+    pending = [int(t) for t in ids]  # tokens not yet fed: the prompt, then the last sampled token
+    seen = list(pending)  # the whole sequence, for the repetition penalty
     for step in range(max_new):
         t0 = time.perf_counter()
-        if cache.variant not in (None, rope_variant(cfg, len(tokens))):  # crossed the original length
-            cache.reset()
-            pending = np.asarray(tokens, dtype=np.int64)
-        logits = model._run(pending, cache, last_only=True)[0]  # (V,) float32
-        logits = apply_repetition_penalty(logits, tokens, repetition_penalty)
-        token = sample(logits, rng, temperature, top_k, top_p, min_p)
+        logits = seq.feed(pending)  # (V,) float32
+        logits = apply_repetition_penalty(logits, seen, options["repetition_penalty"])
+        token = sample(logits, rng, options["temperature"], options["top_k"], options["top_p"], options["min_p"])
         stats["prefill_seconds" if step == 0 else "decode_seconds"] += time.perf_counter() - t0
-        tokens.append(token)
         stats["new_tokens"] = step + 1
+        seen.append(token)
         if on_step is not None:
             on_step(token, logits)
-        yield token
-        if token in stops:
+        piece = text.push(token) if text is not None else ""
+        yield token, piece
+        if token in stops or (text is not None and text.stopped):
             stats["finish_reason"] = "stop"
             return
-        if stop_strings:
-            text = model.tokenizer.decode(tokens[len(ids):])
-            if any(s in text for s in stop_strings):
-                stats["finish_reason"] = "stop"
-                return
-        pending = np.array([token], dtype=np.int64)
+        pending = [token]
 
 
-def stream_text(model, token_ids: Sequence[int], max_new_tokens: int, *, stop_strings: Sequence[str] = (),
-                skip_special_tokens: bool = True, stats: dict | None = None, **sampling) -> Iterator[str]:
+def generate_tokens(model, token_ids: Ids[int], max_new_tokens: int, *, stop_strings: Ids[str] | None = None,
+                    **options) -> Iterator[int]:
+    """Yield up to `max_new_tokens` new ids (generate_steps lists the options). With stop_strings, stop once the
+    generated text contains one (the token that completes it is still yielded)."""
+    text = TextStops(model.tokenizer, stop_strings, skip_special_tokens=False) if stop_strings else None
+    for token, _ in generate_steps(model, token_ids, max_new_tokens, text=text, **options):
+        yield token
+
+
+def stream_text(model, token_ids: Ids[int], max_new_tokens: int, *, stop_strings: Ids[str] = (),
+                skip_special_tokens: bool = True, **options) -> Iterator[str]:
     """Yield the generated text in printable pieces (never half a UTF-8 character, never a lost space).
 
     A stop string ends the generation and is not yielded; text that could be the start of a stop string
-    is held back until it is known not to be one.
-    """
-    stats = {} if stats is None else stats
-    decoder = model.tokenizer.stream(skip_special_tokens=skip_special_tokens)
-    keep = max((len(s) for s in stop_strings), default=1) - 1  # chars that might begin a stop string
-    held = ""
-    tokens = generate_tokens(model, token_ids, max_new_tokens, stats=stats, **sampling)
+    is held back until it is known not to be one."""
+    text = TextStops(model.tokenizer, stop_strings or (), skip_special_tokens)
+    steps = generate_steps(model, token_ids, max_new_tokens, text=text, **options)
     try:
-        for token in tokens:
-            held += decoder.push(token)
-            cut = min((held.find(s) for s in stop_strings if s in held), default=-1)
-            if cut >= 0:
-                stats["finish_reason"] = "stop"
-                if cut:
-                    yield held[:cut]
-                return
-            if len(held) > keep:
-                yield held[: len(held) - keep]
-                held = held[len(held) - keep :]
-        held += decoder.flush()
-        cut = min((held.find(s) for s in stop_strings if s in held), default=-1)
-        if cut >= 0:
-            stats["finish_reason"] = "stop"
-            held = held[:cut]
-        if held:
-            yield held
+        for _, piece in steps:
+            if piece:
+                yield piece
+        rest = text.flush()
+        if text.stopped and options.get("stats") is not None:  # a stop string completed by the final bytes
+            options["stats"]["finish_reason"] = "stop"
+        if rest:
+            yield rest
     finally:
-        tokens.close()
+        steps.close()
 
 
 def speed_line(stats: dict) -> str:
-    """One line for humans from a generate_tokens stats dict: prefill and decode tokens/s, finish reason."""
+    """One line for humans from a generation's stats: prefill and decode tokens/s, finish reason."""
     prefill = stats["prompt_tokens"] / stats["prefill_seconds"] if stats["prefill_seconds"] else 0.0
     decoded = stats["new_tokens"] - 1
     decode = decoded / stats["decode_seconds"] if stats["decode_seconds"] and decoded > 0 else 0.0

@@ -62,11 +62,11 @@ def weight_bytes_per_token(folder: Path) -> int:
     (unless it is also the tied lm_head); PhiMoE reads 2 of its experts."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from phinano.config import load_config
-    from phinano.weights import read_checkpoint
+    from phinano.formats import read_tensors
 
     cfg = load_config(folder)
     total = 0
-    for name, t in read_checkpoint(folder).items():
+    for name, t in read_tensors(folder).items():
         if name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
             continue
         if ".experts." in name:
@@ -100,7 +100,7 @@ def run_phinano(args, backend: str) -> dict:
         times = []
         for _ in range(args.runs):
             t = time.perf_counter()
-            model._run(np.asarray(ids[n]), model.new_cache(n), last_only=True)
+            model.step(model.new_cache(n), ids[n], last_only=True)
             times.append(time.perf_counter() - t)
         out["prefill"][n] = n / statistics.median(times)
     for _ in range(args.runs):

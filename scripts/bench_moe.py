@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import platform
-import struct
 import subprocess
 import sys
 import time
@@ -77,34 +76,24 @@ def write_random_checkpoint(folder: Path, config: dict) -> None:
 
     sys.path.insert(0, str(REPO))
     from phinano.config import config_from_dict
+    from phinano.formats.safetensors import write_safetensors
     from phinano.weights import expected_shapes
 
-    archs = ["PhimoeForCausalLM" if a == "PhiMoEForCausalLM" else a for a in config["architectures"]]
-    shapes = expected_shapes(config_from_dict({**config, "architectures": archs}))  # load_config renames it too
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        n = 2 * int(np.prod(shape))
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    shapes = expected_shapes(config_from_dict(config))
     rng = np.random.default_rng(0)
-    one, zero = np.uint16(0x3F80), np.uint16(0)
+
+    def chunks(name: str, shape: tuple[int, ...]):
+        n = int(np.prod(shape))
+        if len(shape) == 1:  # norm weights 1, all biases 0
+            yield np.full(n, np.uint16(0x3F80) if name.endswith("norm.weight") else np.uint16(0), np.uint16)
+            return
+        for start in range(0, n, 1 << 24):
+            bits = rng.integers(0, 1 << 16, min(1 << 24, n - start), dtype=np.uint16)
+            yield (bits & np.uint16(0x807F)) | np.uint16(0x3C00)  # sign, mantissa; exponent 2^-7
+
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "model.safetensors.partial"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for name, shape in shapes.items():
-            n = int(np.prod(shape))
-            if len(shape) == 1:  # norm weights 1, all biases 0
-                fill = one if name.endswith("norm.weight") else zero
-                f.write(np.full(n, fill, np.uint16).tobytes())
-                continue
-            for start in range(0, n, 1 << 24):
-                bits = rng.integers(0, 1 << 16, min(1 << 24, n - start), dtype=np.uint16)
-                f.write(((bits & np.uint16(0x807F)) | np.uint16(0x3C00)).tobytes())  # sign, mantissa; exp 2^-7
-    tmp.rename(folder / "model.safetensors")
+    write_safetensors(folder / "model.safetensors", [(name, np.uint16, shape, lambda name=name, shape=shape:
+                                                      chunks(name, shape)) for name, shape in shapes.items()])
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     generation = {"bos_token_id": 1, "eos_token_id": [32000, 32001, 32007]}
     (folder / "generation_config.json").write_text(json.dumps(generation))
@@ -170,7 +159,7 @@ def worker(folder: str, backend: str, new: int, threads: int | None) -> dict:
     import numpy as np
 
     import phinano
-    from phinano import moe
+    from phinano.tracing import RoutingLog
 
     t0 = time.perf_counter()
     model = phinano.load(folder, backend=backend, threads=threads, tokenizer=False)
@@ -178,7 +167,7 @@ def worker(folder: str, backend: str, new: int, threads: int | None) -> dict:
     after_load = memory()
     counting = CountingOps(model.ops)
     model.ops = counting
-    recorder = moe.RoutingRecorder(model)
+    recorder = RoutingLog()
 
     def generate() -> tuple[list[float], list[int], dict]:
         """`new` greedy tokens from <s>, one forward step each; wall time and weight bytes of every step."""
@@ -188,7 +177,7 @@ def worker(folder: str, backend: str, new: int, threads: int | None) -> dict:
         for step in range(new):
             counting.bytes = 0
             t = time.perf_counter()
-            logits = recorder._run(token, cache, last_only=True)[0]
+            logits = model.step(cache, token, observer=recorder.observer, last_only=True)[0]
             step_s.append(time.perf_counter() - t)
             step_bytes.append(counting.bytes)
             token = np.array([int(np.argmax(logits))], np.int64)

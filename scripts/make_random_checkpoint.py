@@ -30,12 +30,14 @@ import argparse
 import copy
 import json
 import math
-import struct
 import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from phinano.formats.safetensors import to_bf16_bits, write_safetensors  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # Released config.json contents. Sources: /work/shared/reference/phi-architecture.md §1 and the verbatim
@@ -428,16 +430,10 @@ def plan_shards(specs, max_bytes: int) -> list[list[tuple[str, tuple[int, ...], 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def to_bf16_bits(values: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (round to nearest even, like torch's .to(torch.bfloat16))."""
-    u = values.view(np.uint32)
-    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-
-
-def _write_tensor(f, name: str, shape: tuple[int, ...], kind: str, seed: int, std: float, residual_std: float) -> None:
+def _chunks(name: str, shape: tuple[int, ...], kind: str, seed: int, std: float, residual_std: float):
+    """The tensor's bf16 bits, a block of rows at a time (each tensor has its own seeded stream)."""
     if kind in ("norm", "zero"):
-        value = 0x3F80 if kind == "norm" else 0  # bf16 bits of 1.0 and 0.0
-        f.write(np.full(shape, value, np.uint16).tobytes())
+        yield np.full(shape, 0x3F80 if kind == "norm" else 0, np.uint16)  # bf16 bits of 1.0 and 0.0
         return
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     scale = np.float32(residual_std if kind == "residual" else std)
@@ -446,25 +442,14 @@ def _write_tensor(f, name: str, shape: tuple[int, ...], kind: str, seed: int, st
     for r in range(0, rows, step):
         block = rng.standard_normal((min(step, rows - r), cols), dtype=np.float32)
         block *= scale
-        f.write(to_bf16_bits(block).tobytes())
+        yield to_bf16_bits(block)
 
 
-def write_safetensors(path: Path, specs, seed: int, std: float, residual_std: float) -> int:
-    """One .safetensors file, streamed: header first (offsets are known from the shapes), then the data."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, _ in specs:
-        nbytes = 2 * math.prod(shape)
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # pad so tensor data starts 8-byte aligned, as safetensors does
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, shape, kind in specs:
-            _write_tensor(f, name, shape, kind, seed, std, residual_std)
-    return offset
+def write_shard(path: Path, specs, seed: int, std: float, residual_std: float) -> int:
+    """One .safetensors file, streamed by phinano's writer: header first, then each tensor's rows."""
+    return write_safetensors(path, [(name, np.uint16, shape, lambda name=name, shape=shape, kind=kind:
+                                     _chunks(name, shape, kind, seed, std, residual_std))
+                                    for name, shape, kind in specs])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -498,13 +483,13 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(2 * math.prod(shape) for _, shape, _ in specs)
     print(f"{name}: {len(specs)} tensors, {total / 1e9:.2f} GB of bf16 in {len(shards)} file(s) -> {out}", flush=True)
     if len(shards) == 1:
-        write_safetensors(out / "model.safetensors", specs, args.seed, args.std, residual_std)
+        write_shard(out / "model.safetensors", specs, args.seed, args.std, residual_std)
         (out / "model.safetensors.index.json").unlink(missing_ok=True)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            size = write_safetensors(out / filename, shard, args.seed, args.std, residual_std)
+            size = write_shard(out / filename, shard, args.seed, args.std, residual_std)
             weight_map.update({tensor: filename for tensor, _, _ in shard})
             print(f"  {filename}: {len(shard)} tensors, {size / 1e9:.2f} GB", flush=True)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

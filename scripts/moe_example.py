@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 
 import phinano
-from phinano import moe
+from phinano.blocks import phimoe as moe
+from phinano.formats.safetensors import write_safetensors
 
 D, F, E, L, H, KVH, V = 64, 96, 16, 2, 4, 2, 320
 HD = D // H
@@ -51,7 +51,7 @@ def make_tiny_phimoe(folder: Path, seed: int = 0) -> Path:
             x = p + f"block_sparse_moe.experts.{e}."
             t |= {x + "w1.weight": normal(F, D), x + "w3.weight": normal(F, D), x + "w2.weight": normal(D, F)}
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(t, str(folder / "model.safetensors"))
+    write_safetensors(folder / "model.safetensors", t)
     rotary = HD // 2
     config = {
         "architectures": ["PhiMoEForCausalLM"], "model_type": "phimoe", "vocab_size": V, "hidden_size": D,
@@ -164,6 +164,19 @@ def mixtral_top2(logits: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray
     return top, (w / w.sum(-1, keepdims=True)).astype(np.float32)
 
 
+class RmsNormInsteadOfLayerNorm:
+    """The kernel backend with layernorm replaced by RMSNorm plus the bias."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
+
+    def layernorm(self, x, w, b, eps):
+        return self.ops.rmsnorm(x, w, eps) + self.ops.widen(b)
+
+
 def mistakes(model, ids) -> None:
     """What two known porting mistakes do to this model's logits."""
     good = model.forward(ids)
@@ -176,11 +189,11 @@ def mistakes(model, ids) -> None:
     finally:
         moe.sparsemixer = sparsemixer
     # llama.cpp's shared Phi-3 graph: RMS norm (no mean subtracted), then weight and bias.
-    model._norm = lambda x, w, b: ops.rmsnorm(x, w, eps) + (0 if b is None else ops.widen(b))
+    model.ops = RmsNormInsteadOfLayerNorm(ops)
     try:
         rms = model.forward(ids)
     finally:
-        del model._norm
+        model.ops = ops
     print(f"Porting mistakes on this model ({len(ids)} positions; max |logit| {np.abs(good).max():.2f}):")
     for name, bad in (("Mixtral top-2 softmax routing", mixtral), ("RMSNorm + bias instead of LayerNorm", rms)):
         changed = int((bad.argmax(-1) != good.argmax(-1)).sum())

@@ -15,7 +15,7 @@ import pytest
 import phinano
 from phinano import PhinanoError
 from phinano.config import config_from_dict, load_config
-from phinano.weights import read_safetensors
+from phinano.formats.safetensors import read_safetensors
 
 # The released Phi-3.5-mini-instruct config.json (rope factor lists shortened to their real length, 48,
 # with the release's first and last values; the loader only checks their length).
@@ -81,7 +81,7 @@ def test_both_spellings_give_one_config(checkpoint_dir, tmp_path):
 
 def test_weights_are_memory_mapped(checkpoint_dir):
     model = phinano.load(checkpoint_dir("mini-4k", "bfloat16", True), backend="numpy")
-    q = model.weights.layers[0].q
+    q = model.weights.layers[0].attn.q
     assert q.dtype == np.uint16  # bf16 kept as its raw bits, 2 bytes a parameter
     assert isinstance(q.base, np.memmap) or isinstance(getattr(q.base, "base", None), np.memmap) or not q.flags.owndata
     assert not q.flags.writeable

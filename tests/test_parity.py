@@ -45,7 +45,7 @@ def hf_greedy(hf, ids, n: int) -> tuple[list[int], float]:
 def layer_report(model, hf, ids) -> str:
     """[OK]/[DIFF] per layer, so a parity failure points at the first layer that differs."""
     ours: list = []
-    model._run(np.asarray(ids), model.new_cache(len(ids)), last_only=False, trace=ours)
+    model.forward(ids, observer={"residual": lambda layer, x: ours.append(x)})
     with torch.no_grad():
         theirs = hf(torch.tensor(np.asarray(ids)[None]), output_hidden_states=True).hidden_states
     lines = []
@@ -106,7 +106,7 @@ def test_cached_step_logits_equal_forward(checkpoint_dir):
     model = phinano.load(checkpoint_dir("medium"), backend="numpy")
     ids = prompt(50, seed=4)
     cache = model.new_cache(50)
-    steps = [model._run(ids[:20], cache, last_only=False)] + [model._run(ids[i : i + 1], cache, True) for i in range(20, 50)]
+    steps = [model.step(cache, ids[:20])] + [model.step(cache, ids[i : i + 1], last_only=True) for i in range(20, 50)]
     full = model.forward(ids)
     np.testing.assert_allclose(np.concatenate(steps), full, atol=LOGIT_RTOL * np.abs(full).max())
 

@@ -703,3 +703,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
     if T:
         _run(_attention_blocks, 2 * T * S * KVH * HD, q, k, v, int(start), w, per, out)
     return out
+
+
+# The attention probabilities are for watching a model (the observer hook), never on the hot path: the
+# reference's (H, T, S) computation is the implementation on both backends.
+from .reference import attention_weights  # noqa: E402,F401

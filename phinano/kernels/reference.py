@@ -98,3 +98,19 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """up * silu(gate), silu(g) = g * sigmoid(g). gate, up (T, F) -> (T, F)."""
     return up * (gate / (1.0 + np.exp(-gate)))
+
+
+def attention_weights(q: np.ndarray, k: np.ndarray, start: int, window: int | None) -> np.ndarray:
+    """The attention probabilities that `attention` applies to the values: (H, T, S) float32, each row a
+    softmax over the keys query t sees (causal, sliding window, grouped-query as in `attention`). For
+    watching a model (the observer hook), not for the hot path: it materialises (H, T, S)."""
+    T, H, HD = q.shape
+    S, KVH, _ = k.shape
+    k = np.repeat(k, H // KVH, axis=1)  # (S, H, HD)
+    scores = np.einsum("thd,shd->hts", q, k) * np.float32(HD**-0.5)  # (H, T, S)
+    i = np.arange(start, start + T)[:, None]  # (T, 1) query positions
+    j = np.arange(S)[None, :]  # (1, S) key positions
+    visible = j <= i
+    if window is not None:
+        visible &= i - j < window
+    return softmax(np.where(visible[None], scores, -np.inf)).astype(np.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import PhinanoError
+from ..errors import PhinanoError
 
 # The files a checkpoint folder needs; everything else in a repo (PyTorch .bin, ONNX, GGUF...) is skipped.
 HUB_FILES = [
@@ -26,7 +26,7 @@ HUB_FILES = [
 
 def _nano_path(name: str) -> Path | None:
     try:
-        from .nano import nano_path
+        from ..nano import nano_path
     except ImportError:
         return None
     return nano_path(name)
