@@ -1,0 +1,177 @@
+"""The decoder's public seams: Model.step from ids or from input embeddings, the observer hook, the block
+module chosen from the config, and the floors the package is built in (nothing imports upward)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+import phinano  # noqa: E402
+from phinano import PhinanoError  # noqa: E402
+from phinano.blocks import ARCHITECTURES, phi3, phimoe  # noqa: E402
+from tiny_models import VOCAB  # noqa: E402
+
+PACKAGE = Path(phinano.__file__).parent
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(3, VOCAB, n).tolist()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_step_from_embeddings_equals_step_from_ids(checkpoint_dir, backend):
+    """Input embeddings (T, D) placed as they are give exactly what their token ids give, also when mixed
+    with ids in later steps of the same cache (an image's features between text tokens)."""
+    model = phinano.load(checkpoint_dir("mini-128k"), backend=backend)
+    ids = prompt(60)  # crosses the original length 48: the long factors
+    rows = model.ops.embed(model.weights.embed, np.asarray(ids))  # (T, D)
+    np.testing.assert_array_equal(model.forward(embeddings=rows), model.forward(ids))
+
+    cache_a, cache_b = model.new_cache(48), model.new_cache(48)  # 48: all short factors, one cache
+    a = [model.step(cache_a, ids[:10]), model.step(cache_a, embeddings=rows[10:30]), model.step(cache_a, ids[30:48])]
+    b = [model.step(cache_b, ids[:10]), model.step(cache_b, ids[10:30]), model.step(cache_b, ids[30:48])]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_step_refuses_bad_input(checkpoint_dir):
+    model = phinano.load(checkpoint_dir("mini-4k"), backend="numpy")
+    cache = model.new_cache(8)
+    D = model.config.hidden_size
+    for kwargs, words in [(dict(ids=[1, 2], embeddings=np.zeros((2, D))), "not both"),
+                          (dict(), "not both"),
+                          (dict(embeddings=np.zeros((2, D + 1))), f"(T, {D})"),
+                          (dict(ids=[VOCAB]), "out of range"),
+                          (dict(ids=list(range(9))), "KV cache holds 8")]:
+        with pytest.raises(PhinanoError, match=None) as e:
+            model.step(cache, **kwargs)
+        assert words in str(e.value), str(e.value)
+    assert cache.length == 0, "a refused step writes nothing"
+
+
+def test_step_refuses_mixing_rope_factor_sets(checkpoint_dir):
+    """Keys rotated with the short factors cannot be extended by a step past the original length: the caller
+    must recompute (the generation loop does)."""
+    model = phinano.load(checkpoint_dir("mini-128k"), backend="numpy")
+    cache = model.new_cache(60)
+    model.step(cache, prompt(40))
+    with pytest.raises(PhinanoError, match="rope factors"):
+        model.step(cache, prompt(10))
+
+
+def test_observer_sees_residuals_attention_and_final_norm(checkpoint_dir):
+    model = phinano.load(checkpoint_dir("mini-4k"), backend="numpy")  # sliding window 24
+    ids = prompt(40)
+    seen: dict = {"residual": [], "attention": [], "final": []}
+    observer = {fact: (lambda fact: lambda layer, value: seen[fact].append((layer, value)))(fact) for fact in seen}
+    logits = model.forward(ids, observer=observer)
+    L, W = model.config.num_hidden_layers, model.config.sliding_window
+    assert [layer for layer, _ in seen["residual"]] == list(range(-1, L))
+    assert [layer for layer, _ in seen["attention"]] == list(range(L))
+    for _, probs in seen["attention"]:
+        assert probs.shape == (model.config.num_attention_heads, 40, 40)
+        np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+        i, j = np.indices((40, 40))
+        assert np.all(probs[:, (j > i) | (i - j >= W)] == 0), "causal, and W keys at most"
+        assert np.all(probs[:, (j <= i) & (i - j < W)] > 0)
+    (layer, final), = seen["final"]
+    assert layer == L
+    np.testing.assert_allclose(model.ops.linear(final, model.weights.lm_head), logits, rtol=1e-6)
+    # Watching changes nothing.
+    np.testing.assert_array_equal(model.forward(ids), logits)
+
+
+def test_generation_with_an_observer_equals_generation_without(checkpoint_dir):
+    model = phinano.load(checkpoint_dir("mini-128k"), backend="numpy")
+    ids = prompt(30)
+    steps = []
+    watched = model.generate(ids, 30, stop_token_ids=[], observer={"residual": lambda layer, x: steps.append(x.shape)})
+    assert watched == model.generate(ids, 30, stop_token_ids=[])
+    # prefill (30), decode steps of one token, one recompute of the whole sequence when it reaches 49 > 48.
+    rows = [shape[0] for shape in steps[:: model.config.num_hidden_layers + 1]]
+    assert rows == [30] + [1] * 18 + [49] + [1] * 10
+
+
+def test_architecture_picks_the_block_module(checkpoint_dir):
+    assert ARCHITECTURES == {"Phi3ForCausalLM": phi3, "PhimoeForCausalLM": phimoe}
+    model = phinano.load(checkpoint_dir("mini-4k"), backend="numpy")
+    assert model.blocks is phi3
+    assert all(isinstance(layer, phi3.Layer) for layer in model.weights.layers)
+
+
+# ------------------------------------------------------------------ the floors
+FLOORS = [  # lowest first; a module may import its own floor and those below it, never one above
+    {"errors"},
+    {"config", "sampling", "nano"},
+    {"formats"},
+    {"kernels"},
+    {"rope", "cache", "blocks"},
+    {"weights", "tokenizer"},
+    {"generate"},
+    {"model", "tracing"},
+    {"chat", "cli", "serve", "server", "server_app", "server_engine", "server_openai", "server_ollama", "__init__"},
+]
+
+
+def _floor(module: str) -> int:
+    top = module.split(".")[0]
+    for level, names in enumerate(FLOORS):
+        if top in names:
+            return level
+    raise AssertionError(f"phinano.{module} is on no floor: add it to FLOORS")
+
+
+def _module_or_package(base: list[str], name: str) -> str:
+    """`from <base> import name`: the submodule if name is one, else the package base itself."""
+    folder = PACKAGE.joinpath(*base)
+    if (folder / f"{name}.py").is_file() or (folder / name).is_dir():
+        return ".".join(base + [name])
+    return ".".join(base) or "__init__"
+
+
+def _imports(path: Path) -> set[str]:
+    """phinano modules a file imports (relative or absolute), as dotted names below phinano."""
+    here = path.relative_to(PACKAGE).with_suffix("").parts
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(here[: len(here) - node.level])
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] if node.module else [_module_or_package(base, a.name) for a in node.names]
+            elif node.module and node.module.startswith("phinano"):
+                names = [node.module.removeprefix("phinano").strip(".")]
+            else:
+                continue
+            found.update(n for n in names if n)
+        elif isinstance(node, ast.Import):
+            found.update(a.name.removeprefix("phinano.") for a in node.names if a.name.startswith("phinano."))
+    return found
+
+
+def test_nothing_imports_upward():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        if module == "__init__":
+            continue
+        own = _floor(module)
+        for imported in _imports(path):
+            if imported.split(".")[0] != module.split(".")[0] and _floor(imported) > own:
+                wrong.append(f"phinano.{module} (floor {own}) imports phinano.{imported} (floor {_floor(imported)})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_kernels_are_a_real_package_folder():
+    """`pip install .` then Python started in the checkout root must import the same package: the kernels are
+    files inside phinano/, not a folder mapped into it by pyproject."""
+    import phinano.kernels
+
+    assert Path(phinano.kernels.__file__).parent == PACKAGE / "kernels"
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
+    assert "package-dir" not in pyproject
