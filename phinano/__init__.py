@@ -20,17 +20,32 @@ DEFAULT_MODEL = "nano-phi3"  # the small model shipped inside the package
 
 def load(path_or_repo_id: str | Path = DEFAULT_MODEL, *, backend: str = "numba", threads: int | None = None,
          revision: str | None = None, cache_dir: str | None = None, tokenizer: bool = True) -> "Model":
-    """Load a Phi model from a local folder, a shipped nano model name, or a Hugging Face repo id.
+    """Load a Phi model from a local folder (safetensors), a GGUF file, `ollama:NAME[:TAG]` (Ollama's store),
+    a shipped nano model name, or a Hugging Face repo id.
 
     backend: "numba" (fast kernels) or "numpy" (the plain reference ops); both give the same tokens.
     threads: kernel threads (default: all cores). Weights are memory-mapped, not copied.
     """
-    from .config import load_config, load_sampling_defaults, load_stop_ids
     from .formats.hub import resolve
     from .model import Model
+
+    location = resolve(path_or_repo_id, revision=revision, cache_dir=cache_dir)
+    if location.is_file():
+        config, weights, tok, stop_ids, defaults = _open_gguf(location, tokenizer)
+    else:
+        config, weights, tok, stop_ids, defaults = _open_folder(location, tokenizer)
+    model = Model(config, weights, tok, stop_ids, backend_name=backend, name=str(path_or_repo_id))
+    model.sampling_defaults = defaults
+    if threads is not None:
+        model.ops.set_threads(threads)
+    return model
+
+
+def _open_folder(folder: Path, tokenizer: bool):
+    """A Hugging Face checkpoint folder: config.json, safetensors, tokenizer files, generation_config.json."""
+    from .config import load_config, load_sampling_defaults, load_stop_ids
     from .weights import load_weights
 
-    folder = resolve(path_or_repo_id, revision=revision, cache_dir=cache_dir)
     config = load_config(folder)
     weights = load_weights(folder, config)
     tok = None
@@ -38,12 +53,25 @@ def load(path_or_repo_id: str | Path = DEFAULT_MODEL, *, backend: str = "numba",
         from .tokenizer import load_tokenizer
 
         tok = load_tokenizer(folder)
-    model = Model(config, weights, tok, load_stop_ids(folder, config), backend_name=backend,
-                  name=str(path_or_repo_id))
-    model.sampling_defaults = load_sampling_defaults(folder)
-    if threads is not None and hasattr(model.ops, "set_threads"):
-        model.ops.set_threads(threads)
-    return model
+    return config, weights, tok, load_stop_ids(folder, config), load_sampling_defaults(folder)
+
+
+def _open_gguf(path: Path, tokenizer: bool):
+    """One GGUF file: hyperparameters, tensors and tokenizer all come from it."""
+    from .formats.gguf import config_from_gguf, hf_tensors, read_gguf
+    from .weights import arrange
+
+    gguf = read_gguf(path)
+    config = config_from_gguf(gguf)
+    weights = arrange(hf_tensors(gguf), config, str(path))
+    tok, stop_ids = None, config.eos_token_id
+    if tokenizer and "tokenizer.ggml.tokens" in gguf.metadata:
+        from .formats.gguf_vocab import tokenizer_parts
+        from .tokenizer import Tokenizer
+
+        backend, special, templates, byte_fallback, stop_ids = tokenizer_parts(gguf.metadata)
+        tok = Tokenizer(backend, special, templates, byte_fallback)
+    return config, weights, tok, stop_ids, {}
 
 
 def __getattr__(name):  # `phinano.Model` without importing the model at package import time

@@ -1,4 +1,4 @@
-"""Where a model comes from: a local folder, a nano model shipped in the package, or the Hugging Face Hub.
+"""Where a model comes from: a local folder, a GGUF file, Ollama's store, a shipped nano model, or the Hub.
 
 From the Hub only the files phinano reads are fetched (configs, tokenizer files, safetensors), into the
 standard huggingface_hub cache, so a second load is offline. Every failure (no network, unknown repo, a
@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import PhinanoError
+from . import ollama
+from .gguf import is_gguf
 
 # The files a checkpoint folder needs; everything else in a repo (PyTorch .bin, ONNX, GGUF...) is skipped.
 HUB_FILES = [
@@ -33,9 +35,18 @@ def _nano_path(name: str) -> Path | None:
 
 
 def resolve(path_or_repo_id: str | Path, revision: str | None = None, cache_dir: str | None = None) -> Path:
-    """A local folder holding config.json and the weights, downloading from the Hub if needed."""
+    """A local folder holding config.json and the weights (downloading from the Hub if needed), or a GGUF file
+    (a path, or `ollama:NAME[:TAG]` from Ollama's store)."""
+    if str(path_or_repo_id).startswith(ollama.PREFIX):  # a model in the local Ollama store: its GGUF blob
+        return ollama.resolve(str(path_or_repo_id)[len(ollama.PREFIX):])
+    if not str(path_or_repo_id).strip():
+        raise PhinanoError("the model name is empty: give a folder, a .gguf file, ollama:NAME, a nano model or a Hub id")
     local = Path(path_or_repo_id).expanduser()
     if local.is_dir():
+        return local
+    if local.is_file():
+        if not is_gguf(local):
+            raise PhinanoError(f"{local}: not a GGUF file (no GGUF magic) and not a model folder")
         return local
     nano = _nano_path(str(path_or_repo_id))
     if nano is not None:

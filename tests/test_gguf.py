@@ -1,0 +1,251 @@
+"""GGUF files (llama.cpp's and Ollama's format) against Transformers on the file's own weights.
+
+Each tiny Phi-3 shape (sliding window, longrope crossing the original length, GQA, partial rotary with a tied
+head) is written to GGUF in the test run with phinano's writer (llama.cpp's names and metadata, the `gguf`
+package's reference quantizers). The reference is Transformers with the ORIGINAL config and the GGUF's weights
+as the `gguf` package itself dequantizes them (an independent reader): so the only differences left are
+float32 accumulation order, and the parity tolerance of the safetensors tests applies unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+
+import phinano  # noqa: E402
+from phinano import PhinanoError  # noqa: E402
+from phinano.config import load_config  # noqa: E402
+from phinano.formats import read_tensors  # noqa: E402
+from phinano.formats.gguf_write import gguf_names, write_gguf  # noqa: E402
+from phinano.formats.safetensors import DTYPES  # noqa: E402
+from tiny_models import DENSE_SPECS, VOCAB, make_phi3  # noqa: E402
+
+LOGIT_RTOL = 1e-4  # as tests/test_parity.py
+PLAIN = ["F32", "F16", "BF16"]
+BLOCK = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(3, VOCAB, n).tolist()
+
+
+def widened(a: np.ndarray) -> np.ndarray:
+    return (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == np.uint16 else a.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """make(name, qtype) -> (gguf path, original checkpoint folder), built once per module."""
+    root = tmp_path_factory.mktemp("gguf")
+    folders, files = {}, {}
+
+    def make(name: str, qtype: str) -> tuple[Path, Path]:
+        if name not in folders:
+            folders[name] = make_phi3(root / name, name)
+        if (name, qtype) not in files:
+            folder = folders[name]
+            cfg = load_config(folder)
+            tensors = {n: widened(np.asarray(t)) for n, t in read_tensors(folder).items()}
+            if cfg.tie_word_embeddings:
+                tensors.pop("lm_head.weight", None)
+            files[name, qtype] = write_gguf(root / f"{name}-{qtype}.gguf", cfg, tensors, lambda n, a: qtype)
+        return files[name, qtype], folders[name]
+
+    return make
+
+
+def reference(path: Path, folder: Path):
+    """Transformers with the original config and the GGUF's weights as the `gguf` package dequantizes them."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    cfg = load_config(folder)
+    state = {n: p.detach().numpy() for n, p in hf.state_dict().items()}
+    names = gguf_names(cfg, {n: v for n, v in state.items() if "rotary" not in n and not
+                             (cfg.tie_word_embeddings and n == "lm_head.weight")})
+    to_hf = {}
+    for hf_name, values in state.items():  # invert the writer's map on single tensors
+        if "rotary" in hf_name or (cfg.tie_word_embeddings and hf_name == "lm_head.weight"):
+            continue
+        (g,) = gguf_names(cfg, {hf_name: values})
+        to_hf[g] = hf_name
+    assert set(to_hf) == set(names)
+    reader = gguf.GGUFReader(path)
+    new = {}
+    for t in reader.tensors:
+        if t.name in to_hf:
+            values = np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+            new[to_hf[t.name]] = torch.from_numpy(np.ascontiguousarray(values, np.float32).reshape(state[to_hf[t.name]].shape))
+    hf.load_state_dict(new, strict=False)
+    if cfg.tie_word_embeddings:
+        hf.tie_weights()
+    return hf
+
+
+def hf_logits(hf, ids) -> np.ndarray:
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("qtype", PLAIN + BLOCK)
+@pytest.mark.parametrize("name", list(DENSE_SPECS))
+def test_gguf_logits_match_transformers(tiny, name, qtype):
+    path, folder = tiny(name, qtype)
+    hf = reference(path, folder)
+    ids = prompt(60)  # past the sliding windows and the longrope models' original length (48)
+    ref = hf_logits(hf, ids)
+    for backend in ("numpy", "numba"):
+        got = phinano.load(path, backend=backend, tokenizer=False).forward(ids)
+        diff = np.abs(got - ref).max()
+        assert diff <= LOGIT_RTOL * np.abs(ref).max(), f"{backend}: {diff:.2e} of {np.abs(ref).max():.1f}"
+
+
+@pytest.mark.parametrize("qtype", ["BF16", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("name", ["mini-128k", "4-mini"])
+def test_gguf_greedy_64_tokens_match_transformers(tiny, name, qtype):
+    """30-token prompts cross the original length (48) while generating."""
+    path, folder = tiny(name, qtype)
+    hf = reference(path, folder)
+    ids = prompt(30, seed=30)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    expected = out[0, len(ids):].tolist()
+    assert len(set(expected)) > 16, "tiny model fell into a repeat; the comparison would not be meaningful"
+    model = phinano.load(path, tokenizer=False)
+    assert model.generate(ids, 64, stop_token_ids=[]) == expected
+
+
+def test_gguf_config_equals_the_checkpoints(tiny):
+    """Every number the forward pass uses comes back from the GGUF metadata (sliding window, longrope factors and
+    attention factor, partial rotary, tied head)."""
+    for name in DENSE_SPECS:
+        path, folder = tiny(name, "F32")
+        a = phinano.load(path, backend="numpy", tokenizer=False).config
+        b = load_config(folder)
+        skip = ("raw", "dtype", "bos_token_id", "eos_token_id", "pad_token_id")
+        for field, want in vars(b).items():  # GGUF stores floats as float32, which is what the kernels use
+            got = getattr(a, field)
+            if field in skip or got == want:
+                continue
+            assert np.array_equal(np.float32(got), np.float32(want)), (name, field, got, want)
+
+
+# ------------------------------------------------------------------ bad files: one clear error each
+def gguf_error(path: Path, *words: str) -> None:
+    with pytest.raises(PhinanoError) as e:
+        phinano.load(path, backend="numpy", tokenizer=False)
+    message = str(e.value)
+    assert "\n" not in message
+    for w in words:
+        assert w in message, message
+
+
+def test_bad_gguf_files(tiny, tmp_path):
+    path, _ = tiny("mini-4k", "Q8_0")
+    data = path.read_bytes()
+
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(data[: len(data) - 1000])
+    gguf_error(truncated, "truncated.gguf")
+
+    magic = tmp_path / "magic.gguf"
+    magic.write_bytes(b"GGUX" + data[4:])
+    gguf_error(magic, "not a GGUF file")
+
+    version = tmp_path / "version.gguf"
+    version.write_bytes(data[:4] + struct.pack("<I", 99) + data[8:])
+    gguf_error(version, "version.gguf", "version 99")
+
+    count = tmp_path / "count.gguf"  # an absurd tensor count
+    count.write_bytes(data[:8] + struct.pack("<Q", 2**40) + data[16:])
+    gguf_error(count, "count.gguf")
+
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    gguf_error(empty, "empty.gguf")
+
+
+def test_gguf_unknown_architecture_and_missing_tensor(tiny, tmp_path):
+    path, folder = tiny("mini-4k", "F32")
+    cfg = load_config(folder)
+    tensors = {n: widened(np.asarray(t)) for n, t in read_tensors(folder).items()}
+
+    missing = dict(tensors)
+    missing.pop("model.layers.1.mlp.down_proj.weight")
+    gguf_error(write_gguf(tmp_path / "missing.gguf", cfg, missing, lambda n, a: "F32"), "missing", "down_proj")
+
+    writer = gguf.GGUFWriter(tmp_path / "llama.gguf", "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    gguf_error(tmp_path / "llama.gguf", "unsupported GGUF architecture 'llama'")
+
+
+def test_gguf_unsupported_tensor_type_names_the_tensor(tiny, tmp_path):
+    path, folder = tiny("mini-4k", "F32")
+    cfg = load_config(folder)
+    tensors = {n: widened(np.asarray(t)) for n, t in read_tensors(folder).items()}
+
+    def iq(name, array):
+        return "TQ2_0" if name == "blk.0.ffn_down.weight" else "F32"
+
+    try:
+        out = write_gguf(tmp_path / "tq.gguf", cfg, tensors, iq)
+    except PhinanoError:
+        pytest.skip("the gguf package cannot write a type phinano does not read")
+    gguf_error(out, "blk.0.ffn_down.weight", "TQ2_0")
+
+
+def test_nothing_half_written(tiny, tmp_path):
+    """A failing write leaves no file under the target name."""
+    path, folder = tiny("mini-4k", "F32")
+    cfg = load_config(folder)
+    tensors = {n: widened(np.asarray(t)) for n, t in read_tensors(folder).items()}
+    tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"][:, :17]
+    with pytest.raises(Exception):
+        write_gguf(tmp_path / "odd.gguf", cfg, tensors, lambda n, a: "Q8_0")
+    assert not (tmp_path / "odd.gguf").exists()
+
+
+# ------------------------------------------------------------------ Ollama's store
+def fake_ollama_store(root: Path, blob_source: Path, name: str = "phi3", tag: str = "latest") -> None:
+    data = blob_source.read_bytes()
+    import hashlib
+
+    digest = hashlib.sha256(data).hexdigest()
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    (root / "blobs" / f"sha256-{digest}").write_bytes(data)
+    manifest = root / "manifests" / "registry.ollama.ai" / "library" / name / tag
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 1},
+        {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}", "size": len(data)}]}))
+
+
+def test_ollama_store(tiny, tmp_path, monkeypatch):
+    path, _ = tiny("mini-4k", "Q8_0")
+    store = tmp_path / "ollama"
+    fake_ollama_store(store, path)
+    fake_ollama_store(store, path, "phi3.5", "q8")
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    ids = prompt(20)
+    direct = phinano.load(path, tokenizer=False).forward(ids)
+    for name in ("ollama:phi3", "ollama:phi3:latest", "ollama:library/phi3", "ollama:phi3.5:q8"):
+        np.testing.assert_array_equal(phinano.load(name, tokenizer=False).forward(ids), direct)
+    with pytest.raises(PhinanoError) as e:
+        phinano.load("ollama:phi4", tokenizer=False)
+    assert "phi3:latest" in str(e.value) and "phi3.5:q8" in str(e.value)
+    shutil.rmtree(store / "blobs")
+    with pytest.raises(PhinanoError, match="missing"):
+        phinano.load("ollama:phi3", tokenizer=False)
