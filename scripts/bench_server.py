@@ -9,7 +9,7 @@ runs `--requests` streaming `POST /v1/completions` requests (greedy, `ignore_eos
 Reported per level: requests/s (requests / wall time), time to first token (request sent -> first SSE chunk
 with text; includes the wait in the server's queue, since phinano generates one sequence at a time),
 median and 90th percentile, and the aggregate new tokens/s. With --write the table replaces the
-"## Server" section of the markdown file (created if absent), with the command, machine and date.
+"## Server" section of the markdown file (created if absent), with the command, machine, date and load.
 """
 
 from __future__ import annotations
@@ -130,29 +130,33 @@ def run_level(port: int, clients: int, requests: int, new: int) -> dict:
             "tokens_per_s": sum(r[2] for r in results) / wall}
 
 
-
-
-def render(args, model: str, levels: list[dict], tiny: bool = False) -> str:
+def render(args, model: str, levels: list[dict], load: tuple[float, float], tiny: bool = False) -> str:
     lines = ["| clients | requests | requests/s | TTFT median s | TTFT p90 s | new tokens/s |",
              "|---|---|---|---|---|---|"]
     for r in levels:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['rps']:.2f} | {r['ttft_median']:.3f} | "
                      f"{r['ttft_p90']:.3f} | {r['tokens_per_s']:.1f} |")
     command = "python scripts/bench_server.py" + "".join(
-        f" --{k} {v}" for k, v in (("model", args.model), ("new", args.new), ("requests", args.requests),
-                                   ("threads", args.threads)) if v is not None)
+        f" --{k} {v}" for k, v in (("model", args.model), ("clients", args.clients if args.clients != "1,4" else None),
+                                   ("new", args.new), ("requests", args.requests), ("threads", args.threads))
+        if v is not None)
+    first, last = levels[0], levels[-1]
+    ratio = last["rps"] / first["rps"]
+    gain = "no more requests/s than" if ratio < 1.1 else f"{ratio:.2f}x the requests/s of"
     return "\n".join([
         f"Command: `{command}`  ",
-        f"Model: {model}; machine: {cpu_name()}, {os.cpu_count()} cores; date {datetime.date.today().isoformat()}  ",
+        f"Model: {model}; machine: {cpu_name()}, {os.cpu_count()} cores; date {datetime.date.today().isoformat()}; "
+        f"1-minute load average {load[0]:.2f} before the run, {load[1]:.2f} after  ",
         f"Streaming `POST /v1/completions`, greedy, {args.new} new tokens each (ignore_eos), a "
-        f"{len(PROMPT)}-character prompt; TTFT counts the time queued behind other clients' answers "
-        f"(one sequence at a time)."
+        f"{len(PROMPT)}-character prompt; TTFT counts the time queued behind other clients' answers."
         + (" The tiny model is random: its first text often waits for a run of byte-fallback tokens." if tiny else ""),
         "",
         *lines,
+        "",
+        f"phinano serves one request at a time (one sequence, one generation thread; the others wait in a FIFO "
+        f"queue), which is why {last['clients']} clients get {gain} {first['clients']} "
+        f"({last['rps']:.2f} vs {first['rps']:.2f}): more clients only lengthen the wait for the first token.",
     ])
-
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", default=None, help="put the table in this markdown file's '## Server' section")
     args = p.parse_args(argv)
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or default_model(Path(tmp))
         port = free_port()
@@ -185,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
     tiny = args.model is None and model != "nano-phi3"
-    table = render(args, "tiny random Phi-3 (tests/tiny_models.py)" if tiny else model, levels, tiny)
+    load = (load_before, os.getloadavg()[0])
+    table = render(args, "tiny random Phi-3 (tests/tiny_models.py)" if tiny else model, levels, load, tiny)
     print(table)
     if args.write:
         write_section(Path(args.write), "## Server", table)

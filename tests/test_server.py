@@ -529,6 +529,33 @@ def test_a_full_queue_is_a_503_in_each_apis_shape(model):
         engine.close()
 
 
+def test_a_failed_generation_is_a_500_and_the_next_request_is_served(model, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from phinano.serve import engine as engine_module
+    from phinano.serve.app import create_app
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+        yield  # a generator, like stream_text
+
+    engine = engine_module.Engine(model, NAME)
+    try:
+        with TestClient(create_app(engine)) as client:
+            with monkeypatch.context() as patch:
+                patch.setattr(engine_module, "stream_text", broken)
+                r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2})
+                assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+                assert "RuntimeError: a bug" in r.json()["error"]["message"]
+                r = client.post("/api/generate", json={"model": NAME, "prompt": "hi", "options": {"num_predict": 2}})
+                assert r.status_code == 200  # streaming had begun: the error is the last line
+                assert "RuntimeError: a bug" in json.loads(r.text.splitlines()[-1])["error"]
+            r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        engine.close()
+
+
 # ------------------------------------------------------------------ clients that hang up, and many clients
 def _send(port: int, path: str, body: dict) -> socket.socket:
     data = json.dumps(body).encode()

@@ -2,9 +2,8 @@
 
     phinano serve --model microsoft/Phi-3-mini-4k-instruct            # http://127.0.0.1:8000
 
-FastAPI on uvicorn (the optional extra `phinano[serve]`). A request meets app.py (the routes), then
-openai_api.py or ollama_api.py (each API's shapes), validate.py (the checks both share) and engine.py (the
-queue and the worker thread that runs the model, free of HTTP). Importing this module needs no extra.
+FastAPI on uvicorn, an optional extra (`phinano[serve]`); importing this module needs neither. The modules,
+in the order a request meets them: app, openai_api / ollama_api, validate, engine (docs/server.md).
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ def serve(model, name: str, sock: socket.socket, max_queue: int = 64, max_reques
     from .engine import Engine
 
     engine = Engine(model, name, max_queue=max_queue, threads=threads)
-    engine.wait_ready()
+    engine.ready.wait()
     app = create_app(engine, max_request_bytes or MAX_REQUEST_BYTES)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     host, port = sock.getsockname()[:2]

@@ -1,12 +1,8 @@
 """The HTTP side of `phinano serve`: a FastAPI app over one Engine.
 
-    POST /v1/chat/completions   POST /v1/completions   GET /v1/models        (OpenAI)
-    POST /api/chat              POST /api/generate     GET /api/tags   GET /api/version   (Ollama)
-
-The four POST routes are one function: read the body (any Content-Type, as `curl -d` sends), let the API's
-module turn it into a Job, queue it, then stream its events (SSE or NDJSON) or wait for the end. A client
-that hangs up cancels its job. Errors never leave as a traceback: they become the error object of the API
-the request came in by (OpenAI's under /v1/, Ollama's elsewhere).
+The four generation endpoints share one route: read the body (any Content-Type, as `curl -d` sends), let the
+API's module turn it into a Job, queue it, then stream its events or wait for the end; a client that hangs up
+cancels its job. Errors never leave as a traceback but in the shape of the API the request came in by.
 """
 
 from __future__ import annotations
@@ -46,22 +42,18 @@ class JobStream(StreamingResponse):
 def create_app(engine: Engine, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     app = FastAPI(title="phinano", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
 
-    def error(request: Request, status: int, message: str, param=None, code=None) -> JSONResponse:
+    async def error(request: Request, exc: Exception) -> JSONResponse:
+        """Every error in the shape of the API the request came in by: OpenAI's under /v1/, Ollama's elsewhere."""
+        if isinstance(exc, HTTPException):  # unknown route, wrong method
+            exc = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        elif not isinstance(exc, ApiError):
+            log.exception("unexpected error on %s", request.url.path)
+            exc = ApiError(500, "internal server error")
         api = openai_api if request.url.path.startswith("/v1/") else ollama_api
-        return JSONResponse(api.error_body(status, message, param, code), status_code=status)
+        return JSONResponse(api.error_body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status)
 
-    @app.exception_handler(ApiError)
-    async def refused(request: Request, exc: ApiError):
-        return error(request, exc.status, exc.message, exc.param, exc.code)
-
-    @app.exception_handler(HTTPException)  # unknown route, wrong method
-    async def not_routed(request: Request, exc: HTTPException):
-        return error(request, exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s", request.url.path)
-        return error(request, 500, "internal server error")
+    for kind in (ApiError, HTTPException, Exception):
+        app.add_exception_handler(kind, error)
 
     async def read_json(request: Request) -> object:
         """The decoded body; 413 past the size limit (counted as it arrives), 400 if it is not JSON."""
@@ -109,7 +101,7 @@ def create_app(engine: Engine, max_request_bytes: int = MAX_REQUEST_BYTES) -> Fa
                 return Response(status_code=499)  # nobody is listening
             text, logprobs, end = outcome
             if isinstance(end, Failed):
-                return error(request, 500, end.message)
+                raise ApiError(500, end.message)
             return api.response(reply, text, logprobs, end)
         return route
 
@@ -118,25 +110,14 @@ def create_app(engine: Engine, max_request_bytes: int = MAX_REQUEST_BYTES) -> Fa
     app.post("/api/chat")(generation(ollama_api, "chat"))
     app.post("/api/generate")(generation(ollama_api, "generate"))
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [openai_api.model_card(engine)]}
+    app.get("/v1/models")(lambda: {"object": "list", "data": [openai_api.model_card(engine)]})
+    app.get("/api/tags")(lambda: ollama_api.tags(engine))
+    app.get("/api/version")(lambda: {"version": __version__})
+    app.api_route("/", methods=["GET", "HEAD"])(lambda: PlainTextResponse("phinano is running"))
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         check_model(engine, model_id)
         return openai_api.model_card(engine)
-
-    @app.get("/api/tags")
-    async def tags():
-        return ollama_api.tags(engine)
-
-    @app.get("/api/version")
-    async def version():
-        return {"version": __version__}
-
-    @app.api_route("/", methods=["GET", "HEAD"])
-    async def root():
-        return PlainTextResponse("phinano is running")
 
     return app

@@ -92,15 +92,13 @@ class Job:
             self.cancel()
 
     async def stream(self) -> AsyncIterator[Piece | Failed]:
-        """The job's events as they arrive, ending with a Done or Failed; cancels the job if left early."""
-        try:
-            while True:
-                event = await self.events.get()
-                yield event
-                if isinstance(event, (Done, Failed)):
-                    return
-        finally:
-            self.cancel()
+        """The job's events as they arrive, ending with a Done or Failed. (Whoever stops listening early
+        cancels the job: the app does, however a response ends.)"""
+        while True:
+            event = await self.events.get()
+            yield event
+            if isinstance(event, (Done, Failed)):
+                return
 
     async def result(self) -> tuple[str, list[TokenLogprob], Done | Failed]:
         """Wait for the whole generation: (text, logprobs, the final event)."""
@@ -130,7 +128,7 @@ class Engine:
         self._texts: dict[int, tuple[str, list[int]]] = {}  # token id -> (text, bytes), for logprobs
         anchor = self.tokenizer.encode("a", add_special_tokens=False)
         self._anchor = (anchor, self.tokenizer.decode(anchor))
-        self._ready = threading.Event()
+        self.ready = threading.Event()  # set after the warm-up (kernel compilation): the first client does not pay it
         threading.Thread(target=self._work, args=(threads,), name="phinano-generate", daemon=True).start()
 
     # --- requests side (event loop) ----------------------------------------------------------------------
@@ -144,14 +142,6 @@ class Engine:
     def close(self) -> None:
         self._jobs.put(None)
 
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Wait for the worker's warm-up (kernel compilation), so the first client does not pay for it."""
-        return self._ready.wait(timeout)
-
-    def serves(self, model: object) -> bool:
-        """Whether a request's `model` names this model ("name", or Ollama's "name:latest")."""
-        return model in (self.name, f"{self.name}:latest")
-
     # --- the worker thread --------------------------------------------------------------------------------
     def _work(self, threads: int | None) -> None:
         if hasattr(self.model.ops, "set_threads"):
@@ -160,7 +150,7 @@ class Engine:
             self.model.generate(self.tokenizer.encode("hello, how are you?"), 8, stop_token_ids=[])
         except Exception:
             log.exception("warm-up generation failed")
-        self._ready.set()
+        self.ready.set()
         while (job := self._jobs.get()) is not None:
             if job.cancelled.is_set():
                 log.info("skipped a queued request: its client went away")

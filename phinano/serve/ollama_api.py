@@ -1,9 +1,7 @@
 """The Ollama-compatible door: /api/generate and /api/chat bodies in, NDJSON chunks (or one object) out.
 
-Defaults are Ollama's (`DefaultOptions()`, below). Errors take Ollama's `{"error": "..."}` shape; unknown option
-names are logged and ignored, as Ollama does. Two differences, documented in docs/server.md: phinano's
-sampler applies temperature first (Transformers' order; llama.cpp applies it last), and repeat_penalty covers
-the whole sequence (`repeat_last_n` is ignored).
+Ollama's defaults and error shape; unknown options are logged and ignored, as Ollama does. What differs from
+Ollama (the sampler's order, repeat_penalty's reach) is in docs/server.md.
 """
 
 from __future__ import annotations
@@ -13,28 +11,29 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from pydantic import ConfigDict, Field
 
 from ..errors import PhinanoError
 from .engine import Done, Engine, Failed, Job, TokenLogprob
-from .validate import (Body, Message, budget, chat_ids, check_model, logprobs_wanted, parse_body, refuse, sampling,
-                       stop_strings, token_ids)
+from .validate import (Body, Message, Reply, budget, chat_ids, check_model, logprobs_wanted, parse_body, refuse,
+                       sampling, stop_strings, token_ids)
 
 log = logging.getLogger("phinano.serve")
 MEDIA_TYPE = "application/x-ndjson"
 ROLES = {"system", "user", "assistant", "tool"}
 DEFAULT_NUM_CTX = 4096  # capped at the model's context
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repetition_penalty": 1.1}
-NAMES = {name: f"options.{name}" for name in ("temperature", "top_k", "top_p", "min_p", "seed")} | {
-    "repetition_penalty": "options.repeat_penalty"}
-REFUSED = {"format": "", "think": False, "tools": [], "suffix": "", "template": "", "images": []}  # but these
+NAMES = {"temperature": "options.temperature", "top_k": "options.top_k", "top_p": "options.top_p",
+         "min_p": "options.min_p", "repetition_penalty": "options.repeat_penalty", "seed": "options.seed"}
+# Refused unless null or this value:
+REFUSED = {"format": "", "think": False, "tools": [], "suffix": "", "template": "", "images": []}
 REFUSED_OPTIONS = {"presence_penalty": 0, "frequency_penalty": 0, "typical_p": 1, "mirostat": 0}
+# Runner options: meaningless here, ignored without a warning (other unknown options get one).
 IGNORED = {"repeat_last_n", "num_keep", "num_batch", "num_thread", "num_gpu", "main_gpu", "use_mmap", "use_mlock",
            "numa", "low_vram", "f16_kv", "vocab_only", "logits_all", "embedding_only", "penalize_newline", "tfs_z",
-           "mirostat_tau", "mirostat_eta"}  # runner options: meaningless here, ignored without a warning
+           "mirostat_tau", "mirostat_eta"}
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # as Ollama's quantization_level
 
 
@@ -53,42 +52,25 @@ class Options(Body):
     stop: str | list[str] | None = None
 
 
-class _Request(Body):
+class Request(Body):
+    """/api/chat's and /api/generate's fields (each endpoint reads its own)."""
+
     model: str
     options: Options | None = None
     stream: bool | None = None  # default true
     keep_alive: str | int | float | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-class GenerateBody(_Request):
-    prompt: str | None = None
+    messages: list[Message] | None = None  # /api/chat
+    prompt: str | None = None  # /api/generate
     system: str | None = None
     context: list[int] | None = None
     raw: bool | None = None
 
 
-class ChatBody(_Request):
-    messages: list[Message] | None = None
-
-
-@dataclass
-class Reply:
-    kind: str  # "generate" or "chat"
-    model: str
-    stream: bool
-    logprobs: bool
-    unload: bool  # keep_alive 0 with nothing to generate: Ollama answers done_reason "unload"
-    started: float  # time.perf_counter() when the request arrived
-    context: list[int] | None = None  # the prompt ids, for /api/generate's `context` (None when raw)
-
-
-# ------------------------------------------------------------------ body -> job (or a "load" reply)
 def job(kind: str, engine: Engine, body: object) -> tuple[Job | None, Reply]:
     """A Job, or (None, reply) for an empty prompt or empty messages, which in Ollama only loads the model."""
-    started = time.perf_counter()
-    req = parse_body(ChatBody if kind == "chat" else GenerateBody, body)
+    req = parse_body(Request, body)
     check_model(engine, req.model)
     refuse(body, REFUSED)
     refuse(body.get("options") or {}, REFUSED_OPTIONS, prefix="options.")
@@ -97,7 +79,7 @@ def job(kind: str, engine: Engine, body: object) -> tuple[Job | None, Reply]:
     if unknown:
         log.warning("invalid option provided: %s (ignored)", ", ".join(sorted(unknown)))
     top = logprobs_wanted(req.logprobs, req.top_logprobs)
-    reply = Reply(kind, req.model, req.stream is not False, top is not None, req.keep_alive in (0, "0", "0s"), started)
+    reply = Reply(kind, req.model, req.stream is not False, top is not None, unload=req.keep_alive in (0, "0", "0s"))
     if not (req.messages if kind == "chat" else req.prompt or req.context):
         return None, reply
     ids = chat_ids(engine, req.messages, ROLES, content_required=False) if kind == "chat" else \
@@ -109,7 +91,7 @@ def job(kind: str, engine: Engine, body: object) -> tuple[Job | None, Reply]:
     return Job(ids, max_new, sampling(given, DEFAULTS, NAMES), stop_strings(o.stop), top), reply
 
 
-def _generate_ids(engine: Engine, req: GenerateBody, reply: Reply) -> list[int]:
+def _generate_ids(engine: Engine, req: Request, reply: Reply) -> list[int]:
     """The prompt as is (raw), else in the chat template after `system` and a previous answer's `context`."""
     tok, prompt = engine.tokenizer, req.prompt or ""
     if req.raw:
@@ -123,7 +105,6 @@ def _generate_ids(engine: Engine, req: GenerateBody, reply: Reply) -> list[int]:
     return reply.context
 
 
-# ------------------------------------------------------------------ events -> responses
 async def stream(reply: Reply, job: Job) -> AsyncIterator[str]:
     """One JSON object per line: a chunk per text piece, then the final object with done: true."""
     async for event in job.stream():
@@ -137,12 +118,8 @@ async def stream(reply: Reply, job: Job) -> AsyncIterator[str]:
 
 
 def _chunk(reply: Reply, text: str, logprobs: list[TokenLogprob]) -> dict:
-    chunk = {"model": reply.model, "created_at": _rfc3339(time.time())}
-    if reply.kind == "chat":
-        chunk["message"] = {"role": "assistant", "content": text}
-    else:
-        chunk["response"] = text
-    chunk["done"] = False
+    answer = {"message": {"role": "assistant", "content": text}} if reply.kind == "chat" else {"response": text}
+    chunk = {"model": reply.model, "created_at": _rfc3339(time.time()), **answer, "done": False}
     if reply.logprobs:
         chunk["logprobs"] = [lp.entry() for lp in logprobs]
     return chunk
@@ -169,7 +146,6 @@ def _rfc3339(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-# ------------------------------------------------------------------ the rest of the API
 def tags(engine: Engine) -> dict:
     """/api/tags: the one model, described as Ollama describes its models."""
     model, family = engine.model, "phimoe" if engine.model.config.is_moe else "phi3"

@@ -1,37 +1,29 @@
 """The OpenAI-compatible door: request bodies in, `chat.completion` / `text_completion` objects out.
 
-Shapes follow OpenAI's API reference (docs/server.md lists the fields). What phinano does not do is refused
-with a 400 naming the parameter, not silently ignored. Four extensions that vLLM also accepts (the openai
-client sends them in `extra_body`): `top_k` (-1 or 0: off), `min_p`, `repetition_penalty`, and `ignore_eos`
-(keep going past the model's stop tokens, e.g. for benchmarks).
+Besides OpenAI's fields (docs/server.md), four extensions that vLLM also accepts (the openai client sends them
+in `extra_body`): `top_k` (-1 or 0: off), `min_p`, `repetition_penalty`, `ignore_eos` (for benchmarks).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from pydantic import Field
 
 from .. import __version__
 from .engine import Done, Engine, Failed, Job, TokenLogprob
-from .validate import (ApiError, Body, Message, budget, chat_ids, check_model, logprobs_wanted, parse_body, refuse,
-                       sampling, stop_strings, token_ids)
+from .validate import (ApiError, Body, Message, Reply, budget, chat_ids, check_model, logprobs_wanted, parse_body,
+                       refuse, sampling, stop_strings, token_ids)
 
 FINGERPRINT = f"phinano-{__version__}"
 MEDIA_TYPE = "text/event-stream"
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0}  # OpenAI's: a request that does not say otherwise samples
-REFUSED = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "tools": [],
-           "response_format": {"type": "text"}, "echo": False, "suffix": "", "best_of": 1}  # but these values
-
-
-class StreamOptions(Body):
-    include_usage: bool | None = None
+REFUSED = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "tools": [],  # unless null
+           "response_format": {"type": "text"}, "echo": False, "suffix": "", "best_of": 1}  # or this value
 
 
 class _Common(Body):
@@ -44,7 +36,7 @@ class _Common(Body):
     stop: str | list[str] | None = None
     seed: int | None = None  # any integer, as in OpenAI's API (taken modulo 2**64)
     stream: bool | None = None
-    stream_options: StreamOptions | None = None
+    stream_options: dict[str, bool] | None = None  # {"include_usage": true}
     top_k: int | None = None  # the extensions
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -63,20 +55,6 @@ class CompletionBody(_Common):
     logprobs: int | None = Field(None, ge=0, le=5)
 
 
-@dataclass
-class Reply:
-    """What a response needs besides the generated text."""
-
-    kind: str  # "chat" or "completion"
-    model: str
-    stream: bool
-    include_usage: bool
-    logprobs: bool
-    id: str
-    created: int
-
-
-# ------------------------------------------------------------------ body -> job
 def job(kind: str, engine: Engine, body: object) -> tuple[Job, Reply]:
     req = parse_body(ChatBody if kind == "chat" else CompletionBody, body)
     check_model(engine, req.model)
@@ -98,9 +76,9 @@ def job(kind: str, engine: Engine, body: object) -> tuple[Job, Reply]:
     max_new = budget(ids, engine.context_length, options.pop("max_new_tokens", None), param, clip=False)
     if req.ignore_eos:
         options["stop_token_ids"] = []  # generate_tokens: [] never stops on a token
-    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-    reply = Reply(kind, req.model, bool(req.stream), include_usage, top is not None,
-                  f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time()))
+    include_usage = bool(req.stream and (req.stream_options or {}).get("include_usage"))
+    reply = Reply(kind, req.model, bool(req.stream), top is not None, include_usage=include_usage,
+                  id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}")
     return Job(ids, max_new, options, stop_strings(req.stop, most=4), top), reply
 
 
@@ -117,7 +95,6 @@ def _prompt_ids(engine: Engine, prompt: str | list) -> list[int]:
     return ids
 
 
-# ------------------------------------------------------------------ events -> responses
 def response(reply: Reply, text: str, logprobs: list[TokenLogprob], done: Done) -> dict:
     """The whole (non-streaming) `chat.completion` or `text_completion` object."""
     body = {"message": {"role": "assistant", "content": text, "refusal": None}} if reply.kind == "chat" else \
@@ -181,7 +158,6 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-# ------------------------------------------------------------------ the rest of the API
 def model_card(engine: Engine) -> dict:
     return {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "phinano"}
 

@@ -1,12 +1,12 @@
 """The one request validator of both APIs: a decoded body becomes checked values, or an ApiError naming the
-field (`messages[0].content`, `options.top_p`) that the app answers in the shape of the API it came in by.
-Sampling options are translated by each API into phinano's names and checked by
-`phinano.sampling.resolve_options`, the CLI's rule set.
+field (`messages[0].content`, `options.top_p`). Sampling goes through phinano.sampling, the CLI's rule set.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -23,7 +23,6 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-# ------------------------------------------------------------------ bodies
 class Body(BaseModel):
     # strict: "1" is not a number and 1.0 is not an integer (OpenAI rejects both); unknown fields are ignored
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
@@ -41,6 +40,22 @@ class Message(Body):
     content: str | list[TextPart] | None = None
     tool_calls: list | None = None
     images: list | None = None
+
+
+@dataclass
+class Reply:
+    """What a response needs besides the generated text; each API fills in what it uses."""
+
+    kind: str  # "chat" or "completion" (OpenAI); "chat" or "generate" (Ollama)
+    model: str  # as the request named it
+    stream: bool
+    logprobs: bool
+    id: str = ""  # OpenAI: chatcmpl-..., cmpl-...
+    include_usage: bool = False  # OpenAI: a last chunk with the usage
+    unload: bool = False  # Ollama: keep_alive 0 with nothing to generate is answered done_reason "unload"
+    context: list[int] | None = None  # Ollama /api/generate: the prompt ids, returned with the answer's
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)  # once the body is read: Ollama's total_duration
 
 
 def parse_body(schema: type[Body], body: object):
@@ -70,7 +85,6 @@ def missing(param: str) -> ApiError:
     return ApiError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
 
 
-# ------------------------------------------------------------------ prompts
 def chat_ids(engine: Engine, messages: list[Message], roles: set[str], content_required: bool) -> list[int]:
     """Messages -> prompt ids through the model's chat template ("developer" is a system message). With
     content_required, only an assistant message carrying tool_calls may go without content (OpenAI's rule)."""
@@ -101,9 +115,9 @@ def token_ids(engine: Engine, ids: list[int], param: str) -> list[int]:
     return list(ids)
 
 
-# ------------------------------------------------------------------ the rest of a request
 def check_model(engine: Engine, model: str) -> None:
-    if not engine.serves(model):
+    """The request must name the served model: "name", or Ollama's "name:latest"."""
+    if model not in (engine.name, f"{engine.name}:latest"):
         raise ApiError(404, f"The model `{model}` does not exist. This server serves `{engine.name}`.",
                        param="model", code="model_not_found")
 
@@ -126,7 +140,7 @@ def logprobs_wanted(logprobs: bool | None, top_logprobs: int | None) -> int | No
 
 def stop_strings(stop: str | list[str] | None, most: int | None = None) -> list[str]:
     """A stop string or a list of them (at most `most`); empty strings are dropped (they would match at once)."""
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    stops = [stop] if isinstance(stop, str) else stop or []
     if most is not None and len(stops) > most:
         raise ApiError(400, f"Invalid 'stop': array too long. Expected an array with maximum length {most}.",
                        param="stop", code="array_above_max_length")
