@@ -127,12 +127,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import check_extra, serve, served_name
+    from .serve import bind, check_extra, serve, served_name
 
-    check_extra()  # before loading a model: a missing extra is a one-line error
+    check_extra()  # before loading a model: a missing extra or a port in use is a one-line error
+    sock = bind(args.host, args.port)
     model = load_model(args)
-    serve(model, args.name or served_name(args.model), args.host, args.port, args.max_queue, args.max_request_bytes,
-          args.threads)
+    serve(model, args.name or served_name(args.model), sock, args.max_queue, args.max_request_bytes, args.threads)
     return 0
 
 

@@ -5,11 +5,12 @@
 
 Starts the server as a real process on a free 127.0.0.1 port, warms it up, then for each concurrency level
 runs `--requests` streaming `POST /v1/completions` requests (greedy, `ignore_eos` so every answer is exactly
-`--new` tokens) from that many client threads, each sending its next request when the last one ends.
+`--new` tokens) from that many client threads, each sending its next request when the last one ends; the
+levels take turns for `--rounds` rounds, and each level's figures pool its rounds.
 Reported per level: requests/s (requests / wall time), time to first token (request sent -> first SSE chunk
 with text; includes the wait in the server's queue, since phinano generates one sequence at a time),
 median and 90th percentile, and the aggregate new tokens/s. With --write the table replaces the
-"## Server" section of the markdown file (created if absent), with the command, machine and date.
+"## Server" section of the markdown file (created if absent), with the command, machine, date and load.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ def one_request(port: int, new: int) -> tuple[float, float, int]:
     return (total if first is None else first), total, tokens
 
 
-def run_level(port: int, clients: int, requests: int, new: int) -> dict:
-    """`requests` requests from `clients` threads; requests/s, TTFT median and p90, new tokens/s."""
+def run_level(port: int, clients: int, requests: int, new: int) -> tuple[list[tuple[float, float, int]], float]:
+    """`requests` requests from `clients` threads: each one's (TTFT, total time, new tokens), and the wall time."""
     results: list[tuple[float, float, int]] = []
     lock = threading.Lock()
     remaining = [requests]
@@ -123,48 +124,64 @@ def run_level(port: int, clients: int, requests: int, new: int) -> dict:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return results, time.perf_counter() - t0
+
+
+def summarize(clients: int, results: list[tuple[float, float, int]], wall: float) -> dict:
+    """requests/s, TTFT median and p90, new tokens/s of one level (all its rounds together)."""
     ttft = sorted(r[0] for r in results)
     return {"clients": clients, "requests": len(results), "wall_s": wall, "rps": len(results) / wall,
             "ttft_median": statistics.median(ttft), "ttft_p90": ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))],
             "tokens_per_s": sum(r[2] for r in results) / wall}
 
 
-
-
-def render(args, model: str, levels: list[dict], tiny: bool = False) -> str:
+def render(args, model: str, levels: list[dict], load: tuple[float, float], tiny: bool = False) -> str:
     lines = ["| clients | requests | requests/s | TTFT median s | TTFT p90 s | new tokens/s |",
              "|---|---|---|---|---|---|"]
     for r in levels:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['rps']:.2f} | {r['ttft_median']:.3f} | "
                      f"{r['ttft_p90']:.3f} | {r['tokens_per_s']:.1f} |")
     command = "python scripts/bench_server.py" + "".join(
-        f" --{k} {v}" for k, v in (("model", args.model), ("new", args.new), ("requests", args.requests),
+        f" --{k} {v}" for k, v in (("model", args.model), ("clients", args.clients if args.clients != "1,4" else None),
+                                   ("new", args.new), ("requests", args.requests), ("rounds", args.rounds),
                                    ("threads", args.threads)) if v is not None)
+    first, last = levels[0], levels[-1]
+    ratio = last["rps"] / first["rps"]
+    serial = "phinano serves one request at a time (one sequence, one generation thread; the others wait in a queue)"
     return "\n".join([
         f"Command: `{command}`  ",
-        f"Model: {model}; machine: {cpu_name()}, {os.cpu_count()} cores; date {datetime.date.today().isoformat()}  ",
+        f"Model: {model}; machine: {cpu_name()}, {os.cpu_count()} cores; date {datetime.date.today().isoformat()}; "
+        f"1-minute load average {load[0]:.2f} before the run, {load[1]:.2f} after  ",
         f"Streaming `POST /v1/completions`, greedy, {args.new} new tokens each (ignore_eos), a "
-        f"{len(PROMPT)}-character prompt; TTFT counts the time queued behind other clients' answers "
-        f"(one sequence at a time)."
-        + (" The tiny model is random: its first text often waits for a run of byte-fallback tokens." if tiny else ""),
+        f"{len(PROMPT)}-character prompt; TTFT counts the time queued behind other clients' answers."
+        + (" The tiny model is random: its first text often waits for a run of byte-fallback tokens." if tiny else "")
+        + (" Other work kept the machine busy (load above its core count): absolute speeds are lower than on a"
+           " quiet machine; the levels took turns, so they ran under the same load."
+           if max(load) > (os.cpu_count() or 1) else ""),
         "",
         *lines,
+        "",
+        f"{serial}, which is why {last['clients']} clients get no more requests/s than {first['clients']} "
+        f"({last['rps']:.2f} vs {first['rps']:.2f}): more clients only lengthen the wait for the first token."
+        if ratio < 1.1 else f"{serial}, so {last['clients']} clients should get no more requests/s than "
+        f"{first['clients']}; here they got {ratio:.2f}x ({last['rps']:.2f} vs {first['rps']:.2f}).",
     ])
-
-
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder / name (default: nano-phi3, else a tiny random one)")
     p.add_argument("--clients", default="1,4", help="concurrency levels (default 1,4)")
-    p.add_argument("--requests", type=int, default=8, help="requests per level (default 8)")
+    p.add_argument("--requests", type=int, default=8, help="requests per level and round (default 8)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds over the levels, interleaved so that a change in the machine's load hits all alike "
+                        "(default 3)")
     p.add_argument("--new", type=int, default=64, help="new tokens per request (default 64)")
     p.add_argument("--threads", type=int, default=None, help="the server's kernel threads (default: all cores)")
     p.add_argument("--write", default=None, help="put the table in this markdown file's '## Server' section")
     args = p.parse_args(argv)
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or default_model(Path(tmp))
         port = free_port()
@@ -174,10 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for _ in range(2):  # warm-up: first-call compilation, caches
                 one_request(port, args.new)
-            levels = []
-            for clients in (int(c) for c in args.clients.split(",")):
-                levels.append(run_level(port, clients, args.requests, args.new))
-                print(f"{clients} client(s): {levels[-1]}", flush=True)
+            counts = [int(c) for c in args.clients.split(",")]
+            runs = {clients: ([], 0.0) for clients in counts}
+            for round_ in range(args.rounds):
+                for clients in counts:
+                    results, wall = run_level(port, clients, args.requests, args.new)
+                    runs[clients] = (runs[clients][0] + results, runs[clients][1] + wall)
+                    print(f"round {round_ + 1}, {clients} client(s): {len(results) / wall:.2f} requests/s", flush=True)
+            levels = [summarize(clients, *runs[clients]) for clients in counts]
         finally:
             server.terminate()
             try:
@@ -185,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
     tiny = args.model is None and model != "nano-phi3"
-    table = render(args, "tiny random Phi-3 (tests/tiny_models.py)" if tiny else model, levels, tiny)
+    load = (load_before, os.getloadavg()[0])
+    table = render(args, "tiny random Phi-3 (tests/tiny_models.py)" if tiny else model, levels, load, tiny)
     print(table)
     if args.write:
         write_section(Path(args.write), "## Server", table)

@@ -26,6 +26,7 @@ openai = pytest.importorskip("openai")
 ollama = pytest.importorskip("ollama")
 
 import phinano  # noqa: E402
+from phinano.sampling import OptionError, check_options  # noqa: E402
 
 NAME = "tiny"
 CONTEXT = 4096  # the tiny mini-4k checkpoint's 256, raised so that a hung-up generation is still running
@@ -429,6 +430,130 @@ def test_wrong_method_and_unknown_route(server):
     status, headers, body = request(server.port, "GET", "/api/nothing")
     assert status == 404
     assert_error_shape("/api/", status, headers, body)
+
+
+# ------------------------------------------------------------------ one rule set for sampling, content, the port
+REFUSED_BY_THE_CLI = [("temperature", -1), ("top_p", 0), ("top_p", 2), ("min_p", 5), ("repetition_penalty", 0)]
+
+
+def cli_refusal(name: str, value) -> str:
+    """The message of the rule set the CLI checks its flags with."""
+    with pytest.raises(OptionError) as error:
+        check_options(**{name: value})
+    assert error.value.param == name
+    return str(error.value)
+
+
+@pytest.mark.parametrize("name,value", REFUSED_BY_THE_CLI + [("top_k", -3)])
+def test_openai_sampling_the_cli_refuses_is_a_400_naming_it(server, name, value):
+    status, headers, body = request(server.port, "POST", "/v1/chat/completions",
+                                    {"model": NAME, "messages": USER, "max_tokens": 4, name: value})
+    assert status == 400, body
+    assert_error_shape("/v1/", status, headers, body)
+    assert body["error"]["param"] == name and body["error"]["message"] == cli_refusal(name, value)
+
+
+@pytest.mark.parametrize("name,value", REFUSED_BY_THE_CLI)
+def test_ollama_sampling_the_cli_refuses_is_a_400_naming_it(server, name, value):
+    option = "repeat_penalty" if name == "repetition_penalty" else name
+    status, headers, body = request(server.port, "POST", "/api/generate",
+                                    {"model": NAME, "prompt": "hi", "options": {option: value, "num_predict": 4}})
+    assert status == 400, body
+    assert_error_shape("/api/", status, headers, body)
+    assert body["error"] == cli_refusal(name, value).replace(name, f"options.{option}", 1)
+
+
+def test_each_apis_off_values_are_still_off(server):
+    """OpenAI's (vLLM's) top_k -1 and Ollama's top_k <= 0 mean "no top-k"; top_p 1 means "no top-p"."""
+    for path, body in [("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": 2, "top_k": -1}),
+                       ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": 2, "top_k": 0, "top_p": 1}),
+                       ("/api/generate", {"model": NAME, "prompt": "hi", "stream": False,
+                                          "options": {"top_k": -3, "top_p": 1, "num_predict": 2}})]:
+        status, _, answer = request(server.port, "POST", path, body)
+        assert status == 200, (body, answer)
+
+
+@pytest.mark.parametrize("messages,param", [
+    ([{"role": "user"}], "messages[0].content"),
+    ([{"role": "system", "content": "be brief"}, {"role": "user", "content": None}], "messages[1].content"),
+    ([{"role": "system"}, {"role": "user", "content": "hi"}], "messages[0].content"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "user", "content": "hi"}],
+     "messages[1].content"),
+])
+def test_openai_message_without_content_is_a_400_naming_it(server, messages, param):
+    status, headers, body = request(server.port, "POST", "/v1/chat/completions",
+                                    {"model": NAME, "messages": messages, "max_tokens": 4})
+    assert status == 400
+    assert_error_shape("/v1/", status, headers, body)
+    assert body["error"]["param"] == param and body["error"]["code"] == "missing_required_parameter"
+
+
+def test_openai_assistant_message_with_tool_calls_needs_no_content(oai):
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 1}"}}
+    messages = [{"role": "user", "content": "add 1"}, {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "2"}]
+    r = oai.chat.completions.create(model=NAME, messages=messages, max_tokens=2, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens >= 1
+
+
+def test_serving_is_announced_with_the_bound_port(server):
+    assert f"phinano: serving {NAME} on http://127.0.0.1:{server.port} " in server.log.read_text()
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(model_dir, capsys):
+    from phinano.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(model_dir), "--port", str(port)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert f"port {port}" in captured.err and "in use" in captured.err and "serving" not in captured.err
+
+
+def test_a_full_queue_is_a_503_in_each_apis_shape(model):
+    from fastapi.testclient import TestClient
+
+    from phinano.serve.app import create_app
+    from phinano.serve.engine import Engine
+
+    engine = Engine(model, NAME, max_queue=0)  # every request finds the queue full
+    try:
+        with TestClient(create_app(engine)) as client:
+            r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 503
+            assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["code"] == "server_busy"
+            r = client.post("/api/chat", json={"model": NAME, "messages": USER})
+            assert r.status_code == 503 and "busy" in r.json()["error"]
+    finally:
+        engine.close()
+
+
+def test_a_failed_generation_is_a_500_and_the_next_request_is_served(model, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from phinano.serve import engine as engine_module
+    from phinano.serve.app import create_app
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+        yield  # a generator, like stream_text
+
+    engine = engine_module.Engine(model, NAME)
+    try:
+        with TestClient(create_app(engine)) as client:
+            with monkeypatch.context() as patch:
+                patch.setattr(engine_module, "stream_text", broken)
+                r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2})
+                assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+                assert "RuntimeError: a bug" in r.json()["error"]["message"]
+                r = client.post("/api/generate", json={"model": NAME, "prompt": "hi", "options": {"num_predict": 2}})
+                assert r.status_code == 200  # streaming had begun: the error is the last line
+                assert "RuntimeError: a bug" in json.loads(r.text.splitlines()[-1])["error"]
+            r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        engine.close()
 
 
 # ------------------------------------------------------------------ clients that hang up, and many clients

@@ -1,12 +1,9 @@
 """The one model behind `phinano serve`: a fair FIFO queue and one worker thread that runs generations.
 
-phinano generates one sequence at a time, so every request -- OpenAI or Ollama, streaming or not -- becomes a
-`Job` that waits its turn in arrival order. The worker thread takes the next job, streams its text pieces back
-to the request's event loop, and ends with a `Done` carrying the stats (or a `Failed`). A job whose client has
-gone away is cancelled: the worker notices before the next token, closes the token generator, and the KV cache
-goes with it. A job cancelled while still queued is skipped.
-
-Nothing here knows about HTTP; the request/response shapes live in server_openai.py and server_ollama.py.
+phinano generates one sequence at a time, so every request becomes a `Job` that waits its turn in arrival
+order. The worker streams each job's text back to the request's event loop as `Piece`s, then `Done` (or
+`Failed`). A job whose client went away is cancelled: stopped before its next token (its KV cache freed), or
+skipped if still queued. Nothing here knows about HTTP: a full queue raises `Busy`; the app says what it means.
 """
 
 from __future__ import annotations
@@ -21,18 +18,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import PhinanoError
-from .generate import stream_text
+from ..errors import PhinanoError
+from ..generate import stream_text
 
-log = logging.getLogger("phinano.server")
+log = logging.getLogger("phinano.serve")
 
 
-class ApiError(Exception):
-    """A request the server refuses: becomes a JSON error in the shape of the API it came in by."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+class Busy(Exception):
+    """The queue is full: the job was not queued."""
 
 
 # ------------------------------------------------------------------ what flows from the worker to a request
@@ -45,6 +38,11 @@ class TokenLogprob:
     logprob: float
     top: list[tuple[str, list[int], float]] = field(default_factory=list)  # (text, bytes, logprob), best first
 
+    def entry(self) -> dict:
+        """The {token, logprob, bytes, top_logprobs} entry of OpenAI's chat API, which Ollama uses too."""
+        return {"token": self.text, "logprob": self.logprob, "bytes": self.bytes,
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": b} for t, b, v in self.top]}
+
 
 @dataclass
 class Piece:
@@ -55,13 +53,12 @@ class Piece:
 
 
 @dataclass
-class Done:
-    """The end: generate_tokens' stats (prompt_tokens, new_tokens, prefill_seconds, decode_seconds,
-    finish_reason "stop" | "length") plus queued_seconds, and the logprobs of tokens not yet sent."""
+class Done(Piece):
+    """The last piece: no text, the logprobs of tokens not yet sent, generate_tokens' stats (prompt_tokens,
+    new_tokens, prefill_seconds, decode_seconds, finish_reason "stop" | "length"), every generated id."""
 
-    stats: dict
-    logprobs: list[TokenLogprob]
-    tokens: list[int]  # every generated id, the stop token included
+    stats: dict = field(default_factory=dict)
+    tokens: list[int] = field(default_factory=list)  # the stop token included
 
 
 @dataclass
@@ -69,55 +66,47 @@ class Failed:
     message: str
 
 
-Event = Piece | Done | Failed
-
-
 # ------------------------------------------------------------------ a job
 @dataclass
 class Job:
-    """One generation: the prompt ids, the length budget and the sampling options (generate_tokens' names)."""
+    """One generation: the prompt ids, the length budget and generate_tokens' keyword arguments."""
 
     ids: list[int]
     max_new_tokens: int
-    sampling: dict  # temperature, top_k, top_p, min_p, repetition_penalty, seed
+    sampling: dict  # temperature, top_k, top_p, min_p, repetition_penalty, seed (and stop_token_ids, if set)
     stop_strings: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's plus the k best
-
     cancelled: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue | None = None  # set by Engine.submit, read on the request's event loop
     loop: asyncio.AbstractEventLoop | None = None
-    submitted: float = 0.0  # time.perf_counter() when queued
 
     def cancel(self) -> None:
         """Stop the generation before its next token (or skip it if it has not started). Safe to repeat."""
         self.cancelled.set()
 
-    def send(self, event: Event) -> None:
+    def send(self, event: Piece | Failed) -> None:
         """From the worker thread: hand an event to the request's event loop."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop is closed: the server is shutting down
             self.cancel()
 
-    async def stream(self) -> AsyncIterator[Event]:
-        """The job's events as they arrive, ending with a Done or Failed; cancels the job if left early."""
-        try:
-            while True:
-                event = await self.events.get()
-                yield event
-                if not isinstance(event, Piece):
-                    return
-        finally:
-            self.cancel()
+    async def stream(self) -> AsyncIterator[Piece | Failed]:
+        """The job's events as they arrive, ending with a Done or Failed. (Whoever stops listening early
+        cancels the job: the app does, however a response ends.)"""
+        while True:
+            event = await self.events.get()
+            yield event
+            if isinstance(event, (Done, Failed)):
+                return
 
     async def result(self) -> tuple[str, list[TokenLogprob], Done | Failed]:
         """Wait for the whole generation: (text, logprobs, the final event)."""
         text, logprobs = [], []
-        async for event in self.stream():  # Piece, Piece, ..., then Done or Failed
-            if isinstance(event, (Piece, Done)):
-                logprobs += event.logprobs
+        async for event in self.stream():
             if isinstance(event, Piece):
                 text.append(event.text)
+                logprobs += event.logprobs
         return "".join(text), logprobs, event
 
 
@@ -132,40 +121,26 @@ class Engine:
     def __init__(self, model, name: str, max_queue: int = 64, threads: int | None = None):
         if model.tokenizer is None:
             raise PhinanoError("the server needs a tokenizer.json in the model folder")
-        self.model = model
-        self.name = name
-        self.tokenizer = model.tokenizer
+        self.model, self.tokenizer, self.name, self.max_queue = model, model.tokenizer, name, max_queue
         self.context_length = model.config.max_position_embeddings
-        self.max_queue = max_queue
         self.created = int(time.time())
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._texts: dict[int, tuple[str, list[int]]] = {}  # token id -> (text, bytes), for logprobs
         anchor = self.tokenizer.encode("a", add_special_tokens=False)
         self._anchor = (anchor, self.tokenizer.decode(anchor))
-        self._ready = threading.Event()
-        self._worker = threading.Thread(target=self._work, args=(threads,), name="phinano-generate", daemon=True)
-        self._worker.start()
+        self.ready = threading.Event()  # set after the warm-up (kernel compilation): the first client does not pay it
+        threading.Thread(target=self._work, args=(threads,), name="phinano-generate", daemon=True).start()
 
     # --- requests side (event loop) ----------------------------------------------------------------------
-    def submit(self, job: Job) -> Job:
-        """Queue a job behind the ones already waiting; 503 when the queue is full."""
+    def submit(self, job: Job) -> None:
+        """Queue a job behind the ones already waiting; Busy when max_queue jobs are already waiting."""
         if self._jobs.qsize() >= self.max_queue:
-            raise ApiError(503, f"the server is busy: {self.max_queue} requests are already waiting",
-                           code="server_busy")
-        job.loop, job.events, job.submitted = asyncio.get_running_loop(), asyncio.Queue(), time.perf_counter()
+            raise Busy(f"the server is busy: {self.max_queue} requests are already waiting")
+        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
         self._jobs.put(job)
-        return job
 
     def close(self) -> None:
         self._jobs.put(None)
-
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Wait for the worker's warm-up (kernel compilation), so the first client does not pay for it."""
-        return self._ready.wait(timeout)
-
-    def serves(self, model: object) -> bool:
-        """Whether a request's `model` names this model ("name", or Ollama's "name:latest")."""
-        return isinstance(model, str) and model in (self.name, f"{self.name}:latest")
 
     # --- the worker thread --------------------------------------------------------------------------------
     def _work(self, threads: int | None) -> None:
@@ -175,7 +150,7 @@ class Engine:
             self.model.generate(self.tokenizer.encode("hello, how are you?"), 8, stop_token_ids=[])
         except Exception:
             log.exception("warm-up generation failed")
-        self._ready.set()
+        self.ready.set()
         while (job := self._jobs.get()) is not None:
             if job.cancelled.is_set():
                 log.info("skipped a queued request: its client went away")
@@ -202,7 +177,6 @@ class Engine:
             if job.top_logprobs is not None and token not in stops:
                 pending.append(self.logprob(token, logits, job.top_logprobs))
 
-        queued = time.perf_counter() - job.submitted
         pieces = stream_text(self.model, job.ids, job.max_new_tokens, stop_strings=job.stop_strings, stats=stats,
                              on_step=on_step, **job.sampling)
         try:
@@ -211,7 +185,7 @@ class Engine:
                 pending.clear()
         finally:
             pieces.close()  # frees the KV cache now, also when the job was cancelled
-        job.send(Done(dict(stats, queued_seconds=queued), pending, tokens))
+        job.send(Done("", pending, stats, tokens))
 
     # --- log-probabilities --------------------------------------------------------------------------------
     def logprob(self, token: int, logits: np.ndarray, k: int) -> TokenLogprob:
@@ -220,47 +194,17 @@ class Engine:
         logprobs = scores - scores.max()
         logprobs -= np.log(np.exp(logprobs).sum())  # (V,) log-softmax
         best = np.argsort(-logprobs, kind="stable")[:k] if k > 0 else []
-        text, raw = self.token_text(token)
         top = [(*self.token_text(int(i)), float(logprobs[i])) for i in best]
-        return TokenLogprob(text, raw, float(logprobs[token]), top)
+        return TokenLogprob(*self.token_text(token), float(logprobs[token]), top)
 
     def token_text(self, token: int) -> tuple[str, list[int]]:
         """(text, UTF-8 bytes) of one token on its own, with its leading space (decoded after an anchor)."""
         if token not in self._texts:
-            piece = self.tokenizer.id_to_token(token) or ""
             if token in self.tokenizer.byte_ids:  # "<0xE2>": one byte of a longer character
-                byte = int(piece[3:5], 16)
+                byte = int(self.tokenizer.id_to_token(token)[3:5], 16)
                 self._texts[token] = (chr(byte) if byte < 0x80 else f"bytes:\\x{byte:02x}", [byte])
             else:
                 anchor, anchor_text = self._anchor
                 text = self.tokenizer.decode(anchor + [token])[len(anchor_text):]
                 self._texts[token] = (text, list(text.encode("utf-8")))
         return self._texts[token]
-
-
-# ------------------------------------------------------------------ request bodies
-def parse_body(schema, body: object):
-    """Validate a decoded JSON body against a pydantic model; the first problem becomes a 400 ApiError
-    naming the field as OpenAI does (`messages[0].content`)."""
-    from pydantic import ValidationError
-
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    try:
-        return schema.model_validate(body)
-    except ValidationError as error:
-        problem = error.errors()[0]
-        path = ""
-        for part in problem["loc"]:
-            if isinstance(part, int):
-                path += f"[{part}]"
-            elif part.isidentifier() and part not in _TYPE_TAGS:  # skip pydantic's union-member tags
-                path += f".{part}" if path else part
-        what = problem["msg"][0].lower() + problem["msg"][1:]
-        message = f"Missing required parameter: '{path}'." if problem["type"] == "missing" else \
-            f"Invalid value for '{path}': {what}."
-        raise ApiError(400, message, param=path or None, code="missing_required_parameter"
-                       if problem["type"] == "missing" else "invalid_value") from None
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-plain"}

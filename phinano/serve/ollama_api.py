@@ -1,0 +1,166 @@
+"""The Ollama-compatible door: /api/generate and /api/chat bodies in, NDJSON chunks (or one object) out.
+
+Ollama's defaults and error shape; unknown options are logged and ignored, as Ollama does. What differs from
+Ollama (the sampler's order, repeat_penalty's reach) is in docs/server.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+
+from pydantic import ConfigDict, Field
+
+from ..errors import PhinanoError
+from .engine import Done, Engine, Failed, Job, TokenLogprob
+from .validate import (Body, Message, Reply, budget, chat_ids, check_model, logprobs_wanted, parse_body, refuse,
+                       sampling, stop_strings, token_ids)
+
+log = logging.getLogger("phinano.serve")
+MEDIA_TYPE = "application/x-ndjson"
+ROLES = {"system", "user", "assistant", "tool"}
+DEFAULT_NUM_CTX = 4096  # capped at the model's context
+DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repetition_penalty": 1.1}
+NAMES = {"temperature": "options.temperature", "top_k": "options.top_k", "top_p": "options.top_p",
+         "min_p": "options.min_p", "repetition_penalty": "options.repeat_penalty", "seed": "options.seed"}
+# Refused unless null or this value:
+REFUSED = {"format": "", "think": False, "tools": [], "suffix": "", "template": "", "images": []}
+REFUSED_OPTIONS = {"presence_penalty": 0, "frequency_penalty": 0, "typical_p": 1, "mirostat": 0}
+# Runner options: meaningless here, ignored without a warning (other unknown options get one).
+IGNORED = {"repeat_last_n", "num_keep", "num_batch", "num_thread", "num_gpu", "main_gpu", "use_mmap", "use_mlock",
+           "numa", "low_vram", "f16_kv", "vocab_only", "logits_all", "embedding_only", "penalize_newline", "tfs_z",
+           "mirostat_tau", "mirostat_eta"}
+DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # as Ollama's quantization_level
+
+
+class Options(Body):
+    """The options phinano honours (None: Ollama's default); others are extra: refused or ignored."""
+
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+    temperature: float | None = None
+    top_k: int | None = None  # <= 0: off
+    top_p: float | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = None  # < 0: random
+    num_predict: int | None = Field(None, ge=-2)  # -1: until the context's end; -2: fill the context
+    num_ctx: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+
+
+class Request(Body):
+    """/api/chat's and /api/generate's fields (each endpoint reads its own)."""
+
+    model: str
+    options: Options | None = None
+    stream: bool | None = None  # default true
+    keep_alive: str | int | float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    messages: list[Message] | None = None  # /api/chat
+    prompt: str | None = None  # /api/generate
+    system: str | None = None
+    context: list[int] | None = None
+    raw: bool | None = None
+
+
+def job(kind: str, engine: Engine, body: object) -> tuple[Job | None, Reply]:
+    """A Job, or (None, reply) for an empty prompt or empty messages, which in Ollama only loads the model."""
+    req = parse_body(Request, body)
+    check_model(engine, req.model)
+    refuse(body, REFUSED)
+    refuse(body.get("options") or {}, REFUSED_OPTIONS, prefix="options.")
+    o = req.options or Options()
+    unknown = set(o.model_extra or {}) - set(REFUSED_OPTIONS) - IGNORED
+    if unknown:
+        log.warning("invalid option provided: %s (ignored)", ", ".join(sorted(unknown)))
+    top = logprobs_wanted(req.logprobs, req.top_logprobs)
+    reply = Reply(kind, req.model, req.stream is not False, top is not None, unload=req.keep_alive in (0, "0", "0s"))
+    if not (req.messages if kind == "chat" else req.prompt or req.context):
+        return None, reply
+    ids = chat_ids(engine, req.messages, ROLES, content_required=False) if kind == "chat" else \
+        _generate_ids(engine, req, reply)
+    asked = None if o.num_predict is None or o.num_predict < 0 else o.num_predict
+    max_new = budget(ids, min(o.num_ctx or DEFAULT_NUM_CTX, engine.context_length), asked, "num_ctx", clip=True)
+    given = dict(temperature=o.temperature, top_k=None if o.top_k is None else max(o.top_k, 0), top_p=o.top_p,
+                 min_p=o.min_p, repetition_penalty=o.repeat_penalty, seed=None if (o.seed or 0) < 0 else o.seed)
+    return Job(ids, max_new, sampling(given, DEFAULTS, NAMES), stop_strings(o.stop), top), reply
+
+
+def _generate_ids(engine: Engine, req: Request, reply: Reply) -> list[int]:
+    """The prompt as is (raw), else in the chat template after `system` and a previous answer's `context`."""
+    tok, prompt = engine.tokenizer, req.prompt or ""
+    if req.raw:
+        return tok.encode(prompt)
+    messages = ([{"role": "system", "content": req.system}] if req.system else [])
+    try:
+        ids = tok.apply_chat_template(messages + [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    except PhinanoError:  # no chat template: Ollama's default template is the prompt itself
+        ids = tok.encode(prompt)
+    reply.context = token_ids(engine, req.context or [], "context") + ids
+    return reply.context
+
+
+async def stream(reply: Reply, job: Job) -> AsyncIterator[str]:
+    """One JSON object per line: a chunk per text piece, then the final object with done: true."""
+    async for event in job.stream():
+        if isinstance(event, Failed):
+            line = {"error": event.message}
+        elif isinstance(event, Done):
+            line = response(reply, "", event.logprobs, event)
+        else:
+            line = _chunk(reply, event.text, event.logprobs)
+        yield json.dumps(line, ensure_ascii=False) + "\n"
+
+
+def _chunk(reply: Reply, text: str, logprobs: list[TokenLogprob]) -> dict:
+    answer = {"message": {"role": "assistant", "content": text}} if reply.kind == "chat" else {"response": text}
+    chunk = {"model": reply.model, "created_at": _rfc3339(time.time()), **answer, "done": False}
+    if reply.logprobs:
+        chunk["logprobs"] = [lp.entry() for lp in logprobs]
+    return chunk
+
+
+def response(reply: Reply, text: str, logprobs: list[TokenLogprob], done: Done | None) -> dict:
+    """The last object (the only one when not streaming): done_reason and Ollama's counts and durations in
+    nanoseconds; prompt_eval_duration is the prefill (which also draws the first new token), eval_duration the
+    rest. done None: the reply to "load the model"."""
+    final = _chunk(reply, text, logprobs)
+    final.update(done=True, done_reason=done.stats["finish_reason"] if done else "unload" if reply.unload else "load")
+    if done is None:
+        return final
+    s = done.stats
+    if reply.context is not None:
+        final["context"] = reply.context + done.tokens
+    final.update(total_duration=int((time.perf_counter() - reply.started) * 1e9), load_duration=0,
+                 prompt_eval_count=s["prompt_tokens"], prompt_eval_duration=int(s["prefill_seconds"] * 1e9),
+                 eval_count=s["new_tokens"], eval_duration=int(s["decode_seconds"] * 1e9))
+    return final
+
+
+def _rfc3339(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def tags(engine: Engine) -> dict:
+    """/api/tags: the one model, described as Ollama describes its models."""
+    model, family = engine.model, "phimoe" if engine.model.config.is_moe else "phi3"
+    total, _ = model.parameter_counts()
+    size = next((f"{total / scale:.1f}{unit}" for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3))
+                 if total >= scale), str(total))
+    details = {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
+               "parameter_size": size,
+               "quantization_level": DTYPE_NAMES.get(str(model.weights.dtype), str(model.weights.dtype))}
+    name = f"{engine.name}:latest"
+    return {"models": [{"name": name, "model": name, "modified_at": _rfc3339(engine.created),
+                        "size": int(model.weights.nbytes), "digest": hashlib.sha256(engine.name.encode()).hexdigest(),
+                        "details": details}]}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """Ollama's error object: {"error": "message"}."""
+    return {"error": message}
