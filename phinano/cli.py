@@ -81,9 +81,9 @@ def sampling_options(args: argparse.Namespace, model=None) -> dict:
     try:  # the flags alone (max_new_tokens included, which the caller passes on separately)
         resolve_options({**given, "max_new_tokens": args.max_new_tokens})
     except OptionError as e:
-        flag = FLAGS[e.param]
-        message = str(e)
-        raise FlagError(flag + message[len(e.param):] if message.startswith(e.param) else f"{flag}: {message}") from None
+        flag, message = FLAGS[e.param], str(e)
+        named = flag + message[len(e.param):] if message.startswith(e.param) else f"{flag}: {message}"
+        raise FlagError(named) from None
     try:
         return resolve_options(given, getattr(model, "sampling_defaults", None))
     except OptionError as e:  # the flags passed, so the model's own defaults are at fault
