@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import phinano
-import phinano.model
 from phinano.cli import cores_available, human_size, main
 from phinano.nano import nano_path
 from phinano.sampling import OptionError, check_options
@@ -175,16 +174,18 @@ def test_verbose_speed_line_excludes_the_first_calls_cost(monkeypatch, capsys):
     land in the reported prefill rate: -v warms the model up before the timed generation."""
     import time
 
-    real_run = phinano.model.Model._run
+    from phinano.kernels import reference
+
+    real_embed = reference.embed  # the first op of every forward pass of the numpy backend
     calls = []
 
-    def first_call_slow(self, *args, **kwargs):
+    def first_call_slow(*args, **kwargs):
         if not calls:
             time.sleep(2.0)
         calls.append(1)
-        return real_run(self, *args, **kwargs)
+        return real_embed(*args, **kwargs)
 
-    monkeypatch.setattr(phinano.model.Model, "_run", first_call_slow)
+    monkeypatch.setattr(reference, "embed", first_call_slow)
     prompt = "import os\nimport sys\n\n\ndef main(argv):\n    "
     model = phinano.load(NANO, backend="numpy")
     ids = model.tokenizer.encode(prompt)
