@@ -27,6 +27,7 @@ from .errors import PhinanoError
 from .generate import stream_text
 
 HELP = """commands:
+  /help          this list
   /reset         forget the conversation (the system message stays)
   /system TEXT   set the system message (/system alone removes it)
   /exit          leave (also /bye, /quit, Ctrl-D)
@@ -159,6 +160,8 @@ def _command(chat: Chat, line: str, err: TextIO) -> str | None:
         chat.system = rest.strip() or None
         print("(system message set)" if chat.system else "(system message removed)", file=err)
     else:
+        if name not in ("/help", "/?"):
+            print(f"unknown command {name}", file=err)
         print(HELP, file=err)
     return None
 

@@ -4,49 +4,90 @@
     phinano generate --model microsoft/Phi-3-mini-4k-instruct --chat "Why is the sky blue?"
     phinano info --model ./my-phi3-folder
 
-Any PhinanoError (missing file, bad checkpoint, prompt too long, offline Hub) prints one line on stderr and
-exits with status 1.
+A flag out of range (`-t -1`, `--top-p 2`, `--threads 0`) prints one line on stderr and exits with status 2,
+as argparse does for flags it cannot parse, before any model is loaded; the sampling flags are checked by
+phinano.sampling, the rules the server applies too. Any other PhinanoError (missing file, bad checkpoint,
+prompt too long, offline Hub) prints one line and exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import DEFAULT_MODEL, PhinanoError
 from .generate import speed_line
+from .sampling import SAMPLING_KEYS, OptionError, resolve_options
+
+# The flag behind each generation option, for error messages.
+FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+         "top_p": "--top-p", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
+
+
+class FlagError(PhinanoError):
+    """A flag's value is out of range: exit status 2, like argparse's own errors."""
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"local folder, shipped nano model name, or Hub repo id (default: {DEFAULT_MODEL})")
     p.add_argument("--backend", choices=("numba", "numpy"), default="numba", help="kernel backend (default numba)")
-    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="kernel threads, 1 to the cores available (default: all)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", "-t", type=float, default=None,
-                   help="0 = greedy; default: the model's generation_config (greedy for released Phi models)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+                   help="0 = greedy; default: the model's generation_config.json (released Phi models: greedy; "
+                        "the nano models: 0.8 with top-p 0.95)")
+    p.add_argument("--top-k", type=int, default=None, help="0 = off")
+    p.add_argument("--top-p", type=float, default=None, help="in (0, 1]; 1 = off")
+    p.add_argument("--min-p", type=float, default=None, help="in [0, 1]; 0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 0; 1 = off")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
 
 
+def cores_available() -> int:
+    """The most kernel threads --threads may ask for: Numba's thread pool size (all cores this process may
+    use, unless NUMBA_NUM_THREADS says otherwise)."""
+    try:
+        import numba
+
+        return numba.config.NUMBA_NUM_THREADS
+    except ImportError:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse out-of-range flags before anything is loaded (FlagError naming the flag)."""
+    if getattr(args, "model", None) is not None and not args.model.strip():
+        raise FlagError("--model: the model name is empty; give a model folder, a nano model name or a Hub repo id")
+    if getattr(args, "threads", None) is not None:
+        cores = cores_available()
+        if not 1 <= args.threads <= cores:
+            raise FlagError(f"--threads must be between 1 and {cores} (the cores available), got {args.threads}")
+    if hasattr(args, "temperature"):
+        sampling_options(args)
+
+
 def sampling_options(args: argparse.Namespace, model=None) -> dict:
-    """Sampling options from the flags; with no --temperature, the model's own generation_config defaults
-    (Transformers' behaviour: greedy unless the checkpoint sets do_sample) fill in what was not given."""
-    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                 repetition_penalty=args.repetition_penalty if args.repetition_penalty != 1.0 else None)
-    defaults = getattr(model, "sampling_defaults", {}) if args.temperature is None else {}
-    options = {k: (v if v is not None else defaults.get(k)) for k, v in given.items()}
-    options["temperature"] = options["temperature"] or 0.0
-    options["repetition_penalty"] = options["repetition_penalty"] or 1.0
-    return {**options, "seed": args.seed}
+    """generate_tokens' sampling keyword arguments from the flags, checked by phinano.sampling's rules (the
+    server's too), with the model's generation_config.json defaults filling in what was not given
+    (Transformers' behaviour: released Phi models are greedy, the nano models sample)."""
+    given = {key: getattr(args, key) for key in SAMPLING_KEYS}
+    try:  # the flags alone (max_new_tokens included, which the caller passes on separately)
+        resolve_options({**given, "max_new_tokens": args.max_new_tokens})
+    except OptionError as e:
+        flag, message = FLAGS[e.param], str(e)
+        named = flag + message[len(e.param):] if message.startswith(e.param) else f"{flag}: {message}"
+        raise FlagError(named) from None
+    try:
+        return resolve_options(given, getattr(model, "sampling_defaults", None))
+    except OptionError as e:  # the flags passed, so the model's own defaults are at fault
+        raise PhinanoError(f"{getattr(args, 'model', 'the model')}: generation_config.json: {e}") from None
 
 
 def load_model(args: argparse.Namespace):
@@ -55,10 +96,17 @@ def load_model(args: argparse.Namespace):
     return phinano.load(args.model, backend=args.backend, threads=args.threads, revision=args.revision)
 
 
+def warm_up(model, ids) -> None:
+    """Compile the kernels (Numba) on a 2-token generation from the prompt's first tokens, so that a speed
+    report counts generation, not compilation. Prints nothing."""
+    model.generate(ids[:8], 2, stop_token_ids=[])
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import stream_text
 
-    model = load_model(args)
+    model = load_model(args)  # main() has checked the flags
+    sampling = sampling_options(args, model)
     tok = model.tokenizer
     if tok is None:
         raise PhinanoError(f"{args.model}: no tokenizer.json in the model folder, cannot encode a text prompt")
@@ -68,6 +116,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)
     else:
         ids = tok.encode(args.prompt)
+    context = model.config.max_position_embeddings
+    if len(ids) >= context:  # checked before the prompt is echoed: nothing half-written
+        raise PhinanoError(f"the prompt is {len(ids)} tokens long; the model's context holds {context}, "
+                           "leaving no room for a new token")
+    if args.verbose:
+        warm_up(model, ids)
+    if not args.chat:
         print(args.prompt, end="", flush=True)
     stats: dict = {}
     if getattr(args, "show_experts", False):  # one line per token: its text and its experts per layer
@@ -75,15 +130,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         if not args.chat:
             print()  # end the echoed prompt's line
-        print_expert_trace(model, ids, args.max_new_tokens, sampling_options(args, model), args.stop, stats)
+        print_expert_trace(model, ids, args.max_new_tokens, sampling, args.stop, stats)
     else:
-        for piece in stream_text(model, ids, args.max_new_tokens, stop_strings=args.stop, stats=stats,
-                                 **sampling_options(args, model)):
+        for piece in stream_text(model, ids, args.max_new_tokens, stop_strings=args.stop, stats=stats, **sampling):
             print(piece, end="", flush=True)
         print()
     if args.verbose:
         print(speed_line(stats), file=sys.stderr)
     return 0
+
+
+def human_size(nbytes: float) -> str:
+    """Bytes in the unit that suits them: 812 B, 6.4 MB, 7.64 GB (decimal units, like the file sizes on the Hub)."""
+    for unit, scale, digits in (("GB", 1e9, 2), ("MB", 1e6, 1), ("kB", 1e3, 1)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.{digits}f} {unit}"
+    return f"{nbytes:.0f} B"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -92,22 +154,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     total, active = model.parameter_counts()
     kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # float32 K and V
     context = cfg.max_position_embeddings
+    generation = min(context, 4096)
     lines = [
         ("model", model.name),
         ("architecture", cfg.architecture),
         ("parameters", f"{total:,}" + (f" total, {active:,} active per token" if active != total else "")),
         ("layers", f"{cfg.num_hidden_layers} x (hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}, "
                    f"kv heads {cfg.num_key_value_heads}, head dim {cfg.head_dim}, mlp {cfg.intermediate_size})"),
+        *([("experts", f"{cfg.num_local_experts}, {cfg.num_experts_per_tok} active per token")] if cfg.is_moe else []),
         ("vocab", f"{cfg.vocab_size}"),
         ("rope", f"{cfg.rope_type}, theta {cfg.rope_theta:g}, rotary dims {cfg.rotary_dim} of {cfg.head_dim}"
                  + (f", original length {cfg.original_max_position_embeddings}" if cfg.rope_type == "longrope" else "")),
         ("context", f"{context} tokens" + (f", sliding window {cfg.sliding_window}" if cfg.sliding_window else "")),
         ("dtype on disk", w.dtype),
-        ("weights", f"{w.nbytes / 1e9:.3f} GB, memory-mapped"),
-        ("kv cache", f"{kv_per_token / 1e6:.3f} MB per token (float32), {kv_per_token * context / 1e9:.2f} GB "
+        ("weights", f"{human_size(w.nbytes)}, memory-mapped"),
+        ("kv cache", f"{human_size(kv_per_token)} per token (float32), {human_size(kv_per_token * context)} "
                      f"at the full {context}-token context"),
-        ("memory needed", f"about {(w.nbytes + kv_per_token * min(context, 4096)) / 1e9:.2f} GB for a "
-                          f"{min(context, 4096)}-token generation"),
+        ("memory needed", f"about {human_size(w.nbytes + kv_per_token * generation)} for a "
+                          f"{generation}-token generation"),
         ("stop tokens", ", ".join(str(t) for t in model.stop_token_ids) or "none"),
         ("backend", model.backend),
     ]
@@ -120,9 +184,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import Chat, repl
 
-    model = load_model(args)
+    model = load_model(args)  # main() has checked the flags
     chat = Chat(model, system=args.system, max_new_tokens=args.max_new_tokens,
                 sampling=sampling_options(args, model), stop_strings=args.stop)
+    if args.verbose:
+        warm_up(model, model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]))
     return repl(chat, sys.stdin, sys.stdout, sys.stderr, speed_line if args.verbose else None)
 
 
@@ -176,10 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_flags(args)
         return args.func(args)
     except PhinanoError as e:
         print(f"phinano: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, FlagError) else 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

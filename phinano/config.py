@@ -18,11 +18,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import PhinanoError
 
 SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM", "PhimoeForCausalLM")
 _MODEL_TYPES = {"phi3": "Phi3ForCausalLM", "phimoe": "PhimoeForCausalLM"}
+_ROPE_TYPES = ("default", "longrope", "su")  # "su" is what early Phi-3 revisions called longrope
 
 
 @dataclass(frozen=True)
@@ -79,91 +81,207 @@ class Config:
         return self.num_key_value_heads * self.head_dim
 
 
-def _ids(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+_ABSENT = object()  # default for a key that must be present
 
 
-def _require(raw: dict, key: str, where: str):
-    if key not in raw or raw[key] is None:
-        raise PhinanoError(f"{where}: required key '{key}' is missing")
-    return raw[key]
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Values:
+    """Typed getters over config.json or its rope dicts. Each returns the value (a key set to null counts as
+    absent) or raises one PhinanoError naming the key, e.g. "'hidden_size' must be a positive integer, got 'x'".
+
+    `layers` are (prefix, dict) pairs searched in order: the rope settings live in `rope_parameters`
+    (Transformers 5), `rope_scaling` (the release) or at the top level, and the first one that has a key wins.
+    """
+
+    def __init__(self, where: str, *layers: tuple[str, dict]):
+        self.where = where
+        self.layers = layers
+
+    def _lookup(self, key: str, default):
+        """(the key's name as written in the file, its value or `default`, whether it was given)."""
+        for prefix, values in self.layers:
+            if values.get(key) is not None:
+                return prefix + key, values[key], True
+        name = (self.layers[0][0] if self.layers else "") + key
+        if default is _ABSENT:
+            raise PhinanoError(f"{self.where}: required key '{name}' is missing")
+        return name, default, False
+
+    def fail(self, message: str) -> NoReturn:
+        raise PhinanoError(f"{self.where}: {message}")
+
+    def _wrong(self, name: str, expected: str, value) -> NoReturn:
+        self.fail(f"'{name}' must be {expected}, got {_show(value)}")
+
+    def section(self, key: str) -> tuple[str, dict]:
+        """A nested object such as rope_scaling: (its prefix for key names, the dict; {} when absent)."""
+        name, value, given = self._lookup(key, {})
+        if given and not isinstance(value, dict):
+            self._wrong(name, "an object", value)
+        return name + ".", value
+
+    def integer(self, key: str, default=_ABSENT, minimum: int = 1) -> int:
+        name, value, given = self._lookup(key, default)
+        if given and (not _is_int(value) or value < minimum):
+            self._wrong(name, "a positive integer" if minimum == 1 else f"an integer >= {minimum}", value)
+        return value
+
+    def number(self, key: str, default=_ABSENT, rule: str = "positive") -> float:
+        """A finite number within `rule`: "positive" (> 0), "non-negative" (>= 0) or "fraction" (0 < x <= 1)."""
+        check, expected = _NUMBER_RULES[rule]
+        name, value, given = self._lookup(key, default)
+        if given and not (_is_number(value) and math.isfinite(value) and check(value)):
+            self._wrong(name, expected, value)
+        return float(value) if given else value
+
+    def numbers(self, key: str, count: int, why: str) -> tuple[float, ...]:
+        """A list of `count` positive numbers (the longrope factors); `why` explains the count."""
+        name, value, _ = self._lookup(key, _ABSENT)
+        if not isinstance(value, list) or not all(_is_number(v) and math.isfinite(v) and v > 0 for v in value):
+            self._wrong(name, "a list of positive numbers", value)
+        if len(value) != count:
+            self.fail(f"'{name}' has {len(value)} entries, expected {count} ({why})")
+        return tuple(float(v) for v in value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        name, value, given = self._lookup(key, default)
+        if given and not isinstance(value, bool):
+            self._wrong(name, "true or false", value)
+        return value
+
+    def text(self, key: str, default: str | None, one_of: tuple[str, ...] | None = None) -> str | None:
+        name, value, given = self._lookup(key, default)
+        if given and not isinstance(value, str):
+            self._wrong(name, "a string", value)
+        if given and one_of is not None and value not in one_of:
+            self._wrong(name, "one of " + ", ".join(one_of), value)
+        return value
+
+    def texts(self, key: str) -> list[str]:
+        name, value, given = self._lookup(key, [])
+        if given and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            self._wrong(name, "a list of strings", value)
+        return value
+
+    def token_ids(self, key: str) -> tuple[int, ...]:
+        """A token id or a list of them (eos_token_id); () when absent."""
+        name, value, given = self._lookup(key, [])
+        ids = [value] if _is_int(value) else value
+        if given and not (isinstance(ids, list) and all(_is_int(i) and i >= 0 for i in ids)):
+            self._wrong(name, "a token id or a list of token ids", value)
+        return tuple(ids)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_NUMBER_RULES = {
+    "positive": (lambda x: x > 0, "a positive number"),
+    "non-negative": (lambda x: x >= 0, "a number >= 0"),
+    "fraction": (lambda x: 0 < x <= 1, "a number in (0, 1]"),
+}
+
+
+def _architecture(top: _Values) -> str:
+    """The supported class named by `architectures`, or implied by `model_type` when no class is named."""
+    # The Phi-3.5-MoE release spells the class "PhiMoEForCausalLM"; Transformers calls it "PhimoeForCausalLM".
+    archs = ["PhimoeForCausalLM" if a == "PhiMoEForCausalLM" else a for a in top.texts("architectures")]
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    model_type = top.text("model_type", None)
+    if arch is None and not archs and model_type in _MODEL_TYPES:
+        arch = _MODEL_TYPES[model_type]
+    if arch is None:
+        top.fail(f"unsupported architecture ('architectures' {', '.join(archs) or 'not given'}, 'model_type' "
+                 f"{model_type or 'not given'}); phinano runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch
 
 
 def config_from_dict(raw: dict, where: str = "config.json") -> Config:
-    """Build a Config from the parsed config.json (either spelling)."""
-    # The Phi-3.5-MoE release spells the class "PhiMoEForCausalLM"; Transformers calls it "PhimoeForCausalLM".
-    archs = ["PhimoeForCausalLM" if a == "PhiMoEForCausalLM" else a for a in raw.get("architectures") or []]
-    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None and raw.get("model_type") in _MODEL_TYPES and not archs:
-        arch = _MODEL_TYPES[raw["model_type"]]
-    if arch is None:
-        named = ", ".join(archs) or f"model_type {raw.get('model_type')!r}"
-        raise PhinanoError(
-            f"{where}: unsupported architecture {named}; phinano runs {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    """Build a Config from the parsed config.json (either spelling); every value is checked, and a bad one
+    raises one PhinanoError naming its key."""
+    if not isinstance(raw, dict):
+        raise PhinanoError(f"{where}: must hold a JSON object, got {type(raw).__name__}")
+    top = _Values(where, ("", raw))
+    arch = _architecture(top)
+    is_moe = arch == "PhimoeForCausalLM"
 
-    hidden = int(_require(raw, "hidden_size", where))
-    heads = int(_require(raw, "num_attention_heads", where))
-    kv_heads = int(raw.get("num_key_value_heads") or heads)
-    head_dim = int(raw.get("head_dim") or hidden // heads)
-    max_pos = int(_require(raw, "max_position_embeddings", where))
+    hidden = top.integer("hidden_size")
+    heads = top.integer("num_attention_heads")
+    kv_heads = top.integer("num_key_value_heads", heads)
+    if heads % kv_heads:
+        top.fail(f"'num_attention_heads' ({heads}) must be a multiple of 'num_key_value_heads' ({kv_heads})")
+    head_dim = top.integer("head_dim", None)
+    head_dim_from = f"'head_dim' {head_dim}"
+    if head_dim is None:
+        if hidden % heads:
+            top.fail(f"'hidden_size' ({hidden}) must be a multiple of 'num_attention_heads' ({heads}) "
+                     "when 'head_dim' is not given")
+        head_dim = hidden // heads
+        head_dim_from = f"head dim {head_dim} = 'hidden_size' / 'num_attention_heads'"
+    max_pos = top.integer("max_position_embeddings")
 
     # Rotary: Transformers 5 keeps everything in `rope_parameters`; the release keeps `rope_theta` and
     # `rope_scaling` at the top level (PhiMoE puts original_max_position_embeddings inside rope_scaling).
-    rope = dict(raw.get("rope_parameters") or {})
-    scaling = raw.get("rope_scaling") or {}
-    rope = {**scaling, **rope}
-    theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    sections = [top.section("rope_parameters"), top.section("rope_scaling")]
+    rope = _Values(where, *[(prefix, d) for prefix, d in sections if d])  # what only the rope dicts hold
+    rope_or_top = _Values(where, *rope.layers, ("", raw))  # what either place may hold
+    theta = rope_or_top.number("rope_theta", 10000.0)
+    rope_type = rope.text("rope_type", None, _ROPE_TYPES) or rope.text("type", "default", _ROPE_TYPES)
     if rope_type == "su":  # the name early Phi-3 revisions used for longrope
         rope_type = "longrope"
-    if rope_type not in ("default", "longrope"):
-        raise PhinanoError(f"{where}: unsupported rope type {rope_type!r} (phinano knows default and longrope)")
-    partial = float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) or 1.0)
+    partial = rope_or_top.number("partial_rotary_factor", 1.0, rule="fraction")
     rotary_dim = int(head_dim * partial)
-    original_max = int(
-        rope.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings") or max_pos
-    )
+    rotary_from = f"{head_dim_from} x 'partial_rotary_factor' {partial:g}"
+    if rotary_dim < 2 or rotary_dim % 2:
+        top.fail(f"rotary dims must be a positive even number, got {rotary_dim} = {rotary_from}")
+    original_max = rope_or_top.integer("original_max_position_embeddings", max_pos)
 
     short = long = None
     attention_factor = 1.0
     short_mscale = long_mscale = None
     if rope_type == "longrope":
-        short = tuple(float(f) for f in _require(rope, "short_factor", f"{where} rope_scaling"))
-        long = tuple(float(f) for f in _require(rope, "long_factor", f"{where} rope_scaling"))
-        for name, factors in (("short_factor", short), ("long_factor", long)):
-            if len(factors) != rotary_dim // 2:
-                raise PhinanoError(
-                    f"{where}: rope {name} has {len(factors)} entries, expected rotary_dim/2 = {rotary_dim // 2}"
-                )
+        why = f"rotary dims / 2, rotary dims {rotary_dim} = {rotary_from}"
+        short = rope.numbers("short_factor", rotary_dim // 2, why)
+        long = rope.numbers("long_factor", rotary_dim // 2, why)
         # Transformers' rule: an explicit attention_factor wins; else sqrt(1 + ln(s)/ln(original)) where the
         # scale s is `factor` or max/original. It multiplies cos and sin at every length.
-        if rope.get("attention_factor") is not None:
-            attention_factor = float(rope["attention_factor"])
-        else:
-            scale = float(rope.get("factor") or max_pos / original_max)
+        attention_factor = rope.number("attention_factor", None)
+        if attention_factor is None:
+            attention_factor = 1.0
+            scale = rope.number("factor", max_pos / original_max)
             if scale > 1.0:
+                if original_max < 2:
+                    top.fail(f"'original_max_position_embeddings' must be at least 2 for longrope, got {original_max}")
                 attention_factor = math.sqrt(1 + math.log(scale) / math.log(original_max))
-        if "short_mscale" in rope:
-            short_mscale = float(rope["short_mscale"])
-            long_mscale = float(rope["long_mscale"])
+        short_mscale = rope.number("short_mscale", None)
+        long_mscale = rope.number("long_mscale", None)
+        if (short_mscale is None) != (long_mscale is None):
+            top.fail("'short_mscale' and 'long_mscale' must be given together")
 
-    is_moe = arch == "PhimoeForCausalLM"
-    window = raw.get("sliding_window")
+    window = top.integer("sliding_window", None)
+    experts = top.integer("num_local_experts", 16, minimum=2) if is_moe else 0
+    per_token = top.integer("num_experts_per_tok", 2) if is_moe else 0
+    if is_moe and per_token != 2:
+        top.fail(f"'num_experts_per_tok' must be 2 (the sparsemixer picks two experts), got {per_token}")
     return Config(
         architecture=arch,
-        vocab_size=int(_require(raw, "vocab_size", where)),
+        vocab_size=top.integer("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(_require(raw, "intermediate_size", where)),
-        num_hidden_layers=int(_require(raw, "num_hidden_layers", where)),
+        intermediate_size=top.integer("intermediate_size"),
+        num_hidden_layers=top.integer("num_hidden_layers"),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+        rms_norm_eps=top.number("rms_norm_eps", 1e-5),
         max_position_embeddings=max_pos,
         rope_theta=theta,
         rope_type=rope_type,
@@ -174,26 +292,29 @@ def config_from_dict(raw: dict, where: str = "config.json") -> Config:
         rope_attention_factor=attention_factor,
         rope_short_mscale=short_mscale,
         rope_long_mscale=long_mscale,
-        sliding_window=int(window) if window is not None else None,
-        attention_bias=bool(raw.get("attention_bias", is_moe)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        lm_head_bias=bool(raw.get("lm_head_bias", False)),
-        num_local_experts=int(raw.get("num_local_experts", 16)) if is_moe else 0,
-        num_experts_per_tok=int(raw.get("num_experts_per_tok", 2)) if is_moe else 0,
-        router_jitter_noise=float(raw.get("router_jitter_noise", 0.01)) if is_moe else 0.0,
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_id=_ids(raw.get("eos_token_id")),
-        pad_token_id=raw.get("pad_token_id"),
-        dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+        sliding_window=window,
+        attention_bias=top.flag("attention_bias", is_moe),
+        tie_word_embeddings=top.flag("tie_word_embeddings", False),
+        lm_head_bias=top.flag("lm_head_bias", False),
+        num_local_experts=experts,
+        num_experts_per_tok=per_token,
+        router_jitter_noise=top.number("router_jitter_noise", 0.01, rule="non-negative") if is_moe else 0.0,
+        bos_token_id=top.integer("bos_token_id", None, minimum=0),
+        eos_token_id=top.token_ids("eos_token_id"),
+        pad_token_id=top.integer("pad_token_id", None, minimum=0),
+        dtype=top.text("dtype", None) or top.text("torch_dtype", "float32"),
         raw=raw,
     )
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PhinanoError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise PhinanoError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def load_config(folder: str | Path) -> Config:
@@ -209,7 +330,7 @@ def load_stop_ids(folder: str | Path, config: Config) -> tuple[int, ...]:
     <|assistant|>, <|end|> = 32000, 32001, 32007), else config.json's eos id."""
     path = Path(folder) / "generation_config.json"
     if path.is_file():
-        ids = _ids(_read_json(path).get("eos_token_id"))
+        ids = _Values(str(path), ("", _read_json(path))).token_ids("eos_token_id")
         if ids:
             return ids
     return config.eos_token_id
@@ -218,12 +339,20 @@ def load_stop_ids(folder: str | Path, config: Config) -> tuple[int, ...]:
 def load_sampling_defaults(folder: str | Path) -> dict:
     """The model's own sampling defaults from generation_config.json, as Transformers' generate() would
     use them: {} (greedy) unless it sets do_sample, else its temperature / top_k / top_p / min_p /
-    repetition_penalty. Released Phi-3 checkpoints set none of these, so they stay greedy."""
+    repetition_penalty. Released Phi-3 checkpoints set none of these, so they stay greedy.
+
+    Only the types are checked here; the ranges are phinano.sampling's rules, applied where the defaults are
+    used."""
     path = Path(folder) / "generation_config.json"
     if not path.is_file():
         return {}
-    raw = _read_json(path)
-    if not raw.get("do_sample"):
+    values = _Values(str(path), ("", _read_json(path)))
+    if not values.flag("do_sample", False):
         return {}
-    keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-    return {"temperature": 1.0, **{k: raw[k] for k in keys if raw.get(k) is not None}}
+    defaults = {"temperature": 1.0}
+    for key in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        value = values.number(key, None, rule="non-negative")
+        if value is not None:
+            defaults[key] = value
+    top_k = values.integer("top_k", None, minimum=0)
+    return defaults if top_k is None else {**defaults, "top_k": top_k}

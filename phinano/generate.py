@@ -8,7 +8,7 @@
 Longrope models switch rotary factors when the sequence grows past original_max_position_embeddings. The keys
 cached so far were rotated with the short factors, so at that step the cache is dropped and the whole sequence
 (prompt + generated so far) is run again with the long factors -- what Transformers' generation does for
-Phi-3, and why cached decoding equals a full recompute (docs/pitfalls.md, "longrope-switch").
+Phi-3, and why cached decoding equals a full recompute (docs/pitfalls.md#longrope-switch).
 
 This module drives any model with `step`, `new_cache`, `check_ids`, `config`, `tokenizer` and
 `stop_token_ids` (model.py's Model); it never imports the model.

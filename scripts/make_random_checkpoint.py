@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from phinano.formats.safetensors import to_bf16_bits, write_safetensors  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
-# Released config.json contents. Sources: /work/shared/reference/phi-architecture.md §1 and the verbatim
-# copies it cites; the longrope factor lists as noted at each list.
+# Released config.json contents, as published with each model on the Hugging Face Hub (microsoft/<name>);
+# the longrope factor lists as noted at each list. docs/pitfalls.md explains the values engines get wrong.
 # ---------------------------------------------------------------------------------------------------------
 
 _PHI3_AUTO_MAP = {
@@ -52,7 +52,7 @@ _PHI3_AUTO_MAP = {
 # Phi-3-mini-128k-instruct: these are the lists of the first (April 2024) revision, which spelled the type
 # "su" (also used by Phi-3-vision; long_factor[0] = 1.03). Current main has different values
 # (long_factor[0] = 1.07) that we could not retrieve. The type is written as "longrope", the name every
-# later revision uses (Transformers 5.23 cannot load "su" configs, see pitfall P12).
+# later revision uses (Transformers 5.23 cannot load "su" configs, see docs/pitfalls.md#su-rope-type).
 _MINI_128K_LONG = [
     1.0299999713897705, 1.0499999523162842, 1.0499999523162842, 1.0799999237060547, 1.2299998998641968,
     1.2299998998641968, 1.2999999523162842, 1.4499999284744263, 1.5999999046325684, 1.6499998569488525,
@@ -325,8 +325,8 @@ CONFIGS = {
     "phi-3.5-moe": _PHI35_MOE,
 }
 
-# generation_config.json: the release's stop lists (§4.1). Phi-3-medium's file was not read; it is the
-# same size as mini's and is assumed to say the same.
+# generation_config.json: the release's stop lists (docs/pitfalls.md#stop-tokens). Phi-3-medium's file was not
+# read; it is the same size as mini's and is assumed to say the same.
 _PHI3_GENERATION = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000}
 GENERATION_CONFIGS = {
     "phi-3-mini-4k": _PHI3_GENERATION,

@@ -66,6 +66,14 @@ def test_reset_and_system(model):
     assert chat.system is None
 
 
+def test_unknown_command_is_named_before_the_help(model):
+    chat = Chat(model, max_new_tokens=12)
+    code, out, err = run(chat, "/foo bar\n/help\n")
+    assert code == 0 and out == ">>> >>> >>> \n" and chat.turns == []
+    assert err.count("unknown command") == 1 and "unknown command /foo\ncommands:" in err
+    assert err.count("commands:") == 2  # /help prints the list without calling itself unknown
+
+
 class InterruptingWriter(io.StringIO):
     """Raises KeyboardInterrupt (as Ctrl-C would) at the first write of an answer's text."""
 

@@ -1,4 +1,4 @@
-"""The `phinano` command on a tiny model that carries the real Phi-3 tokenizer (when ../shared has it)."""
+"""The `phinano` command on a tiny model that carries the real Phi-3 tokenizer (conftest.phi3_tokenizer_dir)."""
 
 from __future__ import annotations
 
@@ -10,28 +10,22 @@ import pytest
 
 import phinano
 from phinano.cli import main
-from conftest import PHI3_TOKENIZER
 
 pytest.importorskip("torch")
-needs_tokenizer = pytest.mark.skipif(not (PHI3_TOKENIZER / "tokenizer.json").is_file(),
-                                     reason="../shared/phi3-tokenizer not present")
 
 
 @pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
+def chat_model(tmp_path_factory, phi3_tokenizer_dir):
     """A tiny mini-4k-shaped model with the full Phi-3 vocabulary (32064 rows) and the real tokenizer."""
-    if not (PHI3_TOKENIZER / "tokenizer.json").is_file():
-        pytest.skip("../shared/phi3-tokenizer not present")
     from tiny_models import make_phi3
 
     folder = make_phi3(tmp_path_factory.mktemp("chat") / "model", "mini-4k", vocab=32064)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(PHI3_TOKENIZER / name, folder / name)
+        shutil.copy(phi3_tokenizer_dir / name, folder / name)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [32000, 32001, 32007]}))
     return folder
 
 
-@needs_tokenizer
 def test_generate_streams_the_greedy_continuation(chat_model, capsys):
     model = phinano.load(chat_model, backend="numpy")
     ids = model.tokenizer.encode("def fibonacci(n):")
@@ -41,7 +35,6 @@ def test_generate_streams_the_greedy_continuation(chat_model, capsys):
     assert out == "def fibonacci(n):" + model.tokenizer.decode(new, skip_special_tokens=True) + "\n"
 
 
-@needs_tokenizer
 def test_chat_uses_the_template_and_stop_ids(chat_model, capsys):
     from transformers import AutoTokenizer
 
@@ -59,7 +52,6 @@ def test_chat_uses_the_template_and_stop_ids(chat_model, capsys):
     assert "tok/s" in captured.err and f"{len(ids)} prompt tokens" in captured.err
 
 
-@needs_tokenizer
 def test_stop_string_is_not_printed(chat_model, capsys):
     model = phinano.load(chat_model, backend="numpy")
     ids = model.tokenizer.encode("x")
@@ -71,7 +63,6 @@ def test_stop_string_is_not_printed(chat_model, capsys):
     assert out == "x" + text[: text.find(stop)] + "\n"
 
 
-@needs_tokenizer
 def test_sampling_flags_with_seed_are_reproducible(chat_model, capsys):
     args = ["generate", "--model", str(chat_model), "--backend", "numpy", "-n", "12", "-t", "0.8", "--top-k", "40",
             "--top-p", "0.9", "--min-p", "0.02", "--repetition-penalty", "1.1", "--seed", "7", "Hello"]

@@ -74,7 +74,8 @@ ROPE_SCALING = {"type": "longrope", "short_factor": _factors(ROTARY // 2, 1.0, 1
 def phimoe_config(vocab_size: int = VOCAB):
     from transformers import PhimoeConfig
 
-    # rope_theta explicitly: PhimoeConfig's default is 1e6, the release uses 1e4 (reference pitfall P13).
+    # rope_theta explicitly: PhimoeConfig's default is 1e6, the release uses 1e4
+    # (docs/pitfalls.md#tiny-config-defaults).
     return PhimoeConfig(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2, rope_theta=10000.0,
                         rope_scaling=dict(ROPE_SCALING), **SPEC)
 
@@ -425,7 +426,8 @@ def test_cached_generation_equals_full_recompute(moe_checkpoint):
 
 
 def test_tolerance_catches_moe_bugs(moe_checkpoint):
-    """The tolerance is tight enough to see the classic PhiMoE mistakes (docs/pitfalls.md: MoE routing, norms)."""
+    """The tolerance is tight enough to see the classic PhiMoE mistakes (docs/pitfalls.md#sparsemixer and
+    docs/pitfalls.md#phimoe-layernorm)."""
     folder = moe_checkpoint()
     ids = clear_prompt(load(folder), 40)
     ref, _ = hf_forward(hf_reference(folder), ids)

@@ -141,7 +141,7 @@ def reference_routing(hf_model, ids: list[int]) -> list[tuple[np.ndarray, np.nda
 
 def mask_margin(router_logits: np.ndarray, jitter_eps: float) -> np.ndarray:
     """Per token, how far the sparsemixer's two mask tests (m − s_j) / max(|s_j|, m) > 2ε come from their
-    threshold (reference §3.7). Near 0, float32 noise may move an expert in or out of a softmax: its weight is
+    threshold (docs/pitfalls.md#sparsemixer). Near 0, float32 noise may move an expert in or out of a softmax: its weight is
     then ill-conditioned, though the chosen experts are not."""
     s = router_logits.astype(np.float64)
     rows = np.arange(len(s))

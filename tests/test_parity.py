@@ -114,8 +114,8 @@ def test_cached_step_logits_equal_forward(checkpoint_dir):
 def test_tolerance_catches_bugs(checkpoint_dir):
     """The tolerance is tight enough to see the classic Phi-3 mistakes."""
     ids = prompt(100)
-    for name, bug in [("mini-4k", dict(sliding_window=25)),  # W+1 keys instead of W (pitfall P5)
-                      ("mini-128k", "swap")]:  # long factors where short belong (pitfall P2)
+    for name, bug in [("mini-4k", dict(sliding_window=25)),  # W+1 keys instead of W (docs/pitfalls.md#sliding-window)
+                      ("mini-128k", "swap")]:  # long factors where short belong (docs/pitfalls.md#longrope-by-length)
         folder = checkpoint_dir(name)
         ref = hf_logits(hf_reference(folder), ids[:40])
         model = phinano.load(folder, backend="numpy")

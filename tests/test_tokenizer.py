@@ -1,10 +1,12 @@
 """Tests for phinano.tokenizer.
 
 Two tokenizers are used:
-- the real Phi-3 tokenizer in ../shared/phi3-tokenizer beside the project (skipped when absent): llama.cpp's
-  reference tokenizations, parity with Transformers' AutoTokenizer, chat templates, streaming;
+- the real Phi-3 tokenizer (conftest.find_phi3_tokenizer: ../shared/phi3-tokenizer beside the checkout, else
+  microsoft/Phi-3-mini-4k-instruct's files from the Hugging Face cache or the Hub; skipped, saying why, when
+  none can be had): parity with Transformers' AutoTokenizer, chat templates, streaming, and llama.cpp's
+  reference tokenizations (those only come with ../shared);
 - a tiny byte-fallback BPE trained here with the `tokenizers` library, with Phi-3-like added tokens, so the
-  module is exercised even without the shared folder.
+  module is exercised everywhere.
 Transformers is only a test oracle; those tests skip when it is not installed.
 """
 
@@ -15,10 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import PHI3_REFERENCE
 from phinano.errors import PhinanoError
 from phinano.tokenizer import load_tokenizer
-
-PHI3_DIR = Path(__file__).resolve().parents[2] / "shared" / "phi3-tokenizer"
 
 # Mixed-script text for round trips: umlauts, CJK, RTL, Devanagari, emoji (ZWJ family, flag, skin tone),
 # indented code, runs of spaces, blank lines, a leading space and a tab.
@@ -53,16 +54,14 @@ PHI3_CHATS = {
 
 
 @pytest.fixture(scope="module")
-def phi3():
-    if not (PHI3_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"shared Phi-3 tokenizer not found at {PHI3_DIR}")
-    return load_tokenizer(PHI3_DIR)
+def phi3(phi3_tokenizer_dir):
+    return load_tokenizer(phi3_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
-def hf_phi3(phi3):
+def hf_phi3(phi3_tokenizer_dir):
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(PHI3_DIR))
+    return transformers.AutoTokenizer.from_pretrained(str(phi3_tokenizer_dir))
 
 
 def hf_tokenizer(folder):
@@ -76,15 +75,16 @@ def hf_chat_ids(hf, messages, add_generation_prompt):
     return list(out["input_ids"]) if hasattr(out, "keys") else list(out)
 
 
-def phi3_variant(tmp_path, rstrip=None, **config_overrides):
-    """A copy of the shared Phi-3 tokenizer in tmp_path, with the chat markers' rstrip flag and config changed."""
-    spec = json.loads((PHI3_DIR / "tokenizer.json").read_text(encoding="utf-8"))
+def phi3_variant(source, tmp_path, rstrip=None, **config_overrides):
+    """A copy of the Phi-3 tokenizer in `source` into tmp_path, with the chat markers' rstrip flag and config
+    changed."""
+    spec = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
     if rstrip is not None:
         for token in spec["added_tokens"]:
             if 32001 <= token["id"] <= 32010:
                 token["rstrip"] = rstrip
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    config = json.loads((PHI3_DIR / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
     config.update(config_overrides)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return tmp_path
@@ -183,12 +183,53 @@ def assert_stream_lossless(tokenizer, ids, skip_special_tokens):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Where the real Phi-3 tokenizer comes from
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_phi3_tokenizer_from_the_hugging_face_cache(tmp_path):
+    """Without ../shared, the released files in the Hugging Face cache are used; else a skip says why."""
+    from conftest import PHI3_FILES, find_phi3_tokenizer
+
+    nowhere = tmp_path / "no-shared"
+    folder, why = find_phi3_tokenizer(nowhere, str(tmp_path / "cache"), offline=True)
+    assert folder is None and why == (f"no {nowhere}, microsoft/Phi-3-mini-4k-instruct not in the Hugging Face "
+                                      "cache, and HF_HUB_OFFLINE is set")
+    snapshot = tmp_path / "cache" / "models--microsoft--Phi-3-mini-4k-instruct" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    for name in PHI3_FILES:
+        (snapshot / name).write_text("{}")
+    assert find_phi3_tokenizer(nowhere, str(tmp_path / "cache"), offline=True) == (snapshot, "")
+
+
+def test_skips_say_why_under_q(tmp_path):
+    """A test session without the tokenizer prints each skip's reason, also under -q."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PHINANO_SHARED_DIR": str(tmp_path / "none"), "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/test_tokenizer.py::test_vocabulary"], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert "1 skipped" in run.stdout, run.stdout
+    assert "SKIPPED [1] tests/test_tokenizer.py" in run.stdout
+    assert "needs the real Phi-3 tokenizer: no " in run.stdout and "HF_HUB_OFFLINE is set" in run.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Real Phi-3 tokenizer
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def test_llama_cpp_reference_cases(phi3):
-    reference = PHI3_DIR / "reference"
+    reference = PHI3_REFERENCE  # in ../shared only, not on the Hub
+    if not (reference / "cases.txt").is_file():
+        pytest.skip(f"needs llama.cpp's reference tokenizations in {reference}")
     cases = (reference / "cases.txt").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
     expected = (reference / "expected-ids.txt").read_text(encoding="utf-8").split("\n")
     assert len(cases) == len(expected) == 47
@@ -241,21 +282,21 @@ def test_chat_template_matches_transformers(phi3, hf_phi3, chat, add_generation_
 
 
 def test_released_rstrip_flags_swallow_newlines(phi3):
-    # The shared tokenizer carries the released flags: rstrip on <|user|>, <|end|>, <|assistant|> eats the "\n"
-    # the template writes after them, so "Hello" is encoded as a segment start (▁Hello = 15043).
+    # The released flags: rstrip on <|user|>, <|end|>, <|assistant|> eats the "\n" the template writes after
+    # them, so "Hello" is encoded as a segment start (▁Hello = 15043).
     text = phi3.apply_chat_template(PHI3_CHATS["user"], tokenize=False)
-    assert text == "<s><|user|>\nHello<|end|>\n<|assistant|>\n"
-    assert phi3.apply_chat_template(PHI3_CHATS["user"]) == [1, 32010, 15043, 32007, 32001]
+    bos = [1] if text.startswith("<s>") else []  # the first release's template writes <s>; later ones do not
+    assert text == "<s>" * len(bos) + "<|user|>\nHello<|end|>\n<|assistant|>\n"
+    assert phi3.apply_chat_template(PHI3_CHATS["user"]) == bos + [32010, 15043, 32007, 32001]
 
 
-def test_april_template_without_rstrip(tmp_path):
+def test_april_template_without_rstrip(phi3_tokenizer_dir, tmp_path):
     # Without rstrip, each segment after an added token starts with the dummy prefix ▁ (29871): "\n" → 29871, 13.
-    if not (PHI3_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"shared Phi-3 tokenizer not found at {PHI3_DIR}")
-    folder = phi3_variant(tmp_path, rstrip=False)
+    folder = phi3_variant(phi3_tokenizer_dir, tmp_path, rstrip=False)
     tokenizer = load_tokenizer(folder)
-    expected = [1, 32010, 29871, 13, 10994, 32007, 29871, 13, 32001, 29871, 13]
-    assert tokenizer.apply_chat_template(PHI3_CHATS["user"]) == expected
+    expected = [32010, 29871, 13, 10994, 32007, 29871, 13, 32001, 29871, 13]
+    bos = [1] if tokenizer.apply_chat_template(PHI3_CHATS["user"], tokenize=False).startswith("<s>") else []
+    assert tokenizer.apply_chat_template(PHI3_CHATS["user"]) == bos + expected
     hf = hf_tokenizer(folder)
     for chat in PHI3_CHATS.values():
         for add_generation_prompt in (True, False):
@@ -265,12 +306,10 @@ def test_april_template_without_rstrip(tmp_path):
     assert tokenizer.decode(ids) == hf.decode(ids) == "<s><|user|> \nHi<|end|> \n"  # the ▁ shows as a space
 
 
-def test_named_special_token_becomes_special(tmp_path):
+def test_named_special_token_becomes_special(phi3_tokenizer_dir, tmp_path):
     # Naming </s> (not special in tokenizer.json) as eos makes Transformers treat it as special: skipped on decode,
     # while its rstrip flag still applies at encode time.
-    if not (PHI3_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"shared Phi-3 tokenizer not found at {PHI3_DIR}")
-    folder = phi3_variant(tmp_path, eos_token="</s>")
+    folder = phi3_variant(phi3_tokenizer_dir, tmp_path, eos_token="</s>")
     tokenizer = load_tokenizer(folder)
     assert tokenizer.eos_token_id == 2 and 2 in tokenizer.special_ids
     ids = tokenizer.encode("<|end|>\nfoo</s>\nbar")

@@ -23,7 +23,7 @@ renormalises them to sum to 1. The two rules pick the same two experts but weigh
 keeps only the experts within 2% (relative) of the round's best, so whenever no other logit is that close, the
 sparsemixer's weight is exactly 1.0 (the expert's full output is added), where Mixtral's would be e.g. 0.58 and
 0.42. An engine that reuses its Mixtral routing for Phi-3.5-MoE runs, but produces wrong text
-(docs/pitfalls.md, "MoE routing"). docs/moe.md works through both rules on a tiny model.
+(docs/pitfalls.md#sparsemixer). docs/moe.md works through both rules on a tiny model.
 
 Memory: weights are memory-mapped, and `sparse_moe` reads an expert's three matrices only if some token in the
 batch was routed to it. A decode step therefore touches 2 of the 16 experts per layer (6.6B of the 41.9B
