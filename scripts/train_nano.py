@@ -87,7 +87,7 @@ def read_source(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Tokenizer: Phi-3's SentencePiece-style BPE layout, 4,096 pieces, trained on the training split
 # ---------------------------------------------------------------------------------------------------------------
-# The finished tokenizer.json has exactly the structure of Phi-3's (see ../shared/phi3-tokenizer): normalizer
+# The finished tokenizer.json has exactly the structure of Phi-3's released tokenizer.json: normalizer
 # Prepend("▁") + Replace(" " → "▁"), *no* pre-tokenizer (BPE runs over each whole segment between added
 # tokens), BPE with byte fallback, ids 0/1/2 = <unk>/<s>/</s>, 3…258 = <0x00>…<0xFF>, the Phi-3 added tokens
 # right after the base vocabulary (4096…4106 here, 32000…32010 in Phi-3), a post-processor that prepends <s>,
