@@ -19,21 +19,27 @@ DEFAULT_MODEL = "nano-phi3"  # the small model shipped inside the package
 
 
 def load(path_or_repo_id: str | Path = DEFAULT_MODEL, *, backend: str = "numba", threads: int | None = None,
-         revision: str | None = None, cache_dir: str | None = None, tokenizer: bool = True) -> "Model":
+         revision: str | None = None, cache_dir: str | None = None, tokenizer: bool = True,
+         quantize: str | None = None) -> "Model":
     """Load a Phi model from a local folder (safetensors), a GGUF file, `ollama:NAME[:TAG]` (Ollama's store),
     a shipped nano model name, or a Hugging Face repo id.
 
     backend: "numba" (fast kernels) or "numpy" (the plain reference ops); both give the same tokens.
     threads: kernel threads (default: all cores). Weights are memory-mapped, not copied.
+    quantize: "q8_0", "q4_0", ... (phinano.quantize.TYPES): round a safetensors checkpoint's matrices into packed
+    blocks while loading, so it decodes at int8/int4 speed without a conversion step (the packed weights are
+    then in memory, not memory-mapped).
     """
     from .formats.hub import resolve
     from .model import Model
 
     location = resolve(path_or_repo_id, revision=revision, cache_dir=cache_dir)
     if location.is_file():
+        if quantize is not None:
+            raise PhinanoError(f"{location}: a GGUF file is already stored as it is; quantize applies to safetensors")
         config, weights, tok, stop_ids, defaults = _open_gguf(location, tokenizer)
     else:
-        config, weights, tok, stop_ids, defaults = _open_folder(location, tokenizer)
+        config, weights, tok, stop_ids, defaults = _open_folder(location, tokenizer, quantize)
     model = Model(config, weights, tok, stop_ids, backend_name=backend, name=str(path_or_repo_id))
     model.sampling_defaults = defaults
     if threads is not None:
@@ -41,13 +47,19 @@ def load(path_or_repo_id: str | Path = DEFAULT_MODEL, *, backend: str = "numba",
     return model
 
 
-def _open_folder(folder: Path, tokenizer: bool):
+def _open_folder(folder: Path, tokenizer: bool, quantize: str | None = None):
     """A Hugging Face checkpoint folder: config.json, safetensors, tokenizer files, generation_config.json."""
     from .config import load_config, load_sampling_defaults, load_stop_ids
-    from .weights import load_weights
+    from .formats import read_tensors
+    from .weights import arrange
 
     config = load_config(folder)
-    weights = load_weights(folder, config)
+    tensors = read_tensors(folder)
+    if quantize is not None:
+        from .quantize import check_type, quantize_tensors
+
+        tensors = quantize_tensors(tensors, check_type(quantize))
+    weights = arrange(tensors, config, str(folder))
     tok = None
     if tokenizer and (folder / "tokenizer.json").is_file():
         from .tokenizer import load_tokenizer

@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from . import DEFAULT_MODEL, PhinanoError
 from .generate import speed_line
+from .quantize import TYPES as QUANT_TYPES
 from .sampling import SAMPLING_KEYS, OptionError, resolve_options
 
 # The flag behind each generation option, for error messages.
@@ -31,10 +33,13 @@ class FlagError(PhinanoError):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"local folder, shipped nano model name, or Hub repo id (default: {DEFAULT_MODEL})")
+                   help="local folder, .gguf file, ollama:NAME[:TAG], shipped nano model name, or Hub repo id "
+                        f"(default: {DEFAULT_MODEL})")
     p.add_argument("--backend", choices=("numba", "numpy"), default="numba", help="kernel backend (default numba)")
     p.add_argument("--threads", type=int, default=None, help="kernel threads, 1 to the cores available (default: all)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--quantize", default=None, metavar="TYPE",
+                   help="round a safetensors checkpoint to q8_0, q4_0, ... while loading (decodes faster)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -69,6 +74,10 @@ def check_flags(args: argparse.Namespace) -> None:
         cores = cores_available()
         if not 1 <= args.threads <= cores:
             raise FlagError(f"--threads must be between 1 and {cores} (the cores available), got {args.threads}")
+    if getattr(args, "quantize", None) is not None and args.quantize not in QUANT_TYPES:
+        raise FlagError(f"--quantize must be one of {', '.join(QUANT_TYPES)}, got {args.quantize!r}")
+    if getattr(args, "out", None) is not None and args.out.suffix != ".gguf":
+        raise FlagError(f"--out must name a .gguf file, got {str(args.out)!r}")
     if hasattr(args, "temperature"):
         sampling_options(args)
 
@@ -93,7 +102,8 @@ def sampling_options(args: argparse.Namespace, model=None) -> dict:
 def load_model(args: argparse.Namespace):
     import phinano
 
-    return phinano.load(args.model, backend=args.backend, threads=args.threads, revision=args.revision)
+    return phinano.load(args.model, backend=args.backend, threads=args.threads, revision=args.revision,
+                        quantize=args.quantize)
 
 
 def warm_up(model, ids) -> None:
@@ -202,6 +212,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Write the checkpoint as a GGUF file that llama.cpp and Ollama load, its matrices in the chosen type."""
+    from .config import load_config
+    from .formats import read_tensors
+    from .formats.gguf_vocab import vocab_metadata
+    from .formats.hub import resolve
+    from .quantize import write_quantized
+
+    folder = resolve(args.model, revision=args.revision)
+    if folder.is_file():
+        raise PhinanoError(f"{args.model}: already a GGUF file; quantize reads a safetensors checkpoint folder")
+    cfg = load_config(folder)
+    out = write_quantized(folder, cfg, read_tensors(folder), args.type, args.out, vocab_metadata(folder))
+    print(f"wrote {out} ({human_size(out.stat().st_size)}, {args.type})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phinano", description="Phi-3 family inference in NumPy + Numba")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get a 503")
     s.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get a 413")
     s.set_defaults(func=cmd_serve)
+
+    q = sub.add_parser("quantize", help="write a safetensors checkpoint as a GGUF file of int8/int4 blocks")
+    q.add_argument("--model", "-m", required=True, help="local folder, nano model name or Hub repo id (safetensors)")
+    q.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    q.add_argument("--type", required=True, choices=sorted(QUANT_TYPES), help="storage of every matrix")
+    q.add_argument("--out", required=True, type=Path, help="the .gguf file to write (written whole or not at all)")
+    q.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -20,10 +20,13 @@ GGUF_ARCH = {"Phi3ForCausalLM": "phi3", "PhimoeForCausalLM": "phimoe"}
 
 
 def encode_tensor(values: np.ndarray, qtype: str) -> np.ndarray:
-    """A float32 (N, K) matrix (or a 1-D vector) in GGUF storage: F32, F16, BF16 (as uint16 bits) or packed blocks
-    (uint8). Block types round with the `gguf` package's reference quantizers, which match llama.cpp's."""
+    """An (N, K) matrix (or a 1-D vector) in GGUF storage: F32, F16, BF16 or packed blocks (uint8). The input may be
+    stored bf16 bits (uint16), float16 or float32; block types round with the `gguf` package's reference
+    quantizers, which match llama.cpp's."""
     import gguf
 
+    if values.dtype == np.uint16:  # bf16 bits: widen exactly
+        values = (values.astype(np.uint32) << 16).view(np.float32)
     values = np.ascontiguousarray(values, dtype=np.float32)
     if qtype == "F32":
         return values
