@@ -331,15 +331,32 @@ def read_gguf_metadata(path: Path) -> dict:
     return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
 
 
-def test_phi3_gguf_file_round_trip(phi3_meta, hf_phi3, tmp_path):
-    path = tmp_path / "phi3-vocab.gguf"
+@pytest.fixture(scope="module")
+def phi3_gguf_file(phi3_meta, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "phi3-vocab.gguf"
     write_gguf(path, phi3_meta)
-    metadata = read_gguf_metadata(path)
+    return path
+
+
+def test_phi3_gguf_file_round_trip(phi3_meta, hf_phi3, phi3_gguf_file):
+    metadata = read_gguf_metadata(phi3_gguf_file)
     assert metadata == phi3_meta  # every value type survives (scores are whole numbers or -1e9: exact in float32)
     tokenizer = build(metadata)
     for text in HARD_TEXTS:
         assert tokenizer.encode(text) == hf_phi3.encode(text, add_special_tokens=False), text
     assert tokenizer_parts(metadata).stop_ids == (32000, 32001, 32007)
+
+
+def test_phi3_gguf_file_matches_transformers_gguf_loader(phi3_meta, phi3_gguf_file):
+    """Transformers' own GGUF tokenizer (AutoTokenizer with gguf_file=) is an independent rebuild of the same file.
+    It restores no rstrip flags, so it equals phinano's rebuild without them (a non-Phi architecture), everywhere."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(phi3_gguf_file.parent), gguf_file=phi3_gguf_file.name)
+    no_rstrip = build({**phi3_meta, "general.architecture": "llama"})
+    for text in HARD_TEXTS + reference_texts():
+        assert no_rstrip.encode(text) == hf.encode(text), text  # and no BOS: add_bos_token is false in both
+        ids = no_rstrip.encode(text)
+        assert no_rstrip.decode(ids) == hf.decode(ids), text
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -156,11 +156,10 @@ def _merges_from_scores(tokens, types, scores) -> list[tuple[str, str]]:
     Every normal piece that splits into two normal pieces gives a merge; best score first, then longer left part,
     then longer right part (Transformers' generate_merges, which llama.cpp's tokenizations agree with)."""
     normal = {token: i for i, token in enumerate(tokens) if types[i] == NORMAL}
-    merges = []  # (score, left, right), pieces in id order, each piece's splits by (left id, right id)
+    merges = []  # (score, left, right): pieces in id order, each piece's splits by (left id, right id)
     for piece, i in normal.items():
         splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
-        splits = sorted((normal[left], normal[right], left, right) for left, right in splits
-                        if left in normal and right in normal)
+        splits = sorted((normal[a], normal[b], a, b) for a, b in splits if a in normal and b in normal)
         merges += [(scores[i], left, right) for _, _, left, right in splits]
     merges.sort(key=lambda m: (m[0], len(m[1]), len(m[2])), reverse=True)  # stable: equal keys keep that order
     return [(left, right) for _, left, right in merges]
