@@ -25,7 +25,7 @@ from phinano import PhinanoError  # noqa: E402
 from phinano.config import load_config  # noqa: E402
 from phinano.formats import read_tensors  # noqa: E402
 from phinano.formats.gguf_write import gguf_names, write_gguf  # noqa: E402
-from phinano.formats.safetensors import DTYPES  # noqa: E402
+from phinano.formats.safetensors import write_safetensors  # noqa: E402
 from tiny_models import DENSE_SPECS, VOCAB, make_phi3  # noqa: E402
 
 LOGIT_RTOL = 1e-4  # as tests/test_parity.py
@@ -63,31 +63,32 @@ def tiny(tmp_path_factory):
 
 
 def reference(path: Path, folder: Path):
-    """Transformers with the original config and the GGUF's weights as the `gguf` package dequantizes them."""
+    """Transformers with the original config and the GGUF's weights as the `gguf` package dequantizes them: the
+    dequantized tensors are saved under the checkpoint's own names beside a copy of its config.json, and
+    Transformers loads that folder as it loads any checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     cfg = load_config(folder)
-    state = {n: p.detach().numpy() for n, p in hf.state_dict().items()}
-    names = gguf_names(cfg, {n: v for n, v in state.items() if "rotary" not in n and not
-                             (cfg.tie_word_embeddings and n == "lm_head.weight")})
-    to_hf = {}
-    for hf_name, values in state.items():  # invert the writer's map on single tensors
-        if "rotary" in hf_name or (cfg.tie_word_embeddings and hf_name == "lm_head.weight"):
-            continue
-        (g,) = gguf_names(cfg, {hf_name: values})
-        to_hf[g] = hf_name
-    assert set(to_hf) == set(names)
-    reader = gguf.GGUFReader(path)
-    new = {}
-    for t in reader.tensors:
-        if t.name in to_hf:
-            values = np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-            new[to_hf[t.name]] = torch.from_numpy(np.ascontiguousarray(values, np.float32).reshape(state[to_hf[t.name]].shape))
-    hf.load_state_dict(new, strict=False)
-    if cfg.tie_word_embeddings:
-        hf.tie_weights()
-    return hf
+    on_disk = {n: t for n, t in read_tensors(folder).items()
+               if not n.endswith("rotary_emb.inv_freq") and not (cfg.tie_word_embeddings and n == "lm_head.weight")}
+    where = {}  # GGUF name -> [(checkpoint name, expert index or None)]
+    for name, values in on_disk.items():
+        (g,) = gguf_names(cfg, {name: values})
+        expert = int(name.split(".")[5]) if ".experts." in name else None
+        where.setdefault(g, []).append((name, expert))
+    dequantized = {}
+    for t in gguf.GGUFReader(path).tensors:
+        values = np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        for name, expert in where.get(t.name, []):
+            part = values if expert is None else values[expert]
+            dequantized[name] = np.ascontiguousarray(part.reshape(on_disk[name].shape))
+    assert set(dequantized) == set(on_disk)
+    ref = path.with_suffix(".reference")
+    if not ref.is_dir():
+        ref.mkdir()
+        shutil.copy(folder / "config.json", ref / "config.json")
+        write_safetensors(ref / "model.safetensors", dequantized)
+    return AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
 
 
 def hf_logits(hf, ids) -> np.ndarray:
@@ -249,3 +250,40 @@ def test_ollama_store(tiny, tmp_path, monkeypatch):
     shutil.rmtree(store / "blobs")
     with pytest.raises(PhinanoError, match="missing"):
         phinano.load("ollama:phi3", tokenizer=False)
+
+
+# ------------------------------------------------------------------ Phi-3.5-MoE as llama.cpp stores it
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """make(qtype) -> (gguf path, checkpoint folder) of the tiny PhiMoE of tests/test_moe.py."""
+    from test_moe import make_phimoe
+
+    root = tmp_path_factory.mktemp("gguf-moe")
+    folder = make_phimoe(root / "moe")
+    made = {}
+
+    def make(qtype: str) -> tuple[Path, Path]:
+        if qtype not in made:
+            cfg = load_config(folder)
+            tensors = {n: widened(np.asarray(t)) for n, t in read_tensors(folder).items()}
+            made[qtype] = write_gguf(root / f"moe-{qtype}.gguf", cfg, tensors, lambda n, a: qtype)
+        return made[qtype], folder
+
+    return make
+
+
+@pytest.mark.parametrize("qtype", ["F32", "BF16", "Q8_0", "Q4_0"])
+def test_phimoe_gguf_matches_transformers_with_exact_routing(tiny_moe, qtype):
+    """Stacked expert tensors (E, out, in) become per-expert views; routing is phinano's sparsemixer (which
+    llama.cpp itself does not use); the release's short/long mscale travel in phinano's own metadata keys."""
+    from test_moe import ORIGINAL, assert_same_routing, clear_prompt, hf_forward
+
+    path, folder = tiny_moe(qtype)
+    model = phinano.load(path, backend="numpy", tokenizer=False)
+    assert model.config.rope_short_mscale == pytest.approx(1.1) and model.config.rope_long_mscale == pytest.approx(1.3)
+    hf = reference(path, folder)
+    ids = clear_prompt(model, ORIGINAL)
+    ref, ref_routing = hf_forward(hf, ids)
+    got, routing = model.forward(ids, return_routing=True)
+    assert np.abs(got - ref).max() <= LOGIT_RTOL * np.abs(ref).max()
+    assert_same_routing(routing, ref_routing)
