@@ -321,6 +321,37 @@ def test_ollama_logprobs(server, model):
     assert all(len(lp["top_logprobs"]) == 2 for lp in body["logprobs"])
 
 
+def test_ollama_keep_alive_0_without_a_prompt_is_answered_unload(server):
+    status, _, body = request(server.port, "POST", "/api/generate", {"model": NAME, "keep_alive": 0})
+    assert status == 200 and (body["done"], body["done_reason"], body["response"]) == (True, "unload", "")
+
+
+def _sse_events(raw: bytes) -> list:
+    """The data of each server-sent event, decoded (the last, `[DONE]`, as is)."""
+    events = [part[len("data: "):] for part in raw.decode().split("\n\n") if part.startswith("data: ")]
+    return [json.loads(e) for e in events[:-1]] + events[-1:]
+
+
+def test_openai_raw_shapes_of_completion_logprobs_and_stream_usage(server):
+    body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    status, _, answer = request(server.port, "POST", "/v1/completions", dict(body, logprobs=2))
+    assert status == 200, answer
+    lp = answer["choices"][0]["logprobs"]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert top[token] == logprob == max(top.values()) and len(top) <= 3  # greedy: the chosen token is the best
+    # streamed: usage only when asked for, then null in every chunk but the last
+    status, _, raw = request(server.port, "POST", "/v1/completions", dict(body, stream=True))
+    *chunks, done = _sse_events(raw)
+    assert done == "[DONE]" and all("usage" not in c and c["object"] == "text_completion" for c in chunks)
+    status, _, raw = request(server.port, "POST", "/v1/chat/completions", {
+        "model": NAME, "messages": USER, "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}})
+    *chunks, last, done = _sse_events(raw)
+    assert done == "[DONE]" and all(c["object"] == "chat.completion.chunk" for c in chunks + [last])
+    assert all(c["usage"] is None for c in chunks) and last["choices"] == []
+    assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
+
+
 # ------------------------------------------------------------------ bad requests, raw HTTP
 USER = [{"role": "user", "content": "hi"}]
 LONG = "x" * (CONTEXT + 10)  # one byte-fallback token per "x": longer than the context
@@ -552,6 +583,29 @@ def test_a_failed_generation_is_a_500_and_the_next_request_is_served(model, monk
                 assert "RuntimeError: a bug" in json.loads(r.text.splitlines()[-1])["error"]
             r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        engine.close()
+
+
+def test_a_failed_streamed_generation_ends_in_an_error_event(model, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from phinano.serve import engine as engine_module
+    from phinano.serve.app import create_app
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+        yield  # a generator, like stream_text
+
+    monkeypatch.setattr(engine_module, "stream_text", broken)
+    engine = engine_module.Engine(model, NAME)
+    try:
+        with TestClient(create_app(engine)) as client:
+            r = client.post("/v1/chat/completions", json={"model": NAME, "messages": USER, "stream": True})
+            assert r.status_code == 200  # streaming had begun: the error is the last event
+            *_, error, done = _sse_events(r.content)
+            assert done == "[DONE]" and error["error"]["type"] == "server_error"
+            assert "RuntimeError: a bug" in error["error"]["message"]
     finally:
         engine.close()
 

@@ -1,9 +1,5 @@
-"""`phinano serve`: one Phi model on localhost behind OpenAI- and Ollama-compatible HTTP APIs.
-
-    phinano serve --model microsoft/Phi-3-mini-4k-instruct            # http://127.0.0.1:8000
-
-FastAPI on uvicorn, an optional extra (`phinano[serve]`); importing this module needs neither. The modules,
-in the order a request meets them: app, openai_api / ollama_api, validate, engine (docs/server.md).
+"""`phinano serve`: one Phi model on localhost behind OpenAI- and Ollama-compatible HTTP APIs (docs/server.md).
+FastAPI and uvicorn are an optional extra (`phinano[serve]`); importing this module needs neither.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""The HTTP side of `phinano serve`: a FastAPI app over one Engine.
-
-The four generation endpoints share one route: read the body (any Content-Type, as `curl -d` sends), let the
-API's module turn it into a Job, queue it, then stream its events or wait for the end; a client that hangs up
-cancels its job. Errors never leave as a traceback but in the shape of the API the request came in by.
+"""The HTTP side of `phinano serve`: a FastAPI app over one Engine. Errors never leave as a traceback but in the
+shape of the API the request came in by.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from . import ollama_api, openai_api
-from .engine import Busy, Engine, Failed, Job
+from .engine import Busy, Done, Engine, Failed, Job
 from .validate import ApiError, check_model
 
 log = logging.getLogger("phinano.serve")
@@ -50,7 +47,7 @@ def create_app(engine: Engine, max_request_bytes: int = MAX_REQUEST_BYTES) -> Fa
             log.exception("unexpected error on %s", request.url.path)
             exc = ApiError(500, "internal server error")
         api = openai_api if request.url.path.startswith("/v1/") else ollama_api
-        return JSONResponse(api.error_body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status)
+        return JSONResponse(api.error_body(exc), status_code=exc.status)
 
     for kind in (ApiError, HTTPException, Exception):
         app.add_exception_handler(kind, error)
@@ -71,7 +68,7 @@ def create_app(engine: Engine, max_request_bytes: int = MAX_REQUEST_BYTES) -> Fa
                            code="invalid_json") from None
         return data
 
-    async def finish(request: Request, job: Job):
+    async def finish(request: Request, job: Job) -> Done | Failed | None:
         """Wait for the whole generation; None (and the job cancelled) if the client hangs up meanwhile."""
         result = asyncio.ensure_future(job.result())
         try:
@@ -85,24 +82,24 @@ def create_app(engine: Engine, max_request_bytes: int = MAX_REQUEST_BYTES) -> Fa
             result.cancel()
 
     def generation(api, kind: str):
-        """The route of one generation endpoint: `api` (a module) turns the body into a job and shapes the reply."""
+        """The route of one generation endpoint: read the body (any Content-Type, as `curl -d` sends), let `api`
+        (a module) turn it into a job, queue it, then stream its events or wait for the end and shape the reply."""
         async def route(request: Request):
             job, reply = await run_in_threadpool(api.job, kind, engine, await read_json(request))
             if job is None:  # Ollama's "load the model": nothing to generate
-                return api.response(reply, "", [], None)
+                return api.response(reply, None)
             try:
                 engine.submit(job)
             except Busy as busy:
                 raise ApiError(503, str(busy), code="server_busy") from None
             if reply.stream:
                 return JobStream(api.stream(reply, job), job, api.MEDIA_TYPE)
-            outcome = await finish(request, job)
-            if outcome is None:
+            end = await finish(request, job)
+            if end is None:
                 return Response(status_code=499)  # nobody is listening
-            text, logprobs, end = outcome
             if isinstance(end, Failed):
                 raise ApiError(500, end.message)
-            return api.response(reply, text, logprobs, end)
+            return api.response(reply, end)
         return route
 
     app.post("/v1/chat/completions")(generation(openai_api, "chat"))

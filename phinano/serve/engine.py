@@ -1,9 +1,6 @@
-"""The one model behind `phinano serve`: a fair FIFO queue and one worker thread that runs generations.
-
-phinano generates one sequence at a time, so every request becomes a `Job` that waits its turn in arrival
-order. The worker streams each job's text back to the request's event loop as `Piece`s, then `Done` (or
-`Failed`). A job whose client went away is cancelled: stopped before its next token (its KV cache freed), or
-skipped if still queued. Nothing here knows about HTTP: a full queue raises `Busy`; the app says what it means.
+"""The one model behind `phinano serve`: a first-in, first-out queue of `Job`s and one worker thread that runs
+them, sending each job's text back to its request's event loop (docs/server.md, "One model, several clients").
+Nothing here knows about HTTP: a full queue raises `Busy`, and the app says what that means.
 """
 
 from __future__ import annotations
@@ -26,6 +23,10 @@ log = logging.getLogger("phinano.serve")
 
 class Busy(Exception):
     """The queue is full: the job was not queued."""
+
+
+class _Cancelled(Exception):
+    """Raised inside the generation (from generate_tokens' on_step) to stop a cancelled job."""
 
 
 # ------------------------------------------------------------------ what flows from the worker to a request
@@ -54,7 +55,7 @@ class Piece:
 
 @dataclass
 class Done(Piece):
-    """The last piece: no text, the logprobs of tokens not yet sent, generate_tokens' stats (prompt_tokens,
+    """The last piece: the logprobs of tokens not yet sent (no text), generate_tokens' stats (prompt_tokens,
     new_tokens, prefill_seconds, decode_seconds, finish_reason "stop" | "length"), every generated id."""
 
     stats: dict = field(default_factory=dict)
@@ -66,7 +67,6 @@ class Failed:
     message: str
 
 
-# ------------------------------------------------------------------ a job
 @dataclass
 class Job:
     """One generation: the prompt ids, the length budget and generate_tokens' keyword arguments."""
@@ -92,29 +92,24 @@ class Job:
             self.cancel()
 
     async def stream(self) -> AsyncIterator[Piece | Failed]:
-        """The job's events as they arrive, ending with a Done or Failed. (Whoever stops listening early
-        cancels the job: the app does, however a response ends.)"""
+        """The job's events as they arrive, ending with a Done or Failed."""
         while True:
             event = await self.events.get()
             yield event
             if isinstance(event, (Done, Failed)):
                 return
 
-    async def result(self) -> tuple[str, list[TokenLogprob], Done | Failed]:
-        """Wait for the whole generation: (text, logprobs, the final event)."""
+    async def result(self) -> Done | Failed:
+        """Wait for the whole generation: a Done that holds all its text and logprobs, or a Failed."""
         text, logprobs = [], []
         async for event in self.stream():
-            if isinstance(event, Piece):
-                text.append(event.text)
-                logprobs += event.logprobs
-        return "".join(text), logprobs, event
+            if isinstance(event, Failed):
+                return event
+            text.append(event.text)
+            logprobs += event.logprobs
+        return Done("".join(text), logprobs, event.stats, event.tokens)
 
 
-class _Cancelled(Exception):
-    """Raised inside the generation (from generate_tokens' on_step) to stop a cancelled job."""
-
-
-# ------------------------------------------------------------------ the engine
 class Engine:
     """The loaded model, its name, and the worker that runs jobs one at a time in arrival order."""
 
@@ -187,11 +182,9 @@ class Engine:
             pieces.close()  # frees the KV cache now, also when the job was cancelled
         job.send(Done("", pending, stats, tokens))
 
-    # --- log-probabilities --------------------------------------------------------------------------------
     def logprob(self, token: int, logits: np.ndarray, k: int) -> TokenLogprob:
         """The chosen token's log-probability under softmax(logits) and the k most likely tokens'."""
-        scores = logits.astype(np.float64)
-        logprobs = scores - scores.max()
+        logprobs = logits.astype(np.float64) - logits.max()
         logprobs -= np.log(np.exp(logprobs).sum())  # (V,) log-softmax
         best = np.argsort(-logprobs, kind="stable")[:k] if k > 0 else []
         top = [(*self.token_text(int(i)), float(logprobs[i])) for i in best]

@@ -1,7 +1,5 @@
-"""The Ollama-compatible door: /api/generate and /api/chat bodies in, NDJSON chunks (or one object) out.
-
-Ollama's defaults and error shape; unknown options are logged and ignored, as Ollama does. What differs from
-Ollama (the sampler's order, repeat_penalty's reach) is in docs/server.md.
+"""The Ollama-compatible door: /api/generate and /api/chat bodies in, NDJSON chunks (or one object) out, with
+Ollama's defaults and error shape. Where it differs from Ollama (sampler order, repeat_penalty): docs/server.md.
 """
 
 from __future__ import annotations
@@ -17,8 +15,8 @@ from pydantic import ConfigDict, Field
 
 from ..errors import PhinanoError
 from .engine import Done, Engine, Failed, Job, TokenLogprob
-from .validate import (Body, Message, Reply, budget, chat_ids, check_model, logprobs_wanted, parse_body, refuse,
-                       sampling, stop_strings, token_ids)
+from .validate import (ApiError, Body, Message, Reply, budget, chat_ids, logprobs_wanted, parse_body, refuse, sampling,
+                       stop_strings, token_ids)
 
 log = logging.getLogger("phinano.serve")
 MEDIA_TYPE = "application/x-ndjson"
@@ -70,9 +68,7 @@ class Request(Body):
 
 def job(kind: str, engine: Engine, body: object) -> tuple[Job | None, Reply]:
     """A Job, or (None, reply) for an empty prompt or empty messages, which in Ollama only loads the model."""
-    req = parse_body(Request, body)
-    check_model(engine, req.model)
-    refuse(body, REFUSED)
+    req = parse_body(Request, body, engine, REFUSED)
     refuse(body.get("options") or {}, REFUSED_OPTIONS, prefix="options.")
     o = req.options or Options()
     unknown = set(o.model_extra or {}) - set(REFUSED_OPTIONS) - IGNORED
@@ -109,9 +105,9 @@ async def stream(reply: Reply, job: Job) -> AsyncIterator[str]:
     """One JSON object per line: a chunk per text piece, then the final object with done: true."""
     async for event in job.stream():
         if isinstance(event, Failed):
-            line = {"error": event.message}
+            line = error_body(ApiError(500, event.message))
         elif isinstance(event, Done):
-            line = response(reply, "", event.logprobs, event)
+            line = response(reply, event)
         else:
             line = _chunk(reply, event.text, event.logprobs)
         yield json.dumps(line, ensure_ascii=False) + "\n"
@@ -125,14 +121,11 @@ def _chunk(reply: Reply, text: str, logprobs: list[TokenLogprob]) -> dict:
     return chunk
 
 
-def response(reply: Reply, text: str, logprobs: list[TokenLogprob], done: Done | None) -> dict:
-    """The last object (the only one when not streaming): done_reason and Ollama's counts and durations in
-    nanoseconds; prompt_eval_duration is the prefill (which also draws the first new token), eval_duration the
-    rest. done None: the reply to "load the model"."""
-    final = _chunk(reply, text, logprobs)
-    final.update(done=True, done_reason=done.stats["finish_reason"] if done else "unload" if reply.unload else "load")
+def response(reply: Reply, done: Done | None) -> dict:
+    """The last object (the only one when not streaming); done None: the reply to "load the model"."""
     if done is None:
-        return final
+        return {**_chunk(reply, "", []), "done": True, "done_reason": "unload" if reply.unload else "load"}
+    final = {**_chunk(reply, done.text, done.logprobs), "done": True, "done_reason": done.stats["finish_reason"]}
     s = done.stats
     if reply.context is not None:
         final["context"] = reply.context + done.tokens
@@ -148,19 +141,18 @@ def _rfc3339(seconds: float) -> str:
 
 def tags(engine: Engine) -> dict:
     """/api/tags: the one model, described as Ollama describes its models."""
-    model, family = engine.model, "phimoe" if engine.model.config.is_moe else "phi3"
+    model, name, dtype = engine.model, f"{engine.name}:latest", str(engine.model.weights.dtype)
+    family = "phimoe" if model.config.is_moe else "phi3"
     total, _ = model.parameter_counts()
     size = next((f"{total / scale:.1f}{unit}" for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3))
                  if total >= scale), str(total))
     details = {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
-               "parameter_size": size,
-               "quantization_level": DTYPE_NAMES.get(str(model.weights.dtype), str(model.weights.dtype))}
-    name = f"{engine.name}:latest"
+               "parameter_size": size, "quantization_level": DTYPE_NAMES.get(dtype, dtype)}
     return {"models": [{"name": name, "model": name, "modified_at": _rfc3339(engine.created),
                         "size": int(model.weights.nbytes), "digest": hashlib.sha256(engine.name.encode()).hexdigest(),
                         "details": details}]}
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+def error_body(error: ApiError) -> dict:
     """Ollama's error object: {"error": "message"}."""
-    return {"error": message}
+    return {"error": error.message}

@@ -1,7 +1,5 @@
-"""The OpenAI-compatible door: request bodies in, `chat.completion` / `text_completion` objects out.
-
-Besides OpenAI's fields (docs/server.md), four extensions that vLLM also accepts (the openai client sends them
-in `extra_body`): `top_k` (-1 or 0: off), `min_p`, `repetition_penalty`, `ignore_eos` (for benchmarks).
+"""The OpenAI-compatible door: request bodies in, `chat.completion` / `text_completion` objects out. The fields,
+and the four extensions vLLM also accepts (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`): docs/server.md.
 """
 
 from __future__ import annotations
@@ -15,8 +13,8 @@ from pydantic import Field
 
 from .. import __version__
 from .engine import Done, Engine, Failed, Job, TokenLogprob
-from .validate import (ApiError, Body, Message, Reply, budget, chat_ids, check_model, logprobs_wanted, parse_body,
-                       refuse, sampling, stop_strings, token_ids)
+from .validate import (ApiError, Body, Message, Reply, budget, chat_ids, logprobs_wanted, parse_body, sampling,
+                       stop_strings, token_ids)
 
 FINGERPRINT = f"phinano-{__version__}"
 MEDIA_TYPE = "text/event-stream"
@@ -56,9 +54,7 @@ class CompletionBody(_Common):
 
 
 def job(kind: str, engine: Engine, body: object) -> tuple[Job, Reply]:
-    req = parse_body(ChatBody if kind == "chat" else CompletionBody, body)
-    check_model(engine, req.model)
-    refuse(body, REFUSED)
+    req = parse_body(ChatBody if kind == "chat" else CompletionBody, body, engine, REFUSED)
     if kind == "chat":
         if not req.messages:
             raise ApiError(400, "Invalid 'messages': empty array. Expected an array with minimum length 1.",
@@ -95,11 +91,11 @@ def _prompt_ids(engine: Engine, prompt: str | list) -> list[int]:
     return ids
 
 
-def response(reply: Reply, text: str, logprobs: list[TokenLogprob], done: Done) -> dict:
+def response(reply: Reply, done: Done) -> dict:
     """The whole (non-streaming) `chat.completion` or `text_completion` object."""
-    body = {"message": {"role": "assistant", "content": text, "refusal": None}} if reply.kind == "chat" else \
-        {"text": text}
-    return _object(reply, [_choice(reply, body, logprobs, done.stats["finish_reason"])], _usage(done.stats))
+    answer = {"message": {"role": "assistant", "content": done.text, "refusal": None}} if reply.kind == "chat" \
+        else {"text": done.text}
+    return _object(reply, [_choice(reply, answer, done.logprobs, done.stats["finish_reason"])], done.stats)
 
 
 async def stream(reply: Reply, job: Job) -> AsyncIterator[str]:
@@ -108,50 +104,45 @@ async def stream(reply: Reply, job: Job) -> AsyncIterator[str]:
         yield _sse(_chunk(reply, {"role": "assistant", "content": ""}, [], None))
     async for event in job.stream():
         if isinstance(event, Failed):
-            yield _sse(error_body(500, event.message))
+            yield _sse(error_body(ApiError(500, event.message)))
         elif isinstance(event, Done):
             yield _sse(_chunk(reply, {}, event.logprobs, event.stats["finish_reason"]))
             if reply.include_usage:
-                yield _sse(_object(reply, [], _usage(event.stats), chunk=True))
+                yield _sse(_object(reply, [], event.stats))
         else:
             yield _sse(_chunk(reply, {"content": event.text}, event.logprobs, None))
     yield "data: [DONE]\n\n"
 
 
 def _chunk(reply: Reply, delta: dict, logprobs: list[TokenLogprob], reason: str | None) -> dict:
-    body = {"delta": delta} if reply.kind == "chat" else {"text": delta.get("content", "")}
-    return _object(reply, [_choice(reply, body, logprobs, reason)], None, chunk=True)
+    answer = {"delta": delta} if reply.kind == "chat" else {"text": delta.get("content", "")}
+    return _object(reply, [_choice(reply, answer, logprobs, reason)])
 
 
-def _choice(reply: Reply, body: dict, logprobs: list[TokenLogprob], reason: str | None) -> dict:
-    return {"index": 0, **body, "logprobs": _logprobs(reply, logprobs), "finish_reason": reason}
+def _choice(reply: Reply, answer: dict, logprobs: list[TokenLogprob], reason: str | None) -> dict:
+    """One choice. Its logprobs: chat's {content: [entry, ...]}, or completions' older parallel lists, whose
+    alternatives are {token: logprob} dicts that also hold the chosen token (up to logprobs + 1 entries)."""
+    if not reply.logprobs:
+        lps = None
+    elif reply.kind == "chat":
+        lps = {"content": [lp.entry() for lp in logprobs], "refusal": None}
+    else:
+        lps = {"tokens": [lp.text for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+               "top_logprobs": [{lp.text: lp.logprob, **{t: v for t, _, v in lp.top}} for lp in logprobs],
+               "text_offset": list(itertools.accumulate((len(lp.text) for lp in logprobs), initial=0))[:-1]}
+    return {"index": 0, **answer, "logprobs": lps, "finish_reason": reason}
 
 
-def _object(reply: Reply, choices: list, usage: dict | None, chunk: bool = False) -> dict:
-    """A response or a chunk; a chunk has `usage` only when the client asked for it (null but in the last)."""
-    kind = "text_completion" if reply.kind == "completion" else f"chat.completion{'.chunk' if chunk else ''}"
+def _object(reply: Reply, choices: list, stats: dict | None = None) -> dict:
+    """A response, or a chunk when streaming: a chunk has `usage` only if the client asked (null but in the last)."""
+    kind = "text_completion" if reply.kind == "completion" else f"chat.completion{'.chunk' if reply.stream else ''}"
     out = {"id": reply.id, "object": kind, "created": reply.created, "model": reply.model,
            "system_fingerprint": FINGERPRINT, "choices": choices}
-    if not chunk or reply.include_usage:
-        out["usage"] = usage
-    return out
-
-
-def _usage(stats: dict) -> dict:
-    return {"prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["new_tokens"],
+    if not reply.stream or reply.include_usage:
+        out["usage"] = None if stats is None else {
+            "prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["new_tokens"],
             "total_tokens": stats["prompt_tokens"] + stats["new_tokens"]}
-
-
-def _logprobs(reply: Reply, logprobs: list[TokenLogprob]) -> dict | None:
-    """Chat: {content: [entry, ...]}. Completions: the older parallel lists, alternatives as {token: logprob}
-    dicts that also hold the chosen token (so up to logprobs + 1 entries, as OpenAI documents)."""
-    if not reply.logprobs:
-        return None
-    if reply.kind == "chat":
-        return {"content": [lp.entry() for lp in logprobs], "refusal": None}
-    return {"tokens": [lp.text for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{lp.text: lp.logprob, **{t: v for t, _, v in lp.top}} for lp in logprobs],
-            "text_offset": list(itertools.accumulate((len(lp.text) for lp in logprobs), initial=0))[:-1]}
+    return out
 
 
 def _sse(data: dict) -> str:
@@ -162,7 +153,7 @@ def model_card(engine: Engine) -> dict:
     return {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "phinano"}
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+def error_body(error: ApiError) -> dict:
     """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    kind = "invalid_request_error" if error.status < 500 else "server_error"
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}

@@ -14,6 +14,8 @@ from ..errors import PhinanoError
 from ..sampling import OptionError, resolve_options
 from .engine import Engine
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-plain"}
+
 
 class ApiError(Exception):
     """A request the server refuses: becomes a JSON error in the shape of the API it came in by."""
@@ -58,12 +60,13 @@ class Reply:
     started: float = field(default_factory=time.perf_counter)  # once the body is read: Ollama's total_duration
 
 
-def parse_body(schema: type[Body], body: object):
-    """Validate decoded JSON against a schema; the first problem becomes a 400 naming the field."""
+def parse_body(schema: type[Body], body: object, engine: Engine, refused: dict):
+    """Decoded JSON validated against a schema (the first problem: a 400 naming the field), naming the served
+    model, setting none of the `refused` parameters."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
-        return schema.model_validate(body)
+        req = schema.model_validate(body)
     except ValidationError as error:
         problem = error.errors()[0]
         path = ""
@@ -76,9 +79,9 @@ def parse_body(schema: type[Body], body: object):
             raise missing(path) from None
         what = problem["msg"][0].lower() + problem["msg"][1:]
         raise ApiError(400, f"Invalid value for '{path}': {what}.", param=path or None, code="invalid_value") from None
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-plain"}
+    check_model(engine, req.model)
+    refuse(body, refused)
+    return req
 
 
 def missing(param: str) -> ApiError:
@@ -123,8 +126,7 @@ def check_model(engine: Engine, model: str) -> None:
 
 
 def refuse(given: dict, neutral: dict, prefix: str = "") -> None:
-    """A 400 for the first parameter phinano does not implement that `given` (a body, or its options) sets
-    to anything but null or the neutral value, rather than silently ignoring it."""
+    """A 400 for the first unimplemented parameter that `given` sets to other than null or its neutral value."""
     for name, value in neutral.items():
         if given.get(name) not in (None, value):
             raise ApiError(400, f"phinano does not support '{prefix}{name}' other than {json.dumps(value)}.",
@@ -159,8 +161,7 @@ def budget(ids: list[int], context: int, asked: int | None, param: str, clip: bo
 
 
 def sampling(given: dict, defaults: dict, names: dict[str, str]) -> dict:
-    """resolve_options(given, defaults) -- generate_tokens' arguments -- or a 400 that names the option as
-    the API does (`names` maps phinano's names to the API's where they differ)."""
+    """resolve_options(given, defaults), or a 400 naming the option as the API does (`names`: where they differ)."""
     try:
         return resolve_options(given, defaults)
     except OptionError as error:
