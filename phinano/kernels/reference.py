@@ -10,7 +10,29 @@ HD head dim, R rotary dims, N output rows, K input width, F MLP width.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+__all__ = ["set_threads", "widen", "embed", "linear", "rmsnorm", "layernorm", "rope", "softmax", "swiglu", "attention"]
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use `n` threads (default: all cores) in NumPy's BLAS, the only multi-threaded part of these ops.
+    Returns the number asked for, clamped to 1 .. the core count.
+
+    It reaches the BLAS library through the threadpoolctl package; without threadpoolctl installed it
+    changes nothing (BLAS keeps its own thread count, e.g. from OPENBLAS_NUM_THREADS) and only returns
+    the number. Unlike the fast backend's, the setting is for the whole process.
+    """
+    cores = os.cpu_count() or 1
+    n = cores if n is None else max(1, min(int(n), cores))
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return n
+    threadpool_limits(n, user_api="blas")
+    return n
 
 
 def widen(w: np.ndarray) -> np.ndarray:
