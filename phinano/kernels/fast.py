@@ -36,6 +36,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 from numba import njit, prange
 
+from ..formats.quantized import QuantizedTensor
+from .quantized import KERNELS
 from .runtime import FASTMATH, in_parts, run, set_threads, threads
 from .widening import activation, stored, to_f32
 
@@ -56,6 +58,31 @@ _ATTENTION_CHUNK_BYTES = 8 << 20
 
 
 # ---------------------------------------------------------------------------------------------------------
+# How each kind of stored weight is read: the one place that tells arrays and packed tensors apart
+# ---------------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _widen_rows(w, out):
+    """out[r, c] = float32(w[r, c]) on one thread, without the GIL (it runs inside `in_parts`)."""
+    for r in range(w.shape[0]):
+        for c in range(w.shape[1]):
+            out[r, c] = to_f32(w[r, c])
+
+
+def _reader(w: np.ndarray | QuantizedTensor):
+    """(rows, matmul, widen_rows) for a weight matrix (N, K):
+    rows        what the kernels index by row: the stored array, or a QuantizedTensor's packed bytes
+    matmul      matmul(x, rows, y): y = x @ w.T for x (T, K), compiled and parallel over weight rows
+    widen_rows  widen_rows(rows[a:b], out): rows a..b as float32 into out (b - a, K); serial, nogil
+    """
+    if isinstance(w, QuantizedTensor):
+        kernels = KERNELS[w.qtype]
+        return w.data, kernels.matmul, kernels.dequantize_rows
+    return stored(w), _matmul_fused, _widen_rows
+
+
+# ---------------------------------------------------------------------------------------------------------
 # widen, embed
 # ---------------------------------------------------------------------------------------------------------
 
@@ -67,20 +94,16 @@ def _widen_flat(w, out):
         out[i] = to_f32(w[i])
 
 
-@njit(cache=True, nogil=True)
-def _widen_rows_serial(w, out):
-    """out[r, c] = float32(w[r, c]) on one thread, without the GIL (a part of `linear`'s BLAS path)."""
-    for r in range(w.shape[0]):
-        for c in range(w.shape[1]):
-            out[r, c] = to_f32(w[r, c])
-
-
-def widen(w: np.ndarray) -> np.ndarray:
-    """Any stored weight -> float32 (bf16 exactly, via the high half of a 32-bit word).
-
-    Fast because the widening runs compiled and in parallel; float32 input is returned as it is.
+def widen(w: np.ndarray | QuantizedTensor) -> np.ndarray:
+    """Any stored weight -> float32 (bf16 exactly, via the high half of a 32-bit word; packed blocks
+    unpacked). Fast because the widening runs compiled and in parallel; float32 input is returned as it is.
     Meant for small tensors (norm weights, biases): the matrix kernels never call it on a whole matrix.
     """
+    if isinstance(w, QuantizedTensor):
+        rows, _, widen_rows = _reader(w)
+        out = np.empty(w.shape, np.float32)
+        widen_rows(rows, out)
+        return out
     w = np.asarray(w)
     if w.dtype == np.float32:
         return w
@@ -92,30 +115,21 @@ def widen(w: np.ndarray) -> np.ndarray:
     return out.reshape(w.shape)
 
 
-@njit(parallel=True, cache=True)
-def _embed_rows(table, ids, out):
-    """out[t] = float32(table[ids[t]]): one gathered row per token, widened on the way."""
-    D = table.shape[1]
-    for t in prange(ids.shape[0]):
-        row = ids[t]
-        for i in range(D):
-            out[t, i] = to_f32(table[row, i])
-
-
-def embed(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def embed(table: np.ndarray | QuantizedTensor, ids: np.ndarray) -> np.ndarray:
     """Rows of the (V, D) embedding table for the (T,) token ids -> (T, D) float32.
 
     Fast because only the T requested rows are read and widened (the table stays on disk/in the page
-    cache as bf16). Ids may be negative like NumPy indices; out-of-range ids raise IndexError.
+    cache as stored, packed tables too). Ids may be negative like NumPy indices; out-of-range ids raise
+    IndexError.
     """
     ids = np.asarray(ids)
     V, D = table.shape
     flat = ids.reshape(-1).astype(np.int64)
     if flat.size and (flat.min() < -V or flat.max() >= V):
         raise IndexError(f"token id out of range for an embedding table of {V} rows")
-    flat = np.where(flat < 0, flat + V, flat)
+    rows, _, widen_rows = _reader(table)
     out = np.empty((flat.shape[0], D), np.float32)
-    run(_embed_rows, flat.shape[0] * D, stored(table), flat, out)
+    widen_rows(rows[flat], out)  # (T, D): NumPy gathers the T stored rows, one compiled pass widens them
     return out.reshape(ids.shape + (D,))
 
 
@@ -192,38 +206,39 @@ def _matmul_fused(x, w, y):
             y[t, r] = acc
 
 
-def _matmul_blas(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _matmul_blas(x: np.ndarray, rows: np.ndarray, widen_rows) -> np.ndarray:
     """x @ float32(w).T for many tokens. The N weight rows are split into one contiguous range per thread;
     each thread widens a tile of its rows at a time into its own float32 buffer and multiplies it with
     one single-threaded BLAS call (float32 weights: no widening)."""
     T, K = x.shape
-    N = w.shape[0]
+    N = rows.shape[0]
     y = np.empty((T, N), np.float32)
-    rows = max(64, _TILE_ELEMENTS // max(K, 1))
+    tile_rows = max(64, _TILE_ELEMENTS // max(K, 1))
 
     def part(i: int, parts: int) -> None:
         a, b = N * i // parts, N * (i + 1) // parts
-        if w.dtype == np.float32:
-            y[:, a:b] = x @ w[a:b].T
+        if rows.dtype == np.float32:
+            y[:, a:b] = x @ rows[a:b].T
             return
-        tile = np.empty((min(rows, max(b - a, 1)), K), np.float32)
-        for r0 in range(a, b, rows):
-            r1 = min(b, r0 + rows)
+        tile = np.empty((min(tile_rows, max(b - a, 1)), K), np.float32)
+        for r0 in range(a, b, tile_rows):
+            r1 = min(b, r0 + tile_rows)
             buf = tile[: r1 - r0]
-            _widen_rows_serial(w[r0:r1], buf)
+            widen_rows(rows[r0:r1], buf)
             y[:, r0:r1] = x @ buf.T
 
     in_parts(part, max(1, min(N // 64, threads())))
     return y
 
 
-def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+def linear(x: np.ndarray, w: np.ndarray | QuantizedTensor, b: np.ndarray | None = None) -> np.ndarray:
     """y = x @ w.T (+ b). x (T, K) float32, w (N, K) as stored, b (N,) -> (T, N) float32.
 
-    Decode (few tokens): `_matmul_fused`, which streams the stored weights once at the memory-bandwidth
-    limit, widening bf16/f16 in registers (no float32 copy of w). Prefill (>= BLAS_MIN_TOKENS tokens, the
-    compute-bound case): float32 tiles of w and BLAS. x may also be 1-D (K,) or have more leading axes,
-    like `x @ w.T`. w is only read: read-only, unaligned and memory-mapped arrays are fine.
+    Decode (few tokens): one fused kernel streams the stored weights once at the memory-bandwidth limit,
+    widening bf16/f16 or unpacking quantized blocks in registers (`_matmul_fused`, `quantized.KERNELS`;
+    no float32 copy of w). Prefill (>= BLAS_MIN_TOKENS tokens, the compute-bound case): float32 tiles of
+    w and BLAS. x may also be 1-D (K,) or have more leading axes, like `x @ w.T`. w is only read:
+    read-only, unaligned and memory-mapped arrays are fine.
     """
     x = np.asarray(x)
     lead = x.shape[:-1]
@@ -231,13 +246,13 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndar
     if w.ndim != 2 or w.shape[1] != K:
         raise ValueError(f"linear: x has {K} features but w has shape {w.shape}")
     x2 = activation(x.reshape(-1, K))
-    ws = stored(w)
-    N = ws.shape[0]
-    if x2.shape[0] >= BLAS_MIN_TOKENS:
-        y = _matmul_blas(x2, ws)
+    T, N = x2.shape[0], w.shape[0]
+    rows, matmul, widen_rows = _reader(w)
+    if T >= BLAS_MIN_TOKENS:
+        y = _matmul_blas(x2, rows, widen_rows)
     else:
-        y = np.empty((x2.shape[0], N), np.float32)
-        run(_matmul_fused, ws.size * x2.shape[0], x2, ws, y)
+        y = np.empty((T, N), np.float32)
+        run(matmul, T * N * K, x2, rows, y)
     if b is not None:
         y += widen(b)
     return y.reshape(lead + (N,))
