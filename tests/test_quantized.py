@@ -21,6 +21,7 @@ Tolerances, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -38,6 +39,7 @@ from phinano.kernels import fast, reference  # noqa: E402
 from phinano.kernels.quantized import KERNELS  # noqa: E402
 from test_kernels import assert_linear_close, f32  # noqa: E402
 
+Q8_0_BLAS = KERNELS["Q8_0"].blas_min_tokens  # from this many tokens on, linear() unpacks tiles for BLAS
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 seeds = st.integers(0, 2**32 - 1)
 # float16 scale bit patterns (sign bit random): exponent field ranges, never 31 (inf / nan) unless "any"
@@ -56,7 +58,8 @@ def random_q8_0(rng: np.random.Generator, N: int, K: int, kind: str) -> Quantize
     blocks = rng.integers(0, 256, (N * K // 32, 34), dtype=np.uint8)
     lo, hi = SCALE_EXPONENTS[kind]
     exponent = rng.integers(lo, hi + 1, len(blocks), dtype=np.uint16)
-    bits = (rng.integers(0, 2, len(blocks), dtype=np.uint16) << 15) | (exponent << 10) | rng.integers(0, 1024, len(blocks), dtype=np.uint16)
+    sign = rng.integers(0, 2, len(blocks), dtype=np.uint16) << 15
+    bits = sign | (exponent << 10) | rng.integers(0, 1024, len(blocks), dtype=np.uint16)  # float16: s eeeee mmmmmmmmmm
     blocks[:, :2] = bits.astype("<u2").view(np.uint8).reshape(-1, 2)
     return QuantizedTensor("Q8_0", (N, K), blocks.reshape(N, K // 32 * 34))
 
@@ -158,7 +161,7 @@ def test_quantize_q8_0_rejects_rows_that_are_not_whole_blocks():
 @SETTINGS
 @given(
     seed=seeds,
-    T=st.sampled_from([1, 2, 3, 4, 5, 8, 17, 64, fast.BLAS_MIN_TOKENS, fast.BLAS_MIN_TOKENS + 13]),
+    T=st.sampled_from([1, 2, 3, 4, 5, 8, 17, Q8_0_BLAS - 1, Q8_0_BLAS, Q8_0_BLAS + 13, 100]),  # fused, then BLAS
     N=st.integers(1, 37),  # any row count: the kernel works on four rows at a time
     blocks=st.integers(1, 32),  # K = 32 .. 1024
     kind=scale_kinds,
@@ -177,10 +180,10 @@ def test_linear_on_q8_0_weights(seed, T, N, blocks, kind, xs, bias):
 def test_linear_q8_0_blas_path_spans_several_tiles(monkeypatch):
     monkeypatch.setattr(fast, "_TILE_ELEMENTS", 64 * 64)  # tiles of 64 rows of K = 64
     rng = np.random.default_rng(1)
-    assert_linear_close(f32(rng, (fast.BLAS_MIN_TOKENS + 3, 64)), random_q8_0(rng, 150, 64, "typical"))
+    assert_linear_close(f32(rng, (Q8_0_BLAS + 3, 64)), random_q8_0(rng, 150, 64, "typical"))
 
 
-@pytest.mark.parametrize("T", [1, 5, fast.BLAS_MIN_TOKENS])
+@pytest.mark.parametrize("T", [1, 5, Q8_0_BLAS])
 def test_linear_reads_readonly_q8_0_data_and_writes_nothing(T):
     rng = np.random.default_rng(2)
     w = random_q8_0(rng, 13, 96, "typical")
@@ -224,7 +227,7 @@ def test_embed_unpacks_only_the_gathered_rows(monkeypatch):
     """A quantized embedding table is never unpacked whole: the kernel sees the T gathered rows only."""
     seen = []
     kernels = KERNELS["Q8_0"]
-    spy = type(kernels)(kernels.matmul, lambda rows, out: seen.append(rows.shape) or kernels.dequantize_rows(rows, out))
+    spy = dataclasses.replace(kernels, widen_rows=lambda rows, out: seen.append(rows.shape) or kernels.widen_rows(rows, out))
     monkeypatch.setitem(KERNELS, "Q8_0", spy)
     table = random_q8_0(np.random.default_rng(5), 1000, 64, "typical")
     fast.embed(table, np.array([3, 999]))

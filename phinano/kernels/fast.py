@@ -37,7 +37,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from numba import njit, prange
 
 from ..formats.quantized import QuantizedTensor
-from .quantized import KERNELS
+from .quantized import KERNELS, MatrixKernels
 from .runtime import FASTMATH, in_parts, run, set_threads, threads
 from .widening import activation, stored, to_f32
 
@@ -58,83 +58,7 @@ _ATTENTION_CHUNK_BYTES = 8 << 20
 
 
 # ---------------------------------------------------------------------------------------------------------
-# How each kind of stored weight is read: the one place that tells arrays and packed tensors apart
-# ---------------------------------------------------------------------------------------------------------
-
-
-@njit(cache=True, nogil=True)
-def _widen_rows(w, out):
-    """out[r, c] = float32(w[r, c]) on one thread, without the GIL (it runs inside `in_parts`)."""
-    for r in range(w.shape[0]):
-        for c in range(w.shape[1]):
-            out[r, c] = to_f32(w[r, c])
-
-
-def _reader(w: np.ndarray | QuantizedTensor):
-    """(rows, matmul, widen_rows) for a weight matrix (N, K):
-    rows        what the kernels index by row: the stored array, or a QuantizedTensor's packed bytes
-    matmul      matmul(x, rows, y): y = x @ w.T for x (T, K), compiled and parallel over weight rows
-    widen_rows  widen_rows(rows[a:b], out): rows a..b as float32 into out (b - a, K); serial, nogil
-    """
-    if isinstance(w, QuantizedTensor):
-        kernels = KERNELS[w.qtype]
-        return w.data, kernels.matmul, kernels.dequantize_rows
-    return stored(w), _matmul_fused, _widen_rows
-
-
-# ---------------------------------------------------------------------------------------------------------
-# widen, embed
-# ---------------------------------------------------------------------------------------------------------
-
-
-@njit(parallel=True, cache=True)
-def _widen_flat(w, out):
-    """out[i] = float32(w[i]) over flat arrays, in parallel chunks."""
-    for i in prange(w.shape[0]):
-        out[i] = to_f32(w[i])
-
-
-def widen(w: np.ndarray | QuantizedTensor) -> np.ndarray:
-    """Any stored weight -> float32 (bf16 exactly, via the high half of a 32-bit word; packed blocks
-    unpacked). Fast because the widening runs compiled and in parallel; float32 input is returned as it is.
-    Meant for small tensors (norm weights, biases): the matrix kernels never call it on a whole matrix.
-    """
-    if isinstance(w, QuantizedTensor):
-        rows, _, widen_rows = _reader(w)
-        out = np.empty(w.shape, np.float32)
-        widen_rows(rows, out)
-        return out
-    w = np.asarray(w)
-    if w.dtype == np.float32:
-        return w
-    if w.dtype not in (np.uint16, np.float16):
-        return w.astype(np.float32)
-    flat = np.ascontiguousarray(stored(w)).reshape(-1)
-    out = np.empty(flat.shape[0], np.float32)
-    run(_widen_flat, flat.shape[0], flat, out)
-    return out.reshape(w.shape)
-
-
-def embed(table: np.ndarray | QuantizedTensor, ids: np.ndarray) -> np.ndarray:
-    """Rows of the (V, D) embedding table for the (T,) token ids -> (T, D) float32.
-
-    Fast because only the T requested rows are read and widened (the table stays on disk/in the page
-    cache as stored, packed tables too). Ids may be negative like NumPy indices; out-of-range ids raise
-    IndexError.
-    """
-    ids = np.asarray(ids)
-    V, D = table.shape
-    flat = ids.reshape(-1).astype(np.int64)
-    if flat.size and (flat.min() < -V or flat.max() >= V):
-        raise IndexError(f"token id out of range for an embedding table of {V} rows")
-    rows, _, widen_rows = _reader(table)
-    out = np.empty((flat.shape[0], D), np.float32)
-    widen_rows(rows[flat], out)  # (T, D): NumPy gathers the T stored rows, one compiled pass widens them
-    return out.reshape(ids.shape + (D,))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# linear: y = x @ w.T (+ b)
+# linear: y = x @ w.T (+ b), and how each kind of stored weight matrix is read
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -206,6 +130,25 @@ def _matmul_fused(x, w, y):
             y[t, r] = acc
 
 
+@njit(cache=True, nogil=True)
+def _widen_rows(w, out):
+    """out[r, c] = float32(w[r, c]) on one thread, without the GIL (it runs inside `in_parts`)."""
+    for r in range(w.shape[0]):
+        for c in range(w.shape[1]):
+            out[r, c] = to_f32(w[r, c])
+
+
+_ARRAY_KERNELS = MatrixKernels(_matmul_fused, _widen_rows, BLAS_MIN_TOKENS)  # bf16, float16, float32 weights
+
+
+def _reader(w: np.ndarray | QuantizedTensor) -> tuple[np.ndarray, MatrixKernels]:
+    """(rows, kernels) for a weight matrix (N, K): rows is what the kernels index by row (the stored
+    array as `stored` gives it, or a QuantizedTensor's packed bytes), kernels the compiled code reading it."""
+    if isinstance(w, QuantizedTensor):
+        return w.data, KERNELS[w.qtype]
+    return stored(w), _ARRAY_KERNELS
+
+
 def _matmul_blas(x: np.ndarray, rows: np.ndarray, widen_rows) -> np.ndarray:
     """x @ float32(w).T for many tokens. The N weight rows are split into one contiguous range per thread;
     each thread widens a tile of its rows at a time into its own float32 buffer and multiplies it with
@@ -236,9 +179,9 @@ def linear(x: np.ndarray, w: np.ndarray | QuantizedTensor, b: np.ndarray | None 
 
     Decode (few tokens): one fused kernel streams the stored weights once at the memory-bandwidth limit,
     widening bf16/f16 or unpacking quantized blocks in registers (`_matmul_fused`, `quantized.KERNELS`;
-    no float32 copy of w). Prefill (>= BLAS_MIN_TOKENS tokens, the compute-bound case): float32 tiles of
-    w and BLAS. x may also be 1-D (K,) or have more leading axes, like `x @ w.T`. w is only read:
-    read-only, unaligned and memory-mapped arrays are fine.
+    no float32 copy of w). Prefill (from `blas_min_tokens` tokens on, BLAS_MIN_TOKENS for arrays; the
+    compute-bound case): float32 tiles of w and BLAS. x may also be 1-D (K,) or have more leading axes,
+    like `x @ w.T`. w is only read: read-only, unaligned and memory-mapped arrays are fine.
     """
     x = np.asarray(x)
     lead = x.shape[:-1]
@@ -247,15 +190,66 @@ def linear(x: np.ndarray, w: np.ndarray | QuantizedTensor, b: np.ndarray | None 
         raise ValueError(f"linear: x has {K} features but w has shape {w.shape}")
     x2 = activation(x.reshape(-1, K))
     T, N = x2.shape[0], w.shape[0]
-    rows, matmul, widen_rows = _reader(w)
-    if T >= BLAS_MIN_TOKENS:
-        y = _matmul_blas(x2, rows, widen_rows)
+    rows, kernels = _reader(w)
+    if T >= kernels.blas_min_tokens:
+        y = _matmul_blas(x2, rows, kernels.widen_rows)
     else:
         y = np.empty((T, N), np.float32)
-        run(matmul, T * N * K, x2, rows, y)
+        run(kernels.matmul, T * N * K, x2, rows, y)
     if b is not None:
         y += widen(b)
     return y.reshape(lead + (N,))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# widen, embed
+# ---------------------------------------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _widen_flat(w, out):
+    """out[i] = float32(w[i]) over flat arrays, in parallel chunks."""
+    for i in prange(w.shape[0]):
+        out[i] = to_f32(w[i])
+
+
+def widen(w: np.ndarray | QuantizedTensor) -> np.ndarray:
+    """Any stored weight -> float32 (bf16 exactly, via the high half of a 32-bit word; packed blocks
+    unpacked). Fast because the widening runs compiled and in parallel; float32 input is returned as it is.
+    Meant for small tensors (norm weights, biases): the matrix kernels never call it on a whole matrix.
+    """
+    if isinstance(w, QuantizedTensor):
+        rows, kernels = _reader(w)
+        out = np.empty(w.shape, np.float32)
+        kernels.widen_rows(rows, out)
+        return out
+    w = np.asarray(w)
+    if w.dtype == np.float32:
+        return w
+    if w.dtype not in (np.uint16, np.float16):
+        return w.astype(np.float32)
+    flat = np.ascontiguousarray(stored(w)).reshape(-1)
+    out = np.empty(flat.shape[0], np.float32)
+    run(_widen_flat, flat.shape[0], flat, out)
+    return out.reshape(w.shape)
+
+
+def embed(table: np.ndarray | QuantizedTensor, ids: np.ndarray) -> np.ndarray:
+    """Rows of the (V, D) embedding table for the (T,) token ids -> (T, D) float32.
+
+    Fast because only the T requested rows are read and widened (the table stays on disk/in the page
+    cache as stored, packed tables too). Ids may be negative like NumPy indices; out-of-range ids raise
+    IndexError.
+    """
+    ids = np.asarray(ids)
+    V, D = table.shape
+    flat = ids.reshape(-1).astype(np.int64)
+    if flat.size and (flat.min() < -V or flat.max() >= V):
+        raise IndexError(f"token id out of range for an embedding table of {V} rows")
+    rows, kernels = _reader(table)
+    out = np.empty((flat.shape[0], D), np.float32)
+    kernels.widen_rows(rows[flat], out)  # (T, D): NumPy gathers the T stored rows, one compiled pass widens them
+    return out.reshape(ids.shape + (D,))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""Compiled kernels for packed weights (phinano/formats/quantized.py), one `QuantizedKernels` per type.
+"""Compiled kernels for packed weights (phinano/formats/quantized.py), one `MatrixKernels` per type.
 
-`fast.linear` and `fast.embed` look a QuantizedTensor's type up in `KERNELS` and call:
+`fast.linear`, `fast.embed` and `fast.widen` look a QuantizedTensor's type up in `KERNELS` and call:
 - `matmul(x, data, y)`: y = x @ w.T straight from the packed bytes, for few tokens (decode). Parallel over
   blocks of four weight rows like the bf16 kernel: each packed byte is read once per token, unpacked in
   registers, and every x[c] load is shared by four rows (four independent accumulators).
-- `dequantize_rows(data, out)`: packed rows -> float32 rows, serial and without the GIL, for the float32
+- `widen_rows(data, out)`: packed rows -> float32 rows, serial and without the GIL, for the float32
   tiles that BLAS multiplies in long prefills (several run at once, one per thread) and for `embed`.
 
 Adding a type is adding its two kernels here and one line to `KERNELS` (and its layout in formats).
@@ -24,11 +24,13 @@ from .widening import to_f32
 
 
 @dataclass(frozen=True)
-class QuantizedKernels:
-    """The compiled kernels of one quantization type. data is (N, row bytes) uint8 as in QuantizedTensor."""
+class MatrixKernels:
+    """The compiled kernels that read one kind of stored weight matrix (N, K) row by row. `fast.linear`
+    uses one for plain arrays (bf16, float16, float32) and one per quantization type from `KERNELS`."""
 
-    matmul: Callable  # (x (T, K) float32, data (N, ...) uint8, y (T, N) float32 out): parallel
-    dequantize_rows: Callable  # (data (n, ...) uint8, out (n, K) float32 out): serial, nogil
+    matmul: Callable  # (x (T, K) float32, rows (N, ...), y (T, N) float32 out): y = x @ w.T, parallel
+    widen_rows: Callable  # (rows (n, ...), out (n, K) float32 out): unpacked rows; serial, nogil
+    blas_min_tokens: int  # from this many tokens on, linear() multiplies widened tiles with BLAS instead
 
 
 @njit(inline="always")
@@ -92,6 +94,8 @@ def _q8_0_dequantize_rows(data, out):
                 out[r, 32 * b + j] = d * _i8(row[34 * b + 2 + j])
 
 
-KERNELS: dict[str, QuantizedKernels] = {
-    "Q8_0": QuantizedKernels(_q8_0_matmul, _q8_0_dequantize_rows),
+KERNELS: dict[str, MatrixKernels] = {
+    # BLAS from 32 tokens: the fused kernel stays near 35 GFLOP/s from 8 tokens on (each token unpacks
+    # the bytes again), tiles + BLAS pass it between 16 and 32 (`scripts/kernel_bench.py --prefill`).
+    "Q8_0": MatrixKernels(_q8_0_matmul, _q8_0_dequantize_rows, blas_min_tokens=32),
 }
