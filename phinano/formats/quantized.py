@@ -47,13 +47,14 @@ def _dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:
 LAYOUTS: dict[str, Layout] = {layout.qtype: layout for layout in (Layout("Q8_0", 32, 34, _dequantize_q8_0),)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class QuantizedTensor:
     """An (N, K) float matrix kept in packed blocks of type `qtype` (see `LAYOUTS`).
 
     `data` is (N, K / block * block_bytes) uint8: row r's blocks in order, as they lie in a GGUF file (a
     memory map is fine; nothing here writes to it). `shape` and `ndim` describe the float matrix, so
     shape checks written for arrays work unchanged. Indexing selects whole rows: `t[a:b]`, `t[ids]`.
+    It is compared and hashed by identity (eq=False), never by its bytes, so it can key a dict or a cache.
     """
 
     qtype: str
@@ -87,7 +88,7 @@ class QuantizedTensor:
 
     def __getitem__(self, rows) -> QuantizedTensor:
         """Whole rows, selected as NumPy selects along the first axis (a slice or 1-D ids) -> QuantizedTensor."""
-        data = self.data[rows] if not isinstance(rows, tuple) else None
+        data = None if isinstance(rows, tuple) else self.data[rows]  # (n, row bytes) for whole rows
         if data is None or data.ndim != 2:
             raise IndexError(f"a QuantizedTensor selects whole rows (a slice or 1-D ids), not {rows!r}")
         return QuantizedTensor(self.qtype, (data.shape[0], self.shape[1]), data)
