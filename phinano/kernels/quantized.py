@@ -95,7 +95,8 @@ def _q8_0_dequantize_rows(data, out):
 
 
 KERNELS: dict[str, MatrixKernels] = {
-    # BLAS from 32 tokens: the fused kernel stays near 35 GFLOP/s from 8 tokens on (each token unpacks
-    # the bytes again), tiles + BLAS pass it between 16 and 32 (`scripts/kernel_bench.py --prefill`).
+    # BLAS from 32 tokens: the fused kernel stops gaining from about 8 tokens on (each token unpacks the
+    # bytes again) and tiles + BLAS pass it between 16 and 32 tokens (`scripts/kernel_bench.py --prefill`,
+    # docs/kernels.md).
     "Q8_0": MatrixKernels(_q8_0_matmul, _q8_0_dequantize_rows, blas_min_tokens=32),
 }
