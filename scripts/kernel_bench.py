@@ -1,6 +1,6 @@
 """How fast are the Numba kernels here? Prints weight-streaming GB/s of `linear` against a BLAS reference.
 
-    python scripts/kernel_bench.py              # decode matvec on a 1 GiB bf16 matrix vs BLAS, same run
+    python scripts/kernel_bench.py              # decode matvecs: bf16 vs BLAS, then bf16 vs Q8_0
     python scripts/kernel_bench.py --prefill    # + the fused-vs-BLAS crossover in tokens, and attention
     python scripts/kernel_bench.py --startup    # + compile time and cached start time, in fresh processes
 
@@ -8,6 +8,9 @@ Decode: y = x @ w.T with w a 1 GiB bfloat16 matrix (32768 x 16384, uint16 bits) 
 `fast.linear`, against NumPy's float32 BLAS matrix-vector product on a 1 GiB float32 matrix (16384 x 16384)
 timed in the same run: that product streams memory at the machine's read rate, so the ratio says how
 close the kernel gets to the bandwidth limit. GB/s counts weight bytes read once per call.
+Then bf16 against Q8_0 on Phi-3-mini's down_proj shape (3072 x 8192), on 1 thread and on all: a set of
+such matrices of about 1 GiB is multiplied in turn, as a model's layers are, so the weights come from
+memory and not from the CPU's caches. GB/s counts the bytes as stored (Q8_0: 34 per 32 weights).
 Median (and best) of --repeats runs after one warm-up. The machine is shared: run it when it is quiet.
 """
 
@@ -21,6 +24,7 @@ import tempfile
 import time
 
 import numpy as np
+from bench import cpu_name  # scripts/bench.py, beside this file
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -65,22 +69,63 @@ def bench_decode(fast, repeats: int) -> None:
     print(f"linear float32 decode on the same float32 matrix: {gbf / med_f:6.1f} GB/s median, {gbf / best_f:6.1f} best")
 
 
+def random_q8_0(rng: np.random.Generator, shape: tuple[int, int]):
+    """Random Q8_0 blocks (any int8 q, every scale 0.01): what the kernel reads, without quantizing."""
+    from phinano.formats.quantized import QuantizedTensor
+
+    N, K = shape
+    data = rng.integers(0, 256, (N, K // 32 * 34), dtype=np.uint8)
+    data.reshape(N, K // 32, 34)[:, :, :2] = np.full((N, K // 32, 1), np.float16(0.01)).view(np.uint8)
+    return QuantizedTensor("Q8_0", shape, data)
+
+
+def bench_decode_formats(fast, repeats: int, threads: int) -> None:
+    """bf16 and Q8_0 matvecs on 3072 x 8192 matrices, about 1 GiB of each in turn, 1 thread and `threads`."""
+    rng = np.random.default_rng(3)
+    N, K = 3072, 8192
+    x = rng.standard_normal((1, K), dtype=np.float32)
+    sets = {
+        "bf16": [random_bf16(rng, (N, K)) for _ in range(2**30 // (2 * N * K))],
+        "Q8_0": [random_q8_0(rng, (N, K)) for _ in range(2**30 // (N * K // 32 * 34))],
+    }
+    print(f"\ndecode matvec on {N} x {K} matrices, about 1 GiB of each multiplied in turn:")
+    for n in sorted({1, threads}):
+        fast.set_threads(n)
+        for name, weights in sets.items():
+            stored = sum(w.nbytes for w in weights) / 1e9
+            med, best = timed(lambda: [fast.linear(x, w) for w in weights], repeats)
+            print(f"  {name:5s} {n} thread{'s' if n > 1 else ' '}: {stored / med:5.1f} GB/s median, {stored / best:5.1f} best"
+                  f"  ({len(weights) * N * K / med / 1e9:5.1f} G weights/s)", flush=True)
+    fast.set_threads(threads)
+
+
 def bench_prefill(fast, repeats: int) -> None:
-    """Tokens x (16384, 3072) bf16 (Phi-3-mini's gate_up_proj): fused kernel vs widened tiles + BLAS."""
+    """Tokens x (16384, 3072) (Phi-3-mini's gate_up_proj) in bf16 and Q8_0: fused kernel vs tiles + BLAS."""
+    from phinano.kernels.quantized import KERNELS
+
     rng = np.random.default_rng(1)
     N, K = 16384, 3072
     w = random_bf16(rng, (N, K))
     wf = (w.astype(np.uint32) << 16).view(np.float32)
-    print(f"\nlinear on a {N} x {K} bf16 matrix, GFLOP/s (threshold BLAS_MIN_TOKENS = {fast.BLAS_MIN_TOKENS}):")
-    print(f"{'tokens':>6} {'fused':>8} {'tiles+BLAS':>11} {'f32 BLAS (whole f32 copy)':>26}")
+    q8 = random_q8_0(rng, (N, K))
+    q8_kernels = KERNELS["Q8_0"]
+    print(f"\nlinear on a {N} x {K} matrix, GFLOP/s (BLAS from {fast.BLAS_MIN_TOKENS} tokens for bf16, "
+          f"from {q8_kernels.blas_min_tokens} for Q8_0):")
+    columns = ("bf16 fused", "tiles+BLAS", "Q8_0 fused", "tiles+BLAS")
+    print(f"{'tokens':>6} " + " ".join(f"{c:>11}" for c in columns) + f" {'f32 BLAS (whole f32 copy)':>26}")
     for T in (1, 2, 4, 8, 16, 32, 48, 64, 128, 512):
         x = rng.standard_normal((T, K), dtype=np.float32)
-        flop = 2.0 * T * N * K / 1e9
         y = np.empty((T, N), np.float32)
-        fused = flop / timed(lambda: fast._matmul_fused(x, w, y), repeats)[0] if T <= 128 else float("nan")
-        tiles = flop / timed(lambda: fast._matmul_blas(x, w), repeats)[0] if T >= 4 else float("nan")
-        full = flop / timed(lambda: x @ wf.T, repeats)[0]
-        print(f"{T:>6} {fused:8.1f} {tiles:11.1f} {full:26.1f}", flush=True)
+
+        def gflops(fn, worth_timing: bool = True) -> float:
+            return 2.0 * T * N * K / 1e9 / timed(fn, repeats)[0] if worth_timing else float("nan")
+
+        fused = gflops(lambda: fast._matmul_fused(x, w, y), T <= 128)
+        tiles = gflops(lambda: fast._matmul_blas(x, w, fast._widen_rows), T >= 4)
+        q8_fused = gflops(lambda: q8_kernels.matmul(x, q8.data, y), T <= 128)
+        q8_tiles = gflops(lambda: fast._matmul_blas(x, q8.data, q8_kernels.widen_rows), T >= 4)
+        full = gflops(lambda: x @ wf.T)
+        print(f"{T:>6} {fused:11.1f} {tiles:11.1f} {q8_fused:11.1f} {q8_tiles:11.1f} {full:26.1f}", flush=True)
 
 
 def bench_attention(fast, reference, repeats: int) -> None:
@@ -137,15 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prefill", action="store_true", help="also the token-count crossover and attention")
     parser.add_argument("--startup", action="store_true", help="also compile and cached start times")
-    parser.add_argument("--no-decode", action="store_true", help="skip the 1 GiB decode benchmark")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode benchmarks")
     args = parser.parse_args(argv)
 
     from phinano.kernels import fast, reference
 
     threads = fast.set_threads(args.threads)
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
     print(f"kernel threads: {threads}; BLAS threads: OpenBLAS default (OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})")
     if not args.no_decode:
         bench_decode(fast, args.repeats)
+        bench_decode_formats(fast, args.repeats, threads)
     if args.prefill:
         bench_prefill(fast, args.repeats)
         bench_attention(fast, reference, args.repeats)

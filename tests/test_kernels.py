@@ -27,6 +27,8 @@ Tolerances, and why:
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -70,11 +72,19 @@ def test_backend_switch_returns_the_numba_kernels():
         kernels.backend("cuda")
 
 
-def test_every_reference_op_has_a_fast_twin():
-    public = [n for n in vars(reference) if not n.startswith("_") and callable(getattr(reference, n))]
-    public = [n for n in public if getattr(reference, n).__module__ == reference.__name__]
-    for name in public:
-        assert callable(getattr(fast, name, None)), f"fast.{name} is missing"
+def public_functions(module) -> set[str]:
+    """Names of the functions a kernel module defines without a leading underscore."""
+    defined = {n: f for n, f in vars(module).items() if inspect.isfunction(f) and f.__module__ == module.__name__}
+    return {n for n in defined if not n.startswith("_")}
+
+
+def test_both_backends_export_the_same_ops_with_the_same_signatures():
+    assert sorted(fast.__all__) == sorted(reference.__all__)
+    for module in (fast, reference):
+        assert public_functions(module) <= set(module.__all__), f"{module.__name__} defines ops missing from __all__"
+    for name in reference.__all__:
+        ours, theirs = inspect.signature(getattr(fast, name)), inspect.signature(getattr(reference, name))
+        assert ours == theirs, f"{name}: fast{ours} != reference{theirs}"
 
 
 # ------------------------------------------------------------------------------------------------- widen, embed
@@ -376,6 +386,21 @@ def test_attention_without_visible_keys_matches_the_reference_nan(T):
     assert np.isnan(ref).all() and np.isnan(fast.attention(q, k, k, 0, 0)).all()
 
 
+@pytest.mark.parametrize("T", [2, 9])  # the compiled kernel, the BLAS path
+def test_attention_rows_that_see_no_key_are_nan_like_the_reference(T):
+    """A cache shorter than the query positions: with window 2, queries 4.. see none of the 3 keys, while
+    the earlier queries of the same call (and of the same BLAS chunk) do."""
+    rng = np.random.default_rng(8)
+    start = 3 if T == 2 else 0
+    q, k, v = f32(rng, (T, 2, 64)), f32(rng, (3, 1, 64)), f32(rng, (3, 1, 64))
+    with np.errstate(invalid="ignore"):
+        ref = reference.attention(q, k, v, start, 2)
+    got = fast.attention(q, k, v, start, 2)
+    blind = np.arange(start, start + T) >= 4
+    assert np.isnan(ref[blind]).all() and np.isnan(got[blind]).all()
+    np.testing.assert_allclose(got[~blind], ref[~blind], rtol=1e-5, atol=1e-5)
+
+
 def test_set_threads():
     import numba
 
@@ -390,3 +415,27 @@ def test_set_threads():
         assert_attention_close(q, k, k, 3, None)
     finally:
         assert fast.set_threads() == most
+
+
+def test_reference_set_threads_without_threadpoolctl_only_returns_the_count(monkeypatch):
+    import os
+    import sys
+
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # "not installed": importing it raises ImportError
+    cores = os.cpu_count()
+    assert reference.set_threads() == cores
+    assert reference.set_threads(1) == 1
+    assert reference.set_threads(0) == 1
+    assert reference.set_threads(cores + 5) == cores
+
+
+def test_reference_set_threads_limits_blas_through_threadpoolctl(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("threadpoolctl")
+    fake.threadpool_limits = lambda limits, user_api: calls.append((limits, user_api))
+    monkeypatch.setitem(sys.modules, "threadpoolctl", fake)
+    assert reference.set_threads(1) == 1
+    assert calls == [(1, "blas")]

@@ -1,10 +1,13 @@
 """Files on disk -> named weights. Nothing here knows what a layer is.
 
-    hub.py          where a model comes from: a folder, a shipped nano model, the Hugging Face Hub
+    hub.py          where a model comes from: a folder, a GGUF file, Ollama's store, a nano model, the Hub
     safetensors.py  Hugging Face checkpoints: memory-mapped reader (bf16 as uint16 bits), streamed writer
-    quantized.py    packed quantized weights (blocks of ints + scales) that the kernels multiply as they are
+    gguf.py         llama.cpp / Ollama files: metadata -> config, tensors under the checkpoint's names
+    gguf_write.py   writing GGUF files (phinano quantize); gguf_vocab.py: their tokenizer metadata
+    quantized.py    GGML's packed block types as `QuantizedTensor`, which the kernels multiply as stored
+    ollama.py       Ollama's model store (manifests -> the GGUF blob)
 
-`read_tensors(folder)` gives {checkpoint name: array} for any supported format; weights.py arranges them.
+`read_tensors(folder)` gives {checkpoint name: array} of a safetensors checkpoint; weights.py arranges them.
 """
 
 from __future__ import annotations

@@ -4,20 +4,20 @@ Every public function here takes and returns what its namesake in `reference.py`
 same shapes); tests/test_kernels.py checks each against it. They are thin Python wrappers that check and
 prepare arguments (float32, C-contiguous activations; weights untouched) and call one compiled kernel.
 
-What makes them fast, in one place:
+What makes them fast, in one place (docs/kernels.md has the measurements):
 - Weights stay as stored (bf16 as uint16 bits, float16, float32) and are widened *in a register* as they
-  are read: `_to_f32` is a three-instruction bit-cast (zero-extend, shift left 16, reinterpret) that
-  LLVM vectorises, so no float32 copy of a weight matrix is ever made on the decode path.
+  are read (`widening.to_f32`), so no float32 copy of a weight matrix is ever made on the decode path.
 - A matrix-vector product is limited by memory bandwidth, not arithmetic: each loop iteration reads four
   weight rows and shares every x[c] load between them, which gives four independent accumulators and
-  streams the weights at the machine's read rate (see /work/shared/reference/kernel-notes.md).
+  streams the weights at the machine's read rate.
 - Reductions use `fastmath={"reassoc", "contract"}` so LLVM may reorder and vectorise float32 sums (the
   only reason results differ from the reference at all); no kernel assumes "no inf / no nan".
 - Kernels are `parallel=True` over independent rows, heads or queries (small inputs run on the calling
-  thread alone: waking the other threads can cost more than the work, see `_run`), and `cache=True`,
-  so a second process loads the compiled code from kernels/__pycache__ instead of compiling again.
+  thread alone: waking the other threads can cost more than the work, see `runtime.run`), and
+  `cache=True`, so a second process loads the compiled code from __pycache__ instead of compiling again.
 - Long prefills (many tokens) are compute-bound: there `linear` widens weight tiles to float32 and lets
-  BLAS (NumPy's OpenBLAS) do the product, and `attention` uses BLAS products per KV head.
+  BLAS (NumPy's OpenBLAS) do the product, and `attention` uses BLAS products per KV head; the BLAS work
+  is split between threads by `runtime.in_parts`.
 
 Shape letters as in reference.py: T tokens, S cached positions, H query heads, KVH key/value heads,
 HD head dim, R rotary dims, N output rows, K input width, D model width, F MLP width, V vocab.
@@ -25,43 +25,29 @@ HD head dim, R rotary dims, N output rows, K input width, D model width, F MLP w
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 try:
-    import numba
-    from llvmlite import ir
-    from numba import njit, prange, types
-    from numba.extending import intrinsic
+    import numba  # noqa: F401 - imported here first, for this clear message; runtime and widening need it
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         "the 'numba' kernel backend needs the numba package (pip install numba); "
         "or choose the NumPy reference backend with phinano.kernels.backend('numpy')"
     ) from e
+from numba import njit, prange
 
-# Kernel threads that wait sleep instead of spinning (GNU OpenMP, used by Numba's "omp" threading layer).
-# Measured on the 2-core machine with a niced training job on both cores: a 2-thread 18 MB bf16 matvec
-# took 8.3 ms with spinning waiters (they burn the time slices the working thread needs) and 1.4 ms with
-# sleeping ones; on an idle machine sleeping costs ~10 us per kernel. Takes effect if set before the
-# first parallel kernel starts the thread pool; an OMP_WAIT_POLICY already in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from ..formats.quantized import QuantizedTensor
+from .quantized import KERNELS, MatrixKernels
+from .runtime import FASTMATH, in_parts, run, set_threads, threads
+from .widening import activation, stored, to_f32
 
-# Float reassociation (vectorised reductions) and fused multiply-add; deliberately not the
-# "no nans / no infs" flags of fastmath=True, so inf and nan propagate exactly as in NumPy.
-_FASTMATH = {"reassoc", "contract"}
+__all__ = ["set_threads", "widen", "embed", "linear", "rmsnorm", "layernorm", "rope", "softmax", "swiglu", "attention",
+           "attention_weights"]
 
 # linear(): from this many tokens on, a bf16/f16 product widens weight tiles and uses BLAS; below it the
 # fused kernel wins (measured on the 2-core machine: fused ~55 GFLOP/s up to 64 tokens, tiles + BLAS
 # ~70 at 128 and ~100 at 512; `python scripts/kernel_bench.py --prefill` prints the crossover).
 BLAS_MIN_TOKENS = 96
-# Work (elements touched) below which a parallel kernel runs on the calling thread alone: starting the
-# other threads costs ~10 us on an idle machine, and was measured at ~8 ms when another process (a niced
-# training job) keeps every core busy, while a 3072-wide rmsnorm takes ~10 us on one thread.
-_PARALLEL_MIN_WORK = 1 << 18
 # Elements of float32 weight tile widened per BLAS call (16 MB): large enough for BLAS to run at full
 # speed, small enough not to matter next to the model.
 _TILE_ELEMENTS = 4 << 20
@@ -72,206 +58,12 @@ ATTENTION_BLAS_MIN_QUERIES = 4
 _ATTENTION_CHUNK_BYTES = 8 << 20
 
 
-def set_threads(n: int | None = None) -> int:
-    """Use `n` threads (default: all cores) in the parallel kernels and in the BLAS work of long prefills.
-    Returns the number now in use.
-
-    The setting is per Python thread (Numba's rule): call it in the thread that runs the model.
-    """
-    n = numba.config.NUMBA_NUM_THREADS if n is None else int(n)
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
-    return numba.get_num_threads()
-
-
-def _run(kernel, work: int, *args) -> None:
-    """kernel(*args), on the calling thread alone when `work` is below _PARALLEL_MIN_WORK elements."""
-    threads = numba.get_num_threads()
-    if work >= _PARALLEL_MIN_WORK or threads == 1:
-        kernel(*args)
-        return
-    numba.set_num_threads(1)
-    try:
-        kernel(*args)
-    finally:
-        numba.set_num_threads(threads)
-
-
-# BLAS work (prefill) is split by us into one independent part per thread, each run on a worker thread
-# whose BLAS is single-threaded (OpenBLAS's thread-local setting): NumPy's OpenBLAS, left to its own two
-# threads, synchronises them in spin loops and was measured 4x slower than one thread when another
-# process (here: a training job) shares the cores. Without that OpenBLAS function, parts run in order
-# in the calling thread with BLAS's own threads.
-
-
-def _openblas_local_threads():
-    """`openblas_set_num_threads_local` of the OpenBLAS NumPy uses (OpenBLAS >= 0.3.27), or None."""
-    numpy_dir = os.path.dirname(np.__file__)
-    paths = glob.glob(os.path.join(numpy_dir, os.pardir, "numpy.libs", "*openblas*"))
-    try:
-        with open("/proc/self/maps") as maps:
-            paths += sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line})
-    except OSError:
-        pass
-    for path in paths:
-        try:
-            fn = ctypes.CDLL(path).openblas_set_num_threads_local
-        except (OSError, AttributeError):
-            continue
-        fn.argtypes = [ctypes.c_int]
-        fn.restype = ctypes.c_int
-        return fn
-    return None
-
-
-_blas_set_local_threads = _openblas_local_threads()
-_blas_pool: ThreadPoolExecutor | None = None
-
-
-def _in_parts(work, parts: int) -> None:
-    """Call work(i, parts) for i in range(parts), one part per thread (`set_threads`), BLAS single-threaded
-    in each. `work` must write disjoint outputs; exceptions propagate."""
-    global _blas_pool
-    parts = max(1, min(parts, numba.get_num_threads()))
-    if _blas_set_local_threads is None:
-        for i in range(parts):
-            work(i, parts)
-        return
-    if parts == 1:
-        previous = _blas_set_local_threads(1)
-        try:
-            work(0, 1)
-        finally:
-            _blas_set_local_threads(previous)
-        return
-    if _blas_pool is None:
-        _blas_pool = ThreadPoolExecutor(
-            numba.config.NUMBA_NUM_THREADS, thread_name_prefix="phinano-blas", initializer=_blas_set_local_threads, initargs=(1,)
-        )
-    for _ in _blas_pool.map(lambda i: work(i, parts), range(parts)):
-        pass
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Widening one stored element to float32, inside compiled loops.
+# linear: y = x @ w.T (+ b), and how each kind of stored weight matrix is read
 # ---------------------------------------------------------------------------------------------------------
 
 
-@intrinsic
-def _to_f32(typingctx, value):
-    """One stored weight element -> float32, in registers.
-
-    uint16 (bfloat16 bits): the 16 bits become the high half of a float32 (exact).
-    int16 (float16 bits; Numba has no float16 arrays on the CPU, so float16 weights are passed as int16
-    views): reinterpret as half, then `fpext` (one vcvtph2ps instruction with F16C). float32: unchanged.
-    """
-    if value == types.uint16:
-
-        def codegen(context, builder, signature, args):
-            wide = builder.zext(args[0], ir.IntType(32))
-            high = builder.shl(wide, ir.Constant(ir.IntType(32), 16))
-            return builder.bitcast(high, ir.FloatType())
-
-        return types.float32(value), codegen
-    if value == types.int16:
-
-        def codegen(context, builder, signature, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-        return types.float32(value), codegen
-    if value == types.float32:
-
-        def codegen(context, builder, signature, args):
-            return args[0]
-
-        return types.float32(value), codegen
-    return None
-
-
-def _stored(w: np.ndarray) -> np.ndarray:
-    """A weight as the compiled kernels read it: bf16 (uint16) and float32 as they are, float16 as its int16
-    bit patterns (a view, no copy). Other dtypes (float64, ...) are converted to float32."""
-    if w.dtype == np.uint16 or w.dtype == np.float32:
-        return w
-    if w.dtype == np.float16:
-        return w.view(np.int16)
-    return np.asarray(w, dtype=np.float32)
-
-
-def _activation(x: np.ndarray) -> np.ndarray:
-    """Activations as the kernels want them: float32, C-contiguous (a copy only when needed)."""
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# widen, embed
-# ---------------------------------------------------------------------------------------------------------
-
-
-@njit(parallel=True, cache=True)
-def _widen_flat(w, out):
-    """out[i] = float32(w[i]) over flat arrays, in parallel chunks."""
-    for i in prange(w.shape[0]):
-        out[i] = _to_f32(w[i])
-
-
-@njit(cache=True, nogil=True)
-def _widen_rows_serial(w, out):
-    """out[r, c] = float32(w[r, c]) on one thread, without the GIL (a part of `linear`'s BLAS path)."""
-    for r in range(w.shape[0]):
-        for c in range(w.shape[1]):
-            out[r, c] = _to_f32(w[r, c])
-
-
-def widen(w: np.ndarray) -> np.ndarray:
-    """Any stored weight -> float32 (bf16 exactly, via the high half of a 32-bit word).
-
-    Fast because the widening runs compiled and in parallel; float32 input is returned as it is.
-    Meant for small tensors (norm weights, biases): the matrix kernels never call it on a whole matrix.
-    """
-    w = np.asarray(w)
-    if w.dtype == np.float32:
-        return w
-    if w.dtype not in (np.uint16, np.float16):
-        return w.astype(np.float32)
-    flat = np.ascontiguousarray(_stored(w)).reshape(-1)
-    out = np.empty(flat.shape[0], np.float32)
-    _run(_widen_flat, flat.shape[0], flat, out)
-    return out.reshape(w.shape)
-
-
-@njit(parallel=True, cache=True)
-def _embed_rows(table, ids, out):
-    """out[t] = float32(table[ids[t]]): one gathered row per token, widened on the way."""
-    D = table.shape[1]
-    for t in prange(ids.shape[0]):
-        row = ids[t]
-        for i in range(D):
-            out[t, i] = _to_f32(table[row, i])
-
-
-def embed(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Rows of the (V, D) embedding table for the (T,) token ids -> (T, D) float32.
-
-    Fast because only the T requested rows are read and widened (the table stays on disk/in the page
-    cache as bf16). Ids may be negative like NumPy indices; out-of-range ids raise IndexError.
-    """
-    ids = np.asarray(ids)
-    V, D = table.shape
-    flat = ids.reshape(-1).astype(np.int64)
-    if flat.size and (flat.min() < -V or flat.max() >= V):
-        raise IndexError(f"token id out of range for an embedding table of {V} rows")
-    flat = np.where(flat < 0, flat + V, flat)
-    out = np.empty((flat.shape[0], D), np.float32)
-    _run(_embed_rows, flat.shape[0] * D, _stored(table), flat, out)
-    return out.reshape(ids.shape + (D,))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# linear: y = x @ w.T (+ b)
-# ---------------------------------------------------------------------------------------------------------
-
-
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _matmul_fused(x, w, y):
     """y[t, r] = sum_c x[t, c] * float32(w[r, c]) for x (T, K), w (N, K), y (T, N).
 
@@ -292,10 +84,10 @@ def _matmul_fused(x, w, y):
             a20 = a21 = a22 = a23 = np.float32(0.0)
             a30 = a31 = a32 = a33 = np.float32(0.0)
             for c in range(K):
-                w0 = _to_f32(w[r, c])
-                w1 = _to_f32(w[r + 1, c])
-                w2 = _to_f32(w[r + 2, c])
-                w3 = _to_f32(w[r + 3, c])
+                w0 = to_f32(w[r, c])
+                w1 = to_f32(w[r + 1, c])
+                w2 = to_f32(w[r + 2, c])
+                w3 = to_f32(w[r + 3, c])
                 x0 = x[t, c]
                 x1 = x[t + 1, c]
                 x2 = x[t + 2, c]
@@ -325,50 +117,70 @@ def _matmul_fused(x, w, y):
             a0 = a1 = a2 = a3 = np.float32(0.0)
             for c in range(K):
                 xc = x[t, c]
-                a0 += xc * _to_f32(w[r, c])
-                a1 += xc * _to_f32(w[r + 1, c])
-                a2 += xc * _to_f32(w[r + 2, c])
-                a3 += xc * _to_f32(w[r + 3, c])
+                a0 += xc * to_f32(w[r, c])
+                a1 += xc * to_f32(w[r + 1, c])
+                a2 += xc * to_f32(w[r + 2, c])
+                a3 += xc * to_f32(w[r + 3, c])
             y[t, r], y[t, r + 1], y[t, r + 2], y[t, r + 3] = a0, a1, a2, a3
             t += 1
     for r in range(4 * blocks, N):  # the last N % 4 rows (at most 3)
         for t in range(T):
             acc = np.float32(0.0)
             for c in range(K):
-                acc += x[t, c] * _to_f32(w[r, c])
+                acc += x[t, c] * to_f32(w[r, c])
             y[t, r] = acc
 
 
-def _matmul_blas(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+@njit(cache=True, nogil=True)
+def _widen_rows(w, out):
+    """out[r, c] = float32(w[r, c]) on one thread, without the GIL (it runs inside `in_parts`)."""
+    for r in range(w.shape[0]):
+        for c in range(w.shape[1]):
+            out[r, c] = to_f32(w[r, c])
+
+
+_ARRAY_KERNELS = MatrixKernels(_matmul_fused, _widen_rows, BLAS_MIN_TOKENS)  # bf16, float16, float32 weights
+
+
+def _reader(w: np.ndarray | QuantizedTensor) -> tuple[np.ndarray, MatrixKernels]:
+    """(rows, kernels) for a weight matrix (N, K): rows is what the kernels index by row (the stored
+    array as `stored` gives it, or a QuantizedTensor's packed bytes), kernels the compiled code reading it."""
+    if isinstance(w, QuantizedTensor):
+        return w.data, KERNELS[w.qtype]
+    return stored(w), _ARRAY_KERNELS
+
+
+def _matmul_blas(x: np.ndarray, rows: np.ndarray, widen_rows) -> np.ndarray:
     """x @ float32(w).T for many tokens. The N weight rows are split into one contiguous range per thread;
     each thread widens a tile of its rows at a time into its own float32 buffer and multiplies it with
     one single-threaded BLAS call (float32 weights: no widening)."""
     T, K = x.shape
-    N = w.shape[0]
+    N = rows.shape[0]
     y = np.empty((T, N), np.float32)
-    rows = max(64, _TILE_ELEMENTS // max(K, 1))
+    tile_rows = max(64, _TILE_ELEMENTS // max(K, 1))
 
     def part(i: int, parts: int) -> None:
         a, b = N * i // parts, N * (i + 1) // parts
-        if w.dtype == np.float32:
-            y[:, a:b] = x @ w[a:b].T
+        if rows.dtype == np.float32:
+            y[:, a:b] = x @ rows[a:b].T
             return
-        tile = np.empty((min(rows, max(b - a, 1)), K), np.float32)
-        for r0 in range(a, b, rows):
-            r1 = min(b, r0 + rows)
+        tile = np.empty((min(tile_rows, max(b - a, 1)), K), np.float32)
+        for r0 in range(a, b, tile_rows):
+            r1 = min(b, r0 + tile_rows)
             buf = tile[: r1 - r0]
-            _widen_rows_serial(w[r0:r1], buf)
+            widen_rows(rows[r0:r1], buf)
             y[:, r0:r1] = x @ buf.T
 
-    _in_parts(part, max(1, min(N // 64, numba.get_num_threads())))
+    in_parts(part, max(1, min(N // 64, threads())))
     return y
 
 
-def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+def linear(x: np.ndarray, w: np.ndarray | QuantizedTensor, b: np.ndarray | None = None) -> np.ndarray:
     """y = x @ w.T (+ b). x (T, K) float32, w (N, K) as stored, b (N,) -> (T, N) float32.
 
-    Decode (few tokens): `_matmul_fused`, which streams the stored weights once at the memory-bandwidth
-    limit, widening bf16/f16 in registers (no float32 copy of w). Prefill (>= BLAS_MIN_TOKENS tokens, the
+    Decode (few tokens): one fused kernel streams the stored weights once at the memory-bandwidth limit,
+    widening bf16/f16 or unpacking quantized blocks in registers (`_matmul_fused`, `quantized.KERNELS`;
+    no float32 copy of w). Prefill (from `blas_min_tokens` tokens on, BLAS_MIN_TOKENS for arrays; the
     compute-bound case): float32 tiles of w and BLAS. x may also be 1-D (K,) or have more leading axes,
     like `x @ w.T`. w is only read: read-only, unaligned and memory-mapped arrays are fine.
     """
@@ -377,17 +189,68 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndar
     K = x.shape[-1]
     if w.ndim != 2 or w.shape[1] != K:
         raise ValueError(f"linear: x has {K} features but w has shape {w.shape}")
-    x2 = _activation(x.reshape(-1, K))
-    ws = _stored(w)
-    N = ws.shape[0]
-    if x2.shape[0] >= BLAS_MIN_TOKENS:
-        y = _matmul_blas(x2, ws)
+    x2 = activation(x.reshape(-1, K))
+    T, N = x2.shape[0], w.shape[0]
+    rows, kernels = _reader(w)
+    if T >= kernels.blas_min_tokens:
+        y = _matmul_blas(x2, rows, kernels.widen_rows)
     else:
-        y = np.empty((x2.shape[0], N), np.float32)
-        _run(_matmul_fused, ws.size * x2.shape[0], x2, ws, y)
+        y = np.empty((T, N), np.float32)
+        run(kernels.matmul, T * N * K, x2, rows, y)
     if b is not None:
         y += widen(b)
     return y.reshape(lead + (N,))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# widen, embed
+# ---------------------------------------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _widen_flat(w, out):
+    """out[i] = float32(w[i]) over flat arrays, in parallel chunks."""
+    for i in prange(w.shape[0]):
+        out[i] = to_f32(w[i])
+
+
+def widen(w: np.ndarray | QuantizedTensor) -> np.ndarray:
+    """Any stored weight -> float32 (bf16 exactly, via the high half of a 32-bit word; packed blocks
+    unpacked). Fast because the widening runs compiled and in parallel; float32 input is returned as it is.
+    Meant for small tensors (norm weights, biases): the matrix kernels never call it on a whole matrix.
+    """
+    if isinstance(w, QuantizedTensor):
+        rows, kernels = _reader(w)
+        out = np.empty(w.shape, np.float32)
+        kernels.widen_rows(rows, out)
+        return out
+    w = np.asarray(w)
+    if w.dtype == np.float32:
+        return w
+    if w.dtype not in (np.uint16, np.float16):
+        return w.astype(np.float32)
+    flat = np.ascontiguousarray(stored(w)).reshape(-1)
+    out = np.empty(flat.shape[0], np.float32)
+    run(_widen_flat, flat.shape[0], flat, out)
+    return out.reshape(w.shape)
+
+
+def embed(table: np.ndarray | QuantizedTensor, ids: np.ndarray) -> np.ndarray:
+    """Rows of the (V, D) embedding table for the (T,) token ids -> (T, D) float32.
+
+    Fast because only the T requested rows are read and widened (the table stays on disk/in the page
+    cache as stored, packed tables too). Ids may be negative like NumPy indices; out-of-range ids raise
+    IndexError.
+    """
+    ids = np.asarray(ids)
+    V, D = table.shape
+    flat = ids.reshape(-1).astype(np.int64)
+    if flat.size and (flat.min() < -V or flat.max() >= V):
+        raise IndexError(f"token id out of range for an embedding table of {V} rows")
+    rows, kernels = _reader(table)
+    out = np.empty((flat.shape[0], D), np.float32)
+    kernels.widen_rows(rows[flat], out)  # (T, D): NumPy gathers the T stored rows, one compiled pass widens them
+    return out.reshape(ids.shape + (D,))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -395,7 +258,7 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndar
 # ---------------------------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _rmsnorm_rows(x, w, eps, out):
     """Per row: mean of squares (float64 sum of float32 squares), then x / sqrt(var + eps) * w."""
     T, D = x.shape
@@ -406,7 +269,7 @@ def _rmsnorm_rows(x, w, eps, out):
             total += np.float64(v * v)
         scale = np.sqrt(np.float32(total / D) + eps)
         for i in range(D):
-            out[t, i] = x[t, i] / scale * _to_f32(w[i])
+            out[t, i] = x[t, i] / scale * to_f32(w[i])
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -416,13 +279,13 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     weight is widened in-register.
     """
     x = np.asarray(x)
-    x2 = _activation(x.reshape(-1, x.shape[-1]))
+    x2 = activation(x.reshape(-1, x.shape[-1]))
     out = np.empty_like(x2)
-    _run(_rmsnorm_rows, x2.size, x2, _stored(w), np.float32(eps), out)
+    run(_rmsnorm_rows, x2.size, x2, stored(w), np.float32(eps), out)
     return out.reshape(x.shape)
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _layernorm_rows(x, w, b, eps, out):
     """Per row: mean, then the biased variance of (x - mean), then (x - mean) / sqrt(var + eps) * w + b."""
     T, D = x.shape
@@ -437,7 +300,7 @@ def _layernorm_rows(x, w, b, eps, out):
             total += np.float64(c * c)
         scale = np.sqrt(np.float32(total / D) + eps)
         for i in range(D):
-            out[t, i] = (x[t, i] - mean) / scale * _to_f32(w[i]) + _to_f32(b[i])
+            out[t, i] = (x[t, i] - mean) / scale * to_f32(w[i]) + to_f32(b[i])
 
 
 def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
@@ -446,9 +309,9 @@ def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.nda
     Fast because rows run in parallel with three short passes each, weights widened in-register.
     """
     x = np.asarray(x)
-    x2 = _activation(x.reshape(-1, x.shape[-1]))
+    x2 = activation(x.reshape(-1, x.shape[-1]))
     out = np.empty_like(x2)
-    _run(_layernorm_rows, x2.size, x2, _stored(w), _stored(b), np.float32(eps), out)
+    run(_layernorm_rows, x2.size, x2, stored(w), stored(b), np.float32(eps), out)
     return out.reshape(x.shape)
 
 
@@ -483,33 +346,40 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     tokens in parallel. Pass float32 cos/sin: float64 ones are rounded to float32 first (the reference
     would compute in float64 and round the result).
     """
-    x3 = _activation(x)
+    x3 = activation(x)
     T = x3.shape[0]
     cos = np.ascontiguousarray(np.broadcast_to(np.asarray(cos, np.float32), (T, np.shape(cos)[-1])))
     sin = np.ascontiguousarray(np.broadcast_to(np.asarray(sin, np.float32), (T, np.shape(sin)[-1])))
     if cos.shape[1] > x3.shape[2] or cos.shape[1] % 2:
         raise ValueError(f"rope: rotary dims {cos.shape[1]} must be even and at most the head dim {x3.shape[2]}")
     out = np.empty_like(x3)
-    _run(_rope_rows, x3.size, x3, cos, sin, out)
+    run(_rope_rows, x3.size, x3, cos, sin, out)
     return out
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _softmax_into(x, out):
+    """out = softmax(x) for one row (1-D, n >= 1; out may be x itself): max, exp(x - max) into out, a
+    float64 sum, divide. The one softmax of the compiled kernels: rows, attention blocks and the BLAS
+    attention path all call it."""
+    m = x[0]
+    for i in range(1, x.shape[0]):
+        m = max(m, x[i])
+    total = 0.0
+    for i in range(x.shape[0]):
+        e = np.exp(x[i] - m)
+        out[i] = e
+        total += np.float64(e)
+    s = np.float32(total)
+    for i in range(x.shape[0]):
+        out[i] = out[i] / s
+
+
+@njit(parallel=True, cache=True)
 def _softmax_rows(x, out):
-    """Per row: max, exp(x - max) into out, float64 sum, divide."""
-    T, N = x.shape
-    for t in prange(T):
-        m = x[t, 0]
-        for i in range(1, N):
-            m = max(m, x[t, i])
-        total = 0.0
-        for i in range(N):
-            e = np.exp(x[t, i] - m)
-            out[t, i] = e
-            total += np.float64(e)
-        s = np.float32(total)
-        for i in range(N):
-            out[t, i] = out[t, i] / s
+    """out[t] = softmax(x[t]) for every row, rows in parallel."""
+    for t in prange(x.shape[0]):
+        _softmax_into(x[t], out[t])
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -518,10 +388,10 @@ def softmax(x: np.ndarray) -> np.ndarray:
     Fast because each row is three passes over memory with no temporaries, rows in parallel.
     """
     x = np.asarray(x)
-    x2 = _activation(x.reshape(-1, x.shape[-1]))
+    x2 = activation(x.reshape(-1, x.shape[-1]))
     out = np.empty_like(x2)
     if x2.shape[1]:
-        _run(_softmax_rows, x2.size, x2, out)
+        run(_softmax_rows, x2.size, x2, out)
     return out.reshape(x.shape)
 
 
@@ -539,12 +409,12 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 
     Fast because it is one fused pass (the reference makes three temporaries), in parallel chunks.
     """
-    gate = _activation(gate)
-    up = _activation(up)
+    gate = activation(gate)
+    up = activation(up)
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate {gate.shape} and up {up.shape} differ")
     out = np.empty_like(gate)
-    _run(_swiglu_flat, gate.size, gate.reshape(-1), up.reshape(-1), out.reshape(-1))
+    run(_swiglu_flat, gate.size, gate.reshape(-1), up.reshape(-1), out.reshape(-1))
     return out
 
 
@@ -553,7 +423,7 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _attention_blocks(q, k, v, start, window, heads_per_block, out):
     """One work item = (block of KV heads, one query). For every query head of the block: scores over the
     visible keys only (j from max(0, i - window + 1) to min(i, S - 1)), float32 softmax, weighted sum of
@@ -598,17 +468,7 @@ def _attention_blocks(q, k, v, start, window, heads_per_block, out):
                         s += q[t, h, d] * k[j, kvh, d]
                     scores[h - h0, j - lo] = s * scale
         for hh in range(nh):
-            m = scores[hh, 0]
-            for j in range(1, n):
-                m = max(m, scores[hh, j])
-            total = 0.0
-            for j in range(n):
-                e = np.exp(scores[hh, j] - m)
-                scores[hh, j] = e
-                total += np.float64(e)
-            denom = np.float32(total)
-            for j in range(n):
-                scores[hh, j] = scores[hh, j] / denom
+            _softmax_into(scores[hh], scores[hh])
         acc = np.zeros((nh, HD), np.float32)
         for j in range(lo, hi + 1):
             for kvh in range(kv0, kv1):
@@ -622,11 +482,32 @@ def _attention_blocks(q, k, v, start, window, heads_per_block, out):
                 out[t, h0 + hh, d] = acc[hh, d]
 
 
-def _attention_blas(q, k, v, start: int, window: int | None) -> np.ndarray:
-    """Many queries (prefill): per KV head and chunk of queries, scores = Q K^T and P V as BLAS products,
-    the mask and softmax as whole-array NumPy operations (SIMD exp). The same operations as the reference,
-    but only over each chunk's visible key range, without materialising (H, T, S), and with the KV heads
-    split between threads (single-threaded BLAS in each)."""
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _causal_softmax(scores, first, lo, window):
+    """In place, for the BLAS path: scores (G, Tc, n) of queries at positions first .. first+Tc-1 over keys
+    lo .. lo+n-1. Each row becomes the softmax over its visible keys (j <= i, and i - j < window when
+    window > 0) and 0 elsewhere, which is what the reference's -inf mask gives; a row that sees no key
+    becomes nan, as in the reference. Serial and without the GIL: it runs inside `in_parts`."""
+    G, Tc, n = scores.shape
+    for t in range(Tc):
+        i = first + t
+        a = 0 if window <= 0 else max(0, i - window + 1 - lo)  # first visible key, relative to lo
+        b = min(i - lo + 1, n)  # one past the last
+        for g in range(G):
+            row = scores[g, t]
+            if b <= a:
+                row[:] = np.nan
+                continue
+            _softmax_into(row[a:b], row[a:b])
+            row[:a] = 0.0
+            row[b:] = 0.0
+
+
+def _attention_blas(q, k, v, start: int, window: int) -> np.ndarray:
+    """Many queries (prefill): per KV head and chunk of queries, scores = Q K^T and P V as BLAS products
+    and the masked softmax compiled (`_causal_softmax`). The same operations as the reference, but only
+    over each chunk's visible key range, without materialising (H, T, S), and with the KV heads split
+    between threads (single-threaded BLAS in each). window <= 0 means no window."""
     T, H, HD = q.shape
     S, KVH, _ = k.shape
     G = H // KVH
@@ -635,38 +516,24 @@ def _attention_blas(q, k, v, start: int, window: int | None) -> np.ndarray:
     chunk = max(1, min(T, _ATTENTION_CHUNK_BYTES // (4 * G * max(S, 1))))
 
     def part(p: int, parts: int) -> None:
-        with np.errstate(invalid="ignore"):  # rows without visible keys give nan, as in the reference
-            heads_part(range(KVH * p // parts, KVH * (p + 1) // parts))
-
-    def heads_part(kv_heads: range) -> None:
         for t0 in range(0, T, chunk):
             t1 = min(T, t0 + chunk)
             Tc = t1 - t0
-            lo = 0 if window is None else max(0, start + t0 - window + 1)  # first key any query here sees
+            lo = 0 if window <= 0 else max(0, start + t0 - window + 1)  # first key any query here sees
             hi = min(start + t1 - 1, S - 1) + 1  # one past the last
-            if hi <= lo:
-                out[t0:t1, kv_heads.start * G : kv_heads.stop * G] = np.nan
-                continue
-            i = np.arange(start + t0, start + t1)[:, None]  # (Tc, 1) query positions
-            j = np.arange(lo, hi)[None, :]  # (1, n) key positions
-            visible = j <= i
-            if window is not None:
-                visible &= i - j < window
-            mask = np.where(visible, np.float32(0.0), np.float32(-np.inf))  # (Tc, n)
-            for kvh in kv_heads:
+            for kvh in range(KVH * p // parts, KVH * (p + 1) // parts):
                 heads = slice(kvh * G, (kvh + 1) * G)
+                if hi <= lo:  # no query of this chunk sees a key: nan, as in the reference
+                    out[t0:t1, heads] = np.nan
+                    continue
                 qg = q[t0:t1, heads].transpose(1, 0, 2).reshape(G * Tc, HD)  # (G*Tc, HD)
                 scores = qg @ k[lo:hi, kvh].T  # (G*Tc, n)
                 scores *= scale
-                scores = scores.reshape(G, Tc, hi - lo)
-                scores += mask
-                scores -= scores.max(axis=-1, keepdims=True)
-                np.exp(scores, out=scores)
-                scores /= scores.sum(axis=-1, keepdims=True)
-                o = scores.reshape(G * Tc, hi - lo) @ v[lo:hi, kvh]  # (G*Tc, HD)
+                _causal_softmax(scores.reshape(G, Tc, hi - lo), start + t0, lo, window)
+                o = scores @ v[lo:hi, kvh]  # (G*Tc, HD)
                 out[t0:t1, heads] = o.reshape(G, Tc, HD).transpose(1, 0, 2)
 
-    _in_parts(part, KVH)
+    in_parts(part, KVH)
     return out
 
 
@@ -686,9 +553,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
     k and v may be views of a larger preallocated cache (k_cache[:S]): used in place when float32 and
     C-contiguous.
     """
-    q = _activation(q)
-    k = _activation(k)
-    v = _activation(v)
+    q = activation(q)
+    k = activation(k)
+    v = activation(v)
     T, H, HD = q.shape
     S, KVH, _ = k.shape
     if H % KVH or k.shape[2] != HD or v.shape != k.shape:
@@ -697,11 +564,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
     if window is not None and w <= 0:  # no key is visible: the reference returns nan everywhere
         return np.full(q.shape, np.nan, np.float32)
     if T >= ATTENTION_BLAS_MIN_QUERIES:
-        return _attention_blas(q, k, v, int(start), window)
-    per = -(-KVH // numba.get_num_threads())  # one block of KV heads per thread: each streams its part of every cache row
+        return _attention_blas(q, k, v, int(start), w)
+    per = -(-KVH // threads())  # one block of KV heads per thread: each streams its part of every cache row
     out = np.empty_like(q)
     if T:
-        _run(_attention_blocks, 2 * T * S * KVH * HD, q, k, v, int(start), w, per, out)
+        run(_attention_blocks, 2 * T * S * KVH * HD, q, k, v, int(start), w, per, out)
     return out
 
 

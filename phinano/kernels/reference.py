@@ -1,8 +1,9 @@
 """The hot ops in plain NumPy: the reference a reader can check by eye.
 
 Every function here has a twin of the same name and signature in `fast.py` (Numba). Nothing here knows
-about models: arrays in, arrays out. All activations are float32. Weights may be float32, float16, or
-bfloat16 held as raw `np.uint16` bits (see phinano/weights.py); `widen` turns any of them into float32.
+about models: arrays in, arrays out. All activations are float32. Weights may be float32, float16,
+bfloat16 held as raw `np.uint16` bits (see phinano/weights.py), or quantized blocks in a
+`QuantizedTensor` (phinano/formats/quantized.py); `widen` turns any of them into float32.
 
 Shape letters: T tokens, S cached positions, D model width, H query heads, KVH key/value heads,
 HD head dim, R rotary dims, N output rows, K input width, F MLP width.
@@ -10,22 +11,51 @@ HD head dim, R rotary dims, N output rows, K input width, F MLP width.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from ..formats.quantized import QuantizedTensor, dequantize
 
-def widen(w: np.ndarray) -> np.ndarray:
-    """Any stored weight -> float32. bf16 bits (uint16) go to the high half of a 32-bit word: exact."""
+__all__ = ["set_threads", "widen", "embed", "linear", "rmsnorm", "layernorm", "rope", "softmax", "swiglu", "attention",
+           "attention_weights"]
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use `n` threads (default: all cores) in NumPy's BLAS, the only multi-threaded part of these ops.
+    Returns the number asked for, clamped to 1 .. the core count.
+
+    It reaches the BLAS library through the threadpoolctl package; without threadpoolctl installed it
+    changes nothing (BLAS keeps its own thread count, e.g. from OPENBLAS_NUM_THREADS) and only returns
+    the number. Unlike the fast backend's, the setting is for the whole process.
+    """
+    cores = os.cpu_count() or 1
+    n = cores if n is None else max(1, min(int(n), cores))
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return n
+    threadpool_limits(n, user_api="blas")
+    return n
+
+
+def widen(w: np.ndarray | QuantizedTensor) -> np.ndarray:
+    """Any stored weight -> float32. bf16 bits (uint16) go to the high half of a 32-bit word: exact.
+    Quantized blocks are unpacked to the float matrix they stand for (e.g. Q8_0: d * q per block)."""
+    if isinstance(w, QuantizedTensor):
+        return dequantize(w)
     if w.dtype == np.uint16:
         return (w.astype(np.uint32) << 16).view(np.float32)
     return w.astype(np.float32, copy=False)
 
 
-def embed(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Rows of the (V, D) embedding table for the (T,) token ids -> (T, D) float32."""
+def embed(table: np.ndarray | QuantizedTensor, ids: np.ndarray) -> np.ndarray:
+    """Rows of the (V, D) embedding table for the (T,) token ids -> (T, D) float32. A quantized table
+    gives its T rows still packed (`table[ids]`), and only those are unpacked."""
     return widen(table[ids])
 
 
-def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+def linear(x: np.ndarray, w: np.ndarray | QuantizedTensor, b: np.ndarray | None = None) -> np.ndarray:
     """y = x @ w.T (+ b). x (T, K) float32, w (N, K) as stored, b (N,) -> (T, N) float32."""
     y = x @ widen(w).T
     if b is not None:

@@ -139,8 +139,7 @@ class Engine:
 
     # --- the worker thread --------------------------------------------------------------------------------
     def _work(self, threads: int | None) -> None:
-        if hasattr(self.model.ops, "set_threads"):
-            self.model.ops.set_threads(threads)  # Numba's thread count is per calling thread: set it in this one
+        self.model.ops.set_threads(threads)  # Numba's thread count is per calling thread: set it in this one
         try:  # warm up here: Numba JIT (prefill and decode paths) and this thread's kernel thread pool
             self.model.generate(self.tokenizer.encode("hello, how are you?"), 8, stop_token_ids=[])
         except Exception:

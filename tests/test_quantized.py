@@ -1,0 +1,234 @@
+"""Quantized weights: the Q8_0 container and quantizer equal the `gguf` package's bit for bit, and the Numba
+kernels multiply packed weights as the NumPy reference does.
+
+Block bytes are drawn at random (any int8 values, -128 included, which GGML's quantizer never writes but a
+file may hold; any float16 scale bit pattern of a chosen kind), so the kernels are checked on everything a
+GGUF file can contain, not only on what our quantizer makes.
+
+Tolerances, and why:
+- quantize_q8_0, dequantize, widen, embed: exact. Unpacking is exact in float32: d has 11 significant bits
+  and q 8, so d * q has at most 19 (and float16's range, subnormals included, lies inside float32's normal
+  range). The quantizer repeats GGML's float32 operations one for one.
+- linear: |fast - ref| <= 1e-5 * (|x| @ |w|.T) + 1e-30, the bound of the bf16 kernels (tests/test_kernels.py)
+  and for the same reason: both sides sum the same exact float32 products x[c] * w[r, c], only grouped
+  differently. The reference lets BLAS sum all K; the fused kernel sums each block's 32 products x * q, scales
+  the sum by d once and adds the K / 32 block sums. The rounding error of either is at most (number of
+  additions on the longest path) * 2^-24 * sum |x||w|: for K <= 1024 that is at most (32 + 32 + 1) * 6e-8 =
+  4e-6 here and (K / 8) * 6e-8 = 8e-6 for BLAS's eight-lane sums, under 1e-5 even in the worst case. The
+  bound is against |x|.|w|, not |y|, because y may cancel to ~0. The BLAS path (many tokens) unpacks tiles
+  exactly, so it differs from the reference only in how BLAS blocks the sums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from phinano.errors import PhinanoError
+from phinano.formats.quantized import LAYOUTS, QuantizedTensor, dequantize, quantize_q8_0
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("numba")
+
+from phinano.kernels import fast, reference  # noqa: E402
+from phinano.kernels.quantized import KERNELS  # noqa: E402
+from test_kernels import assert_linear_close, f32  # noqa: E402
+
+Q8_0_BLAS = KERNELS["Q8_0"].blas_min_tokens  # from this many tokens on, linear() unpacks tiles for BLAS
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+seeds = st.integers(0, 2**32 - 1)
+# float16 scale bit patterns (sign bit random): exponent field ranges, never 31 (inf / nan) unless "any"
+SCALE_EXPONENTS = {
+    "typical": (7, 12),  # about 1e-3 .. 3e-2, what real Q8_0 weights hold
+    "subnormal": (0, 0),  # 0 and 2^-24 .. 2^-14
+    "tiny": (1, 3),  # the smallest normal numbers
+    "huge": (28, 30),  # 8192 .. 65504
+    "mixed": (0, 30),  # every finite float16
+}
+scale_kinds = st.sampled_from(sorted(SCALE_EXPONENTS))
+
+
+def random_q8_0(rng: np.random.Generator, N: int, K: int, kind: str) -> QuantizedTensor:
+    """N x K Q8_0 weights from random block bytes: any int8 q, float16 scales of the given kind."""
+    blocks = rng.integers(0, 256, (N * K // 32, 34), dtype=np.uint8)
+    lo, hi = SCALE_EXPONENTS[kind]
+    exponent = rng.integers(lo, hi + 1, len(blocks), dtype=np.uint16)
+    sign = rng.integers(0, 2, len(blocks), dtype=np.uint16) << 15
+    bits = sign | (exponent << 10) | rng.integers(0, 1024, len(blocks), dtype=np.uint16)  # float16: s eeeee mmmmmmmmmm
+    blocks[:, :2] = bits.astype("<u2").view(np.uint8).reshape(-1, 2)
+    return QuantizedTensor("Q8_0", (N, K), blocks.reshape(N, K // 32 * 34))
+
+
+def gguf_quantize(w: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():  # float16 overflow of huge scales, inf * 0 when dequantizing them
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+
+
+# ------------------------------------------------------------------------------------------ the container
+
+
+def test_q8_0_layout_is_ggmls():
+    block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0]
+    layout = LAYOUTS["Q8_0"]
+    assert (layout.block, layout.block_bytes) == (block, block_bytes) == (32, 34)
+
+
+def test_every_layout_has_compiled_kernels():
+    assert set(KERNELS) == set(LAYOUTS)
+
+
+def test_quantized_tensor_looks_like_a_matrix_and_selects_whole_rows():
+    t = random_q8_0(np.random.default_rng(0), 5, 64, "typical")
+    assert (t.shape, t.ndim, t.nbytes) == ((5, 64), 2, 5 * 2 * 34)
+    whole = dequantize(t)
+    np.testing.assert_array_equal(dequantize(t[1:4]), whole[1:4])
+    np.testing.assert_array_equal(dequantize(t[np.array([4, 0, -1])]), whole[[4, 0, -1]])
+    for index in (2, (slice(None), slice(0, 34))):
+        with pytest.raises(IndexError, match="whole rows"):
+            t[index]
+
+
+@pytest.mark.parametrize(
+    "qtype, shape, data, message",
+    [
+        ("Q4_K", (2, 32), np.zeros((2, 34), np.uint8), "unsupported quantization type 'Q4_K'"),
+        ("Q8_0", (2, 40), np.zeros((2, 34), np.uint8), "rows a multiple of 32"),
+        ("Q8_0", (2, 32), np.zeros((2, 33), np.uint8), r"needs uint8 data of shape \(2, 34\), got uint8 \(2, 33\)"),
+        ("Q8_0", (2, 32), np.zeros((2, 34), np.int8), "got int8"),
+        ("Q8_0", (2, 32), b"\0" * 68, "got bytes"),
+    ],
+)
+def test_a_quantized_tensor_that_does_not_fit_says_what_is_wrong(qtype, shape, data, message):
+    with pytest.raises(PhinanoError, match=message):
+        QuantizedTensor(qtype, shape, data)
+
+
+# ------------------------------------------------------------------------ bit for bit equal to the gguf package
+
+
+@SETTINGS
+@given(
+    seed=seeds,
+    N=st.integers(1, 9),
+    blocks=st.integers(1, 8),
+    magnitude=st.sampled_from([1e-30, 1e-8, 1e-3, 1.0, 300.0, 1e6, 1e7]),  # 1e7: scales overflow float16 to inf
+    pattern=st.sampled_from(["normal", "halves", "zero blocks", "one large"]),
+)
+def test_quantize_q8_0_is_bit_identical_to_gguf(seed, N, blocks, magnitude, pattern):
+    rng = np.random.default_rng(seed)
+    K = 32 * blocks
+    w = f32(rng, (N, K), magnitude)
+    if pattern == "halves":  # values whose w / d land exactly on .5: the rounding direction shows
+        w = (rng.integers(-254, 255, (N, K)) * np.float32(0.5) * np.float32(magnitude)).astype(np.float32)
+        w[:, ::32] = np.float32(127 * magnitude)  # max |w| = 127 * magnitude: d = magnitude (exactly when 1.0)
+    elif pattern == "zero blocks":
+        w[:, : K // 2] = 0.0
+    elif pattern == "one large":
+        w[rng.integers(0, N), rng.integers(0, K)] = np.float32(1e4 * magnitude)
+    ours = quantize_q8_0(w)
+    theirs = gguf_quantize(w)
+    assert ours.data.dtype == theirs.dtype and ours.data.shape == theirs.shape
+    np.testing.assert_array_equal(ours.data, theirs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        np.testing.assert_array_equal(dequantize(ours), gguf.quants.dequantize(theirs, gguf.GGMLQuantizationType.Q8_0))
+
+
+@SETTINGS
+@given(seed=seeds, N=st.integers(1, 9), blocks=st.integers(1, 8), kind=scale_kinds)
+def test_dequantize_equals_gguf_on_any_block_bytes(seed, N, blocks, kind):
+    t = random_q8_0(np.random.default_rng(seed), N, 32 * blocks, kind)
+    theirs = gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType.Q8_0)
+    ours = dequantize(t)
+    assert ours.dtype == np.float32 and ours.shape == t.shape
+    np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32))  # bit patterns, -0.0 included
+
+
+def test_quantize_q8_0_rejects_rows_that_are_not_whole_blocks():
+    with pytest.raises(PhinanoError, match="multiple of 32"):
+        quantize_q8_0(np.zeros((3, 33), np.float32))
+
+
+# --------------------------------------------------------------------------- the kernels: fast == reference
+
+
+@SETTINGS
+@given(
+    seed=seeds,
+    T=st.sampled_from([1, 2, 3, 4, 5, 8, 17, Q8_0_BLAS - 1, Q8_0_BLAS, Q8_0_BLAS + 13, 100]),  # fused, then BLAS
+    N=st.integers(1, 37),  # any row count: the kernel works on four rows at a time
+    blocks=st.integers(1, 32),  # K = 32 .. 1024
+    kind=scale_kinds,
+    xs=st.sampled_from([1e-6, 1e-2, 1.0, 30.0, 1e4]),
+    bias=st.booleans(),
+)
+def test_linear_on_q8_0_weights(seed, T, N, blocks, kind, xs, bias):
+    rng = np.random.default_rng(seed)
+    K = 32 * blocks
+    w = random_q8_0(rng, N, K, kind)
+    x = f32(rng, (T, K), xs)
+    x[rng.random((T, K)) < 0.05] *= -1e3  # a few large negative outliers
+    assert_linear_close(x, w, f32(rng, (N,)) if bias else None)
+
+
+def test_linear_q8_0_blas_path_spans_several_tiles(monkeypatch):
+    monkeypatch.setattr(fast, "_TILE_ELEMENTS", 64 * 64)  # tiles of 64 rows of K = 64
+    rng = np.random.default_rng(1)
+    assert_linear_close(f32(rng, (Q8_0_BLAS + 3, 64)), random_q8_0(rng, 150, 64, "typical"))
+
+
+@pytest.mark.parametrize("T", [1, 5, Q8_0_BLAS])
+def test_linear_reads_readonly_q8_0_data_and_writes_nothing(T):
+    rng = np.random.default_rng(2)
+    w = random_q8_0(rng, 13, 96, "typical")
+    before = w.data.copy()
+    w.data.flags.writeable = False  # as in a memory-mapped GGUF file
+    x = f32(rng, (T, 96))
+    assert_linear_close(x, w)
+    np.testing.assert_array_equal(w.data, before)
+
+
+def test_linear_on_q8_0_vectors_and_batches_keeps_numpy_shapes():
+    rng = np.random.default_rng(3)
+    w = random_q8_0(rng, 6, 64, "typical")
+    assert fast.linear(f32(rng, (64,)), w).shape == reference.linear(f32(rng, (64,)), w).shape == (6,)
+    x3 = f32(rng, (2, 3, 64))
+    np.testing.assert_allclose(fast.linear(x3, w), reference.linear(x3, w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"32 features but w has shape \(6, 64\)"):
+        fast.linear(f32(rng, (1, 32)), w)
+
+
+@SETTINGS
+@given(seed=seeds, V=st.integers(1, 40), blocks=st.integers(1, 4), T=st.integers(1, 12), kind=scale_kinds)
+def test_embed_and_widen_of_q8_0_are_exact(seed, V, blocks, T, kind):
+    rng = np.random.default_rng(seed)
+    table = random_q8_0(rng, V, 32 * blocks, kind)
+    ids = rng.integers(-V, V, T)  # negative ids index from the end, like NumPy
+    got = fast.embed(table, ids)
+    assert got.dtype == np.float32 and got.shape == (T, 32 * blocks)
+    np.testing.assert_array_equal(got, reference.embed(table, ids))
+    np.testing.assert_array_equal(fast.widen(table), reference.widen(table))
+
+
+def test_embed_of_q8_0_rejects_out_of_range_ids():
+    table = random_q8_0(np.random.default_rng(4), 4, 32, "typical")
+    for backend in (fast, reference):
+        with pytest.raises(IndexError):
+            backend.embed(table, np.array([4]))
+
+
+def test_embed_unpacks_only_the_gathered_rows(monkeypatch):
+    """A quantized embedding table is never unpacked whole: the kernel sees the T gathered rows only."""
+    seen = []
+    kernels = KERNELS["Q8_0"]
+    spy = dataclasses.replace(kernels, widen_rows=lambda rows, out: seen.append(rows.shape) or kernels.widen_rows(rows, out))
+    monkeypatch.setitem(KERNELS, "Q8_0", spy)
+    table = random_q8_0(np.random.default_rng(5), 1000, 64, "typical")
+    fast.embed(table, np.array([3, 999]))
+    assert seen == [(2, 68)]
