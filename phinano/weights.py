@@ -73,7 +73,9 @@ def check_tensors(tensors: dict, cfg: Config, where: str) -> None:
 
 def _dtype_name(array) -> str:
     names = {np.dtype(np.uint16): "bfloat16", np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
-    return names.get(getattr(array, "dtype", None)) or str(getattr(array, "qtype", array.dtype))
+    if hasattr(array, "qtype"):  # a QuantizedTensor
+        return array.qtype
+    return names.get(array.dtype, str(array.dtype))
 
 
 def arrange(tensors: dict, cfg: Config, where: str = "checkpoint") -> Weights:
