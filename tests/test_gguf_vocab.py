@@ -772,10 +772,20 @@ def test_chat_template_files(tmp_path):
 
 
 def test_folder_without_a_tokenizer_gives_no_metadata(tmp_path):
-    """No tokenizer files at all: {} (the GGUF file then has no vocabulary, as the converter's would not)."""
-    assert vocab_metadata(tmp_path, 4160) == {}
-    (tmp_path / "config.json").write_text("{}", encoding="utf-8")
-    assert vocab_metadata(tmp_path, 4160) == {}
+    """No tokenizer files at all: {}. `phinano quantize` then writes a GGUF file with no vocabulary, which phinano
+    loads without a tokenizer."""
+    import phinano
+    from phinano.cli import main
+
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    assert vocab_metadata(folder, 4160) == {}
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(nano_path("nano-phi3") / name, folder / name)
+    assert vocab_metadata(folder, 4160) == {}
+    assert main(["quantize", "--model", str(folder), "--type", "f16", "--out", str(tmp_path / "out.gguf")]) == 0
+    model = phinano.load(tmp_path / "out.gguf")
+    assert model.tokenizer is None and model.stop_token_ids == ()  # the eos id is a tokenizer key too
 
 
 def byte_level_pipeline(spec, config):
