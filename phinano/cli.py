@@ -224,7 +224,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if folder.is_file():
         raise PhinanoError(f"{args.model}: already a GGUF file; quantize reads a safetensors checkpoint folder")
     cfg = load_config(folder)
-    out = write_quantized(folder, cfg, read_tensors(folder), args.type, args.out, vocab_metadata(folder))
+    vocab = vocab_metadata(folder, cfg.vocab_size)  # a bad tokenizer fails before the weights are read
+    out = write_quantized(folder, cfg, read_tensors(folder), args.type, args.out, vocab)
     print(f"wrote {out} ({human_size(out.stat().st_size)}, {args.type})")
     return 0
 

@@ -287,3 +287,59 @@ def test_phimoe_gguf_matches_transformers_with_exact_routing(tiny_moe, qtype):
     got, routing = model.forward(ids, return_routing=True)
     assert np.abs(got - ref).max() <= LOGIT_RTOL * np.abs(ref).max()
     assert_same_routing(routing, ref_routing)
+
+
+# ------------------------------------------------------------------ phinano quantize: the tokenizer goes along
+@pytest.mark.parametrize("qtype", ["f16", "bf16", "q8_0"])
+def test_quantized_nano_model_carries_its_tokenizer(qtype, tmp_path):
+    """`phinano quantize` writes the checkpoint's tokenizer into the GGUF file (gguf_vocab.vocab_metadata, value
+    types as llama.cpp's converter writes them). Loaded back, the file's tokenizer encodes, decodes and renders the
+    chat template as the checkpoint's tokenizer.json, the stop ids are generation_config.json's, and with f16/bf16
+    weights greedy decoding gives the checkpoint's tokens (q8_0 rounds the weights: tokenizer and stop ids only).
+    nano-phi3's tokenizer_config.json has add_bos_token true, so the <s> difference of Phi-3 files
+    (docs/gguf-tokenizer.md) does not arise: encode() adds <s> in both."""
+    import importlib.util
+
+    from phinano.cli import main
+    from phinano.nano import nano_path
+
+    if nano_path("nano-phi3") is None:
+        pytest.skip("the nano-phi3 files are not installed")
+    if qtype == "q8_0" and importlib.util.find_spec("phinano.formats.quantized") is None:
+        pytest.skip("reading Q8_0 blocks needs phinano/formats/quantized.py")
+    out = tmp_path / "n.gguf"
+    assert main(["quantize", "--model", "nano-phi3", "--type", qtype, "--out", str(out)]) == 0
+
+    fields = gguf.GGUFReader(out).fields
+    kinds = {name: [t.name for t in fields[name].types] for name in fields if name.startswith("tokenizer.")}
+    assert kinds == {
+        "tokenizer.ggml.model": ["STRING"],
+        "tokenizer.ggml.pre": ["STRING"],
+        "tokenizer.ggml.tokens": ["ARRAY", "STRING"],
+        "tokenizer.ggml.scores": ["ARRAY", "FLOAT32"],
+        "tokenizer.ggml.token_type": ["ARRAY", "INT32"],
+        **{f"tokenizer.ggml.{name}_token_id": ["UINT32"] for name in ("bos", "eos", "unknown", "padding")},
+        "tokenizer.ggml.add_bos_token": ["BOOL"],
+        "tokenizer.ggml.add_eos_token": ["BOOL"],
+        "tokenizer.chat_template": ["STRING"],
+    }
+    assert fields["general.name"].contents() == "nano-phi3"
+    assert len(fields["tokenizer.ggml.tokens"].contents()) == 4160  # the embedding rows, padded with [PADi]
+
+    reference, model = phinano.load("nano-phi3"), phinano.load(out)
+    assert model.stop_token_ids == reference.stop_token_ids == (4096, 4097, 4103)
+    texts = ["Hello world", "  two  spaces\n\tand a tab", "def f(x):\n    return x * 2\n", "<|user|>\nHi<|end|>\n",
+             "emoji 🦙 and 中文"]
+    for text in texts:
+        ids = reference.tokenizer.encode(text)
+        assert model.tokenizer.encode(text) == ids, text
+        assert model.tokenizer.decode(ids) == reference.tokenizer.decode(ids), text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a function that adds."}]
+    prompt_text = reference.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == prompt_text
+    ids = reference.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert model.tokenizer.apply_chat_template(messages, add_generation_prompt=True) == ids
+    if qtype in ("f16", "bf16"):
+        expected = reference.generate(ids, 16, stop_token_ids=[])
+        assert model.generate(ids, 16, stop_token_ids=[]) == expected
+        assert len(set(expected)) > 4  # not stuck on one token: the comparison means something

@@ -1,26 +1,33 @@
-"""Tests for phinano.formats.gguf_vocab: a GGUF file's vocabulary rebuilt as a tokenizer.
+"""Tests for phinano.formats.gguf_vocab: a Hugging Face tokenizer written as GGUF metadata (vocab_metadata, as
+llama.cpp's converter writes it) and a GGUF file's vocabulary rebuilt as a tokenizer (tokenizer_parts).
 
-- Phi-3 ("llama" vocabulary): GGUF metadata made from the real Phi-3 tokenizer in ../shared/phi3-tokenizer the way
-  llama.cpp's converter writes it (skipped when the folder is absent), compared with phinano's tokenizer.json
-  tokenizer of the same folder (itself tested equal to Transformers in test_tokenizer.py) and with llama.cpp's own
-  reference tokenizations of that vocabulary (tests/data/llamacpp-phi3-vocab.jsonl).
-- Byte-level BPE ("gpt2", as Phi-4-mini): a tiny vocabulary trained here with `tokenizers`, written as the
-  converter's _set_vocab_gpt2 writes it, compared with the `tokenizers` object it came from.
+- Phi-3 ("llama" vocabulary): vocab_metadata of the real Phi-3 tokenizer in ../shared/phi3-tokenizer (skipped when
+  the folder is absent), its values checked against the converter's rules and gguf.SpecialVocab, rebuilt and
+  compared with phinano's tokenizer.json tokenizer of the same folder (itself tested equal to Transformers in
+  test_tokenizer.py) and with llama.cpp's own reference tokenizations of that vocabulary
+  (tests/data/llamacpp-phi3-vocab.jsonl); also through a real vocabulary-only .gguf file.
+- Byte-level BPE ("gpt2", as Phi-4-mini): a tiny vocabulary trained here with `tokenizers`, saved as a tokenizer
+  folder, written by vocab_metadata (checked against the converter's get_vocab_base on Transformers' tokenizer and
+  gguf.SpecialVocab), rebuilt and compared with the `tokenizers` object it came from.
+- The shipped nano models' tokenizers, the other SentencePiece pipelines, chat template files, and folders
+  vocab_metadata cannot write (one PhinanoError naming the file).
 - The worked example of docs/gguf-tokenizer.md, and malformed metadata (one PhinanoError naming the key).
 """
 
 from __future__ import annotations
 
 import json
-import re
+import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from phinano.errors import PhinanoError
-from phinano.formats.gguf_vocab import tokenizer_parts
+from phinano.formats.gguf_vocab import tokenizer_parts, vocab_metadata
+from phinano.nano import nano_path
 from phinano.tokenizer import Tokenizer, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -73,59 +80,15 @@ PHI3_CHATS = [
 # ---------------------------------------------------------------------------------------------------------------
 
 
+PHI3_GENERAL = {  # what the GGUF writer adds beside the vocabulary (read by tokenizer_parts for the rstrip rule)
+    "general.architecture": "phi3",
+    "general.name": "Phi 3 Mini 4k Instruct",  # what the converter makes of the folder name
+}
+
+
 def phi3_metadata(folder: Path) -> dict:
-    """GGUF metadata as llama.cpp's converter (Phi3MiniModel.set_vocab, then gguf.SpecialVocab) writes it.
-
-    The converter reads SentencePiece's tokenizer.model; the shared folder has only tokenizer.json, so the
-    scores are recovered from it: a piece's score is minus the rank of the first merge that makes it, and the
-    runs of ▁ ("▁▁", "▁▁▁▁", ...) score -1e9, as in the Llama-2 SentencePiece model (that is why ("▁", "▁") is
-    the very last merge in tokenizer.json). Types: <unk> unknown, <s> </s> control, <0xNN> byte, the rest
-    normal; then every added token of tokenizer.json is rewritten as control (special) or user-defined (not
-    special) with score -1000; ids past the vocabulary up to the embedding size are "[PADn]", unused, -10000.
-    """
-    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    model = spec["model"]
-    first_merge = {}
-    for rank, (left, right) in enumerate(model["merges"]):
-        first_merge.setdefault(left + right, rank)
-
-    tokens = [f"[PAD{i}]" for i in range(PHI3_VOCAB_SIZE)]
-    scores = [-10000.0] * PHI3_VOCAB_SIZE
-    types = [UNUSED] * PHI3_VOCAB_SIZE
-    for piece, i in model["vocab"].items():
-        tokens[i] = piece
-        if re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
-            types[i], scores[i] = BYTE, 0.0
-        elif piece in ("<unk>", "<s>", "</s>"):
-            types[i], scores[i] = (UNKNOWN if piece == "<unk>" else CONTROL), 0.0
-        elif len(piece) > 1 and set(piece) == {"\u2581"}:
-            types[i], scores[i] = NORMAL, -1e9
-        else:
-            types[i], scores[i] = NORMAL, -float(first_merge.get(piece, len(model["merges"]) + i))
-    ids = {}
-    for token in spec["added_tokens"]:
-        i = token["id"]
-        tokens[i], scores[i] = token["content"], -1000.0
-        types[i] = CONTROL if token["special"] else USER_DEFINED
-        ids[token["content"]] = i
-
-    return {
-        "general.architecture": "phi3",
-        "general.name": "Phi 3 Mini 4k Instruct",  # what the converter makes of the folder name
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.pre": "default",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.scores": scores,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.bos_token_id": ids[config["bos_token"]],
-        "tokenizer.ggml.eos_token_id": ids[config["eos_token"]],
-        "tokenizer.ggml.unknown_token_id": ids[config["unk_token"]],
-        "tokenizer.ggml.padding_token_id": ids[config["pad_token"]],
-        "tokenizer.ggml.add_bos_token": config["add_bos_token"],  # false for Phi-3
-        "tokenizer.ggml.add_eos_token": config["add_eos_token"],
-        "tokenizer.chat_template": config["chat_template"],
-    }
+    """A Phi-3 GGUF file's metadata: the vocabulary as vocab_metadata writes it (llama.cpp's converter's way)."""
+    return {**PHI3_GENERAL, **vocab_metadata(folder, PHI3_VOCAB_SIZE)}
 
 
 def build(metadata: dict) -> Tokenizer:
@@ -277,6 +240,63 @@ def test_phi3_stop_ids_include_eot(phi3_meta):
     assert tokenizer_parts({**phi3_meta, "tokenizer.ggml.eos_token_id": 2}).stop_ids == (2, 32000, 32001, 32007)
 
 
+def test_phi3_metadata_is_the_converters(phi3_meta):
+    """The values Phi3MiniModel.set_vocab and gguf.SpecialVocab write for Phi-3, spelled out."""
+    tokens, scores, types = (phi3_meta[f"tokenizer.ggml.{key}"] for key in ("tokens", "scores", "token_type"))
+    assert len(tokens) == len(scores) == len(types) == PHI3_VOCAB_SIZE
+    rows = {i: (tokens[i], types[i], scores[i]) for i in (0, 1, 2, 13, 32000, 32007, 32010, 32011, 32063)}
+    assert rows == {
+        0: ("<unk>", CONTROL, -1000.0),  # every added token of tokenizer.json: control when special
+        1: ("<s>", CONTROL, -1000.0),
+        2: ("</s>", USER_DEFINED, -1000.0),  # ... user-defined when not
+        13: ("<0x0A>", BYTE, 0.0),
+        32000: ("<|endoftext|>", CONTROL, -1000.0),
+        32007: ("<|end|>", CONTROL, -1000.0),
+        32010: ("<|user|>", CONTROL, -1000.0),
+        32011: ("[PAD32011]", UNUSED, -10000.0),  # embedding rows past the tokenizer
+        32063: ("[PAD32063]", UNUSED, -10000.0),
+    }
+    assert scores[tokens.index("▁▁")] == scores[tokens.index("▁▁▁▁")] == -1e9  # SentencePiece's hand-added runs
+    assert types[3:259] == [BYTE] * 256
+    assert -1e9 < scores[tokens.index("▁Hello")] < scores[tokens.index("▁t")] == 0  # ("▁", "t") is the first merge
+    lists = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+    assert {key: value for key, value in phi3_meta.items() if key not in lists} == {
+        **PHI3_GENERAL,
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 32000,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.padding_token_id": 32000,
+        "tokenizer.ggml.add_bos_token": False,  # tokenizer_config.json's, over the post-processor's <s>
+        "tokenizer.ggml.add_eos_token": False,
+        "tokenizer.chat_template": json.loads((PHI3_DIR / "tokenizer_config.json").read_text())["chat_template"],
+    }
+
+
+def special_vocab_metadata(folder: Path, vocab_size: int, load_merges: bool = False) -> dict:
+    """What gguf.SpecialVocab (the converter's own code) writes for a folder: special ids, add_bos/add_eos, chat
+    template, and for byte-level vocabularies the merges. add_sep_token is left out: it is always false for these
+    tokenizers, which is also what its absence means to llama.cpp."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(None, "phi3")
+    gguf.SpecialVocab(folder, load_merges=load_merges, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+    written = {key: value.value for key, value in writer.kv_data[0].items()}
+    assert written.pop("tokenizer.ggml.add_sep_token", False) is False
+    return {key: value for key, value in written.items() if key.startswith("tokenizer.")}
+
+
+def written_by_special_vocab(metadata: dict) -> dict:
+    """The keys of vocab_metadata's answer that SpecialVocab writes."""
+    own = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",
+           "tokenizer.ggml.token_type", "tokenizer.ggml.add_space_prefix")
+    return {key: value for key, value in metadata.items() if key.startswith("tokenizer.") and key not in own}
+
+
+def test_phi3_special_keys_are_special_vocabs(phi3_meta):
+    assert written_by_special_vocab(phi3_meta) == special_vocab_metadata(PHI3_DIR, PHI3_VOCAB_SIZE)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # llama.cpp's reference tokenizations of its Phi-3 vocabulary
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,32 +323,61 @@ def test_llamacpp_reference_tokenizations(gguf_phi3):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# The GGUF value type of each key as llama.cpp's converter writes it (GGUFWriter.add_token_list, add_token_scores,
+# add_token_types, add_token_merges, add_bos_token_id, add_add_bos_token, add_chat_template, ...).
+CONVERTER_TYPES = {
+    "tokenizer.ggml.model": ["STRING"],
+    "tokenizer.ggml.pre": ["STRING"],
+    "tokenizer.ggml.tokens": ["ARRAY", "STRING"],
+    "tokenizer.ggml.scores": ["ARRAY", "FLOAT32"],
+    "tokenizer.ggml.token_type": ["ARRAY", "INT32"],
+    "tokenizer.ggml.merges": ["ARRAY", "STRING"],
+    **{f"tokenizer.ggml.{name}_token_id": ["UINT32"] for name in ("bos", "eos", "unknown", "padding")},
+    **{f"tokenizer.ggml.add_{name}": ["BOOL"] for name in ("bos_token", "eos_token", "space_prefix")},
+    "tokenizer.chat_template": ["STRING"],
+    "tokenizer.chat_templates": ["ARRAY", "STRING"],
+}
+
+
 def write_gguf(path: Path, metadata: dict) -> None:
-    """A vocabulary-only GGUF (as the converter's --vocab-only writes), value types as the converter uses them."""
+    """A vocabulary-only GGUF (as the converter's --vocab-only writes), each value stored as phinano's GGUF writer
+    stores it (gguf_write._add_value)."""
     gguf = pytest.importorskip("gguf")
+    from phinano.formats.gguf_write import _add_value
+
     writer = gguf.GGUFWriter(str(path), metadata["general.architecture"])  # writes general.architecture
     writer.add_name(metadata["general.name"])
     for key, value in metadata.items():
-        if key.startswith("general."):
-            continue
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)  # token ids
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)  # strings, int32 token types, float32 scores
+        if not key.startswith("general."):
+            _add_value(writer, key, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
 
 
 def read_gguf_metadata(path: Path) -> dict:
-    """{key: plain Python value} for every metadata key, as phinano's GGUF loader hands them over."""
+    """{key: plain Python value} for every metadata key, as phinano's GGUF reader hands them to tokenizer_parts."""
+    pytest.importorskip("gguf")
+    from phinano.formats.gguf import read_gguf
+
+    return read_gguf(path).metadata
+
+
+def value_types(path: Path) -> dict:
+    """{key: its GGUF value type, e.g. ["ARRAY", "INT32"]} for the tokenizer keys of a file."""
     gguf = pytest.importorskip("gguf")
-    reader = gguf.GGUFReader(str(path))
-    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    fields = gguf.GGUFReader(str(path)).fields
+    return {name: [t.name for t in field.types] for name, field in fields.items() if name.startswith("tokenizer.")}
+
+
+def converter_types(metadata: dict) -> dict:
+    """The converter's value type of each tokenizer key in `metadata` (None for a key it does not write)."""
+    named_template = ["STRING"]  # tokenizer.chat_template.<name>
+    return {
+        key: CONVERTER_TYPES.get(key, named_template if key.startswith("tokenizer.chat_template.") else None)
+        for key in metadata
+        if key.startswith("tokenizer.")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +390,7 @@ def phi3_gguf_file(phi3_meta, tmp_path_factory):
 def test_phi3_gguf_file_round_trip(phi3_meta, hf_phi3, phi3_gguf_file):
     metadata = read_gguf_metadata(phi3_gguf_file)
     assert metadata == phi3_meta  # every value type survives (scores are whole numbers or -1e9: exact in float32)
+    assert value_types(phi3_gguf_file) == converter_types(phi3_meta)
     tokenizer = build(metadata)
     for text in HARD_TEXTS:
         assert tokenizer.encode(text) == hf_phi3.encode(text, add_special_tokens=False), text
@@ -418,55 +468,59 @@ def train_byte_level(split: str | None, rstrip: bool):
     return backend
 
 
-def byte_level_metadata(backend, pre: str, architecture: str, padding: int = 5) -> dict:
-    """GGUF metadata as the converter's _set_vocab_gpt2 writes it: get_vocab_base's tokens and types (added tokens
-    control when special or "<|...|>", else user-defined; "[PADn]" unused up to the embedding size), merges as
-    "left right", special ids from tokenizer_config.json (bos = eos = pad = <|endoftext|>, add_bos_token false)."""
-    spec = json.loads(backend.to_str())
-    added = {token["id"]: token for token in spec["added_tokens"]}
-    by_id = {i: token for token, i in backend.get_vocab(with_added_tokens=True).items()}
-    size = len(by_id) + padding
-    tokens, types = [], []
-    for i in range(size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(UNUSED)
-        elif i in added:
-            tokens.append(by_id[i])
-            looks_special = by_id[i].startswith("<|") and by_id[i].endswith("|>")
-            types.append(CONTROL if added[i]["special"] or looks_special else USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(NORMAL)
-    end = backend.token_to_id("<|endoftext|>")
-    return {
-        "general.architecture": architecture,
-        "general.name": "Tiny Byte Level",
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": pre,
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.merges": [" ".join(pair) for pair in spec["model"]["merges"]],
-        "tokenizer.ggml.bos_token_id": end,
-        "tokenizer.ggml.eos_token_id": end,
-        "tokenizer.ggml.padding_token_id": end,
-        "tokenizer.ggml.add_bos_token": False,
-        "tokenizer.chat_template": "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+BYTE_LEVEL_CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def byte_level_folder(backend, folder: Path) -> Path:
+    """A Hugging Face tokenizer folder for `backend` with Phi-4-mini's tokenizer_config.json settings: bos = eos =
+    pad = unk = <|endoftext|>, add_bos_token and add_eos_token false, GPT2Tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    backend.save(str(folder / "tokenizer.json"))
+    config = {
+        "add_bos_token": False,
+        "add_eos_token": False,
+        **dict.fromkeys(("bos_token", "eos_token", "pad_token", "unk_token"), "<|endoftext|>"),
+        "tokenizer_class": "GPT2Tokenizer",
+        "chat_template": BYTE_LEVEL_CHAT,
     }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def byte_level_size(folder: Path, padding: int = 5) -> int:
+    """The embedding rows of a model on that tokenizer: every token, and `padding` rows no token uses."""
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    return max([*spec["model"]["vocab"].values(), *(t["id"] for t in spec["added_tokens"])]) + 1 + padding
+
+
+def byte_level_metadata(folder: Path, architecture: str) -> dict:
+    """The GGUF metadata of a model on that tokenizer (vocab_metadata, plus what the GGUF writer adds)."""
+    general = {"general.architecture": architecture, "general.name": "Tiny Byte Level"}
+    return {**general, **vocab_metadata(folder, byte_level_size(folder))}
+
+
+class Style(NamedTuple):
+    original: object  # the `tokenizers` object the folder was saved from
+    tokenizer: Tokenizer  # rebuilt from the folder's GGUF metadata
+    folder: Path
 
 
 @pytest.fixture(scope="module")
-def phi4_style():
-    """(original tokenizers object, tokenizer rebuilt from its GGUF metadata): o200k split, architecture phi3."""
+def phi4_style(tmp_path_factory):
+    """o200k split, architecture phi3 (so Phi-4-mini's rstrip rule applies)."""
     original = train_byte_level(O200K_SPLIT, rstrip=True)
-    return original, build(byte_level_metadata(original, "gpt-4o", "phi3"))
+    folder = byte_level_folder(original, tmp_path_factory.mktemp("phi4-style"))
+    return Style(original, build(byte_level_metadata(folder, "phi3")), folder)
 
 
 @pytest.fixture(scope="module")
-def gpt2_style():
+def gpt2_style(tmp_path_factory):
     original = train_byte_level(None, rstrip=False)
-    return original, build(byte_level_metadata(original, "gpt-2", "gpt2"))
+    folder = byte_level_folder(original, tmp_path_factory.mktemp("gpt2-style"))
+    return Style(original, build(byte_level_metadata(folder, "gpt2")), folder)
 
 
 BYTE_LEVEL_TEXTS = CORPUS + HARD_TEXTS + [
@@ -479,7 +533,7 @@ BYTE_LEVEL_TEXTS = CORPUS + HARD_TEXTS + [
 
 @pytest.mark.parametrize("style", ["phi4_style", "gpt2_style"])
 def test_byte_level_encode_decode_match_original(style, request):
-    original, tokenizer = request.getfixturevalue(style)
+    original, tokenizer, _ = request.getfixturevalue(style)
     for text in BYTE_LEVEL_TEXTS:
         ids = original.encode(text).ids
         assert tokenizer.encode(text) == ids, text
@@ -507,20 +561,19 @@ BYTE_LEVEL_PIECES = st.lists(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pieces=BYTE_LEVEL_PIECES, style=st.sampled_from(["phi4_style", "gpt2_style"]))
 def test_byte_level_encode_matches_original_on_any_text(pieces, style, request):
-    original, tokenizer = request.getfixturevalue(style)
+    original, tokenizer, _ = request.getfixturevalue(style)
     text = "".join(pieces)
     assert tokenizer.encode(text) == original.encode(text).ids
     assert words(tokenizer.backend, text) == words(original, text)
 
 
 def test_byte_level_parts(phi4_style):
-    original, _ = phi4_style
-    parts = tokenizer_parts(byte_level_metadata(original, "gpt-4o", "phi3"))
+    original, tokenizer, folder = phi4_style
+    parts = tokenizer_parts(byte_level_metadata(folder, "phi3"))
     end, stop = original.token_to_id("<|endoftext|>"), original.token_to_id("<|end|>")
     assert parts.stop_ids == tuple(sorted((end, stop)))  # Phi-4-mini: [200020, 199999]
-    assert parts.special_tokens == dict.fromkeys(("bos_token", "eos_token", "pad_token"), "<|endoftext|>")
+    assert parts.special_tokens == dict.fromkeys(("bos_token", "eos_token", "unk_token", "pad_token"), "<|endoftext|>")
     assert parts.byte_fallback is False
-    tokenizer = build(byte_level_metadata(original, "gpt-4o", "phi3"))
     assert tokenizer.vocab_size == original.get_vocab_size(with_added_tokens=True)  # the [PADn] rows are no tokens
     assert tokenizer.token_to_id("<think>") not in tokenizer.special_ids
     assert tokenizer.token_to_id("<|im_start|>") in tokenizer.special_ids
@@ -530,8 +583,8 @@ def test_byte_level_parts(phi4_style):
 
 def test_byte_level_rstrip_only_for_phi4_mini(phi4_style):
     """Architecture phi3 with a byte-level vocabulary is Phi-4-mini: its role markers swallow whitespace."""
-    original, tokenizer = phi4_style
-    other = build(byte_level_metadata(original, "gpt-4o", "qwen2"))
+    _, tokenizer, folder = phi4_style
+    other = build(byte_level_metadata(folder, "qwen2"))
     text = "<|user|>  Hi"
     assert tokenizer.encode(text) == tokenizer.encode("<|user|>Hi")
     assert other.encode(text) != other.encode("<|user|>Hi")
@@ -539,14 +592,295 @@ def test_byte_level_rstrip_only_for_phi4_mini(phi4_style):
 
 
 def test_byte_level_gguf_file_round_trip(phi4_style, tmp_path):
-    original, _ = phi4_style
-    metadata = byte_level_metadata(original, "gpt-4o", "phi3")
+    original, _, folder = phi4_style
+    metadata = byte_level_metadata(folder, "phi3")
     path = tmp_path / "tiny-vocab.gguf"
     write_gguf(path, metadata)
     assert read_gguf_metadata(path) == metadata
+    assert value_types(path) == converter_types(metadata)
     tokenizer = build(read_gguf_metadata(path))
     for text in BYTE_LEVEL_TEXTS:
         assert tokenizer.encode(text) == original.encode(text).ids
+
+
+@pytest.mark.parametrize("style", ["phi4_style", "gpt2_style"])
+def test_byte_level_metadata_is_the_converters(style, request):
+    """Tokens and types as _set_vocab_gpt2 (get_vocab_base) makes them from Transformers' tokenizer of the folder;
+    ids, flags, chat template and merges as gguf.SpecialVocab(load_merges=True) writes them."""
+    transformers = pytest.importorskip("transformers")
+    folder = request.getfixturevalue(style).folder
+    size = byte_level_size(folder)
+    metadata = vocab_metadata(folder, size)
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    by_id, added = {i: token for token, i in hf.vocab.items()}, hf.get_added_vocab()
+    tokens, types = [], []
+    for i in range(size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        elif by_id[i] in added:
+            control = hf.added_tokens_decoder[i].special or (by_id[i].startswith("<|") and by_id[i].endswith("|>"))
+            tokens.append(by_id[i] if control else by_id[i].replace("▁", " "))
+            types.append(CONTROL if control else USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(NORMAL)
+    assert metadata["tokenizer.ggml.tokens"] == tokens
+    assert metadata["tokenizer.ggml.token_type"] == types
+    assert USER_DEFINED in types and UNUSED in types  # <think>, and the padding rows
+    assert metadata["tokenizer.ggml.model"] == "gpt2"
+    assert metadata["tokenizer.ggml.pre"] == {"phi4_style": "gpt-4o", "gpt2_style": "gpt-2"}[style]
+    assert "tokenizer.ggml.scores" not in metadata
+    assert written_by_special_vocab(metadata) == special_vocab_metadata(folder, size, load_merges=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vocab_metadata on other folders: the shipped nano models, other SentencePiece pipelines, chat template files,
+# folders it cannot write
+# ---------------------------------------------------------------------------------------------------------------
+
+NANO_ARCHITECTURES = {"nano-phi3": "phi3", "nano-phimoe": "phimoe"}
+
+
+class Nano(NamedTuple):
+    folder: Path
+    metadata: dict  # as a GGUF file of the model holds it
+    gguf: Tokenizer  # rebuilt from the metadata
+    hf: Tokenizer  # phinano's tokenizer.json tokenizer of the folder
+
+
+@pytest.fixture(scope="module", params=list(NANO_ARCHITECTURES))
+def nano(request):
+    folder = nano_path(request.param)
+    if folder is None:
+        pytest.skip(f"the {request.param} files are not installed")
+    size = json.loads((folder / "config.json").read_text(encoding="utf-8"))["vocab_size"]
+    general = {"general.architecture": NANO_ARCHITECTURES[request.param], "general.name": request.param}
+    metadata = {**general, **vocab_metadata(folder, size)}
+    return Nano(folder, metadata, build(metadata), load_tokenizer(folder))
+
+
+def test_nano_tokenizers_round_trip(nano):
+    """The nano models' tokenizers are BPE trained with `tokenizers` (merges in training order, runs of ▁ among
+    the first merges) in the SentencePiece pipeline: written and rebuilt, they tokenize as their tokenizer.json."""
+    assert written_by_special_vocab(nano.metadata) == special_vocab_metadata(nano.folder, 4160)
+    assert nano.metadata["tokenizer.ggml.add_bos_token"] is True  # their tokenizer_config.json says so
+    tokens, scores = nano.metadata["tokenizer.ggml.tokens"], nano.metadata["tokenizer.ggml.scores"]
+    assert len(tokens) == 4160 and tokens[4107] == "[PAD4107]"
+    assert scores[tokens.index("▁▁")] == 0  # ("▁", "▁") is their first merge: no -1e9 here
+    for text in HARD_TEXTS:
+        ids = nano.hf.encode(text)
+        assert nano.gguf.encode(text) == ids, text  # with <s>: add_bos_token is true in both
+        assert nano.gguf.decode(ids) == nano.hf.decode(ids)
+        assert nano.gguf.decode(ids, skip_special_tokens=True) == nano.hf.decode(ids, skip_special_tokens=True)
+    for messages in PHI3_CHATS:
+        rendered = nano.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert nano.gguf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == rendered
+        assert nano.gguf.apply_chat_template(messages) == nano.hf.apply_chat_template(messages)
+    generation = json.loads((nano.folder / "generation_config.json").read_text(encoding="utf-8"))
+    assert list(tokenizer_parts(nano.metadata).stop_ids) == sorted(generation["eos_token_id"])
+
+
+NANO_PIECES = list(" \t\n\r1'aZé中🦙▁_()") + ["def ", "self", "the", "ing", "    "]  # code, which they were trained on
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    pieces=st.lists(
+        st.one_of(
+            st.lists(st.sampled_from(NANO_PIECES), max_size=8).map("".join),
+            st.text(max_size=8),
+            st.sampled_from(["<|user|>", "<|end|>", "<|assistant|>", "<s>", "</s>", "<|endoftext|>", "<unk>"]),
+        ),
+        max_size=8,
+    )
+)
+def test_nano_encode_matches_tokenizer_json_on_any_text(nano, pieces):
+    text = "".join(pieces)
+    assert nano.gguf.encode(text) == nano.hf.encode(text)
+
+
+def copy_tokenizer(source: Path, folder: Path, edit=None) -> Path:
+    """tokenizer.json and tokenizer_config.json of `source` in `folder`, after edit(spec, config) if given."""
+    spec = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if edit is not None:
+        edit(spec, config)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+REPLACE_SPACES = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+UNDO_SPACES = {"type": "Sequence", "decoders": [
+    {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
+]}
+
+
+def metaspace(scheme: str) -> dict:
+    return {"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": False}
+
+
+NO_PREFIX_PIPELINES = {  # name: (normalizer, pre_tokenizer) of a SentencePiece-style tokenizer.json
+    "replace only": (REPLACE_SPACES, None),
+    "metaspace never": (None, metaspace("never")),
+}
+
+
+@pytest.mark.parametrize("pipeline", list(NO_PREFIX_PIPELINES))
+def test_sentencepiece_without_space_prefix(pipeline, tmp_path):
+    """Both ways tokenizer.json spells "spaces are ▁, and no ▁ before the text" become add_space_prefix false (Phi-3's
+    Prepend + Replace is the prefix, tested above), and the rebuilt tokenizer encodes and decodes as tokenizer.json."""
+
+    def edit(spec, config):
+        spec["normalizer"], spec["pre_tokenizer"] = NO_PREFIX_PIPELINES[pipeline]
+        spec["decoder"] = UNDO_SPACES  # no prefix was added, so none is stripped
+
+    folder = copy_tokenizer(nano_path("nano-phi3"), tmp_path / "variant", edit)
+    metadata = vocab_metadata(folder, 4160)
+    assert metadata["tokenizer.ggml.add_space_prefix"] is False
+    gguf, hf = build({"general.architecture": "phi3", **metadata}), load_tokenizer(folder)
+    for text in HARD_TEXTS:
+        ids = hf.encode(text)
+        assert gguf.encode(text) == ids, text
+        assert gguf.decode(ids) == hf.decode(ids), text
+
+
+def test_chat_template_files(tmp_path):
+    """chat_template.jinja and additional_chat_templates/*.jinja beat tokenizer_config.json's template, as in
+    phinano's tokenizer.json reader; named templates become tokenizer.chat_template.<name> (GGUF spells names with
+    letters, digits and _) and are listed in tokenizer.chat_templates."""
+    folder = copy_tokenizer(nano_path("nano-phi3"), tmp_path / "templates")
+    (folder / "chat_template.jinja").write_text("J{{ messages[0]['content'] }}", encoding="utf-8")
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "tool-use.jinja").write_text("T", encoding="utf-8")
+    metadata = vocab_metadata(folder, 4160)
+    assert metadata["tokenizer.chat_template"] == "J{{ messages[0]['content'] }}"
+    assert metadata["tokenizer.chat_templates"] == ["tool_use"]
+    assert metadata["tokenizer.chat_template.tool_use"] == "T"
+    assert tokenizer_parts(metadata).chat_templates == {"default": "J{{ messages[0]['content'] }}", "tool_use": "T"}
+    assert load_tokenizer(folder).chat_templates["default"] == metadata["tokenizer.chat_template"]
+
+    listed = [{"name": "default", "template": "A"}, {"name": "rag", "template": "B"}]
+    folder = copy_tokenizer(nano_path("nano-phi3"), tmp_path / "listed", lambda spec, config: config.update(
+        chat_template=listed))
+    assert {k: v for k, v in vocab_metadata(folder, 4160).items() if "chat_template" in k} == {
+        "tokenizer.chat_template": "A", "tokenizer.chat_templates": ["rag"], "tokenizer.chat_template.rag": "B"}
+    folder = copy_tokenizer(nano_path("nano-phi3"), tmp_path / "none", lambda spec, config: config.pop("chat_template"))
+    assert not any("chat_template" in key for key in vocab_metadata(folder, 4160))
+
+
+def test_folder_without_a_tokenizer_gives_no_metadata(tmp_path):
+    """No tokenizer files at all: {}. `phinano quantize` then writes a GGUF file with no vocabulary, which phinano
+    loads without a tokenizer."""
+    import phinano
+    from phinano.cli import main
+
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    assert vocab_metadata(folder, 4160) == {}
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(nano_path("nano-phi3") / name, folder / name)
+    assert vocab_metadata(folder, 4160) == {}
+    assert main(["quantize", "--model", str(folder), "--type", "f16", "--out", str(tmp_path / "out.gguf")]) == 0
+    model = phinano.load(tmp_path / "out.gguf")
+    assert model.tokenizer is None and model.stop_token_ids == ()  # the eos id is a tokenizer key too
+
+
+def byte_level_pipeline(spec, config):
+    spec["normalizer"] = None
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\w+|\\W"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ]}
+
+
+BAD_FOLDERS = {  # name: (edit(spec, config), message)
+    "unigram model": (
+        lambda spec, config: spec.update(model={"type": "Unigram", "vocab": [["<unk>", 0.0]]}),
+        "tokenizer.json: a Unigram model; phinano writes BPE vocabularies",
+    ),
+    "word suffixes": (
+        lambda spec, config: spec["model"].update(end_of_word_suffix="</w>"),
+        "tokenizer.json: BPE with word prefixes or suffixes cannot be written",
+    ),
+    "merge not a pair": (
+        lambda spec, config: spec["model"]["merges"].__setitem__(3, ["▁"]),
+        r"tokenizer.json: not a tokenizer.json the tokenizers library reads \(",
+    ),
+    "prefix only at the start": (  # none after an added token
+        lambda spec, config: spec.update(normalizer=None, pre_tokenizer=metaspace("first")),
+        "tokenizer.json: the normalizer and pre-tokenizer are neither SentencePiece-style",
+    ),
+    "prefix unless a space": (  # Metaspace's "always" adds none to " Hi"; llama.cpp's add_space_prefix does
+        lambda spec, config: spec.update(normalizer=None, pre_tokenizer=metaspace("always")),
+        "tokenizer.json: the normalizer and pre-tokenizer are neither SentencePiece-style",
+    ),
+    "lowercasing": (
+        lambda spec, config: spec["normalizer"]["normalizers"].insert(0, {"type": "Lowercase"}),
+        "tokenizer.json: the normalizer and pre-tokenizer are neither SentencePiece-style",
+    ),
+    "byte-level with another split": (
+        byte_level_pipeline,
+        "tokenizer.json: a byte-level pre-tokenizer with no llama.cpp name phinano knows",
+    ),
+    "added token without content": (
+        lambda spec, config: spec["added_tokens"].append({"id": 4107}),
+        r"tokenizer.json: not a tokenizer.json the tokenizers library reads \(",
+    ),
+    "chat template not a string": (
+        lambda spec, config: config.update(chat_template=[{"name": "default", "template": 7}]),
+        "tokenizer_config.json: chat_template should be a string or named strings",
+    ),
+    "bos not a token": (
+        lambda spec, config: config.update(bos_token="<bos>"),
+        "tokenizer_config.json: bos_token '<bos>' is not a token of tokenizer.json",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FOLDERS))
+def test_bad_folder_is_one_clear_error(case, tmp_path):
+    edit, message = BAD_FOLDERS[case]
+    folder = copy_tokenizer(nano_path("nano-phi3"), tmp_path / "bad", edit)
+    with pytest.raises(PhinanoError, match=message) as error:
+        vocab_metadata(folder, 4160)
+    assert str(error.value).startswith(str(folder)) and "\n" not in str(error.value)
+
+
+def test_bad_folder_files(tmp_path):
+    folder = copy_tokenizer(nano_path("nano-phi3"), tmp_path / "small")
+    with pytest.raises(PhinanoError, match="token '<|endoftext|>' has id 4096, outside the model's 4100 embedding"):
+        vocab_metadata(folder, 4100)
+    (folder / "tokenizer.json").write_text("{", encoding="utf-8")
+    with pytest.raises(PhinanoError, match="tokenizer.json: not a tokenizer.json the tokenizers library reads"):
+        vocab_metadata(folder, 4160)
+    (folder / "tokenizer.json").write_bytes(b"\xff")
+    with pytest.raises(PhinanoError, match="tokenizer.json: not a tokenizer.json the tokenizers library reads"):
+        vocab_metadata(folder, 4160)
+    copy_tokenizer(nano_path("nano-phi3"), folder)
+    (folder / "tokenizer_config.json").write_text("[]", encoding="utf-8")
+    with pytest.raises(PhinanoError, match="tokenizer_config.json should hold a JSON object"):
+        vocab_metadata(folder, 4160)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(PhinanoError, match=r"tokenizer.json is missing \(the folder has tokenizer_config.json\)"):
+        vocab_metadata(folder, 4160)
+
+
+def test_quantize_with_a_bad_tokenizer_writes_nothing(tmp_path, capsys):
+    """`phinano quantize` checks the tokenizer before the weights: one line naming the file, no GGUF file."""
+    from phinano.cli import main
+
+    source = nano_path("nano-phi3")
+    folder = copy_tokenizer(source, tmp_path / "model", BAD_FOLDERS["unigram model"][0])
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source / name, folder / name)
+    out = tmp_path / "out.gguf"
+    assert main(["quantize", "--model", str(folder), "--type", "f16", "--out", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "tokenizer.json: a Unigram model" in error
+    assert list(tmp_path.glob("out.gguf*")) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""GGUF tokenizer metadata -> the parts of a phinano Tokenizer, rebuilt with the `tokenizers` library.
+"""GGUF tokenizer metadata <-> Hugging Face tokenizer files: reading a GGUF file's vocabulary back as a tokenizer
+(`tokenizer_parts`), and writing a checkpoint folder's tokenizer as GGUF metadata (`vocab_metadata`).
 
 A GGUF file (llama.cpp, Ollama) has no tokenizer.json. llama.cpp's converter stores the vocabulary as metadata:
 
@@ -25,12 +26,18 @@ tokenizer of the same model. What the file does not say is restored by rule (doc
   templates write `<s>` themselves, so chat prompts are the same ids either way.
 - **Stop ids**: eos, eot and eom from the file, plus the Phi end-of-turn markers the released
   generation_config.json files stop on (STOP_MARKERS below).
+
+`vocab_metadata(folder, vocab_size)` goes the other way, for `phinano quantize`: the keys above as the converter
+writes them from the folder's tokenizer.json and tokenizer_config.json (Phi3MiniModel.set_vocab for SentencePiece
+vocabularies, _set_vocab_gpt2 for byte-level ones, then gguf.SpecialVocab for ids, flags and chat template).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from numbers import Integral, Real
+from pathlib import Path
 from typing import NamedTuple
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -62,6 +69,7 @@ GPT4O_SPLIT = (  # o200k: Phi-4-mini
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 PRE_TOKENIZER_SPLITS = {"gpt-2": GPT2_SPLIT, "gpt2": GPT2_SPLIT, "gpt-4o": GPT4O_SPLIT}
+PRE_TOKENIZER_NAMES = {GPT2_SPLIT: "gpt-2", GPT4O_SPLIT: "gpt-4o"}  # the name written for each split
 
 # rstrip, by family. Phi-3 ("llama" vocabulary, architecture phi3 or phimoe): every added token except these three,
 # which is also llama.cpp's rule for files whose general.name contains "phi3" or "phi-3". Phi-4-mini ("gpt2"
@@ -256,6 +264,275 @@ def _chat_templates(metadata) -> dict:
     for name in _list(metadata, "tokenizer.chat_templates", str, "strings", required=False):
         templates[name] = _string(metadata, f"tokenizer.chat_template.{name}")
     return templates
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing: a Hugging Face tokenizer folder -> GGUF metadata, as llama.cpp's converter writes it
+# ---------------------------------------------------------------------------------------------------------------
+
+# Files that mean "this folder has a tokenizer" when tokenizer.json itself is missing.
+OTHER_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+# SentencePiece's own unknown and control pieces in the Llama-2 family's model (<unk> 0, <s> 1, </s> 2).
+SENTENCEPIECE_UNKNOWN, SENTENCEPIECE_CONTROL = "<unk>", ("<s>", "</s>")
+# Scores the converter gives pieces that are not SentencePiece's own (Phi3MiniModel.set_vocab).
+ADDED_SCORE, UNUSED_SCORE, HAND_ADDED_SCORE = -1000.0, -10000.0, -1e9
+
+
+def vocab_metadata(folder: Path, vocab_size: int) -> dict:
+    """The tokenizer of a Hugging Face checkpoint folder as GGUF metadata ({GGUF key: plain value}), as llama.cpp's
+    converter writes it, for a model of `vocab_size` embedding rows (ids past the tokenizer's are "[PADi]" unused
+    entries). Reads tokenizer.json, tokenizer_config.json and chat_template.jinja (or additional_chat_templates/).
+
+    Two kinds, told apart by tokenizer.json's pipeline: SentencePiece-style BPE with byte fallback (Phi-3, 3.5,
+    MoE; "llama") and byte-level BPE (Phi-4-mini; "gpt2"). general.name and general.architecture are not included
+    (the GGUF writer adds them). A folder with no tokenizer files at all gives {} (the file then has no
+    tokenizer); a tokenizer phinano cannot write (tokenizer.json missing beside other tokenizer files, another
+    kind of model or pipeline, a token id past the embedding) raises one PhinanoError naming the file."""
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        others = [name for name in OTHER_TOKENIZER_FILES if (folder / name).is_file()]
+        if others:
+            raise PhinanoError(f"{path} is missing (the folder has {', '.join(others)}); phinano writes a GGUF "
+                               "vocabulary from tokenizer.json")
+        return {}
+    spec = _tokenizer_json(path)
+    config_path = folder / "tokenizer_config.json"
+    config = _json_object(config_path) if config_path.is_file() else {}
+
+    model = spec["model"]
+    if model["type"] != "BPE":
+        raise PhinanoError(f"{path}: a {model['type']} model; phinano writes BPE vocabularies (SentencePiece-style "
+                           "or byte-level) as GGUF")
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise PhinanoError(f"{path}: BPE with word prefixes or suffixes cannot be written as GGUF")
+    added = spec.get("added_tokens") or []  # [{"id": 32000, "content": "<|endoftext|>", "special": true, ...}]
+    _check_ids([*model["vocab"].items(), *((token["content"], token["id"]) for token in added)], vocab_size, path)
+
+    pre = _byte_level_pre(spec, path)
+    if pre is not None:
+        metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre}
+        metadata.update(_byte_level_vocab(model, added, vocab_size))
+    else:
+        prefix = _space_prefix(spec, path)
+        metadata = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default"}
+        metadata.update(_sentencepiece_vocab(model, added, vocab_size))
+        if not prefix:  # absent means true for SentencePiece (llama.cpp's default); the converter writes only false
+            metadata["tokenizer.ggml.add_space_prefix"] = False
+
+    metadata.update(_special_ids(model, added, config, config_path))
+    metadata.update(_add_flags(spec, config))
+    metadata.update(_chat_template_keys(folder, config))
+    return metadata
+
+
+def _sentencepiece_vocab(model, added, vocab_size) -> dict:
+    """tokens, scores and types as Phi3MiniModel.set_vocab writes them from SentencePiece's tokenizer.model, here
+    recovered from tokenizer.json: a piece's score is minus the rank of the first merge that makes it (pieces no
+    merge makes, the single characters, come after every merge); <unk> is unknown and <s> </s> control (score 0),
+    <0xNN> pieces are bytes (score 0); then every added token of tokenizer.json becomes control (special) or
+    user-defined (not special), score -1000; the ids up to the embedding size are "[PADi]", unused, -10000.
+
+    The runs of ▁ ("▁▁", "▁▁▁▁", ...) score -1e9 when their merges come after all others: the Llama-2
+    SentencePiece model (Phi-3's) adds them by hand with that score, which is why ("▁", "▁") is the very last
+    merge of Phi-3's tokenizer.json. A BPE trained with runs of ▁ among its merges keeps their ranks."""
+    merges = _merge_pairs(model["merges"])
+    first_merge = {}  # piece -> rank of the first merge that makes it
+    for rank, (left, right) in enumerate(merges):
+        first_merge.setdefault(left + right, rank)
+    runs = {piece for piece in first_merge if len(piece) > 1 and set(piece) == {SPACE}}
+    last_other = max((rank for piece, rank in first_merge.items() if piece not in runs), default=-1)
+    hand_added = runs if all(first_merge[piece] > last_other for piece in runs) else set()
+
+    tokens, scores, types = _padded(vocab_size)
+    for piece, i in model["vocab"].items():
+        tokens[i] = piece
+        if BYTE_PIECE.match(piece):
+            types[i], scores[i] = BYTE, 0.0
+        elif piece == SENTENCEPIECE_UNKNOWN or piece in SENTENCEPIECE_CONTROL:
+            types[i], scores[i] = (UNKNOWN if piece == SENTENCEPIECE_UNKNOWN else CONTROL), 0.0
+        elif piece in hand_added:
+            types[i], scores[i] = NORMAL, HAND_ADDED_SCORE
+        else:
+            types[i], scores[i] = NORMAL, -float(first_merge.get(piece, len(merges) + i))
+    for token in added:
+        i = token["id"]
+        tokens[i], scores[i] = token["content"], ADDED_SCORE
+        types[i] = CONTROL if token.get("special") else USER_DEFINED
+    return {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types}
+
+
+def _byte_level_vocab(model, added, vocab_size) -> dict:
+    """tokens, types and merges as _set_vocab_gpt2 writes them: normal pieces in the byte alphabet; added tokens
+    control when special or spelled "<|...|>", else user-defined (with ▁ written as a space); "[PADi]" unused up
+    to the embedding size; merges as "left right", best first."""
+    tokens, _, types = _padded(vocab_size)
+    for piece, i in model["vocab"].items():
+        tokens[i], types[i] = piece, NORMAL
+    for token in added:
+        i, content = token["id"], token["content"]
+        if token.get("special") or (content.startswith("<|") and content.endswith("|>")):
+            tokens[i], types[i] = content, CONTROL
+        else:
+            tokens[i], types[i] = content.replace(SPACE, " "), USER_DEFINED
+    merges = [f"{left} {right}" for left, right in _merge_pairs(model["merges"])]
+    return {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
+
+
+def _padded(vocab_size: int) -> tuple[list, list, list]:
+    """tokens, scores, types for `vocab_size` ids, each an unused "[PADi]" row until a piece claims it."""
+    return [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED_SCORE] * vocab_size, [UNUSED] * vocab_size
+
+
+def _check_ids(pairs, vocab_size, path) -> None:
+    """Every (piece, id) has its id inside the embedding."""
+    for piece, i in pairs:
+        if not 0 <= i < vocab_size:
+            raise PhinanoError(f"{path}: token {piece!r} has id {i}, outside the model's {vocab_size} embedding rows "
+                               f"(0..{vocab_size - 1})")
+
+
+def _merge_pairs(merges) -> list[tuple[str, str]]:
+    """tokenizer.json's merges, either ["a", "b"] pairs or (older files) "a b" strings."""
+    return [tuple(merge.split(" ", 1)) if isinstance(merge, str) else tuple(merge) for merge in merges]
+
+
+def _byte_level_pre(spec, path) -> str | None:
+    """llama.cpp's name for a byte-level pre-tokenizer ("gpt-4o" for Phi-4-mini's o200k split), or None when
+    tokenizer.json is not byte-level. The names are those tokenizer_parts reads (PRE_TOKENIZER_SPLITS)."""
+    steps = _steps(spec.get("pre_tokenizer"), "pretokenizers")
+    if not any(step.get("type") == "ByteLevel" for step in steps):
+        return None
+    split = None
+    if len(steps) == 1 and steps[0].get("use_regex", True):  # ByteLevel with its built-in GPT-2 regex
+        split = GPT2_SPLIT
+    elif len(steps) == 2 and steps[0].get("type") == "Split" and not steps[1].get("use_regex", True):
+        rule = steps[0]
+        if rule.get("behavior") == "Isolated" and not rule.get("invert"):
+            split = (rule.get("pattern") or {}).get("Regex")
+    if split not in PRE_TOKENIZER_NAMES or steps[-1].get("add_prefix_space") or spec.get("normalizer") is not None:
+        known = ", ".join(PRE_TOKENIZER_NAMES.values())
+        raise PhinanoError(f"{path}: a byte-level pre-tokenizer with no llama.cpp name phinano knows (it writes "
+                           f"{known}: the GPT-2 and o200k splits, with no normalizer and no prefix space)")
+    return PRE_TOKENIZER_NAMES[split]
+
+
+def _space_prefix(spec, path) -> bool:
+    """Whether a SentencePiece-style pipeline puts ▁ before each piece of text (GGUF's add_space_prefix): from
+    tokenizer.json's normalizer, Prepend ▁ then Replace " " -> ▁ (Phi-3), or Replace alone (no prefix); a
+    Metaspace pre-tokenizer only without a prefix. Metaspace's prefix is not GGUF's: it adds none to text that
+    starts with a space, or (scheme "first") to text after an added token; llama.cpp adds one to every piece."""
+    normalizer = _steps(spec.get("normalizer"), "normalizers")
+    pre = _steps(spec.get("pre_tokenizer"), "pretokenizers")
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+    if not pre and normalizer and normalizer[-1] == replace:
+        rest = normalizer[:-1]
+        if rest in ([], [{"type": "Prepend", "prepend": SPACE}]):
+            return bool(rest)
+    if not normalizer and len(pre) == 1 and pre[0].get("type") == "Metaspace":
+        scheme = pre[0].get("prepend_scheme", "always" if pre[0].get("add_prefix_space", True) else "never")
+        if pre[0].get("replacement") == SPACE and not pre[0].get("split", True) and scheme == "never":
+            return False
+    raise PhinanoError(f"{path}: the normalizer and pre-tokenizer are neither SentencePiece-style as GGUF can say it "
+                       "(spaces as ▁, and ▁ before every piece of text or never) nor byte-level")
+
+
+def _steps(component, key) -> list[dict]:
+    """A tokenizer.json normalizer / pre-tokenizer / processor as a flat list of steps ([] for none)."""
+    if component is None:
+        return []
+    if component.get("type") == "Sequence":
+        return [step for part in component.get(key, []) for step in _steps(part, key)]
+    return [component]
+
+
+def _special_ids(model, added, config, config_path) -> dict:
+    """{tokenizer.ggml.bos_token_id: id, ...} for the tokens tokenizer_config.json names (gguf.SpecialVocab)."""
+    ids = dict(model["vocab"])
+    ids.update({token["content"]: token["id"] for token in added})
+    out = {}
+    for name, key in NAMED_TOKEN_KEYS.items():
+        content = _content(config.get(name))
+        if content is None:
+            continue
+        if content not in ids:
+            raise PhinanoError(f"{config_path}: {name} {content!r} is not a token of tokenizer.json")
+        out[key] = ids[content]
+    return out
+
+
+def _content(entry) -> str | None:
+    """A tokenizer_config.json token entry: "<s>" or {"content": "<s>", ...}."""
+    return entry.get("content") if isinstance(entry, dict) else entry
+
+
+def _add_flags(spec, config) -> dict:
+    """add_bos_token / add_eos_token: what tokenizer.json's post-processor adds around a text, overridden by
+    tokenizer_config.json's flags (gguf.SpecialVocab's order). Absent when neither says."""
+    named = {name: _content(config.get(f"{name}_token")) for name in ("bos", "eos")}
+    flags = {}
+    for processor in _steps(spec.get("post_processor"), "processors"):
+        if processor.get("type") != "TemplateProcessing" or len(processor.get("single") or []) < 2:
+            continue
+        single = [step.get("SpecialToken", {}).get("id") for step in processor["single"]]  # ["<s>", None]: <s> $A
+        if single[0] is not None:
+            flags["bos"] = single[0] == named["bos"]
+        if single[-1] is not None:
+            flags["eos"] = single[-1] == named["eos"]
+    for name in ("bos", "eos"):
+        if isinstance(config.get(f"add_{name}_token"), bool):
+            flags[name] = config[f"add_{name}_token"]
+    return {f"tokenizer.ggml.add_{name}_token": flag for name, flag in flags.items()}
+
+
+def _chat_template_keys(folder, config) -> dict:
+    """tokenizer.chat_template (and named ones), from the same places and in the same order of priority as
+    phinano.tokenizer reads them: chat_template.jinja and additional_chat_templates/*.jinja beat
+    tokenizer_config.json's chat_template (a string, or named templates as a list or a dict)."""
+    entry = config.get("chat_template")
+    templates = {}
+    if isinstance(entry, str):
+        templates["default"] = entry
+    elif isinstance(entry, list):  # [{"name": "default", "template": "..."}, ...]
+        templates.update({item.get("name"): item.get("template") for item in entry if isinstance(item, dict)})
+    elif isinstance(entry, dict):
+        templates.update(entry)
+    if not all(isinstance(name, str) and isinstance(template, str) for name, template in templates.items()):
+        raise PhinanoError(f"{folder / 'tokenizer_config.json'}: chat_template should be a string or named strings")
+    default_file, extra_files = folder / "chat_template.jinja", sorted(folder.glob("additional_chat_templates/*.jinja"))
+    if default_file.is_file() or extra_files:
+        templates = {path.name.removesuffix(".jinja"): path.read_text(encoding="utf-8") for path in extra_files}
+        if default_file.is_file():
+            templates["default"] = default_file.read_text(encoding="utf-8")
+    out = {}
+    if "default" in templates:
+        out["tokenizer.chat_template"] = templates.pop("default")
+    names = {re.sub(r"[^A-Za-z0-9]", "_", name): template for name, template in templates.items()}  # GGUFWriter's
+    if names:
+        out["tokenizer.chat_templates"] = sorted(names)
+        out.update({f"tokenizer.chat_template.{name}": template for name, template in names.items()})
+    return out
+
+
+def _tokenizer_json(path: Path) -> dict:
+    """tokenizer.json as a dict, once the `tokenizers` library has read it (so its structure is sound)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        Tokenizer.from_str(text)
+    except Exception as error:  # OSError, UnicodeDecodeError, or the Rust side's plain Exception
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PhinanoError(f"{path}: not a tokenizer.json the tokenizers library reads ({reason})") from None
+    return json.loads(text)
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PhinanoError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(value, dict):
+        raise PhinanoError(f"{path} should hold a JSON object")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------

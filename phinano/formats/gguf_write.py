@@ -130,7 +130,7 @@ def _add_value(writer, key: str, value) -> None:
         writer.add_float32(key, value)
     elif isinstance(value, str):
         writer.add_string(key, value)
-    elif isinstance(value, (list, tuple, np.ndarray)):
-        writer.add_array(key, list(value))
+    elif isinstance(value, (list, tuple, np.ndarray)):  # ints -> int32, floats -> float32, strings (the converter's)
+        writer.add_array(key, value.tolist() if isinstance(value, np.ndarray) else list(value))
     else:
         raise PhinanoError(f"GGUF metadata {key}: cannot store a {type(value).__name__}")
