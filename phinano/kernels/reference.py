@@ -100,28 +100,31 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / np.sum(e, axis=-1, keepdims=True)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int | None) -> np.ndarray:
-    """Causal (optionally sliding-window) attention of T new queries over S cached keys.
+def attention_weights(q: np.ndarray, k: np.ndarray, start: int, window: int | None) -> np.ndarray:
+    """The attention probabilities (H, T, S) float32: row (h, t) is a softmax over the keys query t sees.
 
-    q (T, H, HD): queries at absolute positions start .. start+T-1
-    k, v (S, KVH, HD): keys/values at positions 0 .. S-1 (S = start + T, the new ones included)
+    q (T, H, HD): queries at absolute positions start .. start+T-1; k (S, KVH, HD): keys at 0 .. S-1.
     Query at position i sees key j iff j <= i and i - j < window (window W = W keys, the query's own
     included). Query head h reads KV head h // (H // KVH) (grouped-query attention).
-    Returns (T, H, HD).
     """
     T, H, HD = q.shape
     S, KVH, _ = k.shape
-    group = H // KVH
-    k = np.repeat(k, group, axis=1)  # (S, H, HD): KV head j serves query heads j*group .. j*group+group-1
-    v = np.repeat(v, group, axis=1)  # (S, H, HD)
+    k = np.repeat(k, H // KVH, axis=1)  # (S, H, HD): KV head j serves query heads j*G .. j*G+G-1
     scores = np.einsum("thd,shd->hts", q, k) * np.float32(HD**-0.5)  # (H, T, S)
     i = np.arange(start, start + T)[:, None]  # (T, 1) query positions
     j = np.arange(S)[None, :]  # (1, S) key positions
     visible = j <= i
     if window is not None:
         visible &= i - j < window
-    scores = np.where(visible[None], scores, -np.inf)
-    probs = softmax(scores)  # (H, T, S)
+    return softmax(np.where(visible[None], scores, -np.inf)).astype(np.float32)  # (H, T, S)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int | None) -> np.ndarray:
+    """Causal (optionally sliding-window) attention of T new queries over S cached keys: the probabilities of
+    `attention_weights` applied to the values. q (T, H, HD); k, v (S, KVH, HD) at positions 0 .. S-1
+    (S = start + T, the new ones included). Returns (T, H, HD)."""
+    probs = attention_weights(q, k, start, window)  # (H, T, S)
+    v = np.repeat(v, q.shape[1] // v.shape[1], axis=1)  # (S, H, HD)
     return np.einsum("hts,shd->thd", probs, v)  # (T, H, HD)
 
 
@@ -129,18 +132,3 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """up * silu(gate), silu(g) = g * sigmoid(g). gate, up (T, F) -> (T, F)."""
     return up * (gate / (1.0 + np.exp(-gate)))
 
-
-def attention_weights(q: np.ndarray, k: np.ndarray, start: int, window: int | None) -> np.ndarray:
-    """The attention probabilities that `attention` applies to the values: (H, T, S) float32, each row a
-    softmax over the keys query t sees (causal, sliding window, grouped-query as in `attention`). For
-    watching a model (the observer hook), not for the hot path: it materialises (H, T, S)."""
-    T, H, HD = q.shape
-    S, KVH, _ = k.shape
-    k = np.repeat(k, H // KVH, axis=1)  # (S, H, HD)
-    scores = np.einsum("thd,shd->hts", q, k) * np.float32(HD**-0.5)  # (H, T, S)
-    i = np.arange(start, start + T)[:, None]  # (T, 1) query positions
-    j = np.arange(S)[None, :]  # (1, S) key positions
-    visible = j <= i
-    if window is not None:
-        visible &= i - j < window
-    return softmax(np.where(visible[None], scores, -np.inf)).astype(np.float32)
