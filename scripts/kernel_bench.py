@@ -1,6 +1,6 @@
 """How fast are the Numba kernels here? Prints weight-streaming GB/s of `linear` against a BLAS reference.
 
-    python scripts/kernel_bench.py              # decode matvecs: bf16 vs BLAS, then bf16 vs Q8_0
+    python scripts/kernel_bench.py              # decode matvecs: bf16 vs BLAS, then bf16 vs the quantized types
     python scripts/kernel_bench.py --prefill    # + the fused-vs-BLAS crossover in tokens, and attention
     python scripts/kernel_bench.py --startup    # + compile time and cached start time, in fresh processes
 
@@ -8,9 +8,10 @@ Decode: y = x @ w.T with w a 1 GiB bfloat16 matrix (32768 x 16384, uint16 bits) 
 `fast.linear`, against NumPy's float32 BLAS matrix-vector product on a 1 GiB float32 matrix (16384 x 16384)
 timed in the same run: that product streams memory at the machine's read rate, so the ratio says how
 close the kernel gets to the bandwidth limit. GB/s counts weight bytes read once per call.
-Then bf16 against Q8_0 on Phi-3-mini's down_proj shape (3072 x 8192), on 1 thread and on all: a set of
-such matrices of about 1 GiB is multiplied in turn, as a model's layers are, so the weights come from
-memory and not from the CPU's caches. GB/s counts the bytes as stored (Q8_0: 34 per 32 weights).
+Then bf16 against the quantized types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; `--types` picks some) on Phi-3-mini's
+down_proj shape (3072 x 8192), on 1 thread and on all: a set of such matrices of about 1 GiB is multiplied
+in turn, as a model's layers are, so the weights come from memory and not from the CPU's caches. GB/s
+counts the bytes as stored (Q8_0: 34 per 32 weights, Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24).
 Median (and best) of --repeats runs after one warm-up. The machine is shared: run it when it is quiet.
 """
 
@@ -25,6 +26,11 @@ import time
 
 import numpy as np
 from bench import cpu_name  # scripts/bench.py, beside this file
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: how busy the machine was around the numbers."""
+    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -69,50 +75,70 @@ def bench_decode(fast, repeats: int) -> None:
     print(f"linear float32 decode on the same float32 matrix: {gbf / med_f:6.1f} GB/s median, {gbf / best_f:6.1f} best")
 
 
-def random_q8_0(rng: np.random.Generator, shape: tuple[int, int]):
-    """Random Q8_0 blocks (any int8 q, every scale 0.01): what the kernel reads, without quantizing."""
-    from phinano.formats.quantized import QuantizedTensor
+# Typical values of each quantized type's float16 fields, by byte offset in a block (d at 0; m at 2 in
+# Q4_1 and Q5_1). Random bytes there would include inf, nan and subnormals, which some CPUs compute slowly.
+FLOAT16_FIELDS = {
+    "Q8_0": {0: 0.01},
+    "Q4_0": {0: 0.01},
+    "Q4_1": {0: 0.01, 2: -0.08},
+    "Q5_0": {0: 0.005},
+    "Q5_1": {0: 0.005, 2: -0.08},
+}
 
+
+def random_quantized(rng: np.random.Generator, qtype: str, shape: tuple[int, int]):
+    """Random blocks of a quantized type (any q bytes, typical scales and mins): what the kernel reads,
+    without quantizing."""
+    from phinano.formats.quantized import LAYOUTS, QuantizedTensor
+
+    layout = LAYOUTS[qtype]
     N, K = shape
-    data = rng.integers(0, 256, (N, K // 32 * 34), dtype=np.uint8)
-    data.reshape(N, K // 32, 34)[:, :, :2] = np.full((N, K // 32, 1), np.float16(0.01)).view(np.uint8)
-    return QuantizedTensor("Q8_0", shape, data)
+    data = rng.integers(0, 256, (N, K // layout.block * layout.block_bytes), dtype=np.uint8)
+    blocks = data.reshape(-1, layout.block_bytes)
+    for at, value in FLOAT16_FIELDS[qtype].items():
+        blocks[:, at : at + 2] = np.float16(value).reshape(1, 1).view(np.uint8)
+    return QuantizedTensor(qtype, shape, data)
 
 
-def bench_decode_formats(fast, repeats: int, threads: int) -> None:
-    """bf16 and Q8_0 matvecs on 3072 x 8192 matrices, about 1 GiB of each in turn, 1 thread and `threads`."""
+def bench_decode_formats(fast, repeats: int, threads: int, qtypes: list[str]) -> None:
+    """bf16 and quantized matvecs on 3072 x 8192 matrices, about 1 GiB of each in turn, 1 thread and `threads`."""
     rng = np.random.default_rng(3)
     N, K = 3072, 8192
     x = rng.standard_normal((1, K), dtype=np.float32)
-    sets = {
-        "bf16": [random_bf16(rng, (N, K)) for _ in range(2**30 // (2 * N * K))],
-        "Q8_0": [random_q8_0(rng, (N, K)) for _ in range(2**30 // (N * K // 32 * 34))],
-    }
-    print(f"\ndecode matvec on {N} x {K} matrices, about 1 GiB of each multiplied in turn:")
-    for n in sorted({1, threads}):
-        fast.set_threads(n)
-        for name, weights in sets.items():
-            stored = sum(w.nbytes for w in weights) / 1e9
+    print(f"\ndecode matvec on {N} x {K} matrices, about 1 GiB of each format multiplied in turn:")
+    for name in ["bf16", *qtypes]:
+        if name == "bf16":
+            weights = [random_bf16(rng, (N, K)) for _ in range(2**30 // (2 * N * K))]
+        else:
+            one = random_quantized(rng, name, (N, K))
+            weights = [one] + [random_quantized(rng, name, (N, K)) for _ in range(2**30 // one.nbytes - 1)]
+        stored = sum(w.nbytes for w in weights) / 1e9
+        for n in sorted({1, threads}):
+            fast.set_threads(n)
             med, best = timed(lambda: [fast.linear(x, w) for w in weights], repeats)
             print(f"  {name:5s} {n} thread{'s' if n > 1 else ' '}: {stored / med:5.1f} GB/s median, {stored / best:5.1f} best"
                   f"  ({len(weights) * N * K / med / 1e9:5.1f} G weights/s)", flush=True)
+        del weights
     fast.set_threads(threads)
 
 
-def bench_prefill(fast, repeats: int) -> None:
-    """Tokens x (16384, 3072) (Phi-3-mini's gate_up_proj) in bf16 and Q8_0: fused kernel vs tiles + BLAS."""
+def bench_prefill(fast, repeats: int, qtypes: list[str]) -> None:
+    """Tokens x (16384, 3072) (Phi-3-mini's gate_up_proj) in bf16 and each quantized type: fused kernel vs
+    tiles + BLAS, which says from how many tokens on `linear` should switch (`blas_min_tokens`)."""
     from phinano.kernels.quantized import KERNELS
 
     rng = np.random.default_rng(1)
     N, K = 16384, 3072
     w = random_bf16(rng, (N, K))
     wf = (w.astype(np.uint32) << 16).view(np.float32)
-    q8 = random_q8_0(rng, (N, K))
-    q8_kernels = KERNELS["Q8_0"]
-    print(f"\nlinear on a {N} x {K} matrix, GFLOP/s (BLAS from {fast.BLAS_MIN_TOKENS} tokens for bf16, "
-          f"from {q8_kernels.blas_min_tokens} for Q8_0):")
-    columns = ("bf16 fused", "tiles+BLAS", "Q8_0 fused", "tiles+BLAS")
-    print(f"{'tokens':>6} " + " ".join(f"{c:>11}" for c in columns) + f" {'f32 BLAS (whole f32 copy)':>26}")
+    readers = {"bf16": (w, fast._matmul_fused, fast._widen_rows, fast.BLAS_MIN_TOKENS)}
+    for name in qtypes:
+        k = KERNELS[name]
+        readers[name] = (random_quantized(rng, name, (N, K)).data, k.matmul, k.widen_rows, k.blas_min_tokens)
+    print(f"\nlinear on a {N} x {K} matrix, GFLOP/s of the fused kernel / of tiles + BLAS; linear() switches to BLAS at")
+    print("  " + ", ".join(f"{name} {r[3]}" for name, r in readers.items()) + " tokens")
+    columns = [f"{name + ' fused/tiles':>17}" for name in readers] + [f"{'f32 BLAS (whole f32 copy)':>26}"]
+    print(f"{'tokens':>6} " + " ".join(columns))
     for T in (1, 2, 4, 8, 16, 32, 48, 64, 128, 512):
         x = rng.standard_normal((T, K), dtype=np.float32)
         y = np.empty((T, N), np.float32)
@@ -120,12 +146,13 @@ def bench_prefill(fast, repeats: int) -> None:
         def gflops(fn, worth_timing: bool = True) -> float:
             return 2.0 * T * N * K / 1e9 / timed(fn, repeats)[0] if worth_timing else float("nan")
 
-        fused = gflops(lambda: fast._matmul_fused(x, w, y), T <= 128)
-        tiles = gflops(lambda: fast._matmul_blas(x, w, fast._widen_rows), T >= 4)
-        q8_fused = gflops(lambda: q8_kernels.matmul(x, q8.data, y), T <= 128)
-        q8_tiles = gflops(lambda: fast._matmul_blas(x, q8.data, q8_kernels.widen_rows), T >= 4)
+        cells = []
+        for rows, matmul, widen_rows, _ in readers.values():
+            fused = gflops(lambda: matmul(x, rows, y), T <= 128)
+            tiles = gflops(lambda: fast._matmul_blas(x, rows, widen_rows), T >= 4)
+            cells.append(f"{fused:8.1f}/{tiles:<8.1f}")
         full = gflops(lambda: x @ wf.T)
-        print(f"{T:>6} {fused:11.1f} {tiles:11.1f} {q8_fused:11.1f} {q8_tiles:11.1f} {full:26.1f}", flush=True)
+        print(f"{T:>6} " + " ".join(cells) + f" {full:26.1f}", flush=True)
 
 
 def bench_attention(fast, reference, repeats: int) -> None:
@@ -183,21 +210,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill", action="store_true", help="also the token-count crossover and attention")
     parser.add_argument("--startup", action="store_true", help="also compile and cached start times")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode benchmarks")
+    parser.add_argument("--types", default=",".join(FLOAT16_FIELDS), help="quantized types to measure, comma-separated")
     args = parser.parse_args(argv)
 
     from phinano.kernels import fast, reference
 
+    qtypes = [name for name in args.types.split(",") if name]
+    unknown = sorted(set(qtypes) - set(FLOAT16_FIELDS))
+    if unknown:
+        parser.error(f"unknown --types {', '.join(unknown)} (choose from {', '.join(FLOAT16_FIELDS)})")
     threads = fast.set_threads(args.threads)
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average {load_average()} before")
     print(f"kernel threads: {threads}; BLAS threads: OpenBLAS default (OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})")
     if not args.no_decode:
         bench_decode(fast, args.repeats)
-        bench_decode_formats(fast, args.repeats, threads)
+        bench_decode_formats(fast, args.repeats, threads, qtypes)
     if args.prefill:
-        bench_prefill(fast, args.repeats)
+        bench_prefill(fast, args.repeats, qtypes)
         bench_attention(fast, reference, args.repeats)
     if args.startup:
         bench_startup()
+    print(f"\nload average {load_average()} after (1, 5, 15 minutes; other processes share the cores)")
     return 0
 
 

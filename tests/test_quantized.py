@@ -17,6 +17,8 @@ Tolerances, and why:
   4e-6 here and (K / 8) * 6e-8 = 8e-6 for BLAS's eight-lane sums, under 1e-5 even in the worst case. The
   bound is against |x|.|w|, not |y|, because y may cancel to ~0. The BLAS path (many tokens) unpacks tiles
   exactly, so it differs from the reference only in how BLAS blocks the sums.
+- Q4_0, Q4_1, Q5_0, Q5_1 (GGML's legacy types): the same, except that linear is bounded against a wider
+  scale, argued in their section at the end of this file.
 """
 
 from __future__ import annotations
@@ -53,14 +55,19 @@ SCALE_EXPONENTS = {
 scale_kinds = st.sampled_from(sorted(SCALE_EXPONENTS))
 
 
+def random_f16(rng: np.random.Generator, n: int, kind: str) -> np.ndarray:
+    """n random float16 values of the given kind, as (n, 2) little-endian bytes."""
+    lo, hi = SCALE_EXPONENTS[kind]
+    exponent = rng.integers(lo, hi + 1, n, dtype=np.uint16)
+    sign = rng.integers(0, 2, n, dtype=np.uint16) << 15
+    bits = sign | (exponent << 10) | rng.integers(0, 1024, n, dtype=np.uint16)  # float16: s eeeee mmmmmmmmmm
+    return bits.astype("<u2").view(np.uint8).reshape(n, 2)
+
+
 def random_q8_0(rng: np.random.Generator, N: int, K: int, kind: str) -> QuantizedTensor:
     """N x K Q8_0 weights from random block bytes: any int8 q, float16 scales of the given kind."""
     blocks = rng.integers(0, 256, (N * K // 32, 34), dtype=np.uint8)
-    lo, hi = SCALE_EXPONENTS[kind]
-    exponent = rng.integers(lo, hi + 1, len(blocks), dtype=np.uint16)
-    sign = rng.integers(0, 2, len(blocks), dtype=np.uint16) << 15
-    bits = sign | (exponent << 10) | rng.integers(0, 1024, len(blocks), dtype=np.uint16)  # float16: s eeeee mmmmmmmmmm
-    blocks[:, :2] = bits.astype("<u2").view(np.uint8).reshape(-1, 2)
+    blocks[:, :2] = random_f16(rng, len(blocks), kind)
     return QuantizedTensor("Q8_0", (N, K), blocks.reshape(N, K // 32 * 34))
 
 
@@ -102,6 +109,7 @@ def test_quantized_tensor_looks_like_a_matrix_and_selects_whole_rows():
         ("Q8_0", (2, 32), np.zeros((2, 33), np.uint8), r"needs uint8 data of shape \(2, 34\), got uint8 \(2, 33\)"),
         ("Q8_0", (2, 32), np.zeros((2, 34), np.int8), "got int8"),
         ("Q8_0", (2, 32), b"\0" * 68, "got bytes"),
+        ("Q5_1", (2, 64), np.zeros((2, 44), np.uint8), r"needs uint8 data of shape \(2, 48\), got uint8 \(2, 44\)"),
     ],
 )
 def test_a_quantized_tensor_that_does_not_fit_says_what_is_wrong(qtype, shape, data, message):
@@ -232,3 +240,165 @@ def test_embed_unpacks_only_the_gathered_rows(monkeypatch):
     table = random_q8_0(np.random.default_rng(5), 1000, 64, "typical")
     fast.embed(table, np.array([3, 999]))
     assert seen == [(2, 68)]
+
+
+# ------------------------------------------------------------------ the legacy types: Q4_0, Q4_1, Q5_0, Q5_1
+#
+# Their blocks are drawn as bytes too: any nibbles, any fifth bits qh, float16 d and m of chosen kinds
+# (independently: a huge d with a subnormal m, ...), never inf or nan.
+#
+# Tolerance of linear: |fast - ref| <= 1e-5 * (|x| @ (|w| + 2 |m|).T) + 1e-30, with m the block's min: the
+# stored one (Q4_1, Q5_1), or -8 d (Q4_0) and -16 d (Q5_0), for which w = d * q + m too. Why: the fused
+# kernel computes, per block, d * sum_j x_j q_j + m * sum_j x_j with q in 0..31 (exact products x * q, two
+# sums of 32 terms), then adds the K / 32 block terms. Its rounding error is at most about
+# (32 + 2 + K / 32) * 2^-24 * sum_c |x_c| (|d| q_c + |m|), i.e. under 4e-6 of that scale for K <= 1024; and
+# |d| q = |w - m| <= |w| + |m|. The scale is wider than the |x|.|w| of Q8_0 because the two products are
+# rounded apart and cancel where w is small (q = 8 in Q4_0: w = 0, but d q = -m = 8 d). The reference
+# (BLAS on the exactly unpacked w) stays within 1e-5 of |x|.|w| as for Q8_0, and so does the BLAS path.
+
+LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
+ZERO_POINT = {"Q4_0": 8, "Q5_0": 16}  # the types without a stored min: w = d * (q - zero)
+legacy_types = st.sampled_from(LEGACY)
+LEGACY_BLAS = max(KERNELS[qtype].blas_min_tokens for qtype in LEGACY)
+
+
+def random_legacy(rng: np.random.Generator, qtype: str, N: int, K: int, d_kind: str, m_kind: str) -> QuantizedTensor:
+    """N x K weights of a legacy type from random block bytes: any q, float16 d (and m) of the given kinds."""
+    block_bytes = LAYOUTS[qtype].block_bytes
+    blocks = rng.integers(0, 256, (N * K // 32, block_bytes), dtype=np.uint8)
+    blocks[:, 0:2] = random_f16(rng, len(blocks), d_kind)
+    if qtype not in ZERO_POINT:
+        blocks[:, 2:4] = random_f16(rng, len(blocks), m_kind)
+    return QuantizedTensor(qtype, (N, K), blocks.reshape(N, K // 32 * block_bytes))
+
+
+def block_mins(t: QuantizedTensor) -> np.ndarray:
+    """(N, K) float64: every weight's block min m (w = d * q + m), read from the block bytes."""
+    blocks = t.data.reshape(-1, t.layout.block_bytes)
+    d = blocks[:, 0:2].copy().view("<f2").astype(np.float64)  # (n, 1)
+    m = -ZERO_POINT[t.qtype] * d if t.qtype in ZERO_POINT else blocks[:, 2:4].copy().view("<f2").astype(np.float64)
+    return np.repeat(m, 32, axis=1).reshape(t.shape)
+
+
+def assert_legacy_linear_close(x: np.ndarray, w: QuantizedTensor, b: np.ndarray | None = None) -> None:
+    ref = reference.linear(x, w, b)
+    got = fast.linear(x, w, b)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    weights = np.abs(reference.widen(w).astype(np.float64)) + 2 * np.abs(block_mins(w))
+    scale = np.abs(x.astype(np.float64)) @ weights.T
+    if b is not None:
+        scale = scale + np.abs(b.astype(np.float64))
+    err = np.abs(got.astype(np.float64) - ref)
+    worst = np.max(err - 1e-5 * scale) if err.size else 0.0
+    assert worst <= 1e-30, f"{w.qtype} linear differs by {err.max():.3g} (scale {scale.max():.3g})"
+
+
+def gguf_dequantize(data: np.ndarray, qtype: str) -> np.ndarray:
+    with warnings.catch_warnings():  # d * q + m may overflow float16's range in our random blocks: fine
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
+
+
+@pytest.mark.parametrize("qtype, block_bytes", [("Q4_0", 18), ("Q4_1", 20), ("Q5_0", 22), ("Q5_1", 24)])
+def test_legacy_layouts_are_ggmls(qtype, block_bytes):
+    layout = LAYOUTS[qtype]
+    ggml = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    assert (layout.block, layout.block_bytes) == ggml == (32, block_bytes)
+
+
+@SETTINGS
+@given(
+    seed=seeds, qtype=legacy_types, N=st.integers(1, 9), blocks=st.integers(1, 8), d_kind=scale_kinds, m_kind=scale_kinds
+)
+def test_legacy_dequantize_is_bit_identical_to_gguf_on_any_block_bytes(seed, qtype, N, blocks, d_kind, m_kind):
+    t = random_legacy(np.random.default_rng(seed), qtype, N, 32 * blocks, d_kind, m_kind)
+    ours = dequantize(t)
+    theirs = gguf_dequantize(t.data, qtype)
+    assert ours.dtype == np.float32 and ours.shape == t.shape
+    np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32))  # bit patterns, -0.0 included
+
+
+def test_legacy_dequantize_reads_nibbles_and_fifth_bits_where_ggml_puts_them():
+    """One hand-made Q5_1 block: byte i of qs holds q[i] (low nibble) and q[i + 16] (high nibble); bit j of
+    the little-endian qh adds 16 to q[j]."""
+    block = np.zeros(24, np.uint8)
+    block[0:2] = np.array([1.0], "<f2").view(np.uint8)  # d = 1
+    block[2:4] = np.array([-0.5], "<f2").view(np.uint8)  # m = -0.5
+    block[4:8] = np.array([(1 << 3) | (1 << 20)], "<u4").view(np.uint8)  # fifth bits of q[3] and q[20]
+    block[8 + 3] = 0x52  # q[3] = 2, q[19] = 5
+    block[8 + 4] = 0x07  # q[4] = 7, q[20] = 0
+    want = np.full(32, -0.5, np.float32)
+    want[[3, 19, 4, 20]] = [16 + 2 - 0.5, 5 - 0.5, 7 - 0.5, 16 - 0.5]
+    np.testing.assert_array_equal(dequantize(QuantizedTensor("Q5_1", (1, 32), block[None])), want[None])
+
+
+@SETTINGS
+@given(
+    seed=seeds,
+    qtype=legacy_types,
+    N=st.integers(1, 9),
+    blocks=st.integers(1, 8),
+    magnitude=st.sampled_from([1e-2, 1.0, 100.0]),
+    offset=st.sampled_from([0.0, 3.0]),  # weights all of one sign: Q4_1's and Q5_1's m matters
+)
+def test_gguf_quantized_legacy_blocks_round_trip(seed, qtype, N, blocks, magnitude, offset):
+    """What the gguf package's quantizer writes (as llama.cpp's converter does) reads back as its own
+    dequantizer reads it, within one quantization step of the original weights, on both backends."""
+    rng = np.random.default_rng(seed)
+    K = 32 * blocks
+    w = ((rng.standard_normal((N, K)) + offset) * magnitude).astype(np.float32)
+    data = gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])
+    t = QuantizedTensor(qtype, w.shape, data)
+    ours = dequantize(t)
+    np.testing.assert_array_equal(ours.view(np.uint32), gguf_dequantize(data, qtype).view(np.uint32))
+    np.testing.assert_array_equal(fast.widen(t).view(np.uint32), ours.view(np.uint32))
+    step = np.repeat(np.abs(data.reshape(-1, LAYOUTS[qtype].block_bytes)[:, :2].copy().view("<f2")), 32, axis=1)
+    assert np.all(np.abs(ours - w) <= 1.01 * step.reshape(N, K) + 1e-3 * np.abs(block_mins(t)))
+    assert_legacy_linear_close(f32(rng, (3, K)), t)
+
+
+@SETTINGS
+@given(
+    seed=seeds,
+    qtype=legacy_types,
+    T=st.sampled_from([1, 2, 3, 4, 5, 8, 17, LEGACY_BLAS - 1, LEGACY_BLAS, LEGACY_BLAS + 13, 100]),  # fused, then BLAS
+    N=st.integers(1, 37),  # any row count: the kernel works on four rows at a time
+    blocks=st.integers(1, 32),  # K = 32 .. 1024
+    d_kind=scale_kinds,
+    m_kind=scale_kinds,
+    xs=st.sampled_from([1e-6, 1e-2, 1.0, 30.0, 1e4]),
+    bias=st.booleans(),
+)
+def test_linear_on_legacy_weights(seed, qtype, T, N, blocks, d_kind, m_kind, xs, bias):
+    rng = np.random.default_rng(seed)
+    K = 32 * blocks
+    w = random_legacy(rng, qtype, N, K, d_kind, m_kind)
+    x = f32(rng, (T, K), xs)
+    x[rng.random((T, K)) < 0.05] *= -1e3  # a few large negative outliers
+    assert_legacy_linear_close(x, w, f32(rng, (N,)) if bias else None)
+
+
+@pytest.mark.parametrize("qtype", LEGACY)
+def test_linear_legacy_blas_path_spans_several_tiles_of_readonly_data(qtype, monkeypatch):
+    monkeypatch.setattr(fast, "_TILE_ELEMENTS", 64 * 64)  # tiles of 64 rows of K = 64
+    rng = np.random.default_rng(1)
+    w = random_legacy(rng, qtype, 150, 64, "typical", "typical")
+    before = w.data.copy()
+    w.data.flags.writeable = False  # as in a memory-mapped GGUF file
+    for T in (1, 5, KERNELS[qtype].blas_min_tokens + 3):
+        assert_legacy_linear_close(f32(rng, (T, 64)), w)
+    np.testing.assert_array_equal(w.data, before)
+
+
+@SETTINGS
+@given(seed=seeds, qtype=legacy_types, V=st.integers(1, 40), blocks=st.integers(1, 4), T=st.integers(1, 12),
+       d_kind=scale_kinds, m_kind=scale_kinds)
+def test_embed_and_widen_of_legacy_types_are_exact(seed, qtype, V, blocks, T, d_kind, m_kind):
+    rng = np.random.default_rng(seed)
+    table = random_legacy(rng, qtype, V, 32 * blocks, d_kind, m_kind)
+    ids = rng.integers(-V, V, T)  # negative ids index from the end, like NumPy
+    got = fast.embed(table, ids)
+    assert got.dtype == np.float32 and got.shape == (T, 32 * blocks)
+    np.testing.assert_array_equal(got.view(np.uint32), reference.embed(table, ids).view(np.uint32))
+    np.testing.assert_array_equal(got.view(np.uint32), dequantize(table)[ids].view(np.uint32))  # the gathered rows
+    np.testing.assert_array_equal(fast.widen(table).view(np.uint32), reference.widen(table).view(np.uint32))

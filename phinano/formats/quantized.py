@@ -15,6 +15,9 @@ Q8_0 (GGML's 8-bit type), exactly as llama.cpp writes it in GGUF files: a block 
 
 `quantize_q8_0` makes one from float32 weights with GGML's own arithmetic (bit for bit what
 `quantize_row_q8_0_ref` in ggml and the `gguf` package's quantizer give).
+
+GGML's legacy 4- and 5-bit types Q4_0, Q4_1, Q5_0 and Q5_1 are laid out in their own section below; they
+are read (from GGUF files), not made here.
 """
 
 from __future__ import annotations
@@ -44,7 +47,67 @@ def _dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:
     return d * q
 
 
-LAYOUTS: dict[str, Layout] = {layout.qtype: layout for layout in (Layout("Q8_0", 32, 34, _dequantize_q8_0),)}
+# ---------------------------------------------------------------------------------------------------------
+# Q4_0, Q4_1, Q5_0, Q5_1: GGML's legacy 4- and 5-bit types, blocks of 32 weights, as llama.cpp writes them
+#
+#     Q4_0 (18 bytes):  d float16 |                               qs 16 bytes    weight = d * (q - 8)
+#     Q4_1 (20 bytes):  d float16 | m float16 |                   qs 16 bytes    weight = d * q + m
+#     Q5_0 (22 bytes):  d float16 |             qh 4 bytes      | qs 16 bytes    weight = d * (q - 16)
+#     Q5_1 (24 bytes):  d float16 | m float16 | qh 4 bytes      | qs 16 bytes    weight = d * q + m
+#
+# qs holds 4 bits of each q: byte i's low nibble is q[i], its high nibble q[i + 16]. In the Q5 types, qh is a
+# little-endian uint32 whose bit j is the fifth bit (16) of q[j]. Every weight is exact in float32 (d * q
+# has at most 11 + 5 significant bits); d * q + m is then rounded once, as in GGML.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at bytes at, at + 1 of each (n, block_bytes) block, as (n, 1) float32 (exact)."""
+    return blocks[:, at : at + 2].view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 16) packed bytes -> (n, 32) float32 q in 0..15: low nibbles are q[0..15], high ones q[16..31]."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """(n, 4) bytes of a little-endian uint32 -> (n, 32) float32, 16 where bit j is set, else 0."""
+    return np.unpackbits(qh, axis=1, bitorder="little").astype(np.float32) * 16
+
+
+def _dequantize_q4_0(blocks: np.ndarray) -> np.ndarray:
+    """(n, 18) uint8 Q4_0 blocks -> (n, 32) float32 weights d * (q - 8)."""
+    return _f16(blocks, 0) * (_nibbles(blocks[:, 2:]) - 8)
+
+
+def _dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
+    """(n, 20) uint8 Q4_1 blocks -> (n, 32) float32 weights d * q + m."""
+    return _f16(blocks, 0) * _nibbles(blocks[:, 4:]) + _f16(blocks, 2)
+
+
+def _dequantize_q5_0(blocks: np.ndarray) -> np.ndarray:
+    """(n, 22) uint8 Q5_0 blocks -> (n, 32) float32 weights d * (q - 16)."""
+    q = _nibbles(blocks[:, 6:]) + _fifth_bits(blocks[:, 2:6])  # (n, 32) in 0..31
+    return _f16(blocks, 0) * (q - 16)
+
+
+def _dequantize_q5_1(blocks: np.ndarray) -> np.ndarray:
+    """(n, 24) uint8 Q5_1 blocks -> (n, 32) float32 weights d * q + m."""
+    q = _nibbles(blocks[:, 8:]) + _fifth_bits(blocks[:, 4:8])  # (n, 32) in 0..31
+    return _f16(blocks, 0) * q + _f16(blocks, 2)
+
+
+LAYOUTS: dict[str, Layout] = {
+    layout.qtype: layout
+    for layout in (
+        Layout("Q8_0", 32, 34, _dequantize_q8_0),
+        Layout("Q4_0", 32, 18, _dequantize_q4_0),
+        Layout("Q4_1", 32, 20, _dequantize_q4_1),
+        Layout("Q5_0", 32, 22, _dequantize_q5_0),
+        Layout("Q5_1", 32, 24, _dequantize_q5_1),
+    )
+}
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from .runtime import FASTMATH
 from .widening import to_f32
@@ -45,6 +47,16 @@ def _i8(byte):
     return np.float32(np.int8(byte))
 
 
+@njit(inline="always")
+def _four_rows(data, item):
+    """The rows (r0, r1, r2, r3) of work item `item` in the four-row kernels: 4 item .. 4 item + 3, each at
+    most N - 1 (the last item repeats row N - 1 where N is not a multiple of 4: it computes that row more
+    than once and writes the same value)."""
+    N = data.shape[0]
+    r0 = 4 * item
+    return r0, min(r0 + 1, N - 1), min(r0 + 2, N - 1), min(r0 + 3, N - 1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Q8_0: blocks of 32 weights = float16 d (2 bytes) + 32 int8 q; weight = d * q
 # ---------------------------------------------------------------------------------------------------------
@@ -54,16 +66,14 @@ def _i8(byte):
 def _q8_0_matmul(x, data, y):
     """y[t, r] = sum over blocks b of d[r, b] * sum_j x[t, 32 b + j] * q[r, b, j], for x (T, K), y (T, N).
 
-    One work item = four rows r0..r3 (the last item repeats row N - 1 where N is not a multiple of 4: it
-    computes that row more than once and writes the same value). Per token and block, four partial sums
+    One work item = four rows r0..r3 (`_four_rows`). Per token and block, four partial sums
     over the 32 int8 values (the j loop vectorises: int8 -> float32 conversions and fused multiply-adds),
     each scaled by its block's d once.
     """
     T, K = x.shape
     N = data.shape[0]
     for item in prange((N + 3) // 4):
-        r0 = 4 * item
-        r1, r2, r3 = min(r0 + 1, N - 1), min(r0 + 2, N - 1), min(r0 + 3, N - 1)
+        r0, r1, r2, r3 = _four_rows(data, item)
         w0, w1, w2, w3 = data[r0], data[r1], data[r2], data[r3]
         for t in range(T):
             a0 = a1 = a2 = a3 = np.float32(0.0)
@@ -94,9 +104,138 @@ def _q8_0_dequantize_rows(data, out):
                 out[r, 32 * b + j] = d * _i8(row[34 * b + 2 + j])
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Q4_0, Q4_1, Q5_0, Q5_1: blocks of 32 weights = float16 d, [float16 m], [4 bytes qh], 16 bytes of nibbles
+# (byte layouts in phinano/formats/quantized.py). Every weight is d * q + m with q in 0..31 (a nibble, plus
+# 16 where qh's bit is set), m the stored min (Q4_1, Q5_1) or -8 d (Q4_0), -16 d (Q5_0). One pair of kernels
+# serves all four: `_legacy_kernels` compiles it per type, with the block's offsets as constants.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _u32_at(row, i):
+    """The little-endian uint32 at bytes i .. i + 3 of a uint8 row (the fifth bits qh of a Q5 block)."""
+    return np.uint32(row[i] | np.uint32(row[i + 1]) << 8 | np.uint32(row[i + 2]) << 16 | np.uint32(row[i + 3]) << 24)
+
+
+@intrinsic
+def _shift_right_u32(typingctx, value, shift):
+    """value >> shift for a uint32 value, computed in 32 bits (one `lshr i32`; Numba's own >> works in 64
+    bits, which halves the lanes of the vector instructions around it). shift must be below 32."""
+    if value != types.uint32 or not isinstance(shift, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.lshr(args[0], builder.trunc(args[1], ir.IntType(32)))
+
+    return types.uint32(value, shift), codegen
+
+
+@njit(inline="always")
+def _quant_pair(row, qs, qh, i, has_qh):
+    """(q[i], q[i + 16]) of a block whose nibble bytes start at row[qs], as float32 (exact).
+
+    Byte i splits into its high nibble floor(byte / 16) (q[i + 16]) and low nibble byte - 16 * high (q[i]),
+    in float arithmetic: fewer vector instructions than masks and shifts on Numba's 64-bit integers. With
+    has_qh, bit i of the uint32 qh adds 16 to q[i] and bit i + 16 adds 16 to q[i + 16].
+    """
+    byte = np.float32(row[qs + i])
+    hi = np.floor(byte * np.float32(1 / 16))
+    lo = byte - np.float32(16) * hi
+    if has_qh:
+        lo += np.float32(_shift_right_u32(np.uint32(qh << 4), i) & 16)  # bit i, moved to the 16s place
+        hi += np.float32(_shift_right_u32(qh, i + 12) & 16)  # bit i + 16, moved to the 16s place
+    return lo, hi
+
+
+def _legacy_kernels(has_min: bool, has_qh: bool, blas_min_tokens: int) -> MatrixKernels:
+    """The kernels of one legacy type: Q4_0 (no m, no qh), Q4_1 (m), Q5_0 (qh), Q5_1 (m and qh)."""
+    qh_at = 4 if has_min else 2  # offsets in a block: d at 0, m at 2, then qh, then the 16 nibble bytes
+    qs_at = qh_at + 4 if has_qh else qh_at
+    size = qs_at + 16  # bytes per block
+    zero = np.float32(0 if has_min else 16 if has_qh else 8)  # without m, weight = d * (q - zero)
+
+    @njit(inline="always")
+    def block_min(row, o, d):
+        """m of the block at row[o] with scale d: stored after d, or -zero * d."""
+        return _f16_at(row, o + 2) if has_min else -zero * d
+
+    @njit(parallel=True, fastmath=FASTMATH, cache=True)
+    def matmul(x, data, y):
+        """y[t, r] = sum over row r's blocks b of d * sum_j x[t, 32 b + j] q[j]  +  m * sum_j x[t, 32 b + j].
+
+        Work items of four rows as in `_q8_0_matmul`. Per token and block: four partial sums of x * q over
+        the 32 unpacked q (the i loop vectorises: 16 bytes unpacked in registers into float32 q, fused
+        multiply-adds), and the sum of x over the block, shared by the four rows for their m term.
+        """
+        T, K = x.shape
+        N = data.shape[0]
+        for item in prange((N + 3) // 4):
+            r0, r1, r2, r3 = _four_rows(data, item)
+            w0, w1, w2, w3 = data[r0], data[r1], data[r2], data[r3]
+            for t in range(T):
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for b in range(K // 32):
+                    o = size * b
+                    h0 = _u32_at(w0, o + qh_at) if has_qh else np.uint32(0)
+                    h1 = _u32_at(w1, o + qh_at) if has_qh else np.uint32(0)
+                    h2 = _u32_at(w2, o + qh_at) if has_qh else np.uint32(0)
+                    h3 = _u32_at(w3, o + qh_at) if has_qh else np.uint32(0)
+                    s0 = s1 = s2 = s3 = sx = np.float32(0.0)
+                    for i in range(16):
+                        xl, xh = x[t, 32 * b + i], x[t, 32 * b + 16 + i]
+                        sx += xl + xh
+                        q0l, q0h = _quant_pair(w0, o + qs_at, h0, i, has_qh)
+                        q1l, q1h = _quant_pair(w1, o + qs_at, h1, i, has_qh)
+                        q2l, q2h = _quant_pair(w2, o + qs_at, h2, i, has_qh)
+                        q3l, q3h = _quant_pair(w3, o + qs_at, h3, i, has_qh)
+                        s0 += xl * q0l + xh * q0h
+                        s1 += xl * q1l + xh * q1h
+                        s2 += xl * q2l + xh * q2h
+                        s3 += xl * q3l + xh * q3h
+                    d0, d1, d2, d3 = _f16_at(w0, o), _f16_at(w1, o), _f16_at(w2, o), _f16_at(w3, o)
+                    a0 += d0 * s0 + block_min(w0, o, d0) * sx
+                    a1 += d1 * s1 + block_min(w1, o, d1) * sx
+                    a2 += d2 * s2 + block_min(w2, o, d2) * sx
+                    a3 += d3 * s3 + block_min(w3, o, d3) * sx
+                y[t, r0], y[t, r1], y[t, r2], y[t, r3] = a0, a1, a2, a3
+
+    @njit(cache=True, nogil=True)
+    def widen_rows(data, out):
+        """out[r, 32 b + j] = d * (q[j] - zero) + m, the float32 operations of the NumPy layout (exact products,
+        then one rounding where m is added; m = 0.0 is not added, which keeps the sign of -0.0 as NumPy does).
+
+        The i loop runs to `half`, 16 read at run time: with a count it can see, LLVM unrolls the 16 steps
+        into scalar code before it would vectorise them (measured 4x slower for the 4-bit types).
+        """
+        half = min(16, out.shape[1])
+        for r in range(data.shape[0]):
+            row = data[r]
+            for b in range(out.shape[1] // 32):
+                o = size * b
+                d = _f16_at(row, o)
+                qh = _u32_at(row, o + qh_at) if has_qh else np.uint32(0)
+                for i in range(half):
+                    lo, hi = _quant_pair(row, o + qs_at, qh, i, has_qh)
+                    wl, wh = d * (lo - zero), d * (hi - zero)
+                    if has_min:
+                        wl, wh = wl + _f16_at(row, o + 2), wh + _f16_at(row, o + 2)
+                    out[r, 32 * b + i], out[r, 32 * b + 16 + i] = wl, wh
+
+    return MatrixKernels(matmul, widen_rows, blas_min_tokens)
+
+
 KERNELS: dict[str, MatrixKernels] = {
     # BLAS from 32 tokens: the fused kernel stops gaining from about 8 tokens on (each token unpacks the
     # bytes again) and tiles + BLAS pass it between 16 and 32 tokens (`scripts/kernel_bench.py --prefill`,
     # docs/kernels.md).
     "Q8_0": MatrixKernels(_q8_0_matmul, _q8_0_dequantize_rows, blas_min_tokens=32),
+    # The legacy types unpack more per weight than Q8_0, and the fused kernel unpacks again for every token,
+    # so tiles + BLAS pass it sooner: the 4-bit types between 8 and 12 tokens, the 5-bit ones between 4 and 8
+    # (AMD EPYC guest, 2 threads, load average 4-5 from other jobs; 16384 x 3072, best of 5;
+    # `scripts/kernel_bench.py --prefill`).
+    "Q4_0": _legacy_kernels(has_min=False, has_qh=False, blas_min_tokens=12),
+    "Q4_1": _legacy_kernels(has_min=True, has_qh=False, blas_min_tokens=12),
+    "Q5_0": _legacy_kernels(has_min=False, has_qh=True, blas_min_tokens=8),
+    "Q5_1": _legacy_kernels(has_min=True, has_qh=True, blas_min_tokens=8),
 }
