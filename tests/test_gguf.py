@@ -112,15 +112,22 @@ def test_gguf_logits_match_transformers(tiny, name, qtype):
 @pytest.mark.parametrize("qtype", ["BF16", "Q8_0", "Q4_0"])
 @pytest.mark.parametrize("name", ["mini-128k", "4-mini"])
 def test_gguf_greedy_64_tokens_match_transformers(tiny, name, qtype):
-    """30-token prompts cross the original length (48) while generating."""
+    """30-token prompts cross the original length (48) while generating. The prompt is the first of a fixed
+    list whose greedy path, in Transformers, neither repeats itself nor passes a top-1/top-2 near-tie (within
+    twice the logit tolerance): rounding weights to 4 bits can make a tiny model do either."""
     path, folder = tiny(name, qtype)
     hf = reference(path, folder)
-    ids = prompt(30, seed=30)
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-    expected = out[0, len(ids):].tolist()
-    assert len(set(expected)) > 16, "tiny model fell into a repeat; the comparison would not be meaningful"
+    for seed in range(30, 60):
+        ids = prompt(30, seed=seed)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                              eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        expected = out.sequences[0, len(ids):].tolist()
+        gaps = [float(np.diff(np.sort(s[0].numpy())[-2:])[0] / np.abs(s[0].numpy()).max()) for s in out.logits]
+        if len(set(expected)) > 16 and min(gaps) > 2 * LOGIT_RTOL:
+            break
+    else:
+        pytest.fail("no prompt in the list gives a meaningful greedy comparison")
     model = phinano.load(path, tokenizer=False)
     assert model.generate(ids, 64, stop_token_ids=[]) == expected
 
