@@ -306,6 +306,30 @@ def test_quantized_file_equals_llama_quantize(llama_lib_dir, tiny_f32, tmp_path,
         assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(theirs[name].data).view(np.uint8)), name
 
 
+def test_quantized_file_reads_back(tiny_f32, tmp_path):
+    """Without llama.cpp: a q4_k_m file of the 8-layer shape holds the mix's types, and the gguf package reads
+    every tensor back near the checkpoint's values."""
+    from phinano.config import load_config
+    from phinano.formats import read_tensors
+    from phinano.formats.gguf_write import gguf_names
+    from phinano.quantize import write_quantized
+
+    folder, _ = tiny_f32("dense-8")
+    cfg, tensors = load_config(folder), read_tensors(folder)
+    written = {t.name: t for t in gguf.GGUFReader(write_quantized(folder, cfg, tensors, "q4_k_m", tmp_path / "q.gguf",
+                                                                  None)).tensors}
+    kinds = {n: t.tensor_type.name for n, t in written.items()}
+    assert kinds["output.weight"] == "Q6_K" and kinds["token_embd.weight"] == "Q4_K"
+    assert [kinds[f"blk.{i}.attn_qkv.weight"] for i in range(8)] == ["Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K",
+                                                                     "Q6_K", "Q6_K"]
+    assert [kinds[f"blk.{i}.ffn_up.weight"] for i in range(8)] == ["Q4_K"] * 8
+    for name, values in gguf_names(cfg, {n: np.asarray(t, np.float32) for n, t in tensors.items()}).items():
+        t = written[name]
+        back = gguf.quants.dequantize(t.data, t.tensor_type).reshape(values.shape)
+        bound = RELATIVE.get(t.tensor_type.name, 0) * np.abs(values).max() + ABSOLUTE
+        assert np.abs(back - values).max() <= bound, name
+
+
 # ------------------------------------------------------------------ the type mixes, by hand
 def test_use_more_bits_for_32_layers():
     """The first and last 4 of 32 layers and every third between (llama.cpp: i < n/8, i >= 7n/8, (i - n/8) % 3 == 2)."""

@@ -101,7 +101,7 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
         for step in range(nstep + 1):
             iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / (x_max - offset)
             l = rounded(iscale, offset)  # (n, S)
-            wl = weights * l
+            wl = weights * l  # C's w*l*l is (w*l)*l, and w*l*x[i] is (w*l)*x
             sum_l, sum_l2, sum_xl = running_sum(wl), running_sum(wl * l), running_sum(wl * x)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -259,7 +259,7 @@ def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ whole tensors
 QUANTIZERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
 SCALE_BYTES = {"Q4_K": slice(0, 4), "Q5_K": slice(0, 4), "Q6_K": slice(208, 210)}  # the float16 d (and dmin)
-CHUNK = 512  # super-blocks rounded at a time: 128K values, so that each temporary (512 KB) stays in cache
+CHUNK = 1024  # super-blocks rounded at a time: 256K values, so that each temporary (1 MB) stays in cache
 
 
 def quantize(values: np.ndarray, qtype: str, threads: int | None = None) -> np.ndarray:
