@@ -80,6 +80,11 @@ def k_mix_type(mix: str, gguf_name: str, shape, n_layers: int, tied_embeddings: 
     return "F16" if row % 32 else qtype
 
 
+def q4_k_m_type(gguf_name: str, shape, n_layers: int, tied_embeddings: bool = False) -> str:
+    """The type of one tensor in a Q4_K_M file, llama.cpp's most used mix (see k_mix_type)."""
+    return k_mix_type("Q4_K_M", gguf_name, shape, n_layers, tied_embeddings)
+
+
 def float32(values: np.ndarray) -> np.ndarray:
     """A stored tensor (bf16 bits, f16, f32) as float32."""
     if values.dtype == np.uint16:
