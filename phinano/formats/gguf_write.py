@@ -21,9 +21,11 @@ GGUF_ARCH = {"Phi3ForCausalLM": "phi3", "PhimoeForCausalLM": "phimoe"}
 
 def encode_tensor(values: np.ndarray, qtype: str) -> np.ndarray:
     """An (N, K) matrix (or a 1-D vector) in GGUF storage: F32, F16, BF16 or packed blocks (uint8). The input may be
-    stored bf16 bits (uint16), float16 or float32; block types round with the `gguf` package's reference
-    quantizers, which match llama.cpp's."""
+    stored bf16 bits (uint16), float16 or float32; legacy block types round with the `gguf` package's reference
+    quantizers, K-quants (which it cannot write) with kquant_rounding's port of llama.cpp's: both match llama.cpp."""
     import gguf
+
+    from .kquant_rounding import QUANTIZERS as K_QUANTIZERS, quantize as quantize_k
 
     if values.dtype == np.uint16:  # bf16 bits: widen exactly
         values = (values.astype(np.uint32) << 16).view(np.float32)
@@ -32,6 +34,8 @@ def encode_tensor(values: np.ndarray, qtype: str) -> np.ndarray:
         return values
     if qtype == "F16":
         return values.astype(np.float16)
+    if qtype in K_QUANTIZERS:
+        return quantize_k(values, qtype)
     try:
         return gguf.quants.quantize(values, gguf.GGMLQuantizationType[qtype])
     except (KeyError, NotImplementedError):
