@@ -226,8 +226,9 @@ def _legacy_kernels(has_min: bool, has_qh: bool, blas_min_tokens: int) -> Matrix
 
 
 KERNELS: dict[str, MatrixKernels] = {
-    # BLAS from 32 tokens: the fused kernel stays near 35 GFLOP/s from 8 tokens on (each token unpacks
-    # the bytes again), tiles + BLAS pass it between 16 and 32 (`scripts/kernel_bench.py --prefill`).
+    # BLAS from 32 tokens: the fused kernel stops gaining from about 8 tokens on (each token unpacks the
+    # bytes again) and tiles + BLAS pass it between 16 and 32 tokens (`scripts/kernel_bench.py --prefill`,
+    # docs/kernels.md).
     "Q8_0": MatrixKernels(_q8_0_matmul, _q8_0_dequantize_rows, blas_min_tokens=32),
     # The legacy types unpack more per weight than Q8_0, and the fused kernel unpacks again for every token,
     # so tiles + BLAS pass it sooner: the 4-bit types between 8 and 12 tokens, the 5-bit ones between 4 and 8
