@@ -12,6 +12,7 @@ Then bf16 against the quantized types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; `--types` p
 down_proj shape (3072 x 8192), on 1 thread and on all: a set of such matrices of about 1 GiB is multiplied
 in turn, as a model's layers are, so the weights come from memory and not from the CPU's caches. GB/s
 counts the bytes as stored (Q8_0: 34 per 32 weights, Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24).
+Last, each format's compute ceiling per core, which other processes on the cores barely change.
 Median (and best) of --repeats runs after one warm-up. The machine is shared: run it when it is quiet.
 """
 
@@ -100,25 +101,54 @@ def random_quantized(rng: np.random.Generator, qtype: str, shape: tuple[int, int
     return QuantizedTensor(qtype, shape, data)
 
 
+def random_weights(rng: np.random.Generator, name: str, shape: tuple[int, int]):
+    """Random bf16 bits or random blocks of quantized type `name`."""
+    return random_bf16(rng, shape) if name == "bf16" else random_quantized(rng, name, shape)
+
+
+def core_rate(fast, rng: np.random.Generator, name: str) -> tuple[float, float]:
+    """(G weights/s, GB/s of stored bytes) of the fused kernel on one thread, on a 96 x 2048 matrix that
+    stays in the CPU's L2 cache, by process CPU time: what unpacking and arithmetic allow a core, whatever
+    the memory does, and nearly unchanged when other processes take turns on the core (wall-clock rates
+    then drop, CPU time does not)."""
+    from phinano.kernels.quantized import KERNELS
+
+    w = random_weights(rng, name, (96, 2048))
+    rows, matmul = (w, fast._matmul_fused) if name == "bf16" else (w.data, KERNELS[name].matmul)
+    x = rng.standard_normal((1, 2048), dtype=np.float32)
+    y = np.empty((1, 96), np.float32)
+    fast.set_threads(1)
+    matmul(x, rows, y)
+    best = float("inf")
+    for _ in range(7):
+        t0 = time.process_time()
+        for _ in range(500):
+            matmul(x, rows, y)
+        best = min(best, (time.process_time() - t0) / 500)
+    return 96 * 2048 / best / 1e9, w.nbytes / best / 1e9
+
+
 def bench_decode_formats(fast, repeats: int, threads: int, qtypes: list[str]) -> None:
-    """bf16 and quantized matvecs on 3072 x 8192 matrices, about 1 GiB of each in turn, 1 thread and `threads`."""
+    """bf16 and quantized matvecs on 3072 x 8192 matrices, about 1 GiB of each in turn, 1 thread and `threads`;
+    then each format's compute ceiling per core (`core_rate`)."""
     rng = np.random.default_rng(3)
     N, K = 3072, 8192
     x = rng.standard_normal((1, K), dtype=np.float32)
     print(f"\ndecode matvec on {N} x {K} matrices, about 1 GiB of each format multiplied in turn:")
     for name in ["bf16", *qtypes]:
-        if name == "bf16":
-            weights = [random_bf16(rng, (N, K)) for _ in range(2**30 // (2 * N * K))]
-        else:
-            one = random_quantized(rng, name, (N, K))
-            weights = [one] + [random_quantized(rng, name, (N, K)) for _ in range(2**30 // one.nbytes - 1)]
+        one = random_weights(rng, name, (N, K))
+        weights = [one] + [random_weights(rng, name, (N, K)) for _ in range(2**30 // one.nbytes - 1)]
         stored = sum(w.nbytes for w in weights) / 1e9
         for n in sorted({1, threads}):
             fast.set_threads(n)
             med, best = timed(lambda: [fast.linear(x, w) for w in weights], repeats)
             print(f"  {name:5s} {n} thread{'s' if n > 1 else ' '}: {stored / med:5.1f} GB/s median, {stored / best:5.1f} best"
                   f"  ({len(weights) * N * K / med / 1e9:5.1f} G weights/s)", flush=True)
-        del weights
+        del one, weights
+    print("compute ceiling per core (L2-resident 96 x 2048, 1 thread, CPU time):")
+    for name in ["bf16", *qtypes]:
+        weights_per_s, bytes_per_s = core_rate(fast, rng, name)
+        print(f"  {name:5s} {bytes_per_s:5.1f} GB/s  ({weights_per_s:5.1f} G weights/s)", flush=True)
     fast.set_threads(threads)
 
 

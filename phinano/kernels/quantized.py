@@ -148,17 +148,22 @@ def _quant_pair(row, qs, qh, i, has_qh):
     return lo, hi
 
 
+@njit(inline="always")
+def _block_min(row, o, d, has_min, zero):
+    """m of the block at row[o] with scale d: the float16 stored after d, or -zero * d."""
+    return _f16_at(row, o + 2) if has_min else -zero * d
+
+
 def _legacy_kernels(has_min: bool, has_qh: bool, blas_min_tokens: int) -> MatrixKernels:
-    """The kernels of one legacy type: Q4_0 (no m, no qh), Q4_1 (m), Q5_0 (qh), Q5_1 (m and qh)."""
+    """The kernels of one legacy type: Q4_0 (no m, no qh), Q4_1 (m), Q5_0 (qh), Q5_1 (m and qh).
+
+    The kernels below see only numbers from here (Numba compiles them as constants, and its cache tells the
+    four types apart by them); a compiled function captured here would miss the cache in every new process.
+    """
     qh_at = 4 if has_min else 2  # offsets in a block: d at 0, m at 2, then qh, then the 16 nibble bytes
     qs_at = qh_at + 4 if has_qh else qh_at
     size = qs_at + 16  # bytes per block
     zero = np.float32(0 if has_min else 16 if has_qh else 8)  # without m, weight = d * (q - zero)
-
-    @njit(inline="always")
-    def block_min(row, o, d):
-        """m of the block at row[o] with scale d: stored after d, or -zero * d."""
-        return _f16_at(row, o + 2) if has_min else -zero * d
 
     @njit(parallel=True, fastmath=FASTMATH, cache=True)
     def matmul(x, data, y):
@@ -194,10 +199,10 @@ def _legacy_kernels(has_min: bool, has_qh: bool, blas_min_tokens: int) -> Matrix
                         s2 += xl * q2l + xh * q2h
                         s3 += xl * q3l + xh * q3h
                     d0, d1, d2, d3 = _f16_at(w0, o), _f16_at(w1, o), _f16_at(w2, o), _f16_at(w3, o)
-                    a0 += d0 * s0 + block_min(w0, o, d0) * sx
-                    a1 += d1 * s1 + block_min(w1, o, d1) * sx
-                    a2 += d2 * s2 + block_min(w2, o, d2) * sx
-                    a3 += d3 * s3 + block_min(w3, o, d3) * sx
+                    a0 += d0 * s0 + _block_min(w0, o, d0, has_min, zero) * sx
+                    a1 += d1 * s1 + _block_min(w1, o, d1, has_min, zero) * sx
+                    a2 += d2 * s2 + _block_min(w2, o, d2, has_min, zero) * sx
+                    a3 += d3 * s3 + _block_min(w3, o, d3, has_min, zero) * sx
                 y[t, r0], y[t, r1], y[t, r2], y[t, r3] = a0, a1, a2, a3
 
     @njit(cache=True, nogil=True)
