@@ -364,3 +364,55 @@ def test_quantized_nano_model_carries_its_tokenizer(qtype, tmp_path):
         expected = reference.generate(ids, 16, stop_token_ids=[])
         assert model.generate(ids, 16, stop_token_ids=[]) == expected
         assert len(set(expected)) > 4  # not stuck on one token: the comparison means something
+
+
+# ------------------------------------------------------------------ K-quant files as llama.cpp's Q4_K_M makes them
+K_SHAPE = dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=256, intermediate_size=512,
+               sliding_window=40, max_position_embeddings=512, original_max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def tiny_k(tmp_path_factory):
+    """A tiny Phi-3 with rows of 256 (K-quant super-blocks) and a window, written as q4_k_m / q5_k_m / q6_k by
+    `write_quantized` (llama.cpp's type mix: Q4_K, Q6_K for attn_qkv/ffn_down in some layers and for the head)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from phinano.quantize import write_quantized
+    from tiny_models import init_weights, save_checkpoint
+
+    root = tmp_path_factory.mktemp("gguf-k")
+    config = Phi3Config(vocab_size=VOCAB, num_hidden_layers=3, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        rope_theta=10000.0, rms_norm_eps=1e-5, **K_SHAPE)
+    model = Phi3ForCausalLM(config).eval()
+    init_weights(model, seed=1)
+    folder = save_checkpoint(model, root / "k")
+    made = {}
+
+    def make(mix: str) -> tuple[Path, Path]:
+        if mix not in made:
+            made[mix] = write_quantized(folder, load_config(folder), read_tensors(folder), mix,
+                                        root / f"k-{mix}.gguf", None)
+        return made[mix], folder
+
+    return make
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m", "q6_k"])
+def test_k_quant_gguf_matches_transformers(tiny_k, mix):
+    path, folder = tiny_k(mix)
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert kinds & {"Q4_K", "Q5_K", "Q6_K"}, kinds
+    hf = reference(path, folder)
+    ids = prompt(60)  # past the window of 40
+    ref = hf_logits(hf, ids)
+    for backend in ("numpy", "numba"):
+        got = phinano.load(path, backend=backend, tokenizer=False).forward(ids)
+        assert np.abs(got - ref).max() <= LOGIT_RTOL * np.abs(ref).max(), backend
+
+
+def test_load_quantize_equals_the_written_file(tiny_k):
+    """load(folder, quantize="q4_k_m") holds exactly the blocks `phinano quantize` writes."""
+    path, folder = tiny_k("q4_k_m")
+    ids = prompt(30)
+    np.testing.assert_array_equal(phinano.load(folder, quantize="q4_k_m", tokenizer=False).forward(ids),
+                                  phinano.load(path, tokenizer=False).forward(ids))
