@@ -1,6 +1,6 @@
 """How fast are the Numba kernels here? Prints weight-streaming GB/s of `linear` against a BLAS reference.
 
-    python scripts/kernel_bench.py              # decode matvecs: bf16 vs BLAS, then bf16 vs Q8_0
+    python scripts/kernel_bench.py              # decode matvecs: bf16 vs BLAS, then bf16 vs the packed types
     python scripts/kernel_bench.py --prefill    # + the fused-vs-BLAS crossover in tokens, and attention
     python scripts/kernel_bench.py --startup    # + compile time and cached start time, in fresh processes
 
@@ -8,10 +8,12 @@ Decode: y = x @ w.T with w a 1 GiB bfloat16 matrix (32768 x 16384, uint16 bits) 
 `fast.linear`, against NumPy's float32 BLAS matrix-vector product on a 1 GiB float32 matrix (16384 x 16384)
 timed in the same run: that product streams memory at the machine's read rate, so the ratio says how
 close the kernel gets to the bandwidth limit. GB/s counts weight bytes read once per call.
-Then bf16 against Q8_0 on Phi-3-mini's down_proj shape (3072 x 8192), on 1 thread and on all: a set of
-such matrices of about 1 GiB is multiplied in turn, as a model's layers are, so the weights come from
-memory and not from the CPU's caches. GB/s counts the bytes as stored (Q8_0: 34 per 32 weights).
-Median (and best) of --repeats runs after one warm-up. The machine is shared: run it when it is quiet.
+Then bf16 against the packed types (Q8_0, Q4_K, Q5_K, Q6_K) on Phi-3-mini's down_proj shape (3072 x 8192),
+on 1 thread and on all: a set of such matrices of about 1 GiB is multiplied in turn, as a model's layers
+are, so the weights come from memory and not from the CPU's caches. GB/s counts the bytes as stored
+(Q8_0: 34 per 32 weights, Q4_K: 144 per 256, Q5_K: 176, Q6_K: 210).
+Median (and best) of --repeats runs after one warm-up. The machine is shared: run it when it is quiet
+(it prints the load average before and after).
 """
 
 from __future__ import annotations
@@ -69,25 +71,34 @@ def bench_decode(fast, repeats: int) -> None:
     print(f"linear float32 decode on the same float32 matrix: {gbf / med_f:6.1f} GB/s median, {gbf / best_f:6.1f} best")
 
 
-def random_q8_0(rng: np.random.Generator, shape: tuple[int, int]):
-    """Random Q8_0 blocks (any int8 q, every scale 0.01): what the kernel reads, without quantizing."""
-    from phinano.formats.quantized import QuantizedTensor
+PACKED = ("Q8_0", "Q4_K", "Q5_K", "Q6_K")  # the quantized types measured beside bf16
+# Where each packed type keeps its float16 scales in a block (byte offset), and a plausible value for them.
+PACKED_SCALES = {"Q8_0": {0: 0.01}, "Q4_K": {0: 0.001, 2: 0.002}, "Q5_K": {0: 0.001, 2: 0.002}, "Q6_K": {208: 0.001}}
 
+
+def random_packed(rng: np.random.Generator, qtype: str, shape: tuple[int, int]):
+    """Random blocks of a packed type (any quants and small-integer scales, plausible float16 scales): what
+    the kernels read, without quantizing."""
+    from phinano.formats.quantized import LAYOUTS, QuantizedTensor
+
+    layout = LAYOUTS[qtype]
     N, K = shape
-    data = rng.integers(0, 256, (N, K // 32 * 34), dtype=np.uint8)
-    data.reshape(N, K // 32, 34)[:, :, :2] = np.full((N, K // 32, 1), np.float16(0.01)).view(np.uint8)
-    return QuantizedTensor("Q8_0", shape, data)
+    data = rng.integers(0, 256, (N, K // layout.block * layout.block_bytes), dtype=np.uint8)
+    blocks = data.reshape(N, K // layout.block, layout.block_bytes)
+    for at, value in PACKED_SCALES[qtype].items():
+        blocks[:, :, at : at + 2] = np.full((N, K // layout.block, 1), np.float16(value)).view(np.uint8)
+    return QuantizedTensor(qtype, shape, data)
 
 
 def bench_decode_formats(fast, repeats: int, threads: int) -> None:
-    """bf16 and Q8_0 matvecs on 3072 x 8192 matrices, about 1 GiB of each in turn, 1 thread and `threads`."""
+    """bf16 and packed matvecs on 3072 x 8192 matrices, about 1 GiB of each in turn, 1 thread and `threads`."""
     rng = np.random.default_rng(3)
     N, K = 3072, 8192
     x = rng.standard_normal((1, K), dtype=np.float32)
-    sets = {
-        "bf16": [random_bf16(rng, (N, K)) for _ in range(2**30 // (2 * N * K))],
-        "Q8_0": [random_q8_0(rng, (N, K)) for _ in range(2**30 // (N * K // 32 * 34))],
-    }
+    sets = {"bf16": [random_bf16(rng, (N, K)) for _ in range(2**30 // (2 * N * K))]}
+    for qtype in PACKED:
+        one = random_packed(rng, qtype, (N, K))
+        sets[qtype] = [one] + [random_packed(rng, qtype, (N, K)) for _ in range(2**30 // one.nbytes - 1)]
     print(f"\ndecode matvec on {N} x {K} matrices, about 1 GiB of each multiplied in turn:")
     for n in sorted({1, threads}):
         fast.set_threads(n)
@@ -100,32 +111,35 @@ def bench_decode_formats(fast, repeats: int, threads: int) -> None:
 
 
 def bench_prefill(fast, repeats: int) -> None:
-    """Tokens x (16384, 3072) (Phi-3-mini's gate_up_proj) in bf16 and Q8_0: fused kernel vs tiles + BLAS."""
+    """Tokens x (16384, 3072) (Phi-3-mini's gate_up_proj) in bf16 and the packed types: fused kernel vs
+    tiles + BLAS, GFLOP/s. Where tiles + BLAS start to win is each type's `blas_min_tokens`."""
     from phinano.kernels.quantized import KERNELS
 
     rng = np.random.default_rng(1)
     N, K = 16384, 3072
     w = random_bf16(rng, (N, K))
     wf = (w.astype(np.uint32) << 16).view(np.float32)
-    q8 = random_q8_0(rng, (N, K))
-    q8_kernels = KERNELS["Q8_0"]
-    print(f"\nlinear on a {N} x {K} matrix, GFLOP/s (BLAS from {fast.BLAS_MIN_TOKENS} tokens for bf16, "
-          f"from {q8_kernels.blas_min_tokens} for Q8_0):")
-    columns = ("bf16 fused", "tiles+BLAS", "Q8_0 fused", "tiles+BLAS")
-    print(f"{'tokens':>6} " + " ".join(f"{c:>11}" for c in columns) + f" {'f32 BLAS (whole f32 copy)':>26}")
-    for T in (1, 2, 4, 8, 16, 32, 48, 64, 128, 512):
+    readers = {"bf16": (w, fast._matmul_fused, fast._widen_rows, fast.BLAS_MIN_TOKENS)}  # rows, kernels, switch
+    for qtype in PACKED:
+        kernels = KERNELS[qtype]
+        readers[qtype] = (random_packed(rng, qtype, (N, K)).data, kernels.matmul, kernels.widen_rows, kernels.blas_min_tokens)
+    print(f"\nlinear on a {N} x {K} matrix, GFLOP/s, fused kernel / tiles + BLAS (linear() switches to BLAS from"
+          f" {', '.join(f'{n} tokens for {name}' for name, (*_, n) in readers.items())}):")
+    print(f"{'tokens':>6} " + " ".join(f"{name:>13}" for name in readers) + f" {'f32 BLAS (whole f32 copy)':>26}")
+    for T in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 512):
         x = rng.standard_normal((T, K), dtype=np.float32)
         y = np.empty((T, N), np.float32)
 
         def gflops(fn, worth_timing: bool = True) -> float:
             return 2.0 * T * N * K / 1e9 / timed(fn, repeats)[0] if worth_timing else float("nan")
 
-        fused = gflops(lambda: fast._matmul_fused(x, w, y), T <= 128)
-        tiles = gflops(lambda: fast._matmul_blas(x, w, fast._widen_rows), T >= 4)
-        q8_fused = gflops(lambda: q8_kernels.matmul(x, q8.data, y), T <= 128)
-        q8_tiles = gflops(lambda: fast._matmul_blas(x, q8.data, q8_kernels.widen_rows), T >= 4)
+        cells = []
+        for rows, matmul, widen_rows, _ in readers.values():
+            fused = gflops(lambda: matmul(x, rows, y), T <= 128)
+            tiles = gflops(lambda: fast._matmul_blas(x, rows, widen_rows), T >= 4)
+            cells.append(f"{fused:6.1f}/{tiles:6.1f}")
         full = gflops(lambda: x @ wf.T)
-        print(f"{T:>6} {fused:11.1f} {tiles:11.1f} {q8_fused:11.1f} {q8_tiles:11.1f} {full:26.1f}", flush=True)
+        print(f"{T:>6} " + " ".join(f"{c:>13}" for c in cells) + f" {full:26.1f}", flush=True)
 
 
 def bench_attention(fast, reference, repeats: int) -> None:
@@ -188,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from phinano.kernels import fast, reference
 
     threads = fast.set_threads(args.threads)
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"kernel threads: {threads}; BLAS threads: OpenBLAS default (OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})")
     if not args.no_decode:
         bench_decode(fast, args.repeats)
@@ -198,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_attention(fast, reference, args.repeats)
     if args.startup:
         bench_startup()
+    print(f"\nload average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())} (1, 5, 15 minutes)")
     return 0
 
 

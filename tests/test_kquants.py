@@ -7,8 +7,9 @@ real file holds and which would make every comparison nan), so the kernels meet 
 
 Tolerances, and why:
 - dequantize, widen, embed: exact. Every product in d * sc * q - dmin * m (Q4_K, Q5_K) and d * sc * (q - 32)
-  (Q6_K) is exact in float32 (at most 11 + 8 + 6 significant bits, and float16's range, subnormals included,
-  lies inside float32's normal range), so only Q4_K/Q5_K's final subtraction rounds, once, everywhere.
+  (Q6_K) is exact in float32 (at most 11 + 7 + 5 = 23 significant bits, and float16's range, subnormals
+  included, lies inside float32's normal range), so only Q4_K/Q5_K's final subtraction rounds, once, in
+  GGML, in the `gguf` package and in both kernels alike.
 - linear: |fast - ref| <= 2e-5 * (|x| @ M.T) + 1e-30, with M = |d * sc * q| + |dmin * m| per weight (Q6_K:
   M = |w|). The fused Q4_K/Q5_K kernel sums x * q per sub-block of 32, scales by sc, adds 4 groups, subtracts
   dmin * sum_j m[j] * (sum of x over sub-block j) per super-block and adds K / 256 super-blocks: at most

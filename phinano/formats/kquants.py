@@ -38,9 +38,10 @@ bits parked in the free top bits of bytes 0..7:
     byte  8..11   mmmm ssss    ssss = bits 0-3 of sc[4..7],  mmmm = bits 0-3 of m[4..7]
 
 The float32 arithmetic is GGML's (and the `gguf` package's): d * sc is rounded to float32, then times q,
-then minus dmin * m. Every product here is exact in float32 (at most 11 + 6 + 5 = 22 significant bits for
-Q5_K; 11 + 8 + 6 for Q6_K), so only the final subtraction of Q4_K/Q5_K rounds, whatever order or fused
-multiply-add a kernel uses.
+then minus dmin * m. Every product here is exact in float32: d has 11 significant bits, sc and m at most 6
+(Q6_K: |sc| <= 128, at most 7), q at most 5 (Q6_K: |q - 32| <= 32, at most 5), so at most 23 of float32's
+24, and float16's range, subnormals included, lies well inside float32's normal range. Only the final
+subtraction of Q4_K/Q5_K rounds, whatever order or fused multiply-add a kernel uses.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
     return blocks[:, at : at + 2].view(np.float16).astype(np.float32)
 
 
-def unpack_scales_and_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _scales_and_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(n, 12) uint8 packed scales of Q4_K/Q5_K -> sc, m: (n, 8) uint8 each, 0..63 (drawing above)."""
     low_sc, low_m, nibbles = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]  # (n, 4) each
     sc = np.concatenate([low_sc & 0x3F, (nibbles & 0x0F) | (low_sc >> 6 << 4)], axis=1)  # (n, 8)
@@ -74,7 +75,7 @@ def _low_bits_of_q(qs: np.ndarray) -> np.ndarray:
 
 def _scaled_minus_min(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Q4_K/Q5_K blocks and their (n, 8, 32) q -> (n, 256) float32 d * sc * q - dmin * m."""
-    sc, m = unpack_scales_and_mins(blocks[:, 4:16])  # (n, 8) each
+    sc, m = _scales_and_mins(blocks[:, 4:16])  # (n, 8) each
     scale = (_f16(blocks, 0) * sc)[:, :, None]  # (n, 8, 1) d * sc, exact
     minimum = (_f16(blocks, 2) * m)[:, :, None]  # (n, 8, 1) dmin * m, exact
     return (scale * q.astype(np.float32) - minimum).reshape(-1, SUPER_BLOCK)

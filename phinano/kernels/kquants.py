@@ -201,9 +201,10 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
                         out[r, c + i] = d_low * q_low - m_low
                         out[r, c + 32 + i] = d_high * q_high - m_high
 
-    # BLAS from 16 tokens: `scripts/kernel_bench.py --prefill` (the fused kernel unpacks every byte again
-    # for each token; tiles are unpacked once).
-    return MatrixKernels(matmul, widen_rows, blas_min_tokens=16)
+    # The fused kernel unpacks every byte again for each token, a tile only once: measured with
+    # `scripts/kernel_bench.py --prefill` (16384 x 3072, 2 threads), tiles + BLAS passed the fused kernel
+    # at 12 tokens for Q4_K (7.3 vs 5.5 GFLOP/s; even at 8) and at 8 for Q5_K (4.8 vs 3.5).
+    return MatrixKernels(matmul, widen_rows, blas_min_tokens=8 if five else 12)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,7 +286,7 @@ KERNELS.update(
     {
         "Q4_K": _q4_k_or_q5_k(five=False),
         "Q5_K": _q4_k_or_q5_k(five=True),
-        # BLAS from 16 tokens (`scripts/kernel_bench.py --prefill`).
-        "Q6_K": MatrixKernels(_q6_k_matmul, _q6_k_dequantize_rows, blas_min_tokens=16),
+        # BLAS from 8 tokens: even at 4, 4.6 vs 3.7 GFLOP/s at 8 (`scripts/kernel_bench.py --prefill`).
+        "Q6_K": MatrixKernels(_q6_k_matmul, _q6_k_dequantize_rows, blas_min_tokens=8),
     }
 )
