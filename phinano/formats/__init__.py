@@ -5,6 +5,8 @@
     gguf.py         llama.cpp / Ollama files: metadata -> config, tensors under the checkpoint's names
     gguf_write.py   writing GGUF files (phinano quantize); gguf_vocab.py: their tokenizer metadata
     quantized.py    GGML's packed block types as `QuantizedTensor`, which the kernels multiply as stored
+    kquants.py      GGML's K-quants (Q4_K, Q5_K, Q6_K: super-blocks of 256), added to quantized.LAYOUTS here
+    kquant_rounding.py  llama.cpp's rounding of floats into K-quant blocks (phinano quantize)
     ollama.py       Ollama's model store (manifests -> the GGUF blob)
 
 `read_tensors(folder)` gives {checkpoint name: array} of a safetensors checkpoint; weights.py arranges them.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import kquants  # noqa: F401 - registers the K-quant layouts before any QuantizedTensor is made
 from .safetensors import read_checkpoint
 
 

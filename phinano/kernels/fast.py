@@ -38,6 +38,7 @@ from numba import njit, prange
 
 from ..formats.quantized import QuantizedTensor
 from .quantized import KERNELS, MatrixKernels
+from . import kquants  # noqa: F401 - adds the K-quant kernels (Q4_K, Q5_K, Q6_K) to KERNELS
 from .runtime import FASTMATH, in_parts, run, set_threads, threads
 from .widening import activation, stored, to_f32
 

@@ -1,0 +1,292 @@
+"""Compiled kernels for GGML's K-quants (phinano/formats/kquants.py draws their bytes): Q4_K, Q5_K, Q6_K.
+
+Two kernels per type, as for Q8_0 in quantized.py, added to its `KERNELS` when this module is imported
+(fast.py imports it):
+- `matmul(x, data, y)`: y = x @ w.T straight from the packed bytes, for few tokens (decode). Parallel over
+  blocks of rows; per token each packed byte is read once and unpacked in registers, and every x load is
+  shared by the rows of the block. Activations stay float32; sums are float32.
+- `widen_rows(data, out)`: packed rows -> float32 rows, serial and without the GIL, for the BLAS tiles of
+  long prefills and for `embed`. Bit for bit what `formats.kquants` gives (every product is exact).
+
+Unpacking 4-, 5- and 6-bit numbers takes more instructions than reading Q8_0's bytes, so these products
+are limited by arithmetic, not by memory. What keeps the instruction count down (measured on the 2-core
+AMD EPYC (Zen 3, AVX2) machine, each kernel against the Q8_0 kernel in the same run):
+- `_bits` does the shifts and masks in 32-bit lanes (an LLVM intrinsic). Numba's own integer arithmetic
+  widens bytes to 64 bits, and the Q4_K loop ran 1.2 to 1.5 times slower with it.
+- Q4_K, Q5_K: per row and sub-block of 32 the loop sums x * q; the sum is scaled by sc once per
+  sub-block and by d once per super-block. The minimums add -dmin * sum_j m[j] * (sum of x over
+  sub-block j), and those sums of x are the same for every row: `_sums_of_32` makes them once per call.
+  The 16 six-bit scales and minimums come out of three 32-bit words with four masks (`_scales_and_mins`);
+  unpacked one by one into a scratch array they took 30 % of the time.
+- Q6_K: its sub-blocks of 16 are too short to sum apart (adding up a vector register per 16 weights costs
+  as much as the weights), so the weight d * sc * (q - 32) is made in a register and multiplied with x.
+  Two rows per block: four were no faster.
+Unpacking each super-block once into a buffer of small integers and then multiplying (amortised over
+tokens) was also tried: slower for Q4_K and Q5_K at one token, faster only for Q6_K.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .quantized import KERNELS, MatrixKernels, _f16_at, _i8
+from .runtime import FASTMATH
+
+
+@intrinsic
+def _bits(typingctx, low, low_shift, high, high_shift, high_mask, offset):
+    """float32((((low >> low_shift) & 15) | (((high >> high_shift) & high_mask) << 4)) - offset).
+
+    Four low bits of a quantized weight from one byte, its high bits (if any) from another, in 32-bit
+    integer arithmetic (Numba's own would widen to 64 bits; vectorised, that is twice the work). All
+    arguments are integers; a mask of 0 means no high bits.
+    """
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+
+        def word(value):
+            width = value.type.width
+            return value if width == 32 else builder.zext(value, i32) if width < 32 else builder.trunc(value, i32)
+
+        lo, lo_shift, hi, hi_shift, hi_mask, minus = (word(a) for a in args)
+        q = builder.and_(builder.lshr(lo, lo_shift), ir.Constant(i32, 15))
+        q = builder.or_(q, builder.shl(builder.and_(builder.lshr(hi, hi_shift), hi_mask), ir.Constant(i32, 4)))
+        return builder.sitofp(builder.sub(q, minus), ir.FloatType())
+
+    if all(isinstance(a, types.Integer) for a in (low, low_shift, high, high_shift, high_mask, offset)):
+        return types.float32(low, low_shift, high, high_shift, high_mask, offset), codegen
+    return None
+
+
+@njit(inline="always")
+def _u32(row, i):
+    """The little-endian uint32 at bytes i .. i + 3 of a uint8 row."""
+    return np.uint32(row[i]) | np.uint32(row[i + 1]) << 8 | np.uint32(row[i + 2]) << 16 | np.uint32(row[i + 3]) << 24
+
+
+@njit(inline="always")
+def _scales_and_mins(row, o):
+    """The 6-bit sc[0..7] and m[0..7] of the Q4_K/Q5_K super-block at byte o: byte j of each returned word.
+
+    Bytes 0-3 of the scale bytes (word a) hold sc[0..3] in their low six bits and bits 4-5 of sc[4..7]
+    on top; bytes 4-7 (word b) the same for m; bytes 8-11 (word c) the low nibbles of sc[4..7] and m[4..7].
+    """
+    a, b, c = _u32(row, o + 4), _u32(row, o + 8), _u32(row, o + 12)
+    sc = (a & 0x3F3F3F3F) | ((c & 0x0F0F0F0F) | (a >> 2 & 0x30303030)) << 32
+    m = (b & 0x3F3F3F3F) | ((c >> 4 & 0x0F0F0F0F) | (b >> 2 & 0x30303030)) << 32
+    return sc, m
+
+
+@njit(inline="always")
+def _byte(word, j):
+    """Byte j of an integer word, as float32."""
+    return np.float32(word >> 8 * j & 0xFF)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _sums_of_32(x):
+    """(T, K) float32 -> (T, K // 32): the sum of each sub-block of 32 values of each row."""
+    T, K = x.shape
+    sums = np.empty((T, K // 32), np.float32)
+    for t in range(T):
+        for j in range(K // 32):
+            s = np.float32(0.0)
+            for i in range(32):
+                s += x[t, 32 * j + i]
+            sums[t, j] = s
+    return sums
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Q4_K and Q5_K: super-blocks of 256 = 8 sub-blocks of 32, weight = d * sc[j] * q - dmin * m[j]
+# ---------------------------------------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _low_and_high(row, o, g, i, five):
+    """q of weights 64g + i (low nibble: sub-block 2g) and 64g + 32 + i (high nibble: 2g + 1) of the Q4_K
+    (five=False) or Q5_K (five=True) super-block at byte o. Q5_K adds bit j of qh[i] as q's 16s bit."""
+    if five:
+        byte, qh = row[o + 48 + 32 * g + i], row[o + 16 + i]
+        return _bits(byte, 0, qh, 2 * g, 1, 0), _bits(byte, 4, qh, 2 * g + 1, 1, 0)
+    byte = row[o + 16 + 32 * g + i]
+    return _bits(byte, 0, byte, 0, 0, 0), _bits(byte, 4, byte, 0, 0, 0)
+
+
+def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
+    """The kernels of Q4_K (five=False) or Q5_K (five=True). Their loops are the same; only the block
+    size and `_low_and_high` differ. `five` is a constant of the compiled code (Numba folds the values a
+    closure holds), so the Q4_K kernels contain no Q5_K work; the cache keys on it too."""
+    block_bytes = 176 if five else 144
+
+    @njit(parallel=True, fastmath=FASTMATH, cache=True)
+    def matmul(x, data, y):
+        """y[t, r] = sum over super-blocks of d * sum_j sc[j] * (x . q over sub-block j)
+                                           - dmin * sum_j m[j] * (sum of x over sub-block j).
+
+        One work item = four rows r0..r3 (the last item repeats row N - 1 where N is not a multiple of 4).
+        Per token, super-block and pair of sub-blocks (2g, 2g + 1: the low and high nibbles of the same
+        32 bytes), eight partial sums of x * q, four rows by two sub-blocks; the i loop vectorises.
+        """
+        T, K = x.shape
+        N = data.shape[0]
+        xsums = _sums_of_32(x)  # (T, K // 32), shared by all rows
+        for item in prange((N + 3) // 4):
+            r0 = 4 * item
+            r1, r2, r3 = min(r0 + 1, N - 1), min(r0 + 2, N - 1), min(r0 + 3, N - 1)
+            w0, w1, w2, w3 = data[r0], data[r1], data[r2], data[r3]
+            for t in range(T):
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for b in range(K // 256):
+                    o = block_bytes * b
+                    sc0, m0 = _scales_and_mins(w0, o)
+                    sc1, m1 = _scales_and_mins(w1, o)
+                    sc2, m2 = _scales_and_mins(w2, o)
+                    sc3, m3 = _scales_and_mins(w3, o)
+                    s0 = s1 = s2 = s3 = np.float32(0.0)  # sum_j sc[j] * (x . q over sub-block j)
+                    n0 = n1 = n2 = n3 = np.float32(0.0)  # sum_j m[j] * (sum of x over sub-block j)
+                    for j in range(8):
+                        xs = xsums[t, 8 * b + j]
+                        n0 += _byte(m0, j) * xs
+                        n1 += _byte(m1, j) * xs
+                        n2 += _byte(m2, j) * xs
+                        n3 += _byte(m3, j) * xs
+                    for g in range(4):
+                        c = 256 * b + 64 * g
+                        l0 = l1 = l2 = l3 = h0 = h1 = h2 = h3 = np.float32(0.0)
+                        for i in range(32):
+                            x_low, x_high = x[t, c + i], x[t, c + 32 + i]
+                            q_low, q_high = _low_and_high(w0, o, g, i, five)
+                            l0 += x_low * q_low
+                            h0 += x_high * q_high
+                            q_low, q_high = _low_and_high(w1, o, g, i, five)
+                            l1 += x_low * q_low
+                            h1 += x_high * q_high
+                            q_low, q_high = _low_and_high(w2, o, g, i, five)
+                            l2 += x_low * q_low
+                            h2 += x_high * q_high
+                            q_low, q_high = _low_and_high(w3, o, g, i, five)
+                            l3 += x_low * q_low
+                            h3 += x_high * q_high
+                        s0 += _byte(sc0, 2 * g) * l0 + _byte(sc0, 2 * g + 1) * h0
+                        s1 += _byte(sc1, 2 * g) * l1 + _byte(sc1, 2 * g + 1) * h1
+                        s2 += _byte(sc2, 2 * g) * l2 + _byte(sc2, 2 * g + 1) * h2
+                        s3 += _byte(sc3, 2 * g) * l3 + _byte(sc3, 2 * g + 1) * h3
+                    a0 += _f16_at(w0, o) * s0 - _f16_at(w0, o + 2) * n0
+                    a1 += _f16_at(w1, o) * s1 - _f16_at(w1, o + 2) * n1
+                    a2 += _f16_at(w2, o) * s2 - _f16_at(w2, o + 2) * n2
+                    a3 += _f16_at(w3, o) * s3 - _f16_at(w3, o + 2) * n3
+                y[t, r0], y[t, r1], y[t, r2], y[t, r3] = a0, a1, a2, a3
+
+    @njit(cache=True, nogil=True)
+    def widen_rows(data, out):
+        """out[r, 256 b + 32 j + i] = (d * sc[j]) * q - dmin * m[j]: the products are exact, so this is
+        the one float32 rounding GGML's own arithmetic makes."""
+        for r in range(data.shape[0]):
+            row = data[r]
+            for b in range(out.shape[1] // 256):
+                o = block_bytes * b
+                d, dmin = _f16_at(row, o), _f16_at(row, o + 2)
+                sc, m = _scales_and_mins(row, o)
+                for g in range(4):
+                    c = 256 * b + 64 * g
+                    d_low, d_high = d * _byte(sc, 2 * g), d * _byte(sc, 2 * g + 1)
+                    m_low, m_high = dmin * _byte(m, 2 * g), dmin * _byte(m, 2 * g + 1)
+                    for i in range(32):
+                        q_low, q_high = _low_and_high(row, o, g, i, five)
+                        out[r, c + i] = d_low * q_low - m_low
+                        out[r, c + 32 + i] = d_high * q_high - m_high
+
+    # The fused kernel unpacks every byte again for each token, a tile only once: measured with
+    # `scripts/kernel_bench.py --prefill` (16384 x 3072, 2 threads), tiles + BLAS passed the fused kernel
+    # at 12 tokens for Q4_K (7.3 vs 5.5 GFLOP/s; even at 8) and at 8 for Q5_K (4.8 vs 3.5).
+    return MatrixKernels(matmul, widen_rows, blas_min_tokens=8 if five else 12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Q6_K: super-blocks of 256 = 16 sub-blocks of 16, weight = d * sc[j] * (q - 32), q = 6 bits
+# ---------------------------------------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _q6_k_quarters(row, o, h, i):
+    """q - 32 of the four weights 128h + i, + 32, + 64, + 96 of the Q6_K super-block at byte o (i < 32):
+    their low nibbles are in ql bytes 64h + i and 64h + 32 + i, their high bit pairs in qh byte 32h + i."""
+    first, second, high = row[o + 64 * h + i], row[o + 64 * h + 32 + i], row[o + 128 + 32 * h + i]
+    return (
+        _bits(first, 0, high, 0, 3, 32),
+        _bits(second, 0, high, 2, 3, 32),
+        _bits(first, 4, high, 4, 3, 32),
+        _bits(second, 4, high, 6, 3, 32),
+    )
+
+
+@njit(inline="always")
+def _q6_k_scales(row, o, h, k):
+    """d * sc of the four sub-blocks that `_q6_k_quarters` reads for i in 16k .. 16k + 15 (exact)."""
+    d = _f16_at(row, o + 208)
+    j = o + 192 + 8 * h + k  # scales of quarters 0..3 are 2 apart
+    return d * _i8(row[j]), d * _i8(row[j + 2]), d * _i8(row[j + 4]), d * _i8(row[j + 6])
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _q6_k_matmul(x, data, y):
+    """y[t, r] = sum over sub-blocks j of (d * sc[j]) * (x . (q - 32) over sub-block j).
+
+    One work item = two rows r0, r1 (the last item repeats row N - 1 when N is odd). Per token, super-block
+    half h and sixteen i's (k), the four quarters' weights d * sc * (q - 32) are made in registers and
+    multiplied with x; two accumulators, one per row; the i loop vectorises.
+    """
+    T, K = x.shape
+    N = data.shape[0]
+    for item in prange((N + 1) // 2):
+        r0 = 2 * item
+        r1 = min(r0 + 1, N - 1)
+        w0, w1 = data[r0], data[r1]
+        for t in range(T):
+            a0 = a1 = np.float32(0.0)
+            for b in range(K // 256):
+                o = 210 * b
+                for h in range(2):
+                    for k in range(2):
+                        d00, d01, d02, d03 = _q6_k_scales(w0, o, h, k)
+                        d10, d11, d12, d13 = _q6_k_scales(w1, o, h, k)
+                        c = 256 * b + 128 * h
+                        for i in range(16 * k, 16 * k + 16):
+                            x0, x1, x2, x3 = x[t, c + i], x[t, c + 32 + i], x[t, c + 64 + i], x[t, c + 96 + i]
+                            q0, q1, q2, q3 = _q6_k_quarters(w0, o, h, i)
+                            a0 += x0 * (d00 * q0) + x1 * (d01 * q1) + x2 * (d02 * q2) + x3 * (d03 * q3)
+                            q0, q1, q2, q3 = _q6_k_quarters(w1, o, h, i)
+                            a1 += x0 * (d10 * q0) + x1 * (d11 * q1) + x2 * (d12 * q2) + x3 * (d13 * q3)
+            y[t, r0], y[t, r1] = a0, a1
+
+
+@njit(cache=True, nogil=True)
+def _q6_k_dequantize_rows(data, out):
+    """out[r, 256 b + 16 j + i] = (d * sc[j]) * (q - 32) (exact in float32)."""
+    for r in range(data.shape[0]):
+        row = data[r]
+        for b in range(out.shape[1] // 256):
+            o = 210 * b
+            for h in range(2):
+                for k in range(2):
+                    d0, d1, d2, d3 = _q6_k_scales(row, o, h, k)
+                    c = 256 * b + 128 * h
+                    for i in range(16 * k, 16 * k + 16):
+                        q0, q1, q2, q3 = _q6_k_quarters(row, o, h, i)
+                        out[r, c + i], out[r, c + 32 + i] = d0 * q0, d1 * q1
+                        out[r, c + 64 + i], out[r, c + 96 + i] = d2 * q2, d3 * q3
+
+
+KERNELS.update(
+    {
+        "Q4_K": _q4_k_or_q5_k(five=False),
+        "Q5_K": _q4_k_or_q5_k(five=True),
+        # BLAS from 8 tokens: even at 4, 4.6 vs 3.7 GFLOP/s at 8 (`scripts/kernel_bench.py --prefill`).
+        "Q6_K": MatrixKernels(_q6_k_matmul, _q6_k_dequantize_rows, blas_min_tokens=8),
+    }
+)
