@@ -55,10 +55,13 @@ def _open_folder(folder: Path, tokenizer: bool, quantize: str | None = None):
 
     config = load_config(folder)
     tensors = read_tensors(folder)
-    if quantize is not None:
+    if quantize is not None:  # check the checkpoint first: rounding a wrong one would be minutes wasted
         from .quantize import check_type, quantize_tensors
+        from .weights import check_tensors, expected_shapes
 
-        tensors = quantize_tensors(tensors, check_type(quantize))
+        qtype = check_type(quantize)
+        check_tensors(tensors, config, str(folder))
+        tensors = quantize_tensors({n: tensors[n] for n in expected_shapes(config)}, qtype)
     weights = arrange(tensors, config, str(folder))
     tok = None
     if tokenizer and (folder / "tokenizer.json").is_file():

@@ -147,20 +147,21 @@ def generate_tokens(model, token_ids: Ids[int], max_new_tokens: int, *, stop_str
 
 
 def stream_text(model, token_ids: Ids[int], max_new_tokens: int, *, stop_strings: Ids[str] = (),
-                skip_special_tokens: bool = True, **options) -> Iterator[str]:
+                skip_special_tokens: bool = True, stats: dict | None = None, **options) -> Iterator[str]:
     """Yield the generated text in printable pieces (never half a UTF-8 character, never a lost space).
 
     A stop string ends the generation and is not yielded; text that could be the start of a stop string
     is held back until it is known not to be one."""
     text = TextStops(model.tokenizer, stop_strings or (), skip_special_tokens)
-    steps = generate_steps(model, token_ids, max_new_tokens, text=text, **options)
+    stats = {} if stats is None else stats
+    steps = generate_steps(model, token_ids, max_new_tokens, text=text, stats=stats, **options)
     try:
         for _, piece in steps:
             if piece:
                 yield piece
         rest = text.flush()
-        if text.stopped and options.get("stats") is not None:  # a stop string completed by the final bytes
-            options["stats"]["finish_reason"] = "stop"
+        if text.stopped:  # a stop string completed by the final bytes
+            stats["finish_reason"] = "stop"
         if rest:
             yield rest
     finally:

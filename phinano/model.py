@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from .blocks import block_module
-from .blocks.attention import Step
+from .blocks.attention import Step, notify
 from .cache import KVCache, new_cache
 from .config import Config
 from .errors import PhinanoError
@@ -60,7 +60,7 @@ class Model:
         """
         cfg, ops, W = self.config, self.ops, self.weights
         if (ids is None) == (embeddings is None):
-            raise PhinanoError("step takes token ids or input embeddings, not both")
+            raise PhinanoError("step takes exactly one of token ids and input embeddings")
         start = cache.length
         if embeddings is None:
             x = ops.embed(W.embed, self.check_ids(ids, start))  # (T, D)
@@ -72,24 +72,19 @@ class Model:
         variant = rope_variant(cfg, start + T)  # the rotary factor set of this step (longrope: by total length)
         cache.claim(variant)  # refuses keys rotated with another set: the caller must recompute (generate.py)
         cos, sin = rope_tables(cfg, start, T, variant)  # (T, R) each
-        step = Step(cache, start, cos, sin, observer)
+        step = Step(cache, start, cos, sin, observer)  # what every layer of this step shares
 
-        self._notify(observer, "residual", -1, x)
+        notify(step, "residual", -1, x)
         for i, layer in enumerate(W.layers):
             x = self.blocks.forward_layer(ops, cfg, layer, x, step, i)  # (T, D)
-            self._notify(observer, "residual", i, x)
+            notify(step, "residual", i, x)
         cache.length = start + T
 
         if last_only:
             x = x[-1:]  # (1, D)
         x = self.blocks.norm(ops, cfg, x, W.final_norm, W.final_norm_bias)  # (T, D)
-        self._notify(observer, "final", cfg.num_hidden_layers, x)
+        notify(step, "final", cfg.num_hidden_layers, x)
         return ops.linear(x, W.lm_head, W.lm_head_bias)  # (T, V) float32
-
-    @staticmethod
-    def _notify(observer: dict | None, fact: str, layer: int, value) -> None:
-        if observer is not None and fact in observer:
-            observer[fact](layer, value)
 
     # ------------------------------------------------------------------ input checks
     def check_ids(self, token_ids: Sequence[int], start: int = 0) -> np.ndarray:
@@ -126,7 +121,8 @@ class Model:
         With `return_routing=True` (PhiMoE), also returns, per layer, (experts (T, 2) int64, weights (T, 2)
         float32): the two experts each token was sent to and their sparsemixer weights.
         """
-        T = len(token_ids) if embeddings is None else len(embeddings)
+        given = token_ids if embeddings is None else embeddings
+        T = len(given) if given is not None else 1  # neither given: step says so
         routing: list = []
         if return_routing:
             observer = {**(observer or {}), "routing": lambda layer, r: routing.append(r)}

@@ -14,8 +14,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
-
 from .config import Config
 from .errors import PhinanoError
 from .formats.gguf_write import encode_tensor, write_gguf
@@ -85,13 +83,6 @@ def q4_k_m_type(gguf_name: str, shape, n_layers: int, tied_embeddings: bool = Fa
     return k_mix_type("Q4_K_M", gguf_name, shape, n_layers, tied_embeddings)
 
 
-def float32(values: np.ndarray) -> np.ndarray:
-    """A stored tensor (bf16 bits, f16, f32) as float32."""
-    if values.dtype == np.uint16:
-        return (values.astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(values, dtype=np.float32)
-
-
 def quantize_tensors(tensors: dict, qtype: str) -> dict:
     """Every matrix of a checkpoint's tensors as a packed QuantizedTensor (1-D tensors as they are); a mix gives
     each matrix the type llama.cpp would (matrices it keeps in F16/F32 stay as they are).
@@ -108,7 +99,7 @@ def quantize_tensors(tensors: dict, qtype: str) -> dict:
             continue
         if values.shape[1] % 32:
             raise PhinanoError(f"{name}: rows of {values.shape[1]} cannot be cut into {kind} blocks of 32")
-        out[name] = QuantizedTensor(kind, values.shape, encode_tensor(float32(values), kind))
+        out[name] = QuantizedTensor(kind, values.shape, encode_tensor(values, kind))  # widens bf16 bits itself
     return out
 
 

@@ -85,8 +85,6 @@ def prompts(vocab: int, lengths: list[int]) -> dict[int, list[int]]:
 
 
 def run_phinano(args, backend: str) -> dict:
-    import numpy as np
-
     import phinano
     from phinano.generate import generate_tokens
 

@@ -180,7 +180,7 @@ class RmsNormInsteadOfLayerNorm:
 def mistakes(model, ids) -> None:
     """What two known porting mistakes do to this model's logits."""
     good = model.forward(ids)
-    ops, eps = model.ops, model.config.rms_norm_eps
+    ops = model.ops
 
     sparsemixer = moe.sparsemixer
     moe.sparsemixer = mixtral_top2

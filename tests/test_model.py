@@ -43,8 +43,8 @@ def test_step_refuses_bad_input(checkpoint_dir):
     model = phinano.load(checkpoint_dir("mini-4k"), backend="numpy")
     cache = model.new_cache(8)
     D = model.config.hidden_size
-    for kwargs, words in [(dict(ids=[1, 2], embeddings=np.zeros((2, D))), "not both"),
-                          (dict(), "not both"),
+    for kwargs, words in [(dict(ids=[1, 2], embeddings=np.zeros((2, D))), "exactly one"),
+                          (dict(), "exactly one"),
                           (dict(embeddings=np.zeros((2, D + 1))), f"(T, {D})"),
                           (dict(ids=[VOCAB]), "out of range"),
                           (dict(ids=list(range(9))), "KV cache holds 8")]:
@@ -52,6 +52,8 @@ def test_step_refuses_bad_input(checkpoint_dir):
             model.step(cache, **kwargs)
         assert words in str(e.value), str(e.value)
     assert cache.length == 0, "a refused step writes nothing"
+    with pytest.raises(PhinanoError, match="exactly one"):
+        model.forward()
 
 
 def test_step_refuses_mixing_rope_factor_sets(checkpoint_dir):
