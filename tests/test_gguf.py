@@ -416,3 +416,39 @@ def test_load_quantize_equals_the_written_file(tiny_k):
     ids = prompt(30)
     np.testing.assert_array_equal(phinano.load(folder, quantize="q4_k_m", tokenizer=False).forward(ids),
                                   phinano.load(path, tokenizer=False).forward(ids))
+
+
+def test_model_names_that_cannot_be_loaded(tiny, tmp_path, monkeypatch):
+    """Each wrong name is one line saying what is wrong with it, before anything is read."""
+    path, folder = tiny("mini-4k", "F32")
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "empty-store"))
+    not_gguf = tmp_path / "notes.txt"
+    not_gguf.write_text("hello")
+    for name, words in [("", "model name is empty"),
+                        ("ollama:a/b/c/d", "not a model name"),
+                        ("ollama:phi3", "no models are there"),
+                        (str(not_gguf), "not a GGUF file")]:
+        with pytest.raises(PhinanoError) as e:
+            phinano.load(name, tokenizer=False)
+        assert words in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
+    with pytest.raises(PhinanoError, match="quantize applies to safetensors"):
+        phinano.load(path, quantize="q8_0")
+    with pytest.raises(PhinanoError, match="unknown quantization type 'q3'"):
+        phinano.load(folder, quantize="q3")
+
+
+def test_load_quantize_refuses_a_broken_checkpoint_before_rounding(tiny, tmp_path, monkeypatch):
+    """A checkpoint that does not match its config is refused before any matrix is rounded."""
+    import phinano.quantize
+
+    _, folder = tiny("mini-4k", "F32")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["intermediate_size"] += 32
+    (broken / "config.json").write_text(json.dumps(config))
+    rounded = []
+    monkeypatch.setattr(phinano.quantize, "encode_tensor", lambda values, kind: rounded.append(kind))
+    with pytest.raises(PhinanoError, match="does not match config.json"):
+        phinano.load(broken, quantize="q8_0", tokenizer=False)
+    assert rounded == []
