@@ -67,8 +67,8 @@ GPT4O_SPLIT = (  # o200k: Phi-4-mini
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-PRE_TOKENIZER_SPLITS = {"gpt-2": GPT2_SPLIT, "gpt2": GPT2_SPLIT, "gpt-4o": GPT4O_SPLIT}
-PRE_TOKENIZER_NAMES = {GPT2_SPLIT: "gpt-2", GPT4O_SPLIT: "gpt-4o"}  # the name written for each split
+PRE_TOKENIZER_SPLITS = {"gpt-2": GPT2_SPLIT, "gpt-4o": GPT4O_SPLIT}
+PRE_TOKENIZER_NAMES = {split: name for name, split in PRE_TOKENIZER_SPLITS.items()}  # what vocab_metadata writes
 
 # rstrip, by family. Phi-3 ("llama" vocabulary, architecture phi3 or phimoe): every added token except these three,
 # which is also llama.cpp's rule for files whose general.name contains "phi3" or "phi-3". Phi-4-mini ("gpt2"
