@@ -743,6 +743,17 @@ def test_sentencepiece_without_space_prefix(pipeline, tmp_path):
         assert gguf.decode(ids) == hf.decode(ids), text
 
 
+def test_sentencepiece_own_pieces_that_are_not_added_tokens(tmp_path):
+    """<unk>, <s>, </s> only in the vocabulary (not added tokens of tokenizer.json, which would override them) are
+    typed as SentencePiece's tokenizer.model types them for the converter: unknown, control, control, score 0."""
+    folder = copy_tokenizer(nano_path("nano-phi3"), tmp_path / "own", lambda spec, config: spec.update(
+        added_tokens=[token for token in spec["added_tokens"] if token["id"] > 2]))
+    metadata = vocab_metadata(folder, 4160)
+    rows = [(metadata["tokenizer.ggml.tokens"][i], metadata["tokenizer.ggml.token_type"][i],
+             metadata["tokenizer.ggml.scores"][i]) for i in range(3)]
+    assert rows == [("<unk>", UNKNOWN, 0.0), ("<s>", CONTROL, 0.0), ("</s>", CONTROL, 0.0)]
+
+
 def test_chat_template_files(tmp_path):
     """chat_template.jinja and additional_chat_templates/*.jinja beat tokenizer_config.json's template, as in
     phinano's tokenizer.json reader; named templates become tokenizer.chat_template.<name> (GGUF spells names with

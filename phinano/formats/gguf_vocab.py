@@ -348,8 +348,10 @@ def _sentencepiece_vocab(model, added, vocab_size) -> dict:
         tokens[i] = piece
         if BYTE_PIECE.match(piece):
             types[i], scores[i] = TokenType.BYTE, 0.0
-        elif piece == SENTENCEPIECE_UNKNOWN or piece in SENTENCEPIECE_CONTROL:
-            types[i], scores[i] = (TokenType.UNKNOWN if piece == SENTENCEPIECE_UNKNOWN else TokenType.CONTROL), 0.0
+        elif piece == SENTENCEPIECE_UNKNOWN:
+            types[i], scores[i] = TokenType.UNKNOWN, 0.0
+        elif piece in SENTENCEPIECE_CONTROL:
+            types[i], scores[i] = TokenType.CONTROL, 0.0
         elif piece in hand_added:
             types[i], scores[i] = TokenType.NORMAL, HAND_ADDED_SCORE
         else:
