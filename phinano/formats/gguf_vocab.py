@@ -448,7 +448,10 @@ def _steps(component, key) -> list[dict]:
 
 
 def _special_ids(model, added, config, config_path) -> dict:
-    """{tokenizer.ggml.bos_token_id: id, ...} for the tokens tokenizer_config.json names (gguf.SpecialVocab)."""
+    """{tokenizer.ggml.bos_token_id: id, ...} for the tokens tokenizer_config.json names. gguf.SpecialVocab, the
+    converter's code for these keys (and for the flags and templates below), is the tests' reference rather than
+    called here: it logs a warning for every Phi-3 post-processor, skips a token it cannot find where phinano
+    refuses it, and hands its keys only to a GGUFWriter."""
     ids = dict(model["vocab"])
     ids.update({token["content"]: token["id"] for token in added})
     out = {}
