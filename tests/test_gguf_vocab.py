@@ -1,11 +1,11 @@
 """Tests for phinano.formats.gguf_vocab: a Hugging Face tokenizer written as GGUF metadata (vocab_metadata, as
 llama.cpp's converter writes it) and a GGUF file's vocabulary rebuilt as a tokenizer (tokenizer_parts).
 
-- Phi-3 ("llama" vocabulary): vocab_metadata of the real Phi-3 tokenizer in ../shared/phi3-tokenizer (skipped when
-  the folder is absent), its values checked against the converter's rules and gguf.SpecialVocab, rebuilt and
-  compared with phinano's tokenizer.json tokenizer of the same folder (itself tested equal to Transformers in
-  test_tokenizer.py) and with llama.cpp's own reference tokenizations of that vocabulary
-  (tests/data/llamacpp-phi3-vocab.jsonl); also through a real vocabulary-only .gguf file.
+- Phi-3 ("llama" vocabulary): vocab_metadata of the real Phi-3 tokenizer (conftest's phi3_tokenizer_dir, as in
+  test_tokenizer.py; skipped, saying why, when it cannot be had), its values checked against the converter's rules
+  and gguf.SpecialVocab, rebuilt and compared with phinano's tokenizer.json tokenizer of the same folder (itself
+  tested equal to Transformers in test_tokenizer.py) and with llama.cpp's own reference tokenizations of that
+  vocabulary (tests/data/llamacpp-phi3-vocab.jsonl); also through a real vocabulary-only .gguf file.
 - Byte-level BPE ("gpt2", as Phi-4-mini): a tiny vocabulary trained here with `tokenizers`, saved as a tokenizer
   folder, written by vocab_metadata (checked against the converter's get_vocab_base on Transformers' tokenizer and
   gguf.SpecialVocab), rebuilt and compared with the `tokenizers` object it came from.
@@ -30,8 +30,6 @@ from phinano.formats.gguf_vocab import tokenizer_parts, vocab_metadata
 from phinano.nano import nano_path
 from phinano.tokenizer import Tokenizer, load_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-PHI3_DIR = SHARED / "phi3-tokenizer"
 LLAMACPP_CASES = Path(__file__).resolve().parent / "data" / "llamacpp-phi3-vocab.jsonl"
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -76,7 +74,7 @@ PHI3_CHATS = [
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Phi-3: the converter's metadata, from the shared tokenizer folder
+# Phi-3: the converter's metadata, from the released tokenizer folder
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -97,10 +95,8 @@ def build(metadata: dict) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def phi3_meta():
-    if not (PHI3_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"the shared Phi-3 tokenizer is not there ({PHI3_DIR}); these tests need it")
-    return phi3_metadata(PHI3_DIR)
+def phi3_meta(phi3_tokenizer_dir):
+    return phi3_metadata(phi3_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +105,8 @@ def gguf_phi3(phi3_meta):
 
 
 @pytest.fixture(scope="module")
-def hf_phi3(phi3_meta):
-    return load_tokenizer(PHI3_DIR)
+def hf_phi3(phi3_tokenizer_dir):
+    return load_tokenizer(phi3_tokenizer_dir)
 
 
 def test_phi3_parts(phi3_meta):
@@ -126,8 +122,8 @@ def test_phi3_parts(phi3_meta):
     assert parts.chat_templates == {"default": phi3_meta["tokenizer.chat_template"]}
 
 
-def test_phi3_merges_derived_from_scores_are_tokenizer_json_merges(phi3_meta, gguf_phi3):
-    spec = json.loads((PHI3_DIR / "tokenizer.json").read_text(encoding="utf-8"))
+def test_phi3_merges_derived_from_scores_are_tokenizer_json_merges(phi3_tokenizer_dir, gguf_phi3):
+    spec = json.loads((phi3_tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
     ours = json.loads(gguf_phi3.backend.to_str())["model"]
     assert ours["merges"] == spec["model"]["merges"]  # same pairs, same order
     assert ours["vocab"] == spec["model"]["vocab"]  # the [PADn] rows are not pieces
@@ -240,7 +236,7 @@ def test_phi3_stop_ids_include_eot(phi3_meta):
     assert tokenizer_parts({**phi3_meta, "tokenizer.ggml.eos_token_id": 2}).stop_ids == (2, 32000, 32001, 32007)
 
 
-def test_phi3_metadata_is_the_converters(phi3_meta):
+def test_phi3_metadata_is_the_converters(phi3_meta, phi3_tokenizer_dir):
     """The values Phi3MiniModel.set_vocab and gguf.SpecialVocab write for Phi-3, spelled out."""
     tokens, scores, types = (phi3_meta[f"tokenizer.ggml.{key}"] for key in ("tokens", "scores", "token_type"))
     assert len(tokens) == len(scores) == len(types) == PHI3_VOCAB_SIZE
@@ -270,7 +266,7 @@ def test_phi3_metadata_is_the_converters(phi3_meta):
         "tokenizer.ggml.padding_token_id": 32000,
         "tokenizer.ggml.add_bos_token": False,  # tokenizer_config.json's, over the post-processor's <s>
         "tokenizer.ggml.add_eos_token": False,
-        "tokenizer.chat_template": json.loads((PHI3_DIR / "tokenizer_config.json").read_text())["chat_template"],
+        "tokenizer.chat_template": json.loads((phi3_tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"],
     }
 
 
@@ -293,8 +289,8 @@ def written_by_special_vocab(metadata: dict) -> dict:
     return {key: value for key, value in metadata.items() if key.startswith("tokenizer.") and key not in own}
 
 
-def test_phi3_special_keys_are_special_vocabs(phi3_meta):
-    assert written_by_special_vocab(phi3_meta) == special_vocab_metadata(PHI3_DIR, PHI3_VOCAB_SIZE)
+def test_phi3_special_keys_are_special_vocabs(phi3_meta, phi3_tokenizer_dir):
+    assert written_by_special_vocab(phi3_meta) == special_vocab_metadata(phi3_tokenizer_dir, PHI3_VOCAB_SIZE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -745,6 +741,17 @@ def test_sentencepiece_without_space_prefix(pipeline, tmp_path):
         ids = hf.encode(text)
         assert gguf.encode(text) == ids, text
         assert gguf.decode(ids) == hf.decode(ids), text
+
+
+def test_sentencepiece_own_pieces_that_are_not_added_tokens(tmp_path):
+    """<unk>, <s>, </s> only in the vocabulary (not added tokens of tokenizer.json, which would override them) are
+    typed as SentencePiece's tokenizer.model types them for the converter: unknown, control, control, score 0."""
+    folder = copy_tokenizer(nano_path("nano-phi3"), tmp_path / "own", lambda spec, config: spec.update(
+        added_tokens=[token for token in spec["added_tokens"] if token["id"] > 2]))
+    metadata = vocab_metadata(folder, 4160)
+    rows = [(metadata["tokenizer.ggml.tokens"][i], metadata["tokenizer.ggml.token_type"][i],
+             metadata["tokenizer.ggml.scores"][i]) for i in range(3)]
+    assert rows == [("<unk>", UNKNOWN, 0.0), ("<s>", CONTROL, 0.0), ("</s>", CONTROL, 0.0)]
 
 
 def test_chat_template_files(tmp_path):

@@ -148,6 +148,9 @@ def test_encode_tensor_writes_k_quants_from_bf16_and_float32():
     for t in K_TYPES:
         assert np.array_equal(encode_tensor(values, t), kq.quantize(values, t))
         assert np.array_equal(encode_tensor(bf16, t), kq.quantize((bf16.astype(np.uint32) << 16).view(np.float32), t))
+    for unwritable in ("IQ4_NL", "Q2_K", "NOPE"):  # read by gguf, written by neither gguf nor phinano; unknown
+        with pytest.raises(PhinanoError, match=f"^cannot write tensors of type {unwritable}$"):
+            encode_tensor(values, unwritable)
 
 
 def test_nearest_int_rounds_halves_to_even_like_the_float_trick():

@@ -40,13 +40,12 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import NamedTuple
 
+from gguf import TokenType  # tokenizer.ggml.token_type values: NORMAL 1 .. BYTE 6 (llama.cpp's llama_token_type)
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from ..errors import PhinanoError
 
-# tokenizer.ggml.token_type values (llama.cpp's llama_token_type, gguf.TokenType)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-ADDED_TYPES = (UNKNOWN, CONTROL, USER_DEFINED)  # whole tokens matched in the text before BPE
+ADDED_TYPES = (TokenType.UNKNOWN, TokenType.CONTROL, TokenType.USER_DEFINED)  # whole tokens matched before BPE
 
 SPACE = "\u2581"  # ▁, SentencePiece's visible space
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # a byte-fallback piece: "<0x0A>" is the byte 0x0A
@@ -68,8 +67,8 @@ GPT4O_SPLIT = (  # o200k: Phi-4-mini
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-PRE_TOKENIZER_SPLITS = {"gpt-2": GPT2_SPLIT, "gpt2": GPT2_SPLIT, "gpt-4o": GPT4O_SPLIT}
-PRE_TOKENIZER_NAMES = {GPT2_SPLIT: "gpt-2", GPT4O_SPLIT: "gpt-4o"}  # the name written for each split
+PRE_TOKENIZER_SPLITS = {"gpt-2": GPT2_SPLIT, "gpt-4o": GPT4O_SPLIT}
+PRE_TOKENIZER_NAMES = {split: name for name, split in PRE_TOKENIZER_SPLITS.items()}  # what vocab_metadata writes
 
 # rstrip, by family. Phi-3 ("llama" vocabulary, architecture phi3 or phimoe): every added token except these three,
 # which is also llama.cpp's rule for files whose general.name contains "phi3" or "phi-3". Phi-4-mini ("gpt2"
@@ -100,7 +99,7 @@ def tokenizer_parts(metadata: dict) -> TokenizerParts:
     tokens = _list(metadata, "tokenizer.ggml.tokens", str, "strings")
     types = _list(metadata, "tokenizer.ggml.token_type", Integral, "integers", length=len(tokens))
     for i, token_type in enumerate(types):
-        if not NORMAL <= token_type <= BYTE:
+        if not TokenType.NORMAL <= token_type <= TokenType.BYTE:
             raise PhinanoError(f"GGUF tokenizer.ggml.token_type[{i}] is {token_type}; expected 1..6")
     named = {name: _token_id(metadata, key, len(tokens)) for name, key in NAMED_TOKEN_KEYS.items()}
     named = {name: i for name, i in named.items() if i is not None}
@@ -108,7 +107,7 @@ def tokenizer_parts(metadata: dict) -> TokenizerParts:
     # The vocabulary: every piece but the unused ones ("[PAD32011]": embedding rows no text maps to).
     vocab = {}
     for i, token in enumerate(tokens):
-        if types[i] != UNUSED or i in named.values():
+        if types[i] != TokenType.UNUSED or i in named.values():
             if token in vocab:
                 raise PhinanoError(f"GGUF tokenizer.ggml.tokens has {token!r} twice (ids {vocab[token]} and {i})")
             vocab[token] = i
@@ -140,9 +139,9 @@ def _sentencepiece_bpe(metadata, tokens, types, vocab, named) -> tuple[Tokenizer
     """The Llama-2 pipeline: prepend ▁ and turn spaces into ▁, BPE with byte fallback, then back."""
     scores = _list(metadata, "tokenizer.ggml.scores", Real, "numbers", length=len(tokens))
     for i, token_type in enumerate(types):
-        if token_type == BYTE and not BYTE_PIECE.match(tokens[i]):
+        if token_type == TokenType.BYTE and not BYTE_PIECE.match(tokens[i]):
             raise PhinanoError(f"GGUF token {i} {tokens[i]!r} has type byte but is not spelled <0xNN>")
-    byte_fallback = BYTE in types
+    byte_fallback = TokenType.BYTE in types
     unk = tokens[named["unk_token"]] if "unk_token" in named else None
     merges = _merges_from_scores(tokens, types, scores)
     backend = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=byte_fallback))
@@ -163,7 +162,7 @@ def _merges_from_scores(tokens, types, scores) -> list[tuple[str, str]]:
     """SentencePiece BPE keeps scores, not merges: joining two pieces into a piece is worth that piece's score.
     Every normal piece that splits into two normal pieces gives a merge; best score first, then longer left part,
     then longer right part (Transformers' generate_merges, which llama.cpp's tokenizations agree with)."""
-    normal = {token: i for i, token in enumerate(tokens) if types[i] == NORMAL}
+    normal = {token: i for i, token in enumerate(tokens) if types[i] == TokenType.NORMAL}
     merges = []  # (score, left, right): pieces in id order, each piece's splits by (left id, right id)
     for piece, i in normal.items():
         splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
@@ -214,7 +213,7 @@ def _add_whole_tokens(backend, metadata, kind, tokens, types, named_ids) -> None
     rstrip = _rstrip_tokens(metadata, kind, {tokens[i] for i in ids})
     special, plain = [], []
     for i in ids:
-        is_special = types[i] != USER_DEFINED or i in named_ids
+        is_special = types[i] != TokenType.USER_DEFINED or i in named_ids
         token = AddedToken(tokens[i], rstrip=tokens[i] in rstrip, normalized=False, special=is_special)
         (special if is_special else plain).append(token)
     backend.add_special_tokens(special)
@@ -348,17 +347,19 @@ def _sentencepiece_vocab(model, added, vocab_size) -> dict:
     for piece, i in model["vocab"].items():
         tokens[i] = piece
         if BYTE_PIECE.match(piece):
-            types[i], scores[i] = BYTE, 0.0
-        elif piece == SENTENCEPIECE_UNKNOWN or piece in SENTENCEPIECE_CONTROL:
-            types[i], scores[i] = (UNKNOWN if piece == SENTENCEPIECE_UNKNOWN else CONTROL), 0.0
+            types[i], scores[i] = TokenType.BYTE, 0.0
+        elif piece == SENTENCEPIECE_UNKNOWN:
+            types[i], scores[i] = TokenType.UNKNOWN, 0.0
+        elif piece in SENTENCEPIECE_CONTROL:
+            types[i], scores[i] = TokenType.CONTROL, 0.0
         elif piece in hand_added:
-            types[i], scores[i] = NORMAL, HAND_ADDED_SCORE
+            types[i], scores[i] = TokenType.NORMAL, HAND_ADDED_SCORE
         else:
-            types[i], scores[i] = NORMAL, -float(first_merge.get(piece, len(merges) + i))
+            types[i], scores[i] = TokenType.NORMAL, -float(first_merge.get(piece, len(merges) + i))
     for token in added:
         i = token["id"]
         tokens[i], scores[i] = token["content"], ADDED_SCORE
-        types[i] = CONTROL if token.get("special") else USER_DEFINED
+        types[i] = TokenType.CONTROL if token.get("special") else TokenType.USER_DEFINED
     return {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types}
 
 
@@ -368,20 +369,20 @@ def _byte_level_vocab(model, added, vocab_size) -> dict:
     to the embedding size; merges as "left right", best first."""
     tokens, _, types = _padded(vocab_size)
     for piece, i in model["vocab"].items():
-        tokens[i], types[i] = piece, NORMAL
+        tokens[i], types[i] = piece, TokenType.NORMAL
     for token in added:
         i, content = token["id"], token["content"]
         if token.get("special") or (content.startswith("<|") and content.endswith("|>")):
-            tokens[i], types[i] = content, CONTROL
+            tokens[i], types[i] = content, TokenType.CONTROL
         else:
-            tokens[i], types[i] = content.replace(SPACE, " "), USER_DEFINED
+            tokens[i], types[i] = content.replace(SPACE, " "), TokenType.USER_DEFINED
     merges = [f"{left} {right}" for left, right in _merge_pairs(model["merges"])]
     return {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
 
 
 def _padded(vocab_size: int) -> tuple[list, list, list]:
     """tokens, scores, types for `vocab_size` ids, each an unused "[PADi]" row until a piece claims it."""
-    return [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED_SCORE] * vocab_size, [UNUSED] * vocab_size
+    return [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED_SCORE] * vocab_size, [TokenType.UNUSED] * vocab_size
 
 
 def _check_ids(pairs, vocab_size, path) -> None:
@@ -447,7 +448,10 @@ def _steps(component, key) -> list[dict]:
 
 
 def _special_ids(model, added, config, config_path) -> dict:
-    """{tokenizer.ggml.bos_token_id: id, ...} for the tokens tokenizer_config.json names (gguf.SpecialVocab)."""
+    """{tokenizer.ggml.bos_token_id: id, ...} for the tokens tokenizer_config.json names. gguf.SpecialVocab, the
+    converter's code for these keys (and for the flags and templates below), is the tests' reference rather than
+    called here: it logs a warning for every Phi-3 post-processor, skips a token it cannot find where phinano
+    refuses it, and hands its keys only to a GGUFWriter."""
     ids = dict(model["vocab"])
     ids.update({token["content"]: token["id"] for token in added})
     out = {}
