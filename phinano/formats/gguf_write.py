@@ -110,16 +110,25 @@ def write_gguf(path: str | Path, cfg: Config, tensors: dict, type_of, vocab: dic
     _metadata(writer, cfg, arch, named)
     for key, value in (vocab or {}).items():
         _add_value(writer, key, value)
+    # Tensor infos first (sizes follow from shapes and types), then each tensor rounded and written in turn:
+    # memory holds one packed tensor at a time, not the whole file.
+    types = {gname: "F32" if values.ndim == 1 else type_of(gname, values) for gname, values in named.items()}
     for gname, values in named.items():
-        qtype = "F32" if values.ndim == 1 else type_of(gname, values)
-        data = encode_tensor(values, qtype)
-        writer.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[qtype])
+        block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[types[gname]]]
+        nbytes = int(np.prod(values.shape)) // block * block_bytes
+        writer.add_tensor_info(gname, values.shape, np.dtype(np.float32), nbytes,
+                               raw_dtype=gguf.GGMLQuantizationType[types[gname]])
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
+        writer.write_ti_data_to_file()
+        for gname, values in named.items():
+            writer.write_tensor_data(encode_tensor(values, types[gname]))
+    except BaseException:
         writer.close()
+        partial.unlink(missing_ok=True)  # nothing half-written stays behind
+        raise
+    writer.close()
     partial.replace(path)
     return path
 
