@@ -119,8 +119,10 @@ def test_embed_is_exact(seed, dtype, V, D, T):
 
 
 def test_embed_rejects_out_of_range_ids():
-    with pytest.raises(IndexError):
-        fast.embed(np.zeros((4, 3), np.uint16), np.array([4]))
+    with pytest.raises(IndexError, match="token id 4 is out of range for an embedding table of 4 rows"):
+        fast.embed(np.zeros((4, 3), np.uint16), np.array([0, 4]))
+    with pytest.raises(IndexError, match="token id -5 "):
+        fast.embed(np.zeros((4, 3), np.uint16), np.array([-5]))
 
 
 # ------------------------------------------------------------------------------------------------------ linear

@@ -247,7 +247,8 @@ def embed(table: np.ndarray | QuantizedTensor, ids: np.ndarray) -> np.ndarray:
     V, D = table.shape
     flat = ids.reshape(-1).astype(np.int64)
     if flat.size and (flat.min() < -V or flat.max() >= V):
-        raise IndexError(f"token id out of range for an embedding table of {V} rows")
+        bad = flat[(flat < -V) | (flat >= V)][0]
+        raise IndexError(f"token id {bad} is out of range for an embedding table of {V} rows")
     rows, kernels = _reader(table)
     out = np.empty((flat.shape[0], D), np.float32)
     kernels.widen_rows(rows[flat], out)  # (T, D): NumPy gathers the T stored rows, one compiled pass widens them
