@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 pytest.importorskip("numba")
 
 import phinano.kernels as kernels  # noqa: E402
-from phinano.kernels import fast, reference  # noqa: E402
+from phinano.kernels import fast, reference, runtime  # noqa: E402
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 seeds = st.integers(0, 2**32 - 1)
@@ -456,3 +456,38 @@ def test_reference_set_threads_limits_blas_through_threadpoolctl(monkeypatch):
     monkeypatch.setitem(sys.modules, "threadpoolctl", fake)
     assert reference.set_threads(1) == 1
     assert calls == [(1, "blas")]
+
+
+# ----------------------------------------------------------------------------------------------------- runtime
+
+
+def test_run_puts_small_work_on_the_calling_thread_and_restores_the_thread_count():
+    before = runtime.threads()
+    seen = []
+    runtime.run(lambda: seen.append(runtime.threads()), runtime.PARALLEL_MIN_WORK - 1)
+    runtime.run(lambda: seen.append(runtime.threads()), runtime.PARALLEL_MIN_WORK)
+    assert seen == [1, before] and runtime.threads() == before
+
+    def fails():
+        raise RuntimeError("kernel failed")
+
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        runtime.run(fails, 1)
+    assert runtime.threads() == before
+
+
+@pytest.mark.parametrize("thread_local_blas", [True, False])  # False: OpenBLAS without the thread-local setting
+def test_in_parts_runs_every_part_once_and_propagates_errors(thread_local_blas, monkeypatch):
+    if not thread_local_blas:
+        monkeypatch.setattr(runtime, "_blas_set_local_threads", None)
+    parts = min(5, runtime.threads())
+    calls = []
+    runtime.in_parts(lambda i, n: calls.append((i, n)), 5)
+    assert sorted(calls) == [(i, parts) for i in range(parts)]
+
+    def last_part_fails(i, n):
+        if i == n - 1:
+            raise ValueError("part failed")
+
+    with pytest.raises(ValueError, match="part failed"):
+        runtime.in_parts(last_part_fails, 5)
