@@ -32,7 +32,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .quantized import KERNELS, MatrixKernels, _f16_at, _four_rows, _i8
+from .quantized import KERNELS, MatrixKernels, _f16_at, _four_rows, _i8, _u32_at
 from .runtime import FASTMATH
 
 
@@ -63,19 +63,13 @@ def _bits(typingctx, low, low_shift, high, high_shift, high_mask, offset):
 
 
 @njit(inline="always")
-def _u32(row, i):
-    """The little-endian uint32 at bytes i .. i + 3 of a uint8 row."""
-    return np.uint32(row[i]) | np.uint32(row[i + 1]) << 8 | np.uint32(row[i + 2]) << 16 | np.uint32(row[i + 3]) << 24
-
-
-@njit(inline="always")
 def _scales_and_mins(row, o):
     """The 6-bit sc[0..7] and m[0..7] of the Q4_K/Q5_K super-block at byte o: byte j of each returned word.
 
     Bytes 0-3 of the scale bytes (word a) hold sc[0..3] in their low six bits and bits 4-5 of sc[4..7]
     on top; bytes 4-7 (word b) the same for m; bytes 8-11 (word c) the low nibbles of sc[4..7] and m[4..7].
     """
-    a, b, c = _u32(row, o + 4), _u32(row, o + 8), _u32(row, o + 12)
+    a, b, c = _u32_at(row, o + 4), _u32_at(row, o + 8), _u32_at(row, o + 12)
     sc = (a & 0x3F3F3F3F) | ((c & 0x0F0F0F0F) | (a >> 2 & 0x30303030)) << 32
     m = (b & 0x3F3F3F3F) | ((c >> 4 & 0x0F0F0F0F) | (b >> 2 & 0x30303030)) << 32
     return sc, m
