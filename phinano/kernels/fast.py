@@ -190,16 +190,16 @@ def linear(x: np.ndarray, w: np.ndarray | QuantizedTensor, b: np.ndarray | None 
     K = x.shape[-1]
     if w.ndim != 2 or w.shape[1] != K:
         raise ValueError(f"linear: x has {K} features but w has shape {w.shape}")
-    x2 = activation(x.reshape(-1, K))
+    x2 = activation(x.reshape(-1, K))  # (T, K)
     T, N = x2.shape[0], w.shape[0]
-    rows, kernels = _reader(w)
+    rows, kernels = _reader(w)  # rows (N, ...) as stored
     if T >= kernels.blas_min_tokens:
-        y = _matmul_blas(x2, rows, kernels.widen_rows)
+        y = _matmul_blas(x2, rows, kernels.widen_rows)  # (T, N)
     else:
         y = np.empty((T, N), np.float32)
         run(kernels.matmul, T * N * K, x2, rows, y)
     if b is not None:
-        y += widen(b)
+        y += widen(b)  # (N,) broadcast over the T rows
     return y.reshape(lead + (N,))
 
 
