@@ -8,10 +8,11 @@ Decode: y = x @ w.T with w a 1 GiB bfloat16 matrix (32768 x 16384, uint16 bits) 
 `fast.linear`, against NumPy's float32 BLAS matrix-vector product on a 1 GiB float32 matrix (16384 x 16384)
 timed in the same run: that product streams memory at the machine's read rate, so the ratio says how
 close the kernel gets to the bandwidth limit. GB/s counts weight bytes read once per call.
-Then bf16 against the quantized types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; `--types` picks some) on Phi-3-mini's
-down_proj shape (3072 x 8192), on 1 thread and on all: a set of such matrices of about 1 GiB is multiplied
-in turn, as a model's layers are, so the weights come from memory and not from the CPU's caches. GB/s
-counts the bytes as stored (Q8_0: 34 per 32 weights, Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24).
+Then bf16 against the quantized types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; `--types` picks some)
+on Phi-3-mini's down_proj shape (3072 x 8192), on 1 thread and on all: a set of such matrices of about 1 GiB
+is multiplied in turn, as a model's layers are, so the weights come from memory and not from the CPU's
+caches. GB/s counts the bytes as stored (per 32 weights Q8_0: 34, Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24;
+per 256 weights Q4_K: 144, Q5_K: 176, Q6_K: 210).
 Last, each format's compute ceiling per core, which other processes on the cores barely change.
 Median (and best) of --repeats runs after one warm-up. The machine is shared: run it when it is quiet.
 """

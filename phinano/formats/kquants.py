@@ -48,14 +48,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .quantized import LAYOUTS, Layout
+from .quantized import LAYOUTS, Layout, _f16
 
 SUPER_BLOCK = 256  # weights per K-quant block
-
-
-def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
-    """The float16 at bytes at, at + 1 of each block, as float32 (exact): (n, bytes) uint8 -> (n, 1)."""
-    return blocks[:, at : at + 2].view(np.float16).astype(np.float32)
 
 
 def _scales_and_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

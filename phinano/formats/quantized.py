@@ -5,7 +5,8 @@ consecutive weights of a row into a fixed number of bytes. The model never looks
 tensor to `linear` or `embed` like any weight array, and the kernels know how to multiply it.
 
 One entry per type in `LAYOUTS` says how big a block is and how to turn blocks back into floats. Adding
-a type is adding its `Layout` here and its compiled kernels in phinano/kernels/quantized.py.
+a type is adding its `Layout` to `LAYOUTS` and its compiled kernels to `phinano.kernels.quantized.KERNELS`
+(the K-quants do it from modules of their own: formats/kquants.py and kernels/kquants.py).
 
 Q8_0 (GGML's 8-bit type), exactly as llama.cpp writes it in GGUF files: a block of 32 weights is 34 bytes,
 

@@ -190,16 +190,16 @@ def linear(x: np.ndarray, w: np.ndarray | QuantizedTensor, b: np.ndarray | None 
     K = x.shape[-1]
     if w.ndim != 2 or w.shape[1] != K:
         raise ValueError(f"linear: x has {K} features but w has shape {w.shape}")
-    x2 = activation(x.reshape(-1, K))
+    x2 = activation(x.reshape(-1, K))  # (T, K)
     T, N = x2.shape[0], w.shape[0]
-    rows, kernels = _reader(w)
+    rows, kernels = _reader(w)  # rows (N, ...) as stored
     if T >= kernels.blas_min_tokens:
-        y = _matmul_blas(x2, rows, kernels.widen_rows)
+        y = _matmul_blas(x2, rows, kernels.widen_rows)  # (T, N)
     else:
         y = np.empty((T, N), np.float32)
         run(kernels.matmul, T * N * K, x2, rows, y)
     if b is not None:
-        y += widen(b)
+        y += widen(b)  # (N,) broadcast over the T rows
     return y.reshape(lead + (N,))
 
 
@@ -247,7 +247,8 @@ def embed(table: np.ndarray | QuantizedTensor, ids: np.ndarray) -> np.ndarray:
     V, D = table.shape
     flat = ids.reshape(-1).astype(np.int64)
     if flat.size and (flat.min() < -V or flat.max() >= V):
-        raise IndexError(f"token id out of range for an embedding table of {V} rows")
+        bad = flat[(flat < -V) | (flat >= V)][0]
+        raise IndexError(f"token id {bad} is out of range for an embedding table of {V} rows")
     rows, kernels = _reader(table)
     out = np.empty((flat.shape[0], D), np.float32)
     kernels.widen_rows(rows[flat], out)  # (T, D): NumPy gathers the T stored rows, one compiled pass widens them

@@ -32,7 +32,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .quantized import KERNELS, MatrixKernels, _f16_at, _i8
+from .quantized import KERNELS, MatrixKernels, _f16_at, _four_rows, _i8, _u32_at
 from .runtime import FASTMATH
 
 
@@ -63,19 +63,13 @@ def _bits(typingctx, low, low_shift, high, high_shift, high_mask, offset):
 
 
 @njit(inline="always")
-def _u32(row, i):
-    """The little-endian uint32 at bytes i .. i + 3 of a uint8 row."""
-    return np.uint32(row[i]) | np.uint32(row[i + 1]) << 8 | np.uint32(row[i + 2]) << 16 | np.uint32(row[i + 3]) << 24
-
-
-@njit(inline="always")
 def _scales_and_mins(row, o):
     """The 6-bit sc[0..7] and m[0..7] of the Q4_K/Q5_K super-block at byte o: byte j of each returned word.
 
     Bytes 0-3 of the scale bytes (word a) hold sc[0..3] in their low six bits and bits 4-5 of sc[4..7]
     on top; bytes 4-7 (word b) the same for m; bytes 8-11 (word c) the low nibbles of sc[4..7] and m[4..7].
     """
-    a, b, c = _u32(row, o + 4), _u32(row, o + 8), _u32(row, o + 12)
+    a, b, c = _u32_at(row, o + 4), _u32_at(row, o + 8), _u32_at(row, o + 12)
     sc = (a & 0x3F3F3F3F) | ((c & 0x0F0F0F0F) | (a >> 2 & 0x30303030)) << 32
     m = (b & 0x3F3F3F3F) | ((c >> 4 & 0x0F0F0F0F) | (b >> 2 & 0x30303030)) << 32
     return sc, m
@@ -128,7 +122,7 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
         """y[t, r] = sum over super-blocks of d * sum_j sc[j] * (x . q over sub-block j)
                                            - dmin * sum_j m[j] * (sum of x over sub-block j).
 
-        One work item = four rows r0..r3 (the last item repeats row N - 1 where N is not a multiple of 4).
+        One work item = four rows r0..r3 (`_four_rows`, as in the Q8_0 and legacy kernels).
         Per token, super-block and pair of sub-blocks (2g, 2g + 1: the low and high nibbles of the same
         32 bytes), eight partial sums of x * q, four rows by two sub-blocks; the i loop vectorises.
         """
@@ -136,8 +130,7 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
         N = data.shape[0]
         xsums = _sums_of_32(x)  # (T, K // 32), shared by all rows
         for item in prange((N + 3) // 4):
-            r0 = 4 * item
-            r1, r2, r3 = min(r0 + 1, N - 1), min(r0 + 2, N - 1), min(r0 + 3, N - 1)
+            r0, r1, r2, r3 = _four_rows(data, item)
             w0, w1, w2, w3 = data[r0], data[r1], data[r2], data[r3]
             for t in range(T):
                 a0 = a1 = a2 = a3 = np.float32(0.0)

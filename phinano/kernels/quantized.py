@@ -7,7 +7,8 @@
 - `widen_rows(data, out)`: packed rows -> float32 rows, serial and without the GIL, for the float32
   tiles that BLAS multiplies in long prefills (several run at once, one per thread) and for `embed`.
 
-Adding a type is adding its two kernels here and one line to `KERNELS` (and its layout in formats).
+Adding a type is adding its two kernels and one entry to `KERNELS`, here or in a module of its own as
+kquants.py does (and its layout in formats).
 Activations stay float32 throughout (no int8 rounding of x, unlike llama.cpp's own dot products).
 """
 
