@@ -72,6 +72,13 @@ def check_flags(args: argparse.Namespace) -> None:
             raise FlagError(f"--threads must be between 1 and {cores} (the cores available), got {args.threads}")
     if getattr(args, "quantize", None) is not None and args.quantize not in QUANT_TYPES:
         raise FlagError(f"--quantize must be one of {', '.join(QUANT_TYPES)}, got {args.quantize!r}")
+    if hasattr(args, "port"):  # serve
+        if not 0 <= args.port <= 65535:
+            raise FlagError(f"--port must be between 0 and 65535 (0: any free port), got {args.port}")
+        if args.max_queue < 1:
+            raise FlagError(f"--max-queue must be at least 1, got {args.max_queue}")
+        if args.max_request_bytes < 1:
+            raise FlagError(f"--max-request-bytes must be at least 1, got {args.max_request_bytes}")
     if getattr(args, "out", None) is not None and args.out.suffix != ".gguf":
         raise FlagError(f"--out must name a .gguf file, got {str(args.out)!r}")
     if hasattr(args, "temperature"):  # generate and chat: the sampling flags, by phinano.sampling's rules
