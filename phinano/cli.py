@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--name", default=None, help="model name clients send (default: the folder's name or --model)")
+    s.add_argument("--name", default=None, help="model name clients send (default: the folder's or GGUF file's "
+                                                "name, NAME for ollama:NAME, else --model)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get a 503")
     s.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get a 413")
     s.set_defaults(func=cmd_serve)

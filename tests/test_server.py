@@ -532,6 +532,17 @@ def test_serving_is_announced_with_the_bound_port(server):
     assert f"phinano: serving {NAME} on http://127.0.0.1:{server.port} " in server.log.read_text()
 
 
+def test_served_name_is_what_clients_would_call_the_model(tmp_path):
+    from phinano.serve import served_name
+
+    (tmp_path / "my-phi3").mkdir()
+    (tmp_path / "phi3-mini-q4_0.gguf").touch()
+    assert served_name(str(tmp_path / "my-phi3")) == "my-phi3"
+    assert served_name(str(tmp_path / "phi3-mini-q4_0.gguf")) == "phi3-mini-q4_0"
+    assert served_name("ollama:phi3.5") == "phi3.5" and served_name("ollama:phi3:3.8b") == "phi3:3.8b"
+    assert served_name("microsoft/Phi-3-mini-4k-instruct") == "microsoft/Phi-3-mini-4k-instruct"
+
+
 def test_serve_on_a_port_in_use_says_so_in_one_line(model_dir, capsys):
     from phinano.cli import main
 
