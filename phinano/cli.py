@@ -1,4 +1,5 @@
-"""The `phinano` command: generate and info (chat and serve live in their own modules, chat.py and server.py).
+"""The `phinano` command: generate, info, chat, serve and quantize. Each subcommand is a `cmd_*` function here;
+the chat loop lives in chat.py, the server in serve/, GGUF writing in quantize.py.
 
     phinano generate "def fibonacci(n):"                       # the shipped nano model
     phinano generate --model microsoft/Phi-3-mini-4k-instruct --chat "Why is the sky blue?"
@@ -21,11 +22,6 @@ from . import DEFAULT_MODEL, PhinanoError
 from .generate import speed_line
 from .quantize import TYPES as QUANT_TYPES
 from .sampling import SAMPLING_KEYS, OptionError, resolve_options
-
-# The flag behind each generation option, for error messages.
-FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
-         "top_p": "--top-p", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
-
 
 class FlagError(PhinanoError):
     """A flag's value is out of range: exit status 2, like argparse's own errors."""
@@ -76,27 +72,31 @@ def check_flags(args: argparse.Namespace) -> None:
             raise FlagError(f"--threads must be between 1 and {cores} (the cores available), got {args.threads}")
     if getattr(args, "quantize", None) is not None and args.quantize not in QUANT_TYPES:
         raise FlagError(f"--quantize must be one of {', '.join(QUANT_TYPES)}, got {args.quantize!r}")
+    if hasattr(args, "port"):  # serve
+        if not 0 <= args.port <= 65535:
+            raise FlagError(f"--port must be between 0 and 65535 (0: any free port), got {args.port}")
+        if args.max_queue < 1:
+            raise FlagError(f"--max-queue must be at least 1, got {args.max_queue}")
+        if args.max_request_bytes < 1:
+            raise FlagError(f"--max-request-bytes must be at least 1, got {args.max_request_bytes}")
     if getattr(args, "out", None) is not None and args.out.suffix != ".gguf":
         raise FlagError(f"--out must name a .gguf file, got {str(args.out)!r}")
-    if hasattr(args, "temperature"):
-        sampling_options(args)
+    if hasattr(args, "temperature"):  # generate and chat: the sampling flags, by phinano.sampling's rules
+        try:
+            resolve_options({key: getattr(args, key) for key in (*SAMPLING_KEYS, "max_new_tokens")})
+        except OptionError as e:  # "top_p must be in (0, 1] ..." -> "--top-p must be in (0, 1] ..."
+            raise FlagError(str(e).replace(e.param, "--" + e.param.replace("_", "-"), 1)) from None
 
 
 def sampling_options(args: argparse.Namespace, model=None) -> dict:
-    """generate_tokens' sampling keyword arguments from the flags, checked by phinano.sampling's rules (the
-    server's too), with the model's generation_config.json defaults filling in what was not given
-    (Transformers' behaviour: released Phi models are greedy, the nano models sample)."""
+    """generate_tokens' sampling keyword arguments: the flags (main() has checked them), with the model's
+    generation_config.json defaults filling in what was not given (Transformers' behaviour: released Phi
+    models are greedy, the nano models sample)."""
     given = {key: getattr(args, key) for key in SAMPLING_KEYS}
-    try:  # the flags alone (max_new_tokens included, which the caller passes on separately)
-        resolve_options({**given, "max_new_tokens": args.max_new_tokens})
-    except OptionError as e:
-        flag, message = FLAGS[e.param], str(e)
-        named = flag + message[len(e.param):] if message.startswith(e.param) else f"{flag}: {message}"
-        raise FlagError(named) from None
     try:
         return resolve_options(given, getattr(model, "sampling_defaults", None))
-    except OptionError as e:  # the flags passed, so the model's own defaults are at fault
-        raise PhinanoError(f"{getattr(args, 'model', 'the model')}: generation_config.json: {e}") from None
+    except OptionError as e:  # the flags passed check_flags, so the model's own defaults are at fault
+        raise PhinanoError(f"{args.model}: generation_config.json: {e}") from None
 
 
 def load_model(args: argparse.Namespace):
@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--name", default=None, help="model name clients send (default: the folder's name or --model)")
+    s.add_argument("--name", default=None, help="model name clients send (default: the folder's or GGUF file's "
+                                                "name, NAME for ollama:NAME, else --model)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get a 503")
     s.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get a 413")
     s.set_defaults(func=cmd_serve)

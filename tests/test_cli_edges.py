@@ -59,7 +59,14 @@ def refused(argv, capsys) -> str:
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_bad_flags_are_refused_before_loading(no_loading, capsys, command, flags, flag):
     argv = [command, *flags] + (["hello"] if command == "generate" else [])
-    assert flag in refused(argv, capsys)
+    assert refused(argv, capsys).startswith(f"phinano: error: {flag} must be ")
+
+
+@pytest.mark.parametrize("flags", [["--port", "70000"], ["--port", "-1"], ["--max-queue", "0"],
+                                   ["--max-request-bytes", "0"], ["--max-request-bytes", "-5"]])
+def test_bad_serve_flags_are_refused_before_loading(no_loading, capsys, flags):
+    """Unchecked, --max-queue 0 would answer every request 503 and --max-request-bytes 0 fall back to 4 MiB."""
+    assert refused(["serve", *flags], capsys).startswith(f"phinano: error: {flags[0]} must be ")
 
 
 def test_threads_up_to_the_cores_available(no_loading, capsys):

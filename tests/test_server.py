@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -531,6 +532,17 @@ def test_serving_is_announced_with_the_bound_port(server):
     assert f"phinano: serving {NAME} on http://127.0.0.1:{server.port} " in server.log.read_text()
 
 
+def test_served_name_is_what_clients_would_call_the_model(tmp_path):
+    from phinano.serve import served_name
+
+    (tmp_path / "my-phi3").mkdir()
+    (tmp_path / "phi3-mini-q4_0.gguf").touch()
+    assert served_name(str(tmp_path / "my-phi3")) == "my-phi3"
+    assert served_name(str(tmp_path / "phi3-mini-q4_0.gguf")) == "phi3-mini-q4_0"
+    assert served_name("ollama:phi3.5") == "phi3.5" and served_name("ollama:phi3:3.8b") == "phi3:3.8b"
+    assert served_name("microsoft/Phi-3-mini-4k-instruct") == "microsoft/Phi-3-mini-4k-instruct"
+
+
 def test_serve_on_a_port_in_use_says_so_in_one_line(model_dir, capsys):
     from phinano.cli import main
 
@@ -542,72 +554,63 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(model_dir, capsys):
     assert f"port {port}" in captured.err and "in use" in captured.err and "serving" not in captured.err
 
 
-def test_a_full_queue_is_a_503_in_each_apis_shape(model):
+@contextmanager
+def in_process(model, **engine_args):
+    """A TestClient on the app over an Engine of its own, in this process (no port); its worker stops after."""
     from fastapi.testclient import TestClient
 
     from phinano.serve.app import create_app
     from phinano.serve.engine import Engine
 
-    engine = Engine(model, NAME, max_queue=0)  # every request finds the queue full
+    engine = Engine(model, NAME, **engine_args)
     try:
         with TestClient(create_app(engine)) as client:
-            r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2})
-            assert r.status_code == 503
-            assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["code"] == "server_busy"
-            r = client.post("/api/chat", json={"model": NAME, "messages": USER})
-            assert r.status_code == 503 and "busy" in r.json()["error"]
+            yield client
     finally:
         engine.close()
+
+
+def broken_stream_text(*args, **kwargs):
+    """In place of the engine's stream_text: a generation that fails at once, as a bug would."""
+    raise RuntimeError("a bug")
+    yield  # a generator, like stream_text
+
+
+def test_a_full_queue_is_a_503_in_each_apis_shape(model):
+    with in_process(model, max_queue=0) as client:  # every request finds the queue full
+        r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503
+        assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["code"] == "server_busy"
+        r = client.post("/api/chat", json={"model": NAME, "messages": USER})
+        assert r.status_code == 503 and "busy" in r.json()["error"]
 
 
 def test_a_failed_generation_is_a_500_and_the_next_request_is_served(model, monkeypatch):
-    from fastapi.testclient import TestClient
-
     from phinano.serve import engine as engine_module
-    from phinano.serve.app import create_app
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("a bug")
-        yield  # a generator, like stream_text
-
-    engine = engine_module.Engine(model, NAME)
-    try:
-        with TestClient(create_app(engine)) as client:
-            with monkeypatch.context() as patch:
-                patch.setattr(engine_module, "stream_text", broken)
-                r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2})
-                assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
-                assert "RuntimeError: a bug" in r.json()["error"]["message"]
-                r = client.post("/api/generate", json={"model": NAME, "prompt": "hi", "options": {"num_predict": 2}})
-                assert r.status_code == 200  # streaming had begun: the error is the last line
-                assert "RuntimeError: a bug" in json.loads(r.text.splitlines()[-1])["error"]
+    with in_process(model) as client:
+        with monkeypatch.context() as patch:
+            patch.setattr(engine_module, "stream_text", broken_stream_text)
             r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2})
-            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-    finally:
-        engine.close()
+            assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+            assert "RuntimeError: a bug" in r.json()["error"]["message"]
+            r = client.post("/api/generate", json={"model": NAME, "prompt": "hi", "options": {"num_predict": 2}})
+            assert r.status_code == 200  # streaming had begun: the error is the last line
+            assert "RuntimeError: a bug" in json.loads(r.text.splitlines()[-1])["error"]
+        r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_a_failed_streamed_generation_ends_in_an_error_event(model, monkeypatch):
-    from fastapi.testclient import TestClient
-
     from phinano.serve import engine as engine_module
-    from phinano.serve.app import create_app
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("a bug")
-        yield  # a generator, like stream_text
-
-    monkeypatch.setattr(engine_module, "stream_text", broken)
-    engine = engine_module.Engine(model, NAME)
-    try:
-        with TestClient(create_app(engine)) as client:
-            r = client.post("/v1/chat/completions", json={"model": NAME, "messages": USER, "stream": True})
-            assert r.status_code == 200  # streaming had begun: the error is the last event
-            *_, error, done = _sse_events(r.content)
-            assert done == "[DONE]" and error["error"]["type"] == "server_error"
-            assert "RuntimeError: a bug" in error["error"]["message"]
-    finally:
-        engine.close()
+    monkeypatch.setattr(engine_module, "stream_text", broken_stream_text)
+    with in_process(model) as client:
+        r = client.post("/v1/chat/completions", json={"model": NAME, "messages": USER, "stream": True})
+        assert r.status_code == 200  # streaming had begun: the error is the last event
+        *_, error, done = _sse_events(r.content)
+        assert done == "[DONE]" and error["error"]["type"] == "server_error"
+        assert "RuntimeError: a bug" in error["error"]["message"]
 
 
 # ------------------------------------------------------------------ clients that hang up, and many clients

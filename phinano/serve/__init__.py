@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import PhinanoError
+from ..formats.ollama import PREFIX as OLLAMA_PREFIX
 
 
 def check_extra() -> None:
@@ -22,9 +23,14 @@ def check_extra() -> None:
 
 
 def served_name(model: str) -> str:
-    """The name clients use for the model: a local folder's name, else what was given (repo id, nano name)."""
+    """The name clients use for the model: a local folder's name, a GGUF file's name without `.gguf`, Ollama's
+    own name for `ollama:NAME[:TAG]`, else what was given (Hub repo id, nano model name)."""
     path = Path(model)
-    return path.resolve().name if path.is_dir() else model
+    if path.is_dir():
+        return path.resolve().name
+    if path.is_file():
+        return path.stem
+    return model.removeprefix(OLLAMA_PREFIX)
 
 
 def bind(host: str, port: int) -> socket.socket:
