@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="write a safetensors checkpoint as a GGUF file of int8/int4 blocks")
     q.add_argument("--model", "-m", required=True, help="local folder, nano model name or Hub repo id (safetensors)")
     q.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    q.add_argument("--type", required=True, choices=sorted(QUANT_TYPES), help="block type of the matrices (the _m mixes follow llama.cpp: some tensors get more bits)")
+    q.add_argument("--type", required=True, choices=sorted(QUANT_TYPES),
+                   help="block type of the matrices (the _m mixes follow llama.cpp: some tensors get more bits)")
     q.add_argument("--out", required=True, type=Path, help="the .gguf file to write (written whole or not at all)")
     q.set_defaults(func=cmd_quantize)
     return parser

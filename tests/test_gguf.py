@@ -423,7 +423,8 @@ def test_model_names_that_cannot_be_loaded(tiny, tmp_path, monkeypatch):
     for name, words in [("", "model name is empty"),
                         ("ollama:a/b/c/d", "not a model name"),
                         ("ollama:phi3", "no models are there"),
-                        (str(not_gguf), "not a GGUF file")]:
+                        (str(not_gguf), "not a GGUF file"),
+                        (str(tmp_path / "absent.gguf"), "no such GGUF file")]:
         with pytest.raises(PhinanoError) as e:
             phinano.load(name, tokenizer=False)
         assert words in str(e.value) and "\n" not in str(e.value), (name, str(e.value))

@@ -52,6 +52,8 @@ def resolve(path_or_repo_id: str | Path, revision: str | None = None, cache_dir:
     if nano is not None:
         return nano
     repo_id = str(path_or_repo_id)
+    if repo_id.lower().endswith(".gguf"):
+        raise PhinanoError(f"{repo_id}: no such GGUF file")
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
         raise PhinanoError(f"{repo_id}: no such folder, and not a Hugging Face repo id (owner/name)")
     try:
