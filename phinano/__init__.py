@@ -78,7 +78,7 @@ def _open_gguf(path: Path, tokenizer: bool):
 
     gguf = read_gguf(path)
     config = config_from_gguf(gguf)
-    weights = arrange(hf_tensors(gguf), config, str(path))
+    weights = arrange(hf_tensors(gguf), config, str(path), file_format="gguf")
     tok, stop_ids = None, config.eos_token_id
     if tokenizer and "tokenizer.ggml.tokens" in gguf.metadata:
         from .formats.gguf_vocab import tokenizer_parts

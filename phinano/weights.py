@@ -28,6 +28,7 @@ class Weights:
     lm_head_bias: np.ndarray | None  # (V,)  PhiMoE only
     dtype: str  # storage of the matrices: "bfloat16", "float16", "float32" (or a quantized type name)
     nbytes: int  # bytes of every distinct tensor (a tied head is counted once)
+    file_format: str = "safetensors"  # or "gguf": where the tensors were read from
 
 
 def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -78,7 +79,7 @@ def _dtype_name(array) -> str:
     return names.get(array.dtype, str(array.dtype))
 
 
-def arrange(tensors: dict, cfg: Config, where: str = "checkpoint") -> Weights:
+def arrange(tensors: dict, cfg: Config, where: str = "checkpoint", file_format: str = "safetensors") -> Weights:
     """Check the named tensors against `cfg` and arrange them by layer (views, no copies)."""
     check_tensors(tensors, cfg, where)
     blocks = block_module(cfg)
@@ -93,6 +94,7 @@ def arrange(tensors: dict, cfg: Config, where: str = "checkpoint") -> Weights:
         lm_head_bias=tensors.get("lm_head.bias"),
         dtype=_dtype_name(embed),
         nbytes=sum(int(tensors[name].nbytes) for name in want),
+        file_format=file_format,
     )
 
 

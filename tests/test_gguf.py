@@ -449,3 +449,15 @@ def test_load_quantize_refuses_a_broken_checkpoint_before_rounding(tiny, tmp_pat
     with pytest.raises(PhinanoError, match="does not match config.json"):
         phinano.load(broken, quantize="q8_0", tokenizer=False)
     assert rounded == []
+
+
+def test_ollama_tags_describe_a_gguf_model(tiny):
+    """/api/tags says what the served file is: format gguf and its block type, as Ollama reports its own."""
+    import types
+
+    from phinano.serve.ollama_api import tags
+
+    path, _ = tiny("mini-4k", "Q8_0")
+    model = phinano.load(path, tokenizer=False)
+    details = tags(types.SimpleNamespace(model=model, name="tiny", created=0))["models"][0]["details"]
+    assert details["format"] == "gguf" and details["quantization_level"] == "Q8_0"

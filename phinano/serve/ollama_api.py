@@ -146,7 +146,7 @@ def tags(engine: Engine) -> dict:
     total, _ = model.parameter_counts()
     size = next((f"{total / scale:.1f}{unit}" for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3))
                  if total >= scale), str(total))
-    details = {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
+    details = {"parent_model": "", "format": model.weights.file_format, "family": family, "families": [family],
                "parameter_size": size, "quantization_level": DTYPE_NAMES.get(dtype, dtype)}
     return {"models": [{"name": name, "model": name, "modified_at": _rfc3339(engine.created),
                         "size": int(model.weights.nbytes), "digest": hashlib.sha256(engine.name.encode()).hexdigest(),
