@@ -130,3 +130,20 @@ def test_a_head_dim_taken_from_hidden_over_heads_is_refused_by_the_shapes(slim):
         from phinano.formats import read_tensors
 
         check_tensors(read_tensors(folder), config_from_dict(raw), str(folder))
+
+
+def test_gguf_keeps_the_head_dim(slim, tmp_path):
+    """Written as GGUF (attention.key_length / value_length, as llama.cpp names them) and read back: the same
+    config and, with F32 matrices, the same logits."""
+    from phinano.formats import read_tensors
+    from phinano.formats.gguf_write import write_gguf
+
+    folder, _ = slim
+    tensors = {name: np.asarray(t, dtype=np.float32) if t.dtype != np.uint16 else
+               (np.asarray(t).astype(np.uint32) << 16).view(np.float32) for name, t in read_tensors(folder).items()}
+    out = write_gguf(tmp_path / "slim.gguf", load_config(folder), tensors, lambda name, values: "F32")
+    model = phinano.load(out, backend="numpy")
+    assert (model.config.head_dim, model.config.q_size, model.config.sliding_window) == (32, 128, 24)
+    ids = clear_prompt(model, 40)
+    ref = phinano.load(folder, backend="numpy").forward(ids)
+    assert np.abs(model.forward(ids) - ref).max() <= LOGIT_RTOL * np.abs(ref).max()
