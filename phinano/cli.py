@@ -159,6 +159,8 @@ def human_size(nbytes: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .families import family
+
     model = load_model(args)
     cfg, w = model.config, model.weights
     total, active = model.parameter_counts()
@@ -168,6 +170,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     lines = [
         ("model", model.name),
         ("architecture", cfg.architecture),
+        *([("shaped like", family(cfg))] if family(cfg) else []),
         ("parameters", f"{total:,}" + (f" total, {active:,} active per token" if active != total else "")),
         ("layers", f"{cfg.num_hidden_layers} x (hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}, "
                    f"kv heads {cfg.num_key_value_heads}, head dim {cfg.head_dim}, mlp {cfg.intermediate_size})"),

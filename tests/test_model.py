@@ -109,7 +109,7 @@ def test_architecture_picks_the_block_module(checkpoint_dir):
 # ------------------------------------------------------------------ the floors
 FLOORS = [  # lowest first; a module may import its own floor and those below it, never one above
     {"errors"},
-    {"config", "sampling", "nano"},
+    {"config", "sampling", "nano", "families"},
     {"formats"},
     {"kernels"},
     {"rope", "cache", "blocks"},

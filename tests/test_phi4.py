@@ -234,3 +234,34 @@ def test_info_names_the_family(reasoning_model_dir, capsys):
     assert cli_main(["info", "--model", str(reasoning_model_dir), "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
     assert "sliding window" not in out and "theta 500000" in out
+
+
+# ------------------------------------------------------------------ which release a config is shaped like
+_PHI3_MINI = {"architectures": ["Phi3ForCausalLM"], "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+              "max_position_embeddings": 4096, "sliding_window": 2047}
+_LONGROPE_96 = {"max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+                "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48}}
+_PHI3_MEDIUM = {**_PHI3_MINI, "hidden_size": 5120, "intermediate_size": 17920, "num_hidden_layers": 40,
+                "num_attention_heads": 40, "num_key_value_heads": 10}
+_PHI35_MOE = {"architectures": ["PhiMoEForCausalLM"], "vocab_size": 32064, "hidden_size": 4096,
+              "intermediate_size": 6400, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "num_local_experts": 16, "max_position_embeddings": 4096}
+
+
+@pytest.mark.parametrize("raw,name", [
+    (_PHI3_MINI, "Phi-3-mini-4k-instruct"),
+    ({**_PHI3_MINI, **_LONGROPE_96}, "Phi-3-mini-128k-instruct or Phi-3.5-mini-instruct"),
+    (_PHI3_MEDIUM, "Phi-3-medium-4k-instruct"),
+    (PHI4_MINI_REASONING_CONFIG, "Phi-4-mini-instruct or Phi-4-mini-reasoning"),
+    (PHI4_CONFIG, "Phi-4"),
+    (PHI4_REASONING_CONFIG, "Phi-4-reasoning or Phi-4-reasoning-plus"),
+    (_PHI35_MOE, "Phi-3.5-MoE-instruct"),
+    ({**_PHI35_MOE, "intermediate_size": 448, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128},
+     "Phi-tiny-MoE-instruct"),
+    ({**PHI4_CONFIG, "vocab_size": 320}, None),  # no release has this shape
+])
+def test_family_names_the_release_a_config_is_shaped_like(raw, name):
+    from phinano.families import family
+
+    assert family(config_from_dict(raw)) == name
