@@ -15,9 +15,10 @@ The rule, the same for every model and every door:
 - Whitespace at the start and end of the reasoning and at the start of the reply is dropped (the models write
   newlines around their tags). An empty reasoning (`<think></think>`) counts as none.
 
-The markers are matched in the decoded text, so they may arrive in pieces: Phi-4-reasoning has `<think>` and
-`</think>` as single added tokens, Phi-4-mini-reasoning writes them as several ordinary tokens. `ReasoningSplit`
-takes text pieces as they stream and holds back only what could still be the start of a marker.
+The markers are matched in the decoded text (the released tokenizers have them as added tokens that are not
+special, so decoding keeps them), and they may arrive in pieces: a marker can be one token or several, and a
+stream's text pieces are cut anywhere. `ReasoningSplit` takes the pieces as they stream and holds back only
+what could still be the start of a marker.
 """
 
 from __future__ import annotations
