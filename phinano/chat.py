@@ -99,6 +99,13 @@ class Chat:
                 self.turns.pop()
 
 
+def framed(pieces: Iterator[str]) -> Iterator[str]:
+    """Generated text pieces as the terminal shows them: a reasoning section framed by "Thinking..." and
+    "...done thinking." (`phinano generate --chat` uses it too)."""
+    for text, _ in _shown(pieces):
+        yield text
+
+
 def _shown(pieces: Iterator[str]) -> Iterator[tuple[str, bool]]:
     """Generated text as the terminal shows it: (text, whether it is reply text). A reasoning section is framed
     by THINKING and DONE_THINKING (NO_REPLY when the generation ends before the reply)."""

@@ -142,7 +142,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print()  # end the echoed prompt's line
         print_expert_trace(model, ids, args.max_new_tokens, sampling, args.stop, stats)
     else:
-        for piece in stream_text(model, ids, args.max_new_tokens, stop_strings=args.stop, stats=stats, **sampling):
+        pieces = stream_text(model, ids, args.max_new_tokens, stop_strings=args.stop, stats=stats, **sampling)
+        if args.chat:  # a reasoning model's <think> section, framed as in `phinano chat`
+            from .chat import framed
+
+            pieces = framed(pieces)
+        for piece in pieces:
             print(piece, end="", flush=True)
         print()
     if args.verbose:

@@ -230,7 +230,7 @@ def test_stop_tokens_come_from_generation_config(reasoning_model_dir):
     assert len(new) == 16 or new[-1] in model.stop_token_ids
 
 
-def test_info_names_the_family(reasoning_model_dir, capsys):
+def test_info_shows_no_window_and_the_reasoning_theta(reasoning_model_dir, capsys):
     assert cli_main(["info", "--model", str(reasoning_model_dir), "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
     assert "sliding window" not in out and "theta 500000" in out

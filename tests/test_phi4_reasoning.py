@@ -128,6 +128,16 @@ def test_chat_of_a_model_that_does_not_think_is_unchanged(model, monkeypatch):
     assert "".join(chat.answer("hi")) == " Hello there <think>"
 
 
+def test_generate_chat_frames_the_thinking_too(model, monkeypatch, capsys):
+    from phinano import cli
+    from phinano import generate as generate_module
+
+    monkeypatch.setattr(generate_module, "stream_text", scripted(THOUGHT))
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    assert cli.main(["generate", "--chat", "what is 2 + 2?", "-n", "8"]) == 0
+    assert capsys.readouterr().out == "Thinking...\nThe user asks 2 + 2. That is 4.\n...done thinking.\n\n2 + 2 = 4.\n"
+
+
 # ------------------------------------------------------------------ the server, both APIs
 @pytest.fixture
 def serve(model, monkeypatch):
