@@ -133,6 +133,22 @@ def test_logits_and_64_greedy_tokens_match_transformers(phi4_dir, name):
         assert phinano.load(folder, backend=backend).generate(ids, 64, stop_token_ids=[]) == expected, backend
 
 
+def test_phi4_mini_reasoning_layout_tied_and_sharded(tmp_path):
+    """Phi-4-mini-reasoning's layout: Phi-4-mini's network in shards with an index, no lm_head (tied), plus
+    inv_freq buffers; logits as Transformers'."""
+    from tiny_models import add_inv_freq, make_phi3
+
+    folder = make_phi3(tmp_path, "4-mini", "bfloat16", shard=True)
+    add_inv_freq(folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "lm_head.weight" not in index and "model.layers.1.self_attn.rotary_emb.inv_freq" in index
+    ids = prompt(70)  # past the original length 48: the long factors
+    ref = hf_logits(hf_reference(folder), ids)
+    model = phinano.load(folder, backend="numba")
+    assert model.weights.lm_head is model.weights.embed
+    assert np.abs(model.forward(ids) - ref).max() <= LOGIT_RTOL * np.abs(ref).max()
+
+
 def test_no_window_means_every_key_past_phi3s_2047(phi4_dir):
     """A 2100-token prompt: with "sliding_window": null the last queries see all 2100 keys, as in Transformers.
     Phi-3's window of 2047 (what a loader falling back to Phi-3's default would use) is far off."""

@@ -236,7 +236,8 @@ def add_inv_freq(folder: Path) -> None:
     tensors = load_file(folder / first)
     raw = json.loads((folder / "config.json").read_text())
     head_dim = raw["hidden_size"] // raw["num_attention_heads"]
-    inv_freq = 1.0 / raw["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    theta = raw.get("rope_theta") or raw["rope_parameters"]["rope_theta"]
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     for i in range(raw["num_hidden_layers"]):
         name = f"model.layers.{i}.self_attn.rotary_emb.inv_freq"
         tensors[name] = inv_freq.clone()
