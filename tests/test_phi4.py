@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -229,8 +230,6 @@ def test_reasoning_template_adds_its_system_prompt_only_without_one(tmp_path):
 # ------------------------------------------------------------------ the whole model: stop tokens, info
 @pytest.fixture(scope="module")
 def reasoning_model_dir(phi4_dir, tmp_path_factory):
-    import shutil
-
     folder = tmp_path_factory.mktemp("phi4-reasoning-full")
     shutil.copytree(phi4_dir("phi-4-reasoning"), folder, dirs_exist_ok=True)
     add_phi4_tokenizer(folder, reasoning=True)

@@ -25,7 +25,8 @@ import phinano  # noqa: E402
 from phinano import tracing  # noqa: E402
 from phinano.config import config_from_dict, load_config  # noqa: E402
 from phinano.generate import generate_tokens  # noqa: E402
-from phinano.weights import expected_shapes, parameter_counts  # noqa: E402
+from phinano.formats import read_tensors  # noqa: E402
+from phinano.weights import check_tensors, expected_shapes, parameter_counts  # noqa: E402
 from test_moe import (LOGIT_RTOL, assert_same_routing, clear_prompt, hf_forward, hf_greedy,  # noqa: E402
                       init_moe_weights, prompt)
 from tiny_models import VOCAB, save_checkpoint  # noqa: E402
@@ -129,16 +130,12 @@ def test_a_head_dim_taken_from_hidden_over_heads_is_refused_by_the_shapes(slim):
     raw = json.loads((folder / "config.json").read_text())
     raw.pop("head_dim")
     with pytest.raises(phinano.PhinanoError, match=r"q_proj.weight is \(128, 64\), expected \(64, 64\)"):
-        from phinano.weights import check_tensors
-        from phinano.formats import read_tensors
-
         check_tensors(read_tensors(folder), config_from_dict(raw), str(folder))
 
 
 def test_gguf_keeps_the_head_dim(slim, tmp_path):
     """Written as GGUF (attention.key_length / value_length, as llama.cpp names them) and read back: the same
     config and, with F32 matrices, the same logits."""
-    from phinano.formats import read_tensors
     from phinano.formats.gguf_write import write_gguf
 
     folder, _ = slim
