@@ -19,12 +19,14 @@ the tests talk to it.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from .errors import PhinanoError
 from .generate import stream_text
+from .reasoning import ReasoningSplit
 
 HELP = """commands:
   /help          this list
@@ -32,6 +34,8 @@ HELP = """commands:
   /system TEXT   set the system message (/system alone removes it)
   /exit          leave (also /bye, /quit, Ctrl-D)
 Ctrl-C stops the answer being written."""
+# Around a reasoning model's <think> section, as Ollama's terminal shows it.
+THINKING, DONE_THINKING, NO_REPLY = "Thinking...\n", "\n...done thinking.\n\n", "\n...(generation ended while thinking)"
 
 
 class Chat:
@@ -67,7 +71,10 @@ class Chat:
 
     def answer(self, text: str, stats: dict | None = None) -> Iterator[str]:
         """Add a user turn and stream the assistant's answer; the answer (or as much of it as was generated
-        before the generator was closed or interrupted) joins the history."""
+        before the generator was closed or interrupted) joins the history.
+
+        A reasoning model's `<think> ... </think>` section (phinano.reasoning) is shown between "Thinking..."
+        and "...done thinking." and kept out of the history, which holds the reply only."""
         self.turns.append({"role": "user", "content": text})
         try:
             ids = self.prompt_ids()
@@ -79,8 +86,9 @@ class Chat:
         generation = stream_text(self.model, ids, self.max_new_tokens, stop_strings=self.stop_strings, stats=stats,
                                  **self.sampling)
         try:
-            for piece in generation:
-                pieces.append(piece)
+            for piece, is_reply in _shown(generation):
+                if is_reply:
+                    pieces.append(piece)
                 yield piece
             finished = True
         finally:  # also on Ctrl-C and on close(): keep what the user saw; forget a question left unanswered
@@ -89,6 +97,33 @@ class Chat:
                 self.turns.append({"role": "assistant", "content": "".join(pieces)})
             else:
                 self.turns.pop()
+
+
+def framed(pieces: Iterator[str]) -> Iterator[str]:
+    """Generated text pieces as the terminal shows them: a reasoning section framed by "Thinking..." and
+    "...done thinking." (`phinano generate --chat` uses it too)."""
+    for text, _ in _shown(pieces):
+        yield text
+
+
+def _shown(pieces: Iterator[str]) -> Iterator[tuple[str, bool]]:
+    """Generated text as the terminal shows it: (text, whether it is reply text). A reasoning section is framed
+    by THINKING and DONE_THINKING (NO_REPLY when the generation ends before the reply)."""
+    split, phase = ReasoningSplit(), "start"  # "start", "thinking", "reply"
+    parts = itertools.chain((split.push(p) for p in pieces), (split.flush() for _ in (0,)))  # flush after the end
+    for reasoning, reply in parts:
+        if reasoning:
+            if phase == "start":
+                yield THINKING, False
+            phase = "thinking"
+            yield reasoning, False
+        if reply:
+            if phase == "thinking":
+                yield DONE_THINKING, False
+            phase = "reply"
+            yield reply, True
+    if phase == "thinking":
+        yield NO_REPLY, False
 
 
 def repl(chat: Chat, lines: TextIO, out: TextIO, err: TextIO,

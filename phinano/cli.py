@@ -142,7 +142,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print()  # end the echoed prompt's line
         print_expert_trace(model, ids, args.max_new_tokens, sampling, args.stop, stats)
     else:
-        for piece in stream_text(model, ids, args.max_new_tokens, stop_strings=args.stop, stats=stats, **sampling):
+        pieces = stream_text(model, ids, args.max_new_tokens, stop_strings=args.stop, stats=stats, **sampling)
+        if args.chat:  # a reasoning model's <think> section, framed as in `phinano chat`
+            from .chat import framed
+
+            pieces = framed(pieces)
+        for piece in pieces:
             print(piece, end="", flush=True)
         print()
     if args.verbose:
@@ -159,6 +164,8 @@ def human_size(nbytes: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .families import family
+
     model = load_model(args)
     cfg, w = model.config, model.weights
     total, active = model.parameter_counts()
@@ -168,6 +175,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     lines = [
         ("model", model.name),
         ("architecture", cfg.architecture),
+        *([("shaped like", family(cfg))] if family(cfg) else []),
         ("parameters", f"{total:,}" + (f" total, {active:,} active per token" if active != total else "")),
         ("layers", f"{cfg.num_hidden_layers} x (hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}, "
                    f"kv heads {cfg.num_key_value_heads}, head dim {cfg.head_dim}, mlp {cfg.intermediate_size})"),

@@ -109,12 +109,12 @@ def test_architecture_picks_the_block_module(checkpoint_dir):
 # ------------------------------------------------------------------ the floors
 FLOORS = [  # lowest first; a module may import its own floor and those below it, never one above
     {"errors"},
-    {"config", "sampling", "nano"},
+    {"config", "sampling", "nano", "families"},
     {"formats"},
     {"kernels"},
     {"rope", "cache", "blocks"},
     {"weights", "tokenizer"},
-    {"generate"},
+    {"generate", "reasoning"},
     {"model", "tracing", "quantize"},
     {"chat", "cli", "serve", "server", "server_app", "server_engine", "server_openai", "server_ollama", "__init__"},
 ]

@@ -179,3 +179,134 @@ def add_tiny_tokenizer(folder: Path, vocab_size: int = VOCAB) -> dict[str, int]:
     (folder / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 1, "eos_token_id": [markers["<|endoftext|>"], markers["<|end|>"]]}))
     return markers
+
+
+# ------------------------------------------------------------------ Phi-4 (14B) and Phi-4-reasoning(-plus)
+# Full Phi3Config keyword arguments. Neither release has a sliding window ("sliding_window": null) or rope
+# scaling ("rope_scaling": null); their config.json spelling is written by `to_phi4_release`.
+PHI4_SPECS: dict[str, dict] = {
+    # Phi-4: GQA 4:1 (40/10 in the release), rope_theta 250000, 16384 positions, untied head
+    "phi-4": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=128, intermediate_size=224,
+                  rope_theta=250000.0, max_position_embeddings=16384),
+    # Phi-4-reasoning and -plus: the same network with rope_theta 500000 and 32768 positions
+    "phi-4-reasoning": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=128, intermediate_size=224,
+                            rope_theta=500000.0, max_position_embeddings=32768),
+}
+
+
+def make_phi4(folder: Path, name: str, dtype: str = "bfloat16", seed: int = 0, layers: int = 2,
+              vocab: int = VOCAB) -> Path:
+    """A tiny Phi-4-shaped checkpoint in the released layout: config.json spelled as the release spells it,
+    shards `model-0000i-of-0000n.safetensors` with their index, and `rotary_emb.inv_freq` buffers beside the
+    weights (as checkpoints saved by older Transformers carry them)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    spec = PHI4_SPECS[name]
+    config = Phi3Config(vocab_size=vocab, num_hidden_layers=layers, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        rms_norm_eps=1e-5, sliding_window=None, original_max_position_embeddings=spec[
+                            "max_position_embeddings"], **spec)
+    model = Phi3ForCausalLM(config).eval()
+    init_weights(model, seed)
+    save_checkpoint(model, folder, dtype, shard=True)
+    to_phi4_release(folder)
+    add_inv_freq(folder)
+    return folder
+
+
+def to_phi4_release(folder: Path) -> None:
+    """Rewrite config.json in the released Phi-4 spelling (Transformers 4.47): rope_theta at the top level,
+    "rope_scaling": null, "sliding_window": null, torch_dtype, an empty auto_map."""
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    rope = raw.pop("rope_parameters", None) or {}
+    raw["rope_theta"] = rope.get("rope_theta", raw.get("rope_theta"))
+    raw.update(rope_scaling=None, sliding_window=None, auto_map={}, attention_bias=False, embd_pdrop=0.0,
+               resid_pdrop=0.0, torch_dtype=raw.pop("dtype", "bfloat16"), transformers_version="4.47.0")
+    path.write_text(json.dumps(raw, indent=2))
+
+
+def add_inv_freq(folder: Path) -> None:
+    """Add a `model.layers.i.self_attn.rotary_emb.inv_freq` buffer per layer to the first shard and the index."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    tensors = load_file(folder / first)
+    raw = json.loads((folder / "config.json").read_text())
+    head_dim = raw["hidden_size"] // raw["num_attention_heads"]
+    theta = raw.get("rope_theta") or raw["rope_parameters"]["rope_theta"]
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    for i in range(raw["num_hidden_layers"]):
+        name = f"model.layers.{i}.self_attn.rotary_emb.inv_freq"
+        tensors[name] = inv_freq.clone()
+        index["weight_map"][name] = first
+    save_file(tensors, folder / first, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index, indent=2))
+
+
+# ------------------------------------------------------------------ a tiny Phi-4-style (GPT-2 byte-level) tokenizer
+# The released Phi-4 tokenizer is tiktoken's cl100k vocabulary as a byte-level BPE tokenizer.json; its special
+# tokens sit at 100257 and up. These are the ones its templates use, in the release's order.
+PHI4_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|dummy_85|>"]
+PHI4_REASONING_MARKERS = ["<think>", "</think>"]  # Phi-4-reasoning: added tokens, not special (shown by decode)
+PHI4_CHAT_TEMPLATE = (  # microsoft/phi-4's tokenizer_config.json chat_template
+    "{% for message in messages %}{% if (message['role'] == 'system') %}"
+    "{{'<|im_start|>system<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% elif (message['role'] == 'assistant') %}"
+    "{{'<|im_start|>assistant<|im_sep|>' + message['content'] + '<|im_end|>'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}")
+# Phi-4-reasoning's shape: the reasoning system prompt (shortened here) written when the conversation has none.
+PHI4_REASONING_SYSTEM = ("You are Phi, a language model trained by Microsoft to help users. Please structure your "
+                         "response into two main sections: Thought and Solution using the specified format: "
+                         "<think> {Thought section} </think> {Solution section}.")
+PHI4_REASONING_TEMPLATE = (
+    "{% if messages|length == 0 or messages[0]['role'] != 'system' %}"
+    "{{'<|im_start|>system<|im_sep|>" + PHI4_REASONING_SYSTEM + "<|im_end|>'}}{% endif %}"
+    + PHI4_CHAT_TEMPLATE)
+
+
+def add_phi4_tokenizer(folder: Path, reasoning: bool = False, vocab_size: int = VOCAB) -> dict[str, int]:
+    """Write a Phi-4-shaped byte-level BPE tokenizer into `folder`; return the added tokens' ids.
+
+    As in the release: GPT-2's byte-level pre-tokenizer (with the cl100k split regex), decoder and
+    post-processor (no BOS is added: `encode` gives the text's tokens only), the 256 byte symbols then merges
+    learnt here on TINY_TEXT, the special tokens of PHI4_SPECIAL (and with `reasoning` the non-special
+    `<think>` / `</think>`), tokenizer_config.json with bos `<|endoftext|>`, eos `<|im_end|>`, pad `<|dummy_85|>`
+    and Phi-4's chat template (Phi-4-reasoning's with `reasoning`), and generation_config.json stopping on
+    `<|im_end|>` (and `<|endoftext|>`).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    added = PHI4_SPECIAL + (PHI4_REASONING_MARKERS if reasoning else [])
+    split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+             r"\s*[\r\n]+|\s+(?!\S)|\s+")  # cl100k's
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(added), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(TINY_TEXT, trainer)
+    spec = json.loads(backend.to_str())
+    base = len(spec["model"]["vocab"])
+    ids = {token: base + i for i, token in enumerate(added)}
+    spec["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": t not in PHI4_REASONING_MARKERS} for t, i in ids.items()]
+    assert max(ids.values()) < vocab_size
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=1))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False, "bos_token": "<|endoftext|>",
+        "eos_token": "<|im_end|>", "pad_token": "<|dummy_85|>", "unk_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": False, "model_max_length": 16384, "tokenizer_class": "GPT2Tokenizer",
+        "chat_template": PHI4_REASONING_TEMPLATE if reasoning else PHI4_CHAT_TEMPLATE}, indent=1))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+         "pad_token_id": ids["<|dummy_85|>"]}))
+    return ids

@@ -185,6 +185,8 @@ def config_from_gguf(gguf: GGUFFile) -> Config:
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
     head_dim = int(raw["hidden_size"]) // int(heads)
+    if meta.get(f"{arch}.attention.key_length", head_dim) != head_dim:  # SlimMoE: 128, with hidden 4096 / 16 heads
+        head_dim = raw["head_dim"] = int(meta[f"{arch}.attention.key_length"])
     rotary = meta.get(f"{arch}.rope.dimension_count", head_dim)
     if rotary != head_dim:
         raw["partial_rotary_factor"] = rotary / head_dim

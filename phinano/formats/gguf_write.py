@@ -50,6 +50,9 @@ def _metadata(writer, cfg: Config, arch: str, tensors: dict) -> None:
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
+    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:  # SlimMoE: a head dim of its own
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_dimension_count(cfg.rotary_dim)
     writer.add_rope_freq_base(cfg.rope_theta)

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pydantic import ConfigDict, Field
 
 from ..errors import PhinanoError
+from ..reasoning import ReasoningSplit, split_reasoning
 from .engine import Done, Engine, Failed, Job, TokenLogprob
 from .validate import (ApiError, Body, Message, Reply, budget, chat_ids, logprobs_wanted, parse_body, refuse, sampling,
                        stop_strings, token_ids)
@@ -26,7 +27,7 @@ DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeti
 NAMES = {"temperature": "options.temperature", "top_k": "options.top_k", "top_p": "options.top_p",
          "min_p": "options.min_p", "repetition_penalty": "options.repeat_penalty", "seed": "options.seed"}
 # Refused unless null or this value:
-REFUSED = {"format": "", "think": False, "tools": [], "suffix": "", "template": "", "images": []}
+REFUSED = {"format": "", "tools": [], "suffix": "", "template": "", "images": []}
 REFUSED_OPTIONS = {"presence_penalty": 0, "frequency_penalty": 0, "typical_p": 1, "mirostat": 0}
 # Runner options: meaningless here, ignored without a warning (other unknown options get one).
 IGNORED = {"repeat_last_n", "num_keep", "num_batch", "num_thread", "num_gpu", "main_gpu", "use_mmap", "use_mlock",
@@ -64,6 +65,7 @@ class Request(Body):
     system: str | None = None
     context: list[int] | None = None
     raw: bool | None = None
+    think: bool | None = None  # null or true: reasoning apart, as `thinking`; false: left in the text as written
 
 
 def job(kind: str, engine: Engine, body: object) -> tuple[Job | None, Reply]:
@@ -75,7 +77,8 @@ def job(kind: str, engine: Engine, body: object) -> tuple[Job | None, Reply]:
     if unknown:
         log.warning("invalid option provided: %s (ignored)", ", ".join(sorted(unknown)))
     top = logprobs_wanted(req.logprobs, req.top_logprobs)
-    reply = Reply(kind, req.model, req.stream is not False, top is not None, unload=req.keep_alive in (0, "0", "0s"))
+    reply = Reply(kind, req.model, req.stream is not False, top is not None, unload=req.keep_alive in (0, "0", "0s"),
+                  reasoning=req.think is not False)
     if not (req.messages if kind == "chat" else req.prompt or req.context):
         return None, reply
     ids = chat_ids(engine, req.messages, ROLES, content_required=False) if kind == "chat" else \
@@ -102,19 +105,33 @@ def _generate_ids(engine: Engine, req: Request, reply: Reply) -> list[int]:
 
 
 async def stream(reply: Reply, job: Job) -> AsyncIterator[str]:
-    """One JSON object per line: a chunk per text piece, then the final object with done: true."""
+    """One JSON object per line: a chunk per text piece, then the final object with done: true. A reasoning
+    answer's thinking streams in chunks of its own (`thinking` set, the text empty), as Ollama's do."""
+    split = ReasoningSplit() if reply.reasoning else None
     async for event in job.stream():
+        lines = []
         if isinstance(event, Failed):
-            line = error_body(ApiError(500, event.message))
+            lines = [error_body(ApiError(500, event.message))]
         elif isinstance(event, Done):
-            line = response(reply, event)
+            thinking, text = split.flush() if split else ("", "")
+            if thinking or text:
+                lines.append(_chunk(reply, text, [], thinking))
+            lines.append(response(reply, event))
+        elif split is None:
+            lines = [_chunk(reply, event.text, event.logprobs)]
         else:
-            line = _chunk(reply, event.text, event.logprobs)
-        yield json.dumps(line, ensure_ascii=False) + "\n"
+            thinking, text = split.push(event.text)
+            if thinking or text or event.logprobs:
+                lines = [_chunk(reply, text, event.logprobs, thinking)]
+        for line in lines:
+            yield json.dumps(line, ensure_ascii=False) + "\n"
 
 
-def _chunk(reply: Reply, text: str, logprobs: list[TokenLogprob]) -> dict:
-    answer = {"message": {"role": "assistant", "content": text}} if reply.kind == "chat" else {"response": text}
+def _chunk(reply: Reply, text: str, logprobs: list[TokenLogprob], thinking: str | None = None) -> dict:
+    """A chunk; `thinking` (the reasoning, /api/chat: in the message) appears only when there is some."""
+    extra = {"thinking": thinking} if thinking else {}
+    answer = {"message": {"role": "assistant", "content": text, **extra}} if reply.kind == "chat" \
+        else {"response": text, **extra}
     chunk = {"model": reply.model, "created_at": _rfc3339(time.time()), **answer, "done": False}
     if reply.logprobs:
         chunk["logprobs"] = [lp.entry() for lp in logprobs]
@@ -125,7 +142,8 @@ def response(reply: Reply, done: Done | None) -> dict:
     """The last object (the only one when not streaming); done None: the reply to "load the model"."""
     if done is None:
         return {**_chunk(reply, "", []), "done": True, "done_reason": "unload" if reply.unload else "load"}
-    final = {**_chunk(reply, done.text, done.logprobs), "done": True, "done_reason": done.stats["finish_reason"]}
+    thinking, text = split_reasoning(done.text) if reply.reasoning else (None, done.text)
+    final = {**_chunk(reply, text, done.logprobs, thinking), "done": True, "done_reason": done.stats["finish_reason"]}
     s = done.stats
     if reply.context is not None:
         final["context"] = reply.context + done.tokens

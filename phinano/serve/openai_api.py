@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pydantic import Field
 
 from .. import __version__
+from ..reasoning import ReasoningSplit, split_reasoning
 from .engine import Done, Engine, Failed, Job, TokenLogprob
 from .validate import (ApiError, Body, Message, Reply, budget, chat_ids, logprobs_wanted, parse_body, sampling,
                        stop_strings, token_ids)
@@ -92,26 +93,47 @@ def _prompt_ids(engine: Engine, prompt: str | list) -> list[int]:
 
 
 def response(reply: Reply, done: Done) -> dict:
-    """The whole (non-streaming) `chat.completion` or `text_completion` object."""
-    answer = {"message": {"role": "assistant", "content": done.text, "refusal": None}} if reply.kind == "chat" \
-        else {"text": done.text}
+    """The whole (non-streaming) `chat.completion` or `text_completion` object. A chat answer that reasons
+    (`<think> ... </think>`, phinano.reasoning) carries its reasoning apart, as vLLM does: `reasoning_content`."""
+    if reply.kind == "chat":
+        reasoning, content = split_reasoning(done.text)
+        extra = {} if reasoning is None else {"reasoning_content": reasoning}
+        answer = {"message": {"role": "assistant", "content": content, **extra, "refusal": None}}
+    else:
+        answer = {"text": done.text}
     return _object(reply, [_choice(reply, answer, done.logprobs, done.stats["finish_reason"])], done.stats)
 
 
 async def stream(reply: Reply, job: Job) -> AsyncIterator[str]:
-    """Server-sent events: `data: <chunk>` per text piece, one with finish_reason, usage if asked, [DONE]."""
+    """Server-sent events: `data: <chunk>` per text piece, one with finish_reason, usage if asked, [DONE].
+    A chat answer's reasoning streams as `reasoning_content` deltas, its reply as `content` deltas."""
+    split = ReasoningSplit() if reply.kind == "chat" else None
     if reply.kind == "chat":
         yield _sse(_chunk(reply, {"role": "assistant", "content": ""}, [], None))
     async for event in job.stream():
         if isinstance(event, Failed):
             yield _sse(error_body(ApiError(500, event.message)))
         elif isinstance(event, Done):
+            for delta in _deltas(split.flush() if split else ("", "")):
+                yield _sse(_chunk(reply, delta, [], None))
             yield _sse(_chunk(reply, {}, event.logprobs, event.stats["finish_reason"]))
             if reply.include_usage:
                 yield _sse(_object(reply, [], event.stats))
-        else:
+        elif split is None:
             yield _sse(_chunk(reply, {"content": event.text}, event.logprobs, None))
+        else:
+            deltas = _deltas(split.push(event.text))
+            if not deltas and event.logprobs:  # text held back (it may open "<think>"): the logprobs still go
+                deltas = [{"content": ""}]
+            for i, delta in enumerate(deltas):
+                yield _sse(_chunk(reply, delta, event.logprobs if i == 0 else [], None))
     yield "data: [DONE]\n\n"
+
+
+def _deltas(pieces: tuple[str, str]) -> list[dict]:
+    """(reasoning, reply) text -> the deltas that carry it: reasoning first, then content; none for "" ."""
+    reasoning, content = pieces
+    return ([{"reasoning_content": reasoning}] if reasoning else []) + ([{"content": content}] if content else [])
 
 
 def _chunk(reply: Reply, delta: dict, logprobs: list[TokenLogprob], reason: str | None) -> dict:

@@ -56,6 +56,7 @@ class Reply:
     include_usage: bool = False  # OpenAI: a last chunk with the usage
     unload: bool = False  # Ollama: keep_alive 0 with nothing to generate is answered done_reason "unload"
     context: list[int] | None = None  # Ollama /api/generate: the prompt ids, returned with the answer's
+    reasoning: bool = True  # show a `<think> ... </think>` section apart (phinano.reasoning); Ollama: think false
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)  # once the body is read: Ollama's total_duration
 
