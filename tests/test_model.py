@@ -115,7 +115,7 @@ FLOORS = [  # lowest first; a module may import its own floor and those below it
     {"rope", "cache", "blocks"},
     {"weights", "tokenizer"},
     {"generate"},
-    {"model", "tracing", "quantize"},
+    {"model", "tracing", "quantize", "testing"},
     {"chat", "cli", "serve", "server", "server_app", "server_engine", "server_openai", "server_ollama", "__init__"},
 ]
 
