@@ -116,7 +116,7 @@ FLOORS = [  # lowest first; a module may import its own floor and those below it
     {"weights", "tokenizer"},
     {"generate"},
     {"model", "tracing", "quantize", "testing"},
-    {"chat", "cli", "serve", "server", "server_app", "server_engine", "server_openai", "server_ollama", "__init__"},
+    {"chat", "cli", "diff", "pictures", "serve", "server", "server_app", "server_engine", "server_openai", "server_ollama", "__init__"},
 ]
 
 
