@@ -170,6 +170,9 @@ def run_diff(model_name: str, prompt: str | None = None, rtol: float = RTOL, bac
     torch, transformers = import_reference()
     from .formats.hub import resolve
 
+    transformers.logging.set_verbosity_error()  # its notes on config spellings and loading bars are not ours
+    transformers.logging.disable_progress_bar()
+
     location = resolve(model_name, revision=revision)
     model = phinano.load(str(location), backend=backend, threads=threads)
     model.name = model_name
