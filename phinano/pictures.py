@@ -121,14 +121,12 @@ def draw_attention(t, layer: int, heads: list[int], labels: list[str], window: i
     for ax in axes.flat[len(heads):]:
         ax.set_axis_off()
     masked = np.ma.masked_equal(maps, 0.0)  # hidden keys drawn as background
-    for ax, head in zip(axes.flat, heads):
+    for n, (ax, head) in enumerate(zip(axes.flat, heads)):
         image = ax.imshow(masked[head], cmap="magma_r", norm=PowerNorm(0.5, 0.0, 1.0), interpolation="nearest")
         ax.set_title(f"head {head}", fontsize=8)
-        if T <= 24:  # the tokens named on both axes; beyond, positions
-            _token_axis(ax, labels, "x")
+        ax.tick_params(labelsize=6)
+        if T <= 24 and n % columns == 0:  # the query tokens named down the left edge; elsewhere positions
             _token_axis(ax, labels, "y")
-        else:
-            ax.tick_params(labelsize=6)
     cut = f", window {window}" if window is not None and window < T else ""
     fig.suptitle(f"attention, layer {layer}: query (row) reads key (column){cut}", fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.6, pad=0.01).ax.tick_params(labelsize=7)
