@@ -124,14 +124,16 @@ def check_op(name: str, candidate, *, max_examples: int = 100, seed: int | None 
     Raises AssertionError describing the smallest failing input found (its arrays are on the exception as
     `.inputs`, to rerun it by hand); returns None when every example passes.
     """
-    from hypothesis import HealthCheck, Phase, given, settings
+    __tracebackhide__ = True  # pytest: show the caller's line, not this function's
+    from hypothesis import HealthCheck, Phase, Verbosity, given, settings
     from hypothesis import seed as fix_seed
 
     if name not in strategies.OPS:
         raise ValueError(f"check_op knows the ops {', '.join(OPS)}; got {name!r}")
     inputs_of = strategies.OPS[name](**options)  # checks the options now, not inside Hypothesis
 
-    @settings(max_examples=max_examples, deadline=None, database=None, print_blob=False,
+    # quiet: our message describes the counter-example in one line (Hypothesis' own note would print its arrays)
+    @settings(max_examples=max_examples, deadline=None, database=None, print_blob=False, verbosity=Verbosity.quiet,
               phases=[Phase.explicit, Phase.generate, Phase.shrink],
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(inputs=inputs_of)
@@ -151,4 +153,9 @@ def check_op(name: str, candidate, *, max_examples: int = 100, seed: int | None 
 
     if seed is not None:
         agrees_with_reference = fix_seed(seed)(agrees_with_reference)
-    agrees_with_reference()
+    try:
+        agrees_with_reference()
+    except AssertionError as e:  # raised afresh: a traceback through Hypothesis and compare() says nothing more
+        error = AssertionError(str(e))
+        error.inputs = getattr(e, "inputs", None)
+        raise error from e.__cause__  # a crash in the candidate keeps its own traceback
