@@ -232,8 +232,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     """Pictures of one forward (logit lens, attention, routing, residual norms) and an index.html."""
-    from .pictures import check_matplotlib, write_trace
+    from .pictures import check_matplotlib, number_list, write_trace
 
+    for flag in ("layers", "heads"):  # their form now; their range once the model says how many there are
+        if getattr(args, flag) is not None:
+            try:
+                number_list(getattr(args, flag), flag)
+            except ValueError as e:
+                raise FlagError(str(e)) from None
     check_matplotlib()  # before loading a model: a missing extra is a one-line error
     model = load_model(args)
     page = write_trace(model, args.prompt, args.out, layers=args.layers, heads=args.heads)

@@ -50,16 +50,27 @@ def short_label(tokenizer, token: int, width: int = 8) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def parse_numbers(text: str | None, what: str, count: int) -> list[int] | None:
-    """'0,3' -> [0, 3] (negative numbers count from the end); None stays None. Out of range: PhinanoError."""
-    if text is None:
-        return None
+def number_list(text: str, flag: str) -> list[int]:
+    """'0,3' -> [0, 3]; anything else raises ValueError naming the flag (the CLI checks this before loading)."""
     try:
         numbers = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise PhinanoError(f"--{what} takes numbers separated by commas, e.g. 0,3; got {text!r}") from None
+        raise ValueError(f"--{flag} takes numbers separated by commas, e.g. 0,3; got {text!r}") from None
     if not numbers:
-        raise PhinanoError(f"--{what} is empty; give numbers separated by commas, e.g. 0,3")
+        raise ValueError(f"--{flag} is empty; give numbers separated by commas, e.g. 0,3")
+    return numbers
+
+
+def choose(numbers: list[int] | str | None, what: str, count: int) -> list[int] | None:
+    """Layers or heads as sorted distinct indices 0..count-1 (negative numbers count from the end); None stays
+    None. Out of range: PhinanoError."""
+    if numbers is None:
+        return None
+    if isinstance(numbers, str):
+        try:
+            numbers = number_list(numbers, what)
+        except ValueError as e:
+            raise PhinanoError(str(e)) from None
     for n in numbers:
         if not -count <= n < count:
             raise PhinanoError(f"--{what}: {n} is out of range; the model has {what} 0..{count - 1}")
@@ -217,8 +228,7 @@ def write_trace(model, prompt: str, out: str | Path, layers: str | list[int] | N
     if not prompt:
         raise PhinanoError("the prompt is empty")
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
-    layers = parse_numbers(",".join(map(str, layers)) if isinstance(layers, list) else layers, "layers", L)
-    heads = parse_numbers(",".join(map(str, heads)) if isinstance(heads, list) else heads, "heads", H)
+    layers, heads = choose(layers, "layers", L), choose(heads, "heads", H)
     layers = layers if layers is not None else sorted({0, L - 1})
     heads = heads if heads is not None else list(range(H))
     ids = tok.encode(prompt)

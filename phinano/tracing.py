@@ -1,4 +1,10 @@
-"""Watching the router: `phinano generate --show-experts` prints each generated token with its experts.
+"""Watching a forward pass through the model's observer hook (model.py): `phinano.trace` and `--show-experts`.
+
+`trace(model, ids)` runs one forward and keeps what it saw as small arrays (a `Trace`): the logit lens, the
+attention maps of the layers asked for, PhiMoE's routing, the residual norms. pictures.py draws them
+(`phinano trace`).
+
+`phinano generate --show-experts` prints each generated token with its experts:
 
     'def'         L0:3+7 L1:12+0 ...
 

@@ -52,13 +52,15 @@ def test_chosen_layers_and_heads(tmp_path, capsys):
     assert capsys.readouterr().out == f"wrote {out / 'index.html'}\n"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--layers", "4"], "--layers: 4 is out of range; the model has layers 0..3"),
-    (["--heads", "x"], "--heads takes numbers separated by commas, e.g. 0,3; got 'x'"),
+@pytest.mark.parametrize("flags, message, status", [
+    (["--layers", "4"], "--layers: 4 is out of range; the model has layers 0..3", 1),
+    (["--heads", "-7"], "--heads: -7 is out of range; the model has heads 0..5", 1),
+    (["--heads", "x"], "--heads takes numbers separated by commas, e.g. 0,3; got 'x'", 2),  # before loading
+    (["--layers", ","], "--layers is empty; give numbers separated by commas, e.g. 0,3", 2),
 ])
-def test_bad_layers_or_heads_write_nothing(tmp_path, capsys, flags, message):
+def test_bad_layers_or_heads_write_nothing(tmp_path, capsys, flags, message, status):
     out = tmp_path / "t"
-    assert main(["trace", "--model", "nano-phi3", "--out", str(out), *flags, "hi"]) == 1
+    assert main(["trace", "--model", "nano-phi3", "--out", str(out), *flags, "hi"]) == status
     assert capsys.readouterr().err == f"phinano: error: {message}\n"
     assert list(tmp_path.iterdir()) == []  # no folder, no scratch left behind
 
