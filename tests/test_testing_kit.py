@@ -90,3 +90,17 @@ def test_without_hypothesis_the_import_error_says_what_to_install():
             "try:\n    import phinano.testing\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == 'phinano.testing needs hypothesis: pip install "phinano[testing]" (or pip install hypothesis)'
+
+
+@pytest.mark.parametrize("name", sorted(strategies.OPS))
+def test_each_strategy_draws_the_reference_ops_arguments_in_order(name):
+    import inspect
+
+    from hypothesis import find
+
+    drawn = find(strategies.OPS[name](), lambda inputs: True)
+    assert list(drawn) == list(inspect.signature(getattr(reference, name)).parameters)
+
+
+def test_a_candidate_with_other_parameter_names_is_called_positionally():
+    check_op("swiglu", lambda g, u: reference.swiglu(g, u), max_examples=5, seed=9)

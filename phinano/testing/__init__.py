@@ -116,7 +116,8 @@ def compare(name: str, got, inputs: dict) -> None:
 def check_op(name: str, candidate, *, max_examples: int = 100, seed: int | None = None, **options) -> None:
     """Property-test `candidate` against phinano.kernels.reference.<name> on Hypothesis-drawn Phi-shaped inputs.
 
-    candidate: a function with the reference op's signature (called with keyword arguments).
+    candidate: a function taking the reference op's arguments in the same order (called positionally, so
+    its parameter names may differ).
     max_examples: how many inputs to try (Hypothesis stops at the first failure, then shrinks it).
     seed: fix Hypothesis' random choices (None: a fresh run each time, as Hypothesis does).
     options: narrow the inputs (phinano.testing.strategies): dtypes=("f32",), head_dims=(96,), max_tokens=16.
@@ -140,7 +141,7 @@ def check_op(name: str, candidate, *, max_examples: int = 100, seed: int | None 
     def agrees_with_reference(inputs):
         try:
             with np.errstate(all="ignore"):
-                got = candidate(**inputs)
+                got = candidate(*inputs.values())  # positional, in the reference's order
         except Exception as e:  # the candidate crashed: that is a counter-example too
             error = AssertionError(f"{name} raised {type(e).__name__}: {e}; inputs: {describe(inputs)}")
             error.inputs = inputs
