@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import PhinanoError
 
-__all__ = ["load", "Model", "PhinanoError", "DEFAULT_MODEL"]
+__all__ = ["load", "trace", "Model", "PhinanoError", "DEFAULT_MODEL"]
 __version__ = "0.1.0"
 
 DEFAULT_MODEL = "nano-phi3"  # the small model shipped inside the package
@@ -45,6 +45,14 @@ def load(path_or_repo_id: str | Path = DEFAULT_MODEL, *, backend: str = "numba",
     if threads is not None:
         model.ops.set_threads(threads)
     return model
+
+
+def trace(model, token_ids, *, attention=None, lens: bool = True):
+    """One forward of `token_ids`, kept as arrays: the logit lens, attention maps of the layers asked for,
+    PhiMoE routing, residual norms (phinano.tracing.trace and Trace say what each holds)."""
+    from .tracing import trace as run_trace
+
+    return run_trace(model, token_ids, attention=attention, lens=lens)
 
 
 def _open_folder(folder: Path, tokenizer: bool, quantize: str | None = None):

@@ -79,7 +79,7 @@ def check_flags(args: argparse.Namespace) -> None:
             raise FlagError(f"--max-queue must be at least 1, got {args.max_queue}")
         if args.max_request_bytes < 1:
             raise FlagError(f"--max-request-bytes must be at least 1, got {args.max_request_bytes}")
-    if getattr(args, "out", None) is not None and args.out.suffix != ".gguf":
+    if getattr(args, "out", None) is not None and args.command == "quantize" and args.out.suffix != ".gguf":
         raise FlagError(f"--out must name a .gguf file, got {str(args.out)!r}")
     if hasattr(args, "temperature"):  # generate and chat: the sampling flags, by phinano.sampling's rules
         try:
@@ -238,6 +238,33 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Pictures of one forward (logit lens, attention, routing, residual norms) and an index.html."""
+    from .pictures import check_matplotlib, number_list, write_trace
+
+    for flag in ("layers", "heads"):  # their form now; their range once the model says how many there are
+        if getattr(args, flag) is not None:
+            try:
+                number_list(getattr(args, flag), flag)
+            except ValueError as e:
+                raise FlagError(str(e)) from None
+    check_matplotlib()  # before loading a model: a missing extra is a one-line error
+    model = load_model(args)
+    page = write_trace(model, args.prompt, args.out, layers=args.layers, heads=args.heads)
+    print(f"wrote {page}")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """phinano against Transformers, stage by stage: [OK]/[DIFF] lines, exit 1 on any DIFF."""
+    from .diff import run_diff
+
+    if not args.rtol > 0:
+        raise FlagError(f"--rtol must be > 0, got {args.rtol}")
+    same = run_diff(args.model, args.prompt, args.rtol, args.backend, args.threads, args.revision)
+    return 0 if same else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phinano", description="Phi-3 family inference in NumPy + Numba")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,6 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block type of the matrices (the _m mixes follow llama.cpp: some tensors get more bits)")
     q.add_argument("--out", required=True, type=Path, help="the .gguf file to write (written whole or not at all)")
     q.set_defaults(func=cmd_quantize)
+
+    t = sub.add_parser("trace", help="pictures of one forward: logit lens, attention, expert routing, residual "
+                                     "norms, tied together in an index.html (needs phinano[pictures])")
+    add_model_args(t)
+    t.add_argument("--out", "-o", type=Path, default=Path("phinano-trace"), help="folder to write (default phinano-trace)")
+    t.add_argument("--layers", default=None, help="attention maps of these layers, e.g. 0,3 (default: first and last)")
+    t.add_argument("--heads", default=None, help="of these heads, e.g. 0,1 (default: all)")
+    t.add_argument("prompt")
+    t.set_defaults(func=cmd_trace)
+
+    d = sub.add_parser("diff", help="compare phinano with Transformers stage by stage (needs torch, transformers)")
+    d.add_argument("--model", "-m", default=DEFAULT_MODEL, help="local folder, .gguf file, nano model name or Hub repo id")
+    d.add_argument("--backend", choices=("numba", "numpy"), default="numba", help="kernel backend (default numba)")
+    d.add_argument("--threads", type=int, default=None, help="kernel threads, 1 to the cores available")
+    d.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    d.add_argument("--prompt", default=None, help="text to run (default: a few lines of Python)")
+    d.add_argument("--rtol", type=float, default=1e-4, help="a stage differs past rtol x its largest value (1e-4)")
+    d.set_defaults(func=cmd_diff)
     return parser
 
 

@@ -1,28 +1,11 @@
 """Every Numba kernel (kernels/fast.py) equals its NumPy reference (kernels/reference.py).
 
-Hypothesis draws the shapes, dtypes, magnitudes and positions; NumPy draws the numbers from a seed that
-Hypothesis also draws (so a failing example is reproducible and shrinks to small shapes, while the values
-stay "random-looking" instead of shrinking to all-zero rows).
-
-Tolerances, and why:
-- widen, embed: exact. bf16 -> f32 puts the 16 bits in the high half of a word, f16 -> f32 is exact too.
-- rope: exact. Same float32 operations in the same order, no fused multiply-add (the kernel is compiled
-  without fastmath), so even the rounding is the same.
-- linear: |fast - ref| <= 1e-5 * (|x| @ |w|.T) + 1e-30. Both sum K float32 products, in different orders
-  (BLAS blocks vs 16-lane vector partial sums, with FMA); the rounding error of a float32 sum is bounded by
-  about K * 2^-24 * sum|x_c w_c| in the worst case and is ~sqrt(K) * 2^-24 of it in practice, so the
-  bound is stated against the row's |x|.|w| scale, not against |y| (which may cancel to ~0).
-- rmsnorm, layernorm: 1e-5 relative elementwise + 1e-6 (layernorm: 1e-5) of the row's largest normalised
-  output. The only difference is how the row statistics are summed (float64 here, float32 pairwise in
-  NumPy): a relative error of ~1e-7 in the scale, and for layernorm an ulp of the mean in every centred
-  value; the absolute term covers outputs that are denormal or zero and that centring error.
-- softmax: 1e-5 relative + 1e-7 absolute. exp differs by an ulp between NumPy's SIMD exp and libm's expf,
-  and the row sum is accumulated in another order.
-- swiglu: 1e-5 relative + 1e-30 absolute (exp ulps; the absolute term covers silu of very negative gates,
-  which is denormal or zero in both).
-- attention: max|v| * 1e-5 * (1 + B) where B = max|q_h| * max|k_j| / sqrt(HD) bounds |score|. A float32 dot
-  of HD terms has an error of ~HD * 2^-24 * |q||k| (<= 1e-5 * B for HD <= 128), the softmax moves each
-  probability by at most the score error, and the output is a convex combination of value rows.
+The property tests are phinano's kernel-testing kit run on phinano's own kernels: `phinano.testing.check_op`
+draws Phi-shaped inputs with Hypothesis (its strategies: shapes, dtypes, magnitudes, positions, windows and a
+seed from which NumPy draws the values, so a failure shrinks to small shapes while the values stay
+random-looking) and holds each op to the tolerance argued in phinano/testing/__init__.py: exact for widen,
+embed and rope; float32 summation-order bounds for the rest. The tests below the kit's cover what it does not
+draw: unaligned read-only memory maps, thread counts, NaN rows, the BLAS path's tiling.
 """
 
 from __future__ import annotations
@@ -31,34 +14,13 @@ import inspect
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
 
 pytest.importorskip("numba")
 
 import phinano.kernels as kernels  # noqa: E402
 from phinano.kernels import fast, reference, runtime  # noqa: E402
-
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-seeds = st.integers(0, 2**32 - 1)
-weight_dtypes = st.sampled_from(["bf16", "f16", "f32"])
-# magnitudes: tiny, ordinary, large (large enough to matter, small enough that no float32 sum overflows)
-scales = st.sampled_from([1e-6, 1e-2, 1.0, 30.0, 1e4, 1e12])
-
-
-def bf16_bits(a: np.ndarray) -> np.ndarray:
-    """float32 values -> bfloat16 bit patterns (uint16), rounding to nearest even like torch."""
-    u = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def make_weight(rng: np.random.Generator, shape, dtype: str, scale: float = 1.0) -> np.ndarray:
-    values = rng.standard_normal(shape).astype(np.float32) * np.float32(scale)
-    if dtype == "bf16":
-        return bf16_bits(values)
-    if dtype == "f16":
-        return np.clip(values, -6e4, 6e4).astype(np.float16)
-    return values
+from phinano.testing import check_op, compare  # noqa: E402
+from phinano.testing.strategies import make_weight  # noqa: E402
 
 
 def f32(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarray:
@@ -70,6 +32,22 @@ def activations(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarr
     x = f32(rng, shape, scale)
     x[rng.random(shape) < 0.05] *= -1e3
     return x
+
+
+# Examples per op: enough to cross every path of the fast kernel (fused / BLAS linear, compiled / BLAS attention)
+# in a few seconds; a nightly run may raise them.
+EXAMPLES = {"widen": 25, "embed": 25, "linear": 30, "rmsnorm": 25, "layernorm": 25, "rope": 25, "softmax": 25,
+            "swiglu": 25, "attention": 40, "attention_weights": 25}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_fast_kernel_agrees_with_the_reference(name):
+    check_op(name, getattr(fast, name), max_examples=EXAMPLES[name])
+
+
+def test_fast_linear_on_the_blas_path():
+    """Many tokens only: widened weight tiles and BLAS (the draws above reach it only sometimes)."""
+    check_op("linear", fast.linear, max_examples=6, min_tokens=fast.BLAS_MIN_TOKENS, max_tokens=fast.BLAS_MIN_TOKENS + 21)
 
 
 def test_backend_switch_returns_the_numba_kernels():
@@ -97,25 +75,6 @@ def test_both_backends_export_the_same_ops_with_the_same_signatures():
 # ------------------------------------------------------------------------------------------------- widen, embed
 
 
-@SETTINGS
-@given(seed=seeds, dtype=weight_dtypes, rows=st.integers(1, 9), cols=st.integers(1, 70))
-def test_widen_is_exact(seed, dtype, rows, cols):
-    w = make_weight(np.random.default_rng(seed), (rows, cols), dtype, 3.0)
-    got = fast.widen(w)
-    assert got.dtype == np.float32 and got.shape == w.shape
-    np.testing.assert_array_equal(got, reference.widen(w))
-    np.testing.assert_array_equal(fast.widen(w[:, 0]), reference.widen(w[:, 0]))  # strided 1-D
-
-
-@SETTINGS
-@given(seed=seeds, dtype=weight_dtypes, V=st.integers(1, 40), D=st.integers(1, 33), T=st.integers(1, 12))
-def test_embed_is_exact(seed, dtype, V, D, T):
-    rng = np.random.default_rng(seed)
-    table = make_weight(rng, (V, D), dtype)
-    ids = rng.integers(-V, V, T)  # negative ids index from the end, like NumPy
-    got = fast.embed(table, ids)
-    assert got.dtype == np.float32 and got.shape == (T, D)
-    np.testing.assert_array_equal(got, reference.embed(table, ids))
 
 
 def test_embed_rejects_out_of_range_ids():
@@ -149,36 +108,6 @@ def assert_linear_close(x, w, b=None):
     assert_linear_within(x, w, b, np.abs(reference.widen(w).astype(np.float64)), 1e-5)
 
 
-@SETTINGS
-@given(
-    seed=seeds,
-    dtype=weight_dtypes,
-    T=st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9]),
-    N=st.integers(1, 37),
-    K=st.integers(1, 300),
-    xs=scales,
-    ws=st.sampled_from([1e-3, 0.02, 1.0, 1e3]),
-    bias=st.booleans(),
-)
-def test_linear_fused_path(seed, dtype, T, N, K, xs, ws, bias):
-    """Few tokens: the fused kernel (4 rows x 4 tokens blocks, leftover tokens, leftover rows)."""
-    rng = np.random.default_rng(seed)
-    assume(T < fast.BLAS_MIN_TOKENS)
-    x = activations(rng, (T, K), xs)
-    w = make_weight(rng, (N, K), dtype, ws)
-    b = make_weight(rng, (N,), dtype) if bias else None
-    assert_linear_close(x, w, b)
-
-
-@settings(max_examples=6, deadline=None)
-@given(seed=seeds, dtype=weight_dtypes, extra=st.integers(0, 21), N=st.integers(1, 70), K=st.integers(1, 200))
-def test_linear_blas_path(seed, dtype, extra, N, K):
-    """Many tokens: widened weight tiles and BLAS."""
-    rng = np.random.default_rng(seed)
-    T = fast.BLAS_MIN_TOKENS + extra
-    x = f32(rng, (T, K))
-    w = make_weight(rng, (N, K), dtype, 0.05)
-    assert_linear_close(x, w, make_weight(rng, (N,), dtype))
 
 
 def test_linear_blas_path_spans_several_tiles(monkeypatch):
@@ -246,130 +175,13 @@ def test_linear_does_not_widen_the_whole_matrix_on_decode(monkeypatch):
     assert calls == [(40,)]  # the bias only
 
 
-# --------------------------------------------------------------------------------------------- norms, softmax
-
-
-def assert_rowwise_close(got, ref, rtol, row_atol):
-    assert got.dtype == np.float32 and got.shape == ref.shape
-    atol = row_atol * np.max(np.abs(ref), axis=-1, keepdims=True)
-    assert np.all(np.abs(got - ref) <= rtol * np.abs(ref) + atol + 1e-38), f"max diff {np.max(np.abs(got - ref)):.3g}"
-
-
-@SETTINGS
-@given(seed=seeds, dtype=weight_dtypes, T=st.integers(1, 6), D=st.integers(1, 130), xs=scales, eps=st.sampled_from([1e-5, 1e-6]))
-def test_rmsnorm(seed, dtype, T, D, xs, eps):
-    rng = np.random.default_rng(seed)
-    x = f32(rng, (T, D), xs)
-    w = make_weight(rng, (D,), dtype)
-    assert_rowwise_close(fast.rmsnorm(x, w, eps), reference.rmsnorm(x, w, eps), 1e-5, 1e-6)
-
-
-@SETTINGS
-@given(seed=seeds, dtype=weight_dtypes, T=st.integers(1, 6), D=st.integers(2, 130), xs=scales, offset=st.sampled_from([0.0, 1.0, -3.0]))
-def test_layernorm(seed, dtype, T, D, xs, offset):
-    rng = np.random.default_rng(seed)
-    x = f32(rng, (T, D), xs) + np.float32(offset * xs)
-    w = make_weight(rng, (D,), dtype)
-    b = make_weight(rng, (D,), dtype, 0.1)
-    ref = reference.layernorm(x, w, b, 1e-5)
-    got = fast.layernorm(x, w, b, 1e-5)
-    assert got.dtype == np.float32 and got.shape == ref.shape
-    # relative to each output (adding b rounds to an ulp of |out|, possibly fused into one FMA here) plus
-    # 1e-5 of the row's largest normalised value (the part that depends on the mean and variance)
-    normalised = np.abs(ref - reference.widen(b)).max(axis=-1, keepdims=True)
-    assert np.all(np.abs(got - ref) <= 1e-5 * np.abs(ref) + 1e-5 * normalised + 1e-38)
-
-
-@SETTINGS
-@given(seed=seeds, lead=st.sampled_from([(1,), (3,), (2, 3)]), N=st.integers(1, 200), xs=st.sampled_from([1e-3, 1.0, 30.0, 1e3]))
-def test_softmax(seed, lead, N, xs):
-    rng = np.random.default_rng(seed)
-    x = f32(rng, lead + (N,), xs)
-    ref = reference.softmax(x)
-    got = fast.softmax(x)
-    assert got.shape == ref.shape and got.dtype == np.float32
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
-
-
-# ------------------------------------------------------------------------------------------------ rope, swiglu
-
-
-@SETTINGS
-@given(
-    seed=seeds,
-    T=st.integers(1, 7),
-    NH=st.integers(1, 5),
-    HD_R=st.sampled_from([(64, 64), (96, 96), (128, 128), (128, 96), (96, 32), (6, 4)]),
-    xs=scales,
-)
-def test_rope_is_exact(seed, T, NH, HD_R, xs):
-    HD, R = HD_R
-    rng = np.random.default_rng(seed)
-    x = f32(rng, (T, NH, HD), xs)
-    angles = rng.uniform(-100, 100, (T, R // 2)).astype(np.float32)
-    cos = np.cos(np.concatenate([angles, angles], -1)) * np.float32(1.19)
-    sin = np.sin(np.concatenate([angles, angles], -1)) * np.float32(1.19)
-    np.testing.assert_array_equal(fast.rope(x, cos, sin), reference.rope(x, cos, sin))
-
-
-@SETTINGS
-@given(seed=seeds, T=st.integers(1, 5), F=st.integers(1, 150), gs=st.sampled_from([1e-3, 1.0, 10.0, 100.0, 1e4]), us=st.sampled_from([1e-3, 1.0, 1e4]))
-def test_swiglu(seed, T, F, gs, us):
-    rng = np.random.default_rng(seed)
-    gate = f32(rng, (T, F), gs)  # gs >= 100: exp(-gate) overflows to inf for the most negative gates
-    gate.flat[:: 7] = -gate.flat[:: 7] - np.float32(89.0)  # some just past expf's overflow threshold (~88.7)
-    up = f32(rng, (T, F), us)
-    with np.errstate(over="ignore"):
-        ref = reference.swiglu(gate, up)
-    got = fast.swiglu(gate, up)
-    assert got.dtype == np.float32 and got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-30)
-    assert np.all(np.isfinite(got))
-
-
 # --------------------------------------------------------------------------------------------------- attention
 
 
 def assert_attention_close(q, k, v, start, window):
-    ref = reference.attention(q, k, v, start, window)
-    got = fast.attention(q, k, v, start, window)
-    assert got.dtype == np.float32 and got.shape == ref.shape
-    HD = q.shape[-1]
-    bound = np.linalg.norm(q, axis=-1).max() * np.linalg.norm(k, axis=-1).max() / np.sqrt(HD)
-    tol = np.abs(v).max() * 1e-5 * (1.0 + bound)
-    err = np.abs(got.astype(np.float64) - ref).max()
-    assert err <= tol, f"attention differs by {err:.3g} > {tol:.3g}"
+    """The kit's comparison (phinano.testing.compare: the attention tolerance) on one given input."""
+    compare("attention", fast.attention(q, k, v, start, window), dict(q=q, k=k, v=v, start=start, window=window))
 
-
-@settings(max_examples=40, deadline=None)
-@given(
-    seed=seeds,
-    HD=st.sampled_from([64, 96, 128]),
-    KVH=st.integers(1, 3),
-    ratio=st.sampled_from([1, 3, 4]),
-    start=st.integers(0, 40),
-    T=st.sampled_from([1, 1, 2, 3, 4, 5, 7, 8, 9, 16]),  # < 4: compiled kernel, >= 4: BLAS path
-    window_kind=st.sampled_from(["none", "one", "S", "S-1", "two", "random", "huge"]),
-    qs=st.sampled_from([0.1, 1.0, 3.0, 30.0]),
-)
-def test_attention(seed, HD, KVH, ratio, start, T, window_kind, qs):
-    rng = np.random.default_rng(seed)
-    H = KVH * ratio
-    S = start + T  # cache lengths 1 .. 48
-    window = {
-        "none": None,
-        "one": 1,
-        "two": 2,
-        "S": S,
-        "S-1": max(1, S - 1),
-        "random": int(rng.integers(1, S + 1)),
-        "huge": 262144,
-    }[window_kind]
-    q = f32(rng, (T, H, HD), qs)
-    k = f32(rng, (S, KVH, HD), qs)
-    v = f32(rng, (S, KVH, HD), 10.0)
-    v[rng.random(v.shape) < 0.01] = -1e4  # a few large negative values
-    assert_attention_close(q, k, v, start, window)
 
 
 @pytest.mark.parametrize("path", ["compiled", "blas"])

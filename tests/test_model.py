@@ -116,7 +116,7 @@ FLOORS = [  # lowest first; a module may import its own floor and those below it
     {"weights", "tokenizer"},
     {"generate", "reasoning"},
     {"model", "tracing", "quantize"},
-    {"chat", "cli", "serve", "server", "server_app", "server_engine", "server_openai", "server_ollama", "__init__"},
+    {"chat", "cli", "diff", "pictures", "testing", "serve", "server", "server_app", "server_engine", "server_openai", "server_ollama", "__init__"},
 ]
 
 
