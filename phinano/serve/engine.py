@@ -80,7 +80,8 @@ class Job:
 
     ids: list[int]
     max_new_tokens: int
-    sampling: dict  # temperature, top_k, top_p, min_p, repetition_penalty, seed (and stop_token_ids, if set)
+    sampling: dict  # generate_steps options: temperature, top_k, top_p, min_p, repetition_penalty, seed (and
+    #                 stop_token_ids, if set)
     stop_strings: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's plus the k best
     cancelled: threading.Event = field(default_factory=threading.Event)
