@@ -1,5 +1,6 @@
 """Benchmark `phinano serve`: aggregate new tokens/s, requests/s and time to first token for 1 and 4 concurrent
-streaming clients, which the server decodes together in one batch (docs/server.md, "Batching").
+streaming clients, which the server decodes together in one batch (docs/server.md, "One model, several
+clients: batching").
 
     python scripts/bench_server.py                                   # the shipped nano model (else a tiny one)
     python scripts/bench_server.py --model ./my-phi3 --new 64 --requests 8 --write docs/benchmarks.md

@@ -1,5 +1,5 @@
 """The one model behind `phinano serve`: a first-in, first-out queue of `Job`s and one worker thread that
-generates for every admitted job at once (docs/server.md, "Batching").
+generates for every admitted job at once (docs/server.md, "One model, several clients: batching").
 
 The worker's loop, one turn per generated token:
     admit   jobs from the queue while fewer than `max_batch` are running; each prefills its prompt alone
@@ -76,12 +76,11 @@ class Failed:
 
 @dataclass
 class Job:
-    """One generation: the prompt ids, the length budget and generate_tokens' keyword arguments."""
+    """One generation: the prompt ids, the length budget and generate_steps' keyword arguments."""
 
     ids: list[int]
     max_new_tokens: int
-    sampling: dict  # generate_steps options: temperature, top_k, top_p, min_p, repetition_penalty, seed (and
-    #                 stop_token_ids, if set)
+    sampling: dict  # temperature, top_k, top_p, min_p, repetition_penalty, seed (and stop_token_ids, if set)
     stop_strings: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's plus the k best
     cancelled: threading.Event = field(default_factory=threading.Event)
