@@ -17,8 +17,8 @@ import numpy as np
 
 from ..formats.quantized import QuantizedTensor, dequantize
 
-__all__ = ["set_threads", "widen", "embed", "linear", "linear_rows", "rmsnorm", "layernorm", "rope", "softmax", "swiglu", "attention",
-           "attention_weights"]
+__all__ = ["set_threads", "widen", "embed", "linear", "linear_rows", "rmsnorm", "layernorm", "rope", "softmax", "swiglu",
+           "attention", "attention_weights"]
 
 
 def set_threads(n: int | None = None) -> int:
