@@ -3,19 +3,20 @@ streaming clients, which the server decodes together in one batch (docs/server.m
 clients: batching").
 
     python scripts/bench_server.py                                   # the shipped nano model (else a tiny one)
-    python scripts/bench_server.py --model ./my-phi3 --new 64 --requests 8 --write docs/benchmarks.md
+    python scripts/bench_server.py --model ./my-phi3 --new 64 --requests 2 --write docs/benchmarks.md
     python scripts/make_random_checkpoint.py --out /tmp/phi3-mini-random   # a full-size model (7.6 GB), then
-    python scripts/bench_server.py --model /tmp/phi3-mini-random --new 16 --requests 4 --rounds 1
+    python scripts/bench_server.py --model /tmp/phi3-mini-random --new 32 --requests 1 --rounds 1
         (that folder also needs a tokenizer.json and tokenizer_config.json: Phi-3's, copied from a release)
 
 Starts the server as a real process on a free 127.0.0.1 port, warms it up, then for each concurrency level
-runs `--requests` streaming `POST /v1/completions` requests (greedy, `ignore_eos` so every answer is exactly
-`--new` tokens) from that many client threads, each sending its next request when the last one ends; the
-levels take turns for `--rounds` rounds, and each level's figures pool its rounds.
+runs `--requests` streaming `POST /v1/completions` requests per client (greedy, `ignore_eos` so every answer is
+exactly `--new` tokens) from that many client threads, each sending its next request when the last one ends;
+the levels take turns for `--rounds` rounds, and each level's figures pool its rounds.
 Reported per level: requests/s (requests / wall time), time to first token (request sent -> first SSE chunk
 with text; includes the prompt's prefill, during which the batch waits, and any wait in the queue), median
-and 90th percentile, and the aggregate new tokens/s; then the aggregate tokens/s of the last level over the
-first's (what batching gains). With --write the table replaces the "## Server" section of the markdown file
+and 90th percentile, the aggregate new tokens/s (all tokens over the wall time, prefills included), and the
+aggregate decode tokens/s (clients x the median request's tokens after its first over the time after its first:
+what the batched decode steps give, without the prefills); then both of the last level over the first's. With --write the table replaces the "## Server" section of the markdown file
 (created if absent), with the command, machine, date and load.
 """
 
@@ -134,25 +135,27 @@ def run_level(port: int, clients: int, requests: int, new: int) -> tuple[list[tu
 
 
 def summarize(clients: int, results: list[tuple[float, float, int]], wall: float) -> dict:
-    """requests/s, TTFT median and p90, new tokens/s of one level (all its rounds together)."""
+    """requests/s, TTFT median and p90, new tokens/s and decode tokens/s of one level (all its rounds together)."""
     ttft = sorted(r[0] for r in results)
+    decode = statistics.median((n - 1) / (total - first) for first, total, n in results)  # one client's, after its first
     return {"clients": clients, "requests": len(results), "wall_s": wall, "rps": len(results) / wall,
             "ttft_median": statistics.median(ttft), "ttft_p90": ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))],
-            "tokens_per_s": sum(r[2] for r in results) / wall}
+            "tokens_per_s": sum(r[2] for r in results) / wall, "decode_per_s": clients * decode}
 
 
 def render(args, model: str, levels: list[dict], load: tuple[float, float], tiny: bool = False) -> str:
-    lines = ["| clients | requests | requests/s | TTFT median s | TTFT p90 s | new tokens/s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| clients | requests | requests/s | TTFT median s | TTFT p90 s | new tokens/s | decode tokens/s |",
+             "|---|---|---|---|---|---|---|"]
     for r in levels:
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['rps']:.2f} | {r['ttft_median']:.3f} | "
-                     f"{r['ttft_p90']:.3f} | {r['tokens_per_s']:.1f} |")
+        lines.append(f"| {r['clients']} | {r['requests']} | {r['rps']:.3f} | {r['ttft_median']:.3f} | "
+                     f"{r['ttft_p90']:.3f} | {r['tokens_per_s']:.2f} | {r['decode_per_s']:.2f} |")
     command = "python scripts/bench_server.py" + "".join(
         f" --{k} {v}" for k, v in (("model", args.model), ("clients", args.clients if args.clients != "1,4" else None),
                                    ("new", args.new), ("requests", args.requests), ("rounds", args.rounds),
                                    ("threads", args.threads)) if v is not None)
     first, last = levels[0], levels[-1]
     gain = last["tokens_per_s"] / first["tokens_per_s"]
+    decode_gain = last["decode_per_s"] / first["decode_per_s"]
     return "\n".join([
         f"Command: `{command}`  ",
         f"Model: {model}; machine: {cpu_name()}, {os.cpu_count()} cores; date {datetime.date.today().isoformat()}; "
@@ -168,7 +171,9 @@ def render(args, model: str, levels: list[dict], load: tuple[float, float], tiny
         "",
         f"The server decodes the running requests together, one pass over the weights per token for all of them: "
         f"{last['clients']} clients got {gain:.2f}x the aggregate new tokens/s of {first['clients']} "
-        f"({last['tokens_per_s']:.1f} vs {first['tokens_per_s']:.1f}).",
+        f"({last['tokens_per_s']:.2f} vs {first['tokens_per_s']:.2f}, prefills included: each prompt's prefill "
+        f"runs alone while the batch waits) and {decode_gain:.2f}x its decode tokens/s "
+        f"({last['decode_per_s']:.2f} vs {first['decode_per_s']:.2f}).",
     ])
 
 
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder / name (default: nano-phi3, else a tiny random one)")
     p.add_argument("--clients", default="1,4", help="concurrency levels (default 1,4)")
-    p.add_argument("--requests", type=int, default=8, help="requests per level and round (default 8)")
+    p.add_argument("--requests", type=int, default=2, help="requests per client, level and round (default 2)")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds over the levels, interleaved so that a change in the machine's load hits all alike "
                         "(default 3)")
@@ -193,13 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"starting phinano serve --model {model} on 127.0.0.1:{port} ...", flush=True)
         server = start_server(model, port, args.threads, log)
         try:
-            for _ in range(2):  # warm-up: first-call compilation, caches
-                one_request(port, args.new)
+            one_request(port, 4)  # warm-up: the server compiled its kernels before it listened; this touches caches
             counts = [int(c) for c in args.clients.split(",")]
             runs = {clients: ([], 0.0) for clients in counts}
             for round_ in range(args.rounds):
                 for clients in counts:
-                    results, wall = run_level(port, clients, args.requests, args.new)
+                    results, wall = run_level(port, clients, clients * args.requests, args.new)
                     runs[clients] = (runs[clients][0] + results, runs[clients][1] + wall)
                     print(f"round {round_ + 1}, {clients} client(s): {len(results) / wall:.2f} requests/s", flush=True)
             levels = [summarize(clients, *runs[clients]) for clients in counts]
