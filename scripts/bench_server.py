@@ -6,6 +6,7 @@ clients: batching").
     python scripts/bench_server.py --model ./my-phi3 --new 64 --requests 2 --write docs/benchmarks.md
     python scripts/make_random_checkpoint.py --out /tmp/phi3-mini-random   # a full-size model (7.6 GB), then
     python scripts/bench_server.py --model /tmp/phi3-mini-random --new 32 --requests 1 --rounds 1
+    python scripts/bench_server.py --model /tmp/phi3-mini-random --step-batch 4 --rounds 5   # decode step only
         (that folder also needs a tokenizer.json and tokenizer_config.json: Phi-3's, copied from a release)
 
 Starts the server as a real process on a free 127.0.0.1 port, warms it up, then for each concurrency level
@@ -177,6 +178,38 @@ def render(args, model: str, levels: list[dict], load: tuple[float, float], tiny
     ])
 
 
+def bench_steps(model_name: str, batch: int, repeats: int, prompt_tokens: int = 16) -> str:
+    """The decode step alone, in this process: `Model.step` of one sequence against `Model.step_batch` of
+    `batch` sequences (each prefilled with its own random prompt), taking turns `repeats` times. The
+    server's gain without HTTP, prefills or scheduling: what one pass over the weights for B rows costs."""
+    import numpy as np
+
+    import phinano
+
+    model = phinano.load(model_name)
+    rng = np.random.default_rng(0)
+    caches = [model.new_cache(prompt_tokens + 2 * repeats + 2) for _ in range(batch)]
+    for cache in caches:
+        model.step(cache, rng.integers(100, model.config.vocab_size, prompt_tokens).tolist(), last_only=True)
+    ids = rng.integers(100, model.config.vocab_size, batch).tolist()
+    model.step_batch([model.new_cache(1) for _ in range(batch)], ids)  # compile before timing
+    alone, together = [], []
+    load_before = os.getloadavg()[0]
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.step(caches[0], ids[:1], last_only=True)
+        alone.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        model.step_batch(caches, ids)
+        together.append(time.perf_counter() - t0)
+    a, b = min(alone), min(together)
+    return (f"Model: {model_name}; machine: {cpu_name()}, {os.cpu_count()} cores; date "
+            f"{datetime.date.today().isoformat()}; 1-minute load average {load_before:.2f} before, "
+            f"{os.getloadavg()[0]:.2f} after; best of {repeats}, taking turns  \n"
+            f"one decode step: {a:.3f} s for 1 sequence (`Model.step`), {b:.3f} s for {batch} "
+            f"(`Model.step_batch`): {batch * a / b:.2f}x the tokens/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder / name (default: nano-phi3, else a tiny random one)")
@@ -188,7 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new", type=int, default=64, help="new tokens per request (default 64)")
     p.add_argument("--threads", type=int, default=None, help="the server's kernel threads (default: all cores)")
     p.add_argument("--write", default=None, help="put the table in this markdown file's '## Server' section")
+    p.add_argument("--step-batch", type=int, default=None, metavar="B",
+                   help="instead: time one decode step of 1 sequence against B together, in this process (--model)")
     args = p.parse_args(argv)
+    if args.step_batch:
+        print(bench_steps(args.model or "nano-phi3", args.step_batch, args.rounds))
+        return 0
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
