@@ -178,7 +178,7 @@ def render(args, model: str, levels: list[dict], load: tuple[float, float], tiny
     ])
 
 
-def bench_steps(model_name: str, batch: int, repeats: int, prompt_tokens: int = 16) -> str:
+def bench_steps(model_name: str, batch: int, repeats: int, prompt_tokens: int = 8) -> str:
     """The decode step alone, in this process: `Model.step` of one sequence against `Model.step_batch` of
     `batch` sequences (each prefilled with its own random prompt), taking turns `repeats` times. The
     server's gain without HTTP, prefills or scheduling: what one pass over the weights for B rows costs."""
