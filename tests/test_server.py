@@ -678,15 +678,15 @@ def test_a_client_hanging_up_stops_only_its_own_generation(server, oai, model):
     (A hang-up while still queued is skipped: tests/test_batching.py, where the batch can be kept full.)"""
     stopped = server.log_count(STOPPED)
     leaving = _send(server.port, "/v1/completions", dict(LONG_RUN, stream=True))
-    staying = _send(server.port, "/api/generate", {"model": NAME, "prompt": "hi", "options": {"num_predict": 3000}})
+    staying = _send(server.port, "/v1/completions", dict(LONG_RUN, prompt="hi", stream=True))
     _read_until(leaving, b"data: ")
-    _read_until(staying, b"\n{")
+    _read_until(staying, b"data: ")
     leaving.close()
     server.wait_for_log(STOPPED, stopped + 1)
-    got = _read_until(staying, b"\n{")  # still streaming after the other one stopped
+    got = _read_until(staying, b"data: ")  # still streaming after the other one stopped
     for _ in range(20):
         got += staying.recv(4096)
-    assert server.log_count(STOPPED) == stopped + 1 and got.count(b'"response"') > 10
+    assert server.log_count(STOPPED) == stopped + 1 and got.count(b"data: ") > 10 and b"[DONE]" not in got
     staying.close()
     server.wait_for_log(STOPPED, stopped + 2)
     _check_still_serving(oai, model)
