@@ -77,6 +77,8 @@ def check_flags(args: argparse.Namespace) -> None:
             raise FlagError(f"--port must be between 0 and 65535 (0: any free port), got {args.port}")
         if args.max_queue < 1:
             raise FlagError(f"--max-queue must be at least 1, got {args.max_queue}")
+        if args.max_batch < 1:
+            raise FlagError(f"--max-batch must be at least 1, got {args.max_batch}")
         if args.max_request_bytes < 1:
             raise FlagError(f"--max-request-bytes must be at least 1, got {args.max_request_bytes}")
     if getattr(args, "out", None) is not None and args.command == "quantize" and args.out.suffix != ".gguf":
@@ -216,7 +218,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_extra()  # before loading a model: a missing extra or a port in use is a one-line error
     sock = bind(args.host, args.port)
     model = load_model(args)
-    serve(model, args.name or served_name(args.model), sock, args.max_queue, args.max_request_bytes, args.threads)
+    serve(model, args.name or served_name(args.model), sock, args.max_queue, args.max_request_bytes, args.threads,
+          max_batch=args.max_batch)
     return 0
 
 
@@ -298,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default=None, help="model name clients send (default: the folder's or GGUF file's "
                                                 "name, NAME for ollama:NAME, else --model)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get a 503")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default 8)")
     s.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get a 413")
     s.set_defaults(func=cmd_serve)
 

@@ -34,6 +34,20 @@ from .rope import rope_tables, rope_variant
 from .weights import Weights, parameter_counts
 
 
+class RowOps:
+    """A kernel backend whose `linear` is its `linear_rows`: for a batch of rows that belong to different
+    sequences, so that the layers (blocks/) run unchanged and each row comes out as it would alone."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def __getattr__(self, name: str):
+        return getattr(self.ops, name)
+
+    def linear(self, x: np.ndarray, w, b=None) -> np.ndarray:
+        return self.ops.linear_rows(x, w, b)
+
+
 class Model:
     """A loaded Phi model: config, memory-mapped weights, tokenizer, and the forward pass."""
 
@@ -85,6 +99,37 @@ class Model:
         x = self.blocks.norm(ops, cfg, x, W.final_norm, W.final_norm_bias)  # (T, D)
         notify(step, "final", cfg.num_hidden_layers, x)
         return ops.linear(x, W.lm_head, W.lm_head_bias)  # (T, V) float32
+
+    def step_batch(self, caches: Sequence[KVCache], ids: Sequence[int]) -> np.ndarray:
+        """One new token for each of B sequences at once (batched decode, `phinano serve`): ids[i] goes into
+        caches[i] at that cache's own position, rotated with its own factor set. Returns float32 logits (B, V).
+
+        Row i is bit for bit what `step(caches[i], [ids[i]], last_only=True)` returns: the linears run once
+        over the B rows with `linear_rows` (each weight read once for all of them, each row summed as it
+        would be alone; `RowOps`), attention runs per sequence, and every other op works row by row.
+        No observer: watch a sequence with `step`.
+        """
+        cfg, ops, W = self.config, RowOps(self.ops), self.weights
+        if len(caches) != len(ids) or not caches:
+            raise PhinanoError(f"step_batch needs one token per cache: {len(ids)} tokens for {len(caches)} caches")
+        steps = []
+        for cache in caches:
+            start = cache.length
+            self._check_length(start + 1)
+            if start + 1 > cache.capacity:
+                raise PhinanoError(f"KV cache holds {cache.capacity} positions; {start + 1} requested")
+            variant = rope_variant(cfg, start + 1)
+            cache.claim(variant)
+            cos, sin = rope_tables(cfg, start, 1, variant)  # (1, R) each
+            steps.append(Step(cache, start, cos, sin))
+        x = ops.embed(W.embed, self.check_ids(ids))  # (B, D): row i is sequence i's token
+
+        for i, layer in enumerate(W.layers):
+            x = self.blocks.forward_layer(ops, cfg, layer, x, steps, i)  # (B, D)
+        for cache in caches:
+            cache.length += 1
+        x = self.blocks.norm(ops, cfg, x, W.final_norm, W.final_norm_bias)  # (B, D)
+        return ops.linear(x, W.lm_head, W.lm_head_bias)  # (B, V) float32
 
     # ------------------------------------------------------------------ input checks
     def check_ids(self, token_ids: Sequence[int], start: int = 0) -> np.ndarray:

@@ -62,7 +62,7 @@ def test_bad_flags_are_refused_before_loading(no_loading, capsys, command, flags
     assert refused(argv, capsys).startswith(f"phinano: error: {flag} must be ")
 
 
-@pytest.mark.parametrize("flags", [["--port", "70000"], ["--port", "-1"], ["--max-queue", "0"],
+@pytest.mark.parametrize("flags", [["--port", "70000"], ["--port", "-1"], ["--max-queue", "0"], ["--max-batch", "0"],
                                    ["--max-request-bytes", "0"], ["--max-request-bytes", "-5"]])
 def test_bad_serve_flags_are_refused_before_loading(no_loading, capsys, flags):
     """Unchecked, --max-queue 0 would answer every request 503 and --max-request-bytes 0 fall back to 4 MiB."""

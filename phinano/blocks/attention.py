@@ -45,29 +45,42 @@ class Step:
     observer: dict | None = None  # fact name -> callback(layer, value); see model.py
 
 
-def notify(step: Step, fact: str, layer: int, value) -> None:
-    """Hand a fact to the observer, if it asked for this one."""
-    if step.observer is not None and fact in step.observer:
+def notify(step: Step | list[Step], fact: str, layer: int, value) -> None:
+    """Hand a fact to the observer, if it asked for this one (a batch of Steps has no observer)."""
+    if wants(step, fact):
         step.observer[fact](layer, value)
 
 
-def wants(step: Step, fact: str) -> bool:
-    return step.observer is not None and fact in step.observer
+def wants(step: Step | list[Step], fact: str) -> bool:
+    return not isinstance(step, list) and step.observer is not None and fact in step.observer
 
 
-def self_attention(ops, cfg, w: AttentionWeights, x: np.ndarray, step: Step, layer: int) -> np.ndarray:
-    """Attention of T new tokens over everything cached. x (T, D) normed -> (T, D)."""
-    T, start = x.shape[0], step.start
+def self_attention(ops, cfg, w: AttentionWeights, x: np.ndarray, step: Step | list[Step], layer: int) -> np.ndarray:
+    """Attention of T new tokens over everything cached. x (T, D) normed -> (T, D).
+
+    `step` may also be a list of Steps, one per sequence (batched decode, Model.step_batch): their tokens
+    are consecutive rows of x, in order, and each sequence rotates, caches and attends within its own
+    cache. The projections run once over all rows; only the attention itself is per sequence."""
+    steps = step if isinstance(step, list) else [step]
+    T = x.shape[0]
     q = ops.linear(x, w.q, w.q_bias).reshape(T, cfg.num_attention_heads, cfg.head_dim)  # (T, H, HD)
     k = ops.linear(x, w.k, w.k_bias).reshape(T, cfg.num_key_value_heads, cfg.head_dim)  # (T, KVH, HD)
     v = ops.linear(x, w.v, w.v_bias).reshape(T, cfg.num_key_value_heads, cfg.head_dim)  # (T, KVH, HD)
-    q = ops.rope(q, step.cos, step.sin)  # (T, H, HD)
-    k = ops.rope(k, step.cos, step.sin)  # (T, KVH, HD)
-    step.cache.k[layer, start : start + T] = k
-    step.cache.v[layer, start : start + T] = v
-    keys = step.cache.k[layer, : start + T]  # (S, KVH, HD), S = start + T
-    values = step.cache.v[layer, : start + T]  # (S, KVH, HD)
-    if wants(step, "attention"):  # only computed when asked for: (H, T, S) is large
-        notify(step, "attention", layer, ops.attention_weights(q, keys, start, cfg.sliding_window))
-    out = ops.attention(q, keys, values, start, cfg.sliding_window)  # (T, H, HD)
+    cos = np.concatenate([s.cos for s in steps])  # (T, R): each row the rotation of its own position
+    sin = np.concatenate([s.sin for s in steps])  # (T, R)
+    q = ops.rope(q, cos, sin)  # (T, H, HD)
+    k = ops.rope(k, cos, sin)  # (T, KVH, HD)
+    out = np.empty_like(q)  # (T, H, HD)
+    first = 0  # x's row of the sequence's first token
+    for s in steps:
+        n, start = s.cos.shape[0], s.start  # the sequence's tokens, its first position
+        rows = slice(first, first + n)
+        s.cache.k[layer, start : start + n] = k[rows]
+        s.cache.v[layer, start : start + n] = v[rows]
+        keys = s.cache.k[layer, : start + n]  # (S, KVH, HD), S = start + n
+        values = s.cache.v[layer, : start + n]  # (S, KVH, HD)
+        if wants(s, "attention"):  # only computed when asked for: (H, n, S) is large
+            notify(s, "attention", layer, ops.attention_weights(q[rows], keys, start, cfg.sliding_window))
+        out[rows] = ops.attention(q[rows], keys, values, start, cfg.sliding_window)  # (n, H, HD)
+        first += n
     return ops.linear(out.reshape(T, cfg.q_size), w.o, w.o_bias)  # (T, D)

@@ -42,8 +42,8 @@ from . import kquants  # noqa: F401 - adds the K-quant kernels (Q4_K, Q5_K, Q6_K
 from .runtime import FASTMATH, in_parts, run, set_threads, threads
 from .widening import activation, stored, to_f32
 
-__all__ = ["set_threads", "widen", "embed", "linear", "rmsnorm", "layernorm", "rope", "softmax", "swiglu", "attention",
-           "attention_weights"]
+__all__ = ["set_threads", "widen", "embed", "linear", "linear_rows", "rmsnorm", "layernorm", "rope", "softmax", "swiglu",
+           "attention", "attention_weights"]
 
 # linear(): from this many tokens on, a bf16/f16 product widens weight tiles and uses BLAS; below it the
 # fused kernel wins (measured on the 2-core machine: fused ~55 GFLOP/s up to 64 tokens, tiles + BLAS
@@ -132,6 +132,35 @@ def _matmul_fused(x, w, y):
             y[t, r] = acc
 
 
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _matmul_rows(x, w, y):
+    """y = x @ w.T like `_matmul_fused`, for a batch of decode rows (one per sequence): every row t is summed
+    by the very loop `_matmul_fused` runs for a single token (1 x 4 rows, then the last N % 4 rows one by
+    one), so each row of y is bit for bit what that row alone gives. The 4 x 4 tiles of `_matmul_fused`
+    would round differently. Each block of four weight rows is still read from memory once: the other
+    rows of x find it in cache (4 rows x K, 24 KB for bf16 at K = 3072)."""
+    T, K = x.shape
+    N = w.shape[0]
+    blocks = N // 4
+    for b in prange(blocks):
+        r = 4 * b
+        for t in range(T):
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for c in range(K):
+                xc = x[t, c]
+                a0 += xc * to_f32(w[r, c])
+                a1 += xc * to_f32(w[r + 1, c])
+                a2 += xc * to_f32(w[r + 2, c])
+                a3 += xc * to_f32(w[r + 3, c])
+            y[t, r], y[t, r + 1], y[t, r + 2], y[t, r + 3] = a0, a1, a2, a3
+    for r in range(4 * blocks, N):  # the last N % 4 rows (at most 3)
+        for t in range(T):
+            acc = np.float32(0.0)
+            for c in range(K):
+                acc += x[t, c] * to_f32(w[r, c])
+            y[t, r] = acc
+
+
 @njit(cache=True, nogil=True)
 def _widen_rows(w, out):
     """out[r, c] = float32(w[r, c]) on one thread, without the GIL (it runs inside `in_parts`)."""
@@ -140,7 +169,7 @@ def _widen_rows(w, out):
             out[r, c] = to_f32(w[r, c])
 
 
-_ARRAY_KERNELS = MatrixKernels(_matmul_fused, _widen_rows, BLAS_MIN_TOKENS)  # bf16, float16, float32 weights
+_ARRAY_KERNELS = MatrixKernels(_matmul_fused, _widen_rows, BLAS_MIN_TOKENS, _matmul_rows)  # bf16, f16, f32 weights
 
 
 def _reader(w: np.ndarray | QuantizedTensor) -> tuple[np.ndarray, MatrixKernels]:
@@ -201,6 +230,29 @@ def linear(x: np.ndarray, w: np.ndarray | QuantizedTensor, b: np.ndarray | None 
     if b is not None:
         y += widen(b)  # (N,) broadcast over the T rows
     return y.reshape(lead + (N,))
+
+
+def linear_rows(x: np.ndarray, w: np.ndarray | QuantizedTensor, b: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ w.T (+ b) for B independent rows (batched decode: one new token of each of B sequences).
+    x (B, K) float32, w (N, K) as stored, b (N,) -> (B, N) float32.
+
+    Row t of the result is bit for bit `linear(x[t : t + 1], w, b)[0]`, whatever B: the decode kernel's
+    per-row sums (`MatrixKernels.matmul_rows`), never the 4 x 4 tiles or BLAS that `linear` uses for
+    several tokens of one sequence. Each weight block is still read from memory once for all B rows, which
+    is the whole gain: a decode step is limited by reading the weights.
+    """
+    x = np.asarray(x)
+    K = x.shape[-1]
+    if x.ndim != 2 or w.ndim != 2 or w.shape[1] != K:
+        raise ValueError(f"linear_rows: x {x.shape} must be (B, K) and w (N, K); w has shape {w.shape}")
+    x2 = activation(x)  # (B, K)
+    B, N = x2.shape[0], w.shape[0]
+    rows, kernels = _reader(w)
+    y = np.empty((B, N), np.float32)
+    run(kernels.matmul_rows or kernels.matmul, B * N * K, x2, rows, y)
+    if b is not None:
+        y += widen(b)
+    return y
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -34,6 +34,11 @@ class MatrixKernels:
     matmul: Callable  # (x (T, K) float32, rows (N, ...), y (T, N) float32 out): y = x @ w.T, parallel
     widen_rows: Callable  # (rows (n, ...), out (n, K) float32 out): unpacked rows; serial, nogil
     blas_min_tokens: int  # from this many tokens on, linear() multiplies widened tiles with BLAS instead
+    # For `linear_rows` (a batch of decode rows, one per sequence): a kernel with matmul's signature that reads
+    # each weight block once and sums every row exactly as `matmul` sums a single token, so each row is bit
+    # for bit what it would be alone. None: `matmul` itself does so (it sums each token with the same code,
+    # whatever T), which holds for every kernel in this file and kquants.py.
+    matmul_rows: Callable | None = None
 
 
 @njit(inline="always")

@@ -17,8 +17,8 @@ import numpy as np
 
 from ..formats.quantized import QuantizedTensor, dequantize
 
-__all__ = ["set_threads", "widen", "embed", "linear", "rmsnorm", "layernorm", "rope", "softmax", "swiglu", "attention",
-           "attention_weights"]
+__all__ = ["set_threads", "widen", "embed", "linear", "linear_rows", "rmsnorm", "layernorm", "rope", "softmax", "swiglu",
+           "attention", "attention_weights"]
 
 
 def set_threads(n: int | None = None) -> int:
@@ -61,6 +61,13 @@ def linear(x: np.ndarray, w: np.ndarray | QuantizedTensor, b: np.ndarray | None 
     if b is not None:
         y += widen(b)
     return y
+
+
+def linear_rows(x: np.ndarray, w: np.ndarray | QuantizedTensor, b: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ w.T (+ b) for B independent rows (one new token of each of B sequences): row t is exactly
+    `linear(x[t : t + 1], w, b)[0]`. x (B, K) float32, w (N, K) as stored, b (N,) -> (B, N) float32.
+    (One product of all rows could round differently from a row alone; the batch must not change a token.)"""
+    return np.concatenate([linear(x[t : t + 1], w, b) for t in range(x.shape[0])]).reshape(x.shape[0], w.shape[0])
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

@@ -52,16 +52,16 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(model, name: str, sock: socket.socket, max_queue: int = 64, max_request_bytes: int | None = None,
-          threads: int | None = None) -> None:
+          threads: int | None = None, max_batch: int = 8) -> None:
     """Serve a loaded Model on a socket from `bind` until interrupted (Ctrl-C or SIGTERM).
-    threads: kernel threads of the generation thread (default: all cores)."""
+    threads: kernel threads of the generation thread (default: all cores); max_batch: requests decoded together."""
     check_extra()
     import uvicorn
 
     from .app import MAX_REQUEST_BYTES, create_app
     from .engine import Engine
 
-    engine = Engine(model, name, max_queue=max_queue, threads=threads)
+    engine = Engine(model, name, max_queue=max_queue, threads=threads, max_batch=max_batch)
     engine.ready.wait()
     app = create_app(engine, max_request_bytes or MAX_REQUEST_BYTES)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
