@@ -43,7 +43,7 @@ from .runtime import FASTMATH, in_parts, run, set_threads, threads
 from .widening import activation, stored, to_f32
 
 __all__ = ["set_threads", "widen", "embed", "linear", "rmsnorm", "layernorm", "rope", "softmax", "swiglu", "attention",
-           "attention_weights"]
+           "attention_weights", "gegelu", "blocksparse_visible", "blocksparse_attention_weights", "blocksparse_attention"]
 
 # linear(): from this many tokens on, a bf16/f16 product widens weight tiles and uses BLAS; below it the
 # fused kernel wins (measured on the 2-core machine: fused ~55 GFLOP/s up to 64 tokens, tiles + BLAS
@@ -575,5 +575,102 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
 
 
 # The attention probabilities are for watching a model (the observer hook), never on the hot path: the
-# reference's (H, T, S) computation is the implementation on both backends.
-from .reference import attention_weights  # noqa: E402,F401
+# reference's (H, T, S) computation is the implementation on both backends. So is the blocksparse mask.
+from .reference import attention_weights, blocksparse_attention_weights, blocksparse_visible  # noqa: E402,F401
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Phi-3-small: GEGELU and blocksparse attention
+# ---------------------------------------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _gegelu_rows(x, limit, clamp, out):
+    """out[t, c] = quick_gelu(a) * (b + 1) with a = x[t, 2c], b = x[t, 2c + 1], clamped as in the reference."""
+    one = np.float32(1.0)
+    k = np.float32(-1.702)
+    for t in prange(x.shape[0]):
+        for c in range(out.shape[1]):
+            a = x[t, 2 * c]
+            b = x[t, 2 * c + 1]
+            if clamp:
+                if not np.isinf(a):
+                    a = min(a, limit)
+                if not np.isinf(b):
+                    b = min(max(b, -limit), limit)
+            out[t, c] = a / (one + np.exp(k * a)) * (b + one)
+
+
+def gegelu(x: np.ndarray, limit: float | None) -> np.ndarray:
+    """Phi-3-small's GEGELU, x (T, 2F) interleaved (even columns gelu branch, odd linear) -> (T, F); one fused
+    pass instead of the reference's temporaries."""
+    x = activation(x)
+    if x.ndim != 2 or x.shape[1] % 2:
+        raise ValueError(f"gegelu: expects (T, 2F), got {x.shape}")
+    out = np.empty((x.shape[0], x.shape[1] // 2), np.float32)
+    lim = np.float32(0.0 if limit is None else limit)
+    run(_gegelu_rows, x.size, x, lim, limit is not None, out)
+    return out
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _blocksparse_rows(q, k, v, start, block, local_blocks, vert_stride, head_step, out):
+    """One work item = (query t, query head h). The keys it sees are listed block by block and nothing else is
+    read: the vertical blocks before the local band (kb = kb0, kb0 + vert_stride, ...; whole blocks, all before
+    the query), then the local band up to the query itself. So a decode step costs O(visible blocks), not O(S)."""
+    T, H, HD = q.shape
+    S, KVH, _ = k.shape
+    G = H // KVH
+    scale = np.float32(HD**-0.5)
+    for item in prange(T * H):
+        t = item // H
+        h = item % H
+        kvh = h // G
+        i = start + t
+        band = max(0, i // block - local_blocks + 1) * block  # first key position of the local band
+        kb0 = (vert_stride - 1 - (h * head_step) % vert_stride) % vert_stride  # first vertical block of head h
+        n_vertical = 0 if kb0 * block >= band else (band // block - kb0 + vert_stride - 1) // vert_stride
+        n = n_vertical * block + (i - band + 1)
+        keys = np.empty(n, np.int64)  # the visible key positions, ascending
+        m = 0
+        for b in range(n_vertical):
+            first = (kb0 + b * vert_stride) * block
+            for j in range(first, first + block):
+                keys[m] = j
+                m += 1
+        for j in range(band, i + 1):
+            keys[m] = j
+            m += 1
+        scores = np.empty(n, np.float32)
+        for m in range(n):
+            s = np.float32(0.0)
+            for d in range(HD):
+                s += q[t, h, d] * k[keys[m], kvh, d]
+            scores[m] = s * scale
+        _softmax_into(scores, scores)
+        acc = np.zeros(HD, np.float32)
+        for m in range(n):
+            p = scores[m]
+            for d in range(HD):
+                acc[d] += p * v[keys[m], kvh, d]
+        for d in range(HD):
+            out[t, h, d] = acc[d]
+
+
+def blocksparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, block: int, local_blocks: int,
+                          vert_stride: int, head_step: int) -> np.ndarray:
+    """Phi-3-small's blocksparse causal attention (the pattern of reference.blocksparse_visible), touching only
+    the visible key blocks. q (T, H, HD); k, v (S, KVH, HD) at positions 0 .. S-1. Returns (T, H, HD)."""
+    q = activation(q)
+    k = activation(k)
+    v = activation(v)
+    T, H, HD = q.shape
+    S, KVH, _ = k.shape
+    if H % KVH or k.shape[2] != HD or v.shape != k.shape or start + T > S:
+        raise ValueError(f"blocksparse_attention: q {q.shape}, k {k.shape}, v {v.shape}, start {start} do not fit")
+    out = np.empty_like(q)
+    if T:
+        work = 2 * T * H * HD * min(S, (local_blocks + S // (block * vert_stride) + 1) * block)
+        run(_blocksparse_rows, work, q, k, v, int(start), int(block), int(local_blocks), int(vert_stride),
+            int(head_step), out)
+    return out
