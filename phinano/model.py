@@ -4,6 +4,10 @@
              -> L x layer             (blocks/<architecture>.py: norm -> attention -> norm -> MLP or experts)
              -> final norm -> lm_head -> logits (T, V)
 
+Phi-3-small adds muP's two multipliers and a mask, all config values that are 1 / empty for the other models:
+embeddings x `embedding_multiplier` (10), logits / `logit_divisor` (8), and its unused vocabulary slots
+(`dummy_token_ids`) get the float32 minimum, as released, so they are never chosen.
+
 `Model.step` is the one way through the stack: T new positions into a KV cache. `forward` is a step from
 scratch; the generation loop (generate.py) is a prefill step and then one step per token. Every op goes
 through `self.ops`, the kernel backend ("numba" by default, "numpy" to read and check: kernels/reference.py).
@@ -66,6 +70,8 @@ class Model:
             x = ops.embed(W.embed, self.check_ids(ids, start))  # (T, D)
         else:
             x = self.check_embeddings(embeddings, start)  # (T, D)
+        if cfg.embedding_multiplier != 1.0:  # Phi-3-small (muP): ids and given embeddings alike
+            x = x * np.float32(cfg.embedding_multiplier)
         T = x.shape[0]
         if start + T > cache.capacity:
             raise PhinanoError(f"KV cache holds {cache.capacity} positions; {start + T} requested")
@@ -84,7 +90,12 @@ class Model:
             x = x[-1:]  # (1, D)
         x = self.blocks.norm(ops, cfg, x, W.final_norm, W.final_norm_bias)  # (T, D)
         notify(step, "final", cfg.num_hidden_layers, x)
-        return ops.linear(x, W.lm_head, W.lm_head_bias)  # (T, V) float32
+        logits = ops.linear(x, W.lm_head, W.lm_head_bias)  # (T, V) float32
+        if cfg.logit_divisor != 1.0:  # Phi-3-small (muP)
+            logits /= np.float32(cfg.logit_divisor)
+        if cfg.dummy_token_ids:  # Phi-3-small: slots no token uses
+            logits[:, cfg.dummy_token_ids] = np.finfo(np.float32).min
+        return logits
 
     # ------------------------------------------------------------------ input checks
     def check_ids(self, token_ids: Sequence[int], start: int = 0) -> np.ndarray:
