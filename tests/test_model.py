@@ -113,7 +113,7 @@ FLOORS = [  # lowest first; a module may import its own floor and those below it
     {"formats"},
     {"kernels"},
     {"rope", "cache", "blocks"},
-    {"weights", "tokenizer"},
+    {"weights", "tokenizer", "tokenizer_tiktoken"},
     {"generate"},
     {"model", "tracing", "quantize"},
     {"chat", "cli", "serve", "server", "server_app", "server_engine", "server_openai", "server_ollama", "__init__"},
