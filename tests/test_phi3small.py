@@ -397,7 +397,9 @@ def test_released_cached_generation_keeps_short_keys_and_differs(mlx_runs):
 # ------------------------------------------------------------------ phinano info
 def test_info_describes_blocksparse_and_mup(small, capsys):
     from phinano.cli import main
+    from test_phi3small_tokenizer import write_test_vocab
 
+    write_test_vocab(small("8k"))  # the CLI loads the tokenizer too
     assert main(["info", "--model", str(small("8k")), "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
     assert "Phi3SmallForCausalLM" in out
