@@ -614,47 +614,72 @@ def gegelu(x: np.ndarray, limit: float | None) -> np.ndarray:
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _blocksparse_rows(q, k, v, start, block, local_blocks, vert_stride, head_step, out):
-    """One work item = (query t, query head h). The keys it sees are listed block by block and nothing else is
-    read: the vertical blocks before the local band (kb = kb0, kb0 + vert_stride, ...; whole blocks, all before
-    the query), then the local band up to the query itself. So a decode step costs O(visible blocks), not O(S)."""
+def _blocksparse_rows(q, k, v, start, block, local_blocks, vert_stride, head_step, heads_per_block, out):
+    """One work item = (query t, a block of KV heads with their query heads). Only visible keys are read:
+    - the local band (the last `local_blocks` blocks, up to the query itself) is the same for every head: the
+      key loop is outermost there, so each cache row k[j, block] is streamed once and used for all its query
+      heads, as in the dense kernel (`_attention_blocks`);
+    - the vertical blocks before the band (kb0, kb0 + vert_stride, ...; whole blocks) differ per head, so
+      each head reads its own.
+    A decode step so costs O(visible blocks), not O(S). Each head's scores are laid out [verticals | band]."""
     T, H, HD = q.shape
-    S, KVH, _ = k.shape
+    KVH = k.shape[1]
     G = H // KVH
+    blocks = (KVH + heads_per_block - 1) // heads_per_block
     scale = np.float32(HD**-0.5)
-    for item in prange(T * H):
-        t = item // H
-        h = item % H
-        kvh = h // G
+    for item in prange(blocks * T):
+        kv0 = (item // T) * heads_per_block
+        kv1 = min(KVH, kv0 + heads_per_block)
+        t = item % T
         i = start + t
+        h0 = kv0 * G
+        nh = (kv1 - kv0) * G
         band = max(0, i // block - local_blocks + 1) * block  # first key position of the local band
-        kb0 = (vert_stride - 1 - (h * head_step) % vert_stride) % vert_stride  # first vertical block of head h
-        n_vertical = 0 if kb0 * block >= band else (band // block - kb0 + vert_stride - 1) // vert_stride
-        n = n_vertical * block + (i - band + 1)
-        keys = np.empty(n, np.int64)  # the visible key positions, ascending
-        m = 0
-        for b in range(n_vertical):
-            first = (kb0 + b * vert_stride) * block
-            for j in range(first, first + block):
-                keys[m] = j
-                m += 1
+        n_band = i - band + 1
+        first_block = np.empty(nh, np.int64)  # each head's first vertical block, and how many it sees
+        n_vertical = np.empty(nh, np.int64)
+        for hh in range(nh):
+            kb0 = (vert_stride - 1 - ((h0 + hh) * head_step) % vert_stride) % vert_stride
+            first_block[hh] = kb0
+            n_vertical[hh] = 0 if kb0 * block >= band else (band // block - kb0 + vert_stride - 1) // vert_stride
+        scores = np.empty((nh, n_vertical.max() * block + n_band), np.float32)
+        for j in range(band, i + 1):  # the band: one read of each cache row for all heads
+            for kvh in range(kv0, kv1):
+                for g in range(G):
+                    hh = (kvh - kv0) * G + g
+                    s = np.float32(0.0)
+                    for d in range(HD):
+                        s += q[t, h0 + hh, d] * k[j, kvh, d]
+                    scores[hh, n_vertical[hh] * block + j - band] = s * scale
+        for hh in range(nh):  # each head's vertical blocks
+            kvh = (h0 + hh) // G
+            for b in range(n_vertical[hh]):
+                first = (first_block[hh] + b * vert_stride) * block
+                for j in range(first, first + block):
+                    s = np.float32(0.0)
+                    for d in range(HD):
+                        s += q[t, h0 + hh, d] * k[j, kvh, d]
+                    scores[hh, b * block + j - first] = s * scale
+            n = n_vertical[hh] * block + n_band
+            _softmax_into(scores[hh, :n], scores[hh, :n])
+        acc = np.zeros((nh, HD), np.float32)
         for j in range(band, i + 1):
-            keys[m] = j
-            m += 1
-        scores = np.empty(n, np.float32)
-        for m in range(n):
-            s = np.float32(0.0)
+            for kvh in range(kv0, kv1):
+                for g in range(G):
+                    hh = (kvh - kv0) * G + g
+                    p = scores[hh, n_vertical[hh] * block + j - band]
+                    for d in range(HD):
+                        acc[hh, d] += p * v[j, kvh, d]
+        for hh in range(nh):
+            kvh = (h0 + hh) // G
+            for b in range(n_vertical[hh]):
+                first = (first_block[hh] + b * vert_stride) * block
+                for j in range(first, first + block):
+                    p = scores[hh, b * block + j - first]
+                    for d in range(HD):
+                        acc[hh, d] += p * v[j, kvh, d]
             for d in range(HD):
-                s += q[t, h, d] * k[keys[m], kvh, d]
-            scores[m] = s * scale
-        _softmax_into(scores, scores)
-        acc = np.zeros(HD, np.float32)
-        for m in range(n):
-            p = scores[m]
-            for d in range(HD):
-                acc[d] += p * v[keys[m], kvh, d]
-        for d in range(HD):
-            out[t, h, d] = acc[d]
+                out[t, h0 + hh, d] = acc[hh, d]
 
 
 def blocksparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, block: int, local_blocks: int,
@@ -671,6 +696,7 @@ def blocksparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: in
     out = np.empty_like(q)
     if T:
         work = 2 * T * H * HD * min(S, (local_blocks + S // (block * vert_stride) + 1) * block)
+        per = -(-KVH // threads())  # one block of KV heads per thread, as in `attention`
         run(_blocksparse_rows, work, q, k, v, int(start), int(block), int(local_blocks), int(vert_stride),
-            int(head_step), out)
+            int(head_step), per, out)
     return out
