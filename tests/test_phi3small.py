@@ -233,9 +233,9 @@ def test_longrope_switch_recomputes_with_long_factors(small):
     The released code instead keeps the keys it rotated with the short factors (test below)."""
     model = phinano.load(small("128k"), backend="numba", tokenizer=False)
     ids = prompt(ORIGINAL - 10)
-    new = model.generate(ids, 30, stop_token_ids=[])
+    new = model.generate(ids, 20, stop_token_ids=[])  # the switch at the 11th new token
     seq = list(ids)
-    for _ in range(30):  # no cache: every step a full forward, rotated by the factors of its total length
+    for _ in range(20):  # no cache: every step a full forward, rotated by the factors of its total length
         seq.append(int(np.argmax(model.forward(seq)[-1])))
     assert new == seq[len(ids):]
 
