@@ -57,9 +57,17 @@ def phi3small_config(long_context: bool = False, **overrides) -> dict:
 
 
 def make_phi3small(folder: Path, long_context: bool = False, seed: int = 0, shards: int = 1,
-                   inv_freq: bool = True, lm_head_copy: bool = False, **overrides) -> Path:
-    """Random weights in the released names, tied head (no lm_head.weight), optionally sharded with an index."""
+                   inv_freq: bool = True, lm_head_copy: bool = False, bf16: bool = False, **overrides) -> Path:
+    """Random weights in the released names, tied head (no lm_head.weight), optionally sharded with an index,
+    float32 or (as released) bfloat16."""
     from safetensors.numpy import save_file
+
+    if bf16:
+        import torch
+        from safetensors.torch import save_file as save_torch
+
+        def save_file(tensors, path, metadata):  # noqa: F811 - bf16 needs torch's writer
+            save_torch({n: torch.from_numpy(t).to(torch.bfloat16) for n, t in tensors.items()}, path, metadata)
 
     folder.mkdir(parents=True, exist_ok=True)
     config = phi3small_config(long_context, **overrides)
@@ -134,6 +142,9 @@ def test_loads_the_released_layout(small):
     assert single.weights.lm_head is single.weights.embed  # tied: the head is the embedding table
     assert sharded.weights.lm_head is sharded.weights.embed  # a carried lm_head copy is not used
     assert single.weights.final_norm_bias is not None  # model.final_layernorm.{weight,bias}
+    bf16 = phinano.load(small("8k", shards=2, bf16=True), backend="numpy", tokenizer=False)  # as released
+    assert bf16.weights.dtype == "bfloat16"
+    assert np.abs(bf16.forward(prompt(40)) - single.forward(prompt(40)))[:, :100000].max() < 0.5
     assert single.stop_token_ids == (100257, 100266)
     ids = prompt(40)
     np.testing.assert_array_equal(single.forward(ids), sharded.forward(ids))
@@ -183,6 +194,9 @@ def test_config_values_of_the_release():
     assert cfg.rope_short_mscale == 1.0  # not Phi-3-mini's attention factor
     assert cfg.rope_long_mscale == pytest.approx(math.sqrt(1 + math.log(16) / math.log(8192)))
     assert len(cfg.dummy_token_ids) == 91
+    from phinano.weights import parameter_counts
+
+    assert parameter_counts(cfg) == (7_392_272_384, 7_392_272_384)  # the published 7.4B, head tied
     from phinano.blocks import phi3small
 
     assert [phi3small.is_dense(cfg, i) for i in range(4)] == [False, True, False, True]
