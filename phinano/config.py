@@ -331,6 +331,14 @@ def config_from_dict(raw: dict, where: str = "config.json") -> Config:
 PHI3SMALL_DUMMY_TOKEN_IDS = (100256, 100258, 100259, 100260, 100264, 100265, *range(100267, 100352))
 
 
+def _released_mscale(rope: _Values, key: str, default: float) -> float:
+    """Phi-3-small-128k's short_mscale / long_mscale: the value when it is > 0, else `default`."""
+    name, value, given = rope._lookup(key, None)
+    if given and not (_is_number(value) and math.isfinite(value)):
+        rope._wrong(name, "a number", value)
+    return float(value) if given and value > 0 else default
+
+
 def _phi3small_config(top: _Values, raw: dict) -> Config:
     """Phi-3-small (configuration_phi3_small.py): its own key names, muP multipliers, GEGELU, blocksparse
     attention, and for the 128k model "su"/longrope rotary with its own mscale rules."""
@@ -353,25 +361,26 @@ def _phi3small_config(top: _Values, raw: dict) -> Config:
         if top.flag("gegelu_pad_to_256", True):
             ff_size = -(-ff_size // 256) * 256
 
-    # Rotary: NeoX pairing over the whole head, base `rope_embedding_base`, positions times `rope_position_scale`.
-    # The 128k model adds rope_scaling {type "su"/"longrope", short/long factors, original length 8192}; unlike
-    # Phi-3-mini, a missing short_mscale is 1.0 (not the attention factor) and only the long lists get
-    # long_mscale, by default sqrt(1 + ln(s) / ln(original)) with s = max / original positions.
+    # Rotary (positional_embedding.py): NeoX pairing over the whole head, base `rope_embedding_base`, positions
+    # times `rope_position_scale`. The 128k model adds rope_scaling {type "su"/"longrope", short/long factors,
+    # original length 8192}, and its longrope branch does not scale positions. Unlike Phi-3-mini, short_mscale
+    # defaults to 1.0 (not the attention factor) and long_mscale to sqrt(1 + ln(s) / ln(original)), s = max /
+    # original positions; the release's "not given" is any value <= 0 (its default -1).
     prefix, scaling = top.section("rope_scaling")
     rope = _Values(top.where, (prefix, scaling))
-    rope_type = "default"
+    rope_type, position_scale = "default", top.number("rope_position_scale", 1.0)
     original_max, short, long, short_mscale, long_mscale = max_pos, None, None, None, None
     if scaling:
         rope.text("type", None, ("su", "longrope")) or rope.text("rope_type", "su", ("su", "longrope"))
-        rope_type = "longrope"  # "su" is the released name
-        original_max = rope.integer("original_max_position_embeddings", max_pos)
+        rope_type, position_scale = "longrope", 1.0  # "su" is the released name
+        original_max = rope.integer("original_max_position_embeddings", minimum=2)
         why = f"head dim / 2, head dim {head_dim} = 'hidden_size' / 'num_attention_heads'"
         short = rope.numbers("short_factor", head_dim // 2, why)
         long = rope.numbers("long_factor", head_dim // 2, why)
-        short_mscale = rope.number("short_mscale", 1.0)
         scale = max_pos / original_max
-        default_long = math.sqrt(1 + math.log(scale) / math.log(original_max)) if scale > 1 and original_max > 1 else 1.0
-        long_mscale = rope.number("long_mscale", default_long)
+        short_mscale = _released_mscale(rope, "short_mscale", 1.0)
+        long_mscale = _released_mscale(rope, "long_mscale",
+                                       math.sqrt(1 + math.log(scale) / math.log(original_max)) if scale > 1 else 1.0)
 
     every = top.integer("dense_attention_every_n_layers", 2, minimum=0) or None  # 0 / null: no dense layer
     block = top.integer("blocksparse_block_size", 64)
@@ -412,7 +421,7 @@ def _phi3small_config(top: _Values, raw: dict) -> Config:
         pad_token_id=top.integer("pad_token_id", None, minimum=0),
         dtype=top.text("torch_dtype", None) or top.text("dtype", "bfloat16"),
         raw=raw,
-        rope_position_scale=top.number("rope_position_scale", 1.0),
+        rope_position_scale=position_scale,
         embedding_multiplier=top.number("mup_embedding_multiplier", 0.0, rule="non-negative") or 1.0,
         logit_divisor=top.number("mup_width_multiplier", 0.0, rule="non-negative") or 1.0,
         softmax_scale=attn_multiplier / head_dim if top.flag("mup_use_scaling", True) else None,

@@ -193,6 +193,21 @@ def test_config_values_of_the_release():
     assert (cfg.head_dim, cfg.softmax_scale, cfg.embedding_multiplier, cfg.logit_divisor) == (128, 1 / 128, 10, 8)
     assert cfg.rope_short_mscale == 1.0  # not Phi-3-mini's attention factor
     assert cfg.rope_long_mscale == pytest.approx(math.sqrt(1 + math.log(16) / math.log(8192)))
+    # the release's LongRopeConfig: -1 (its default) or 0 mean "not given"; a value > 0 is used
+    scaling = dict(released["rope_scaling"], short_mscale=-1, long_mscale=0)
+    assert config_from_dict({**released, "rope_scaling": scaling}).rope_short_mscale == 1.0
+    scaling = dict(released["rope_scaling"], short_mscale=1.1, long_mscale=1.2)
+    given = config_from_dict({**released, "rope_scaling": scaling})
+    assert (given.rope_short_mscale, given.rope_long_mscale) == (1.1, 1.2)
+    # its longrope branch ignores rope_position_scale; the 8k model's rotary uses it
+    assert config_from_dict({**released, "rope_position_scale": 2.0}).rope_position_scale == 1.0
+    scaled = config_from_dict(phi3small_config(rope_position_scale=2.0))
+    from phinano.rope import rope_tables
+
+    cos, sin = rope_tables(scaled, 3, 4, "default")  # positions 3..6 rotate as 6, 8, 10, 12 would
+    plain_cos, plain_sin = rope_tables(config_from_dict(phi3small_config()), 0, 13, "default")
+    np.testing.assert_array_equal(cos, plain_cos[6:13:2])
+    np.testing.assert_array_equal(sin, plain_sin[6:13:2])
     assert len(cfg.dummy_token_ids) == 91
     from phinano.weights import parameter_counts
 
@@ -282,7 +297,9 @@ def _released_rope(mx, nn, cfg, variant: str):
 
         def __call__(self, x, offset: int = 0):
             L = x.shape[-2]
-            pos = mx.arange(offset, offset + L).astype(mx.float32) * cfg.rope_position_scale
+            pos = mx.arange(offset, offset + L).astype(mx.float32)
+            if variant == "default":  # the released longrope branch does not scale positions
+                pos = pos * cfg.raw.get("rope_position_scale", 1.0)
             angles = pos[:, None] * self._inv[None, :]
             angles = mx.concatenate([angles, angles], axis=-1)
             cos, sin = mx.cos(angles) * self.mscale, mx.sin(angles) * self.mscale
