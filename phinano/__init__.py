@@ -76,6 +76,10 @@ def _open_folder(folder: Path, tokenizer: bool, quantize: str | None = None):
         from .tokenizer import load_tokenizer
 
         tok = load_tokenizer(folder)
+    elif tokenizer and config.is_phi3small:  # tiktoken ranks, not a tokenizer.json
+        from .tokenizer_tiktoken import load_tiktoken_tokenizer
+
+        tok = load_tiktoken_tokenizer(folder)
     return config, weights, tok, load_stop_ids(folder, config), load_sampling_defaults(folder)
 
 

@@ -182,6 +182,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("layers", f"{cfg.num_hidden_layers} x (hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}, "
                    f"kv heads {cfg.num_key_value_heads}, head dim {cfg.head_dim}, mlp {cfg.intermediate_size})"),
         *([("experts", f"{cfg.num_local_experts}, {cfg.num_experts_per_tok} active per token")] if cfg.is_moe else []),
+        *(model.blocks.describe(cfg) if hasattr(model.blocks, "describe") else []),  # Phi-3-small: pattern, muP
         ("vocab", f"{cfg.vocab_size}"),
         ("rope", f"{cfg.rope_type}, theta {cfg.rope_theta:g}, rotary dims {cfg.rotary_dim} of {cfg.head_dim}"
                  + (f", original length {cfg.original_max_position_embeddings}" if cfg.rope_type == "longrope" else "")),

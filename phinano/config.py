@@ -22,8 +22,8 @@ from typing import NoReturn
 
 from .errors import PhinanoError
 
-SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM", "PhimoeForCausalLM")
-_MODEL_TYPES = {"phi3": "Phi3ForCausalLM", "phimoe": "PhimoeForCausalLM"}
+SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM", "PhimoeForCausalLM", "Phi3SmallForCausalLM")
+_MODEL_TYPES = {"phi3": "Phi3ForCausalLM", "phimoe": "PhimoeForCausalLM", "phi3small": "Phi3SmallForCausalLM"}
 _ROPE_TYPES = ("default", "longrope", "su")  # "su" is what early Phi-3 revisions called longrope
 
 
@@ -67,6 +67,22 @@ class Config:
     pad_token_id: int | None  # 32000
     dtype: str  # dtype the checkpoint says it was saved in: "bfloat16"
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # config.json as read
+    # --- Phi-3-small only (defaults leave every other model unchanged; values are Phi-3-small-8k's) ---
+    rope_position_scale: float = 1.0  # positions are multiplied by this before rotating: 1.0
+    embedding_multiplier: float = 1.0  # muP: embeddings are multiplied by `mup_embedding_multiplier`: 10.0
+    logit_divisor: float = 1.0  # muP: logits are divided by `mup_width_multiplier`: 8.0
+    softmax_scale: float | None = None  # scores = q.k * this; None = 1/sqrt(HD). muP: mup_attn_multiplier/HD = 1/128
+    gegelu_limit: float | None = None  # 20.0: the GEGELU clamps its inputs at this
+    dense_attention_every_n_layers: int | None = None  # 2: layer i is dense when (i+1) % 2 == 0, else blocksparse
+    blocksparse_block_size: int = 64  # tokens per block of the blocksparse pattern
+    blocksparse_num_local_blocks: int = 16  # a query sees the last 16 blocks (its own included) ...
+    blocksparse_vert_stride: int = 8  # ... and every 8th block before them (the "vertical stride")
+    blocksparse_homo_head_pattern: bool = False  # False: each query head shifts its vertical blocks by one
+    dummy_token_ids: tuple[int, ...] = ()  # vocabulary slots the tokenizer never produces; their logits are masked
+
+    @property
+    def is_phi3small(self) -> bool:
+        return self.architecture == "Phi3SmallForCausalLM"
 
     @property
     def is_moe(self) -> bool:
@@ -212,6 +228,8 @@ def config_from_dict(raw: dict, where: str = "config.json") -> Config:
         raise PhinanoError(f"{where}: must hold a JSON object, got {type(raw).__name__}")
     top = _Values(where, ("", raw))
     arch = _architecture(top)
+    if arch == "Phi3SmallForCausalLM":
+        return _phi3small_config(top, raw)
     is_moe = arch == "PhimoeForCausalLM"
 
     hidden = top.integer("hidden_size")
@@ -304,6 +322,116 @@ def config_from_dict(raw: dict, where: str = "config.json") -> Config:
         pad_token_id=top.integer("pad_token_id", None, minimum=0),
         dtype=top.text("dtype", None) or top.text("torch_dtype", "float32"),
         raw=raw,
+    )
+
+
+# Phi-3-small's vocabulary slots that its tokenizer never produces: the padding "dummy" tokens (100256, 100264,
+# 100265, 100267-100275 and 100277-100351) and the cl100k specials it does not use (<|fim_prefix|>,
+# <|fim_middle|>, <|fim_suffix|>, <|endofprompt|>). The released model sets their logits to the float32 minimum.
+PHI3SMALL_DUMMY_TOKEN_IDS = (100256, 100258, 100259, 100260, 100264, 100265, *range(100267, 100352))
+
+
+def _released_mscale(rope: _Values, key: str, default: float) -> float:
+    """Phi-3-small-128k's short_mscale / long_mscale: the value when it is > 0, else `default`."""
+    name, value, given = rope._lookup(key, None)
+    if given and not (_is_number(value) and math.isfinite(value)):
+        rope._wrong(name, "a number", value)
+    return float(value) if given and value > 0 else default
+
+
+def _phi3small_config(top: _Values, raw: dict) -> Config:
+    """Phi-3-small (configuration_phi3_small.py): its own key names, muP multipliers, GEGELU, blocksparse
+    attention, and for the 128k model "su"/longrope rotary with its own mscale rules."""
+    hidden = top.integer("hidden_size")
+    heads = top.integer("num_attention_heads")
+    kv_heads = top.integer("num_key_value_heads", 8)
+    if hidden % heads or heads % kv_heads:
+        top.fail(f"'hidden_size' ({hidden}) must be a multiple of 'num_attention_heads' ({heads}), and that of "
+                 f"'num_key_value_heads' ({kv_heads})")
+    head_dim = hidden // heads  # the released code has no head_dim key
+    max_pos = top.integer("max_position_embeddings", 8192)
+    if top.text("hidden_act", "gegelu") != "gegelu":
+        top.fail("'hidden_act' must be \"gegelu\" (the only activation Phi-3-small has)")
+    # ff_intermediate_size, or ff_dim_multiplier * (hidden // 3) * 2 rounded up to 256 (gegelu_pad_to_256).
+    ff_size, ff_multiplier = top.integer("ff_intermediate_size", None), top.integer("ff_dim_multiplier", None)
+    if (ff_size is None) == (ff_multiplier is None):
+        top.fail("exactly one of 'ff_intermediate_size' and 'ff_dim_multiplier' must be given")
+    if ff_size is None:
+        ff_size = ff_multiplier * (hidden // 3) * 2
+        if top.flag("gegelu_pad_to_256", True):
+            ff_size = -(-ff_size // 256) * 256
+
+    # Rotary (positional_embedding.py): NeoX pairing over the whole head, base `rope_embedding_base`, positions
+    # times `rope_position_scale`. The 128k model adds rope_scaling {type "su"/"longrope", short/long factors,
+    # original length 8192}, and its longrope branch does not scale positions. Unlike Phi-3-mini, short_mscale
+    # defaults to 1.0 (not the attention factor) and long_mscale to sqrt(1 + ln(s) / ln(original)), s = max /
+    # original positions; the release's "not given" is any value <= 0 (its default -1).
+    prefix, scaling = top.section("rope_scaling")
+    rope = _Values(top.where, (prefix, scaling))
+    rope_type, position_scale = "default", top.number("rope_position_scale", 1.0)
+    original_max, short, long, short_mscale, long_mscale = max_pos, None, None, None, None
+    if scaling:
+        rope.text("type", None, ("su", "longrope")) or rope.text("rope_type", "su", ("su", "longrope"))
+        rope_type, position_scale = "longrope", 1.0  # "su" is the released name
+        original_max = rope.integer("original_max_position_embeddings", minimum=2)
+        why = f"head dim / 2, head dim {head_dim} = 'hidden_size' / 'num_attention_heads'"
+        short = rope.numbers("short_factor", head_dim // 2, why)
+        long = rope.numbers("long_factor", head_dim // 2, why)
+        scale = max_pos / original_max
+        short_mscale = _released_mscale(rope, "short_mscale", 1.0)
+        long_mscale = _released_mscale(rope, "long_mscale",
+                                       math.sqrt(1 + math.log(scale) / math.log(original_max)) if scale > 1 else 1.0)
+
+    every = top.integer("dense_attention_every_n_layers", 2, minimum=0) or None  # 0 / null: no dense layer
+    block = top.integer("blocksparse_block_size", 64)
+    local = top.integer("blocksparse_num_local_blocks", 16)
+    stride = top.integer("blocksparse_vert_stride", 8)
+    attn_multiplier = top.number("mup_attn_multiplier", 1.0)
+    vocab = top.integer("vocab_size", 100352)
+    eos = top.token_ids("eos_token_id") or (100257,)
+    return Config(
+        architecture="Phi3SmallForCausalLM",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ff_size,
+        num_hidden_layers=top.integer("num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=top.number("layer_norm_epsilon", 1e-5),  # a LayerNorm eps here, as for PhiMoE
+        max_position_embeddings=max_pos,
+        rope_theta=top.number("rope_embedding_base", 1e6),
+        rope_type=rope_type,
+        rotary_dim=head_dim,
+        original_max_position_embeddings=original_max,
+        rope_short_factor=short,
+        rope_long_factor=long,
+        rope_attention_factor=1.0,
+        rope_short_mscale=short_mscale,
+        rope_long_mscale=long_mscale,
+        sliding_window=None,
+        attention_bias=True,
+        tie_word_embeddings=top.flag("tie_word_embeddings", True),
+        lm_head_bias=False,
+        num_local_experts=0,
+        num_experts_per_tok=0,
+        router_jitter_noise=0.0,
+        bos_token_id=top.integer("bos_token_id", 100257, minimum=0),
+        eos_token_id=eos,
+        pad_token_id=top.integer("pad_token_id", None, minimum=0),
+        dtype=top.text("torch_dtype", None) or top.text("dtype", "bfloat16"),
+        raw=raw,
+        rope_position_scale=position_scale,
+        embedding_multiplier=top.number("mup_embedding_multiplier", 0.0, rule="non-negative") or 1.0,
+        logit_divisor=top.number("mup_width_multiplier", 0.0, rule="non-negative") or 1.0,
+        softmax_scale=attn_multiplier / head_dim if top.flag("mup_use_scaling", True) else None,
+        gegelu_limit=top.number("gegelu_limit", 20.0),
+        dense_attention_every_n_layers=every,
+        blocksparse_block_size=block,
+        blocksparse_num_local_blocks=local,
+        blocksparse_vert_stride=stride,
+        blocksparse_homo_head_pattern=top.flag("blocksparse_homo_head_pattern", False),
+        dummy_token_ids=tuple(i for i in PHI3SMALL_DUMMY_TOKEN_IDS if i < vocab),
     )
 
 

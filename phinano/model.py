@@ -4,6 +4,10 @@
              -> L x layer             (blocks/<architecture>.py: norm -> attention -> norm -> MLP or experts)
              -> final norm -> lm_head -> logits (T, V)
 
+Phi-3-small adds muP's two multipliers and a mask, all config values that are 1 / empty for the other models:
+embeddings x `embedding_multiplier` (10), logits / `logit_divisor` (8), and its unused vocabulary slots
+(`dummy_token_ids`) get the float32 minimum, as released, so they are never chosen.
+
 `Model.step` is the one way through the stack: T new positions into a KV cache. `forward` is a step from
 scratch; the generation loop (generate.py) is a prefill step and then one step per token. Every op goes
 through `self.ops`, the kernel backend ("numba" by default, "numpy" to read and check: kernels/reference.py).
@@ -77,9 +81,11 @@ class Model:
             raise PhinanoError("step takes exactly one of token ids and input embeddings")
         start = cache.length
         if embeddings is None:
-            x = ops.embed(W.embed, self.check_ids(ids, start))  # (T, D)
+            x = self.embed(ops, self.check_ids(ids, start))  # (T, D)
         else:
             x = self.check_embeddings(embeddings, start)  # (T, D)
+            if cfg.embedding_multiplier != 1.0:  # Phi-3-small (muP): given embeddings as ids' own
+                x = x * np.float32(cfg.embedding_multiplier)
         T = x.shape[0]
         if start + T > cache.capacity:
             raise PhinanoError(f"KV cache holds {cache.capacity} positions; {start + T} requested")
@@ -98,7 +104,7 @@ class Model:
             x = x[-1:]  # (1, D)
         x = self.blocks.norm(ops, cfg, x, W.final_norm, W.final_norm_bias)  # (T, D)
         notify(step, "final", cfg.num_hidden_layers, x)
-        return ops.linear(x, W.lm_head, W.lm_head_bias)  # (T, V) float32
+        return self.head(ops, x)  # (T, V)
 
     def step_batch(self, caches: Sequence[KVCache], ids: Sequence[int]) -> np.ndarray:
         """One new token for each of B sequences at once (batched decode, `phinano serve`): ids[i] goes into
@@ -122,14 +128,33 @@ class Model:
             cache.claim(variant)
             cos, sin = rope_tables(cfg, start, 1, variant)  # (1, R) each
             steps.append(Step(cache, start, cos, sin))
-        x = ops.embed(W.embed, self.check_ids(ids))  # (B, D): row i is sequence i's token
+        x = self.embed(ops, self.check_ids(ids))  # (B, D): row i is sequence i's token
 
         for i, layer in enumerate(W.layers):
             x = self.blocks.forward_layer(ops, cfg, layer, x, steps, i)  # (B, D)
         for cache in caches:
             cache.length += 1
         x = self.blocks.norm(ops, cfg, x, W.final_norm, W.final_norm_bias)  # (B, D)
-        return ops.linear(x, W.lm_head, W.lm_head_bias)  # (B, V) float32
+        return self.head(ops, x)  # (B, V)
+
+    # ------------------------------------------------------------------ the two ends of the stack
+    def embed(self, ops, ids: np.ndarray) -> np.ndarray:
+        """Token ids (T,) -> embeddings (T, D) float32, times muP's embedding multiplier (Phi-3-small)."""
+        x = ops.embed(self.weights.embed, ids)  # (T, D)
+        if self.config.embedding_multiplier != 1.0:
+            x = x * np.float32(self.config.embedding_multiplier)
+        return x
+
+    def head(self, ops, x: np.ndarray) -> np.ndarray:
+        """Final-normed x (T, D) -> float32 logits (T, V). Phi-3-small divides them by muP's width multiplier
+        and gives the vocabulary's dummy slots (ids no token uses) the float32 minimum, as released."""
+        cfg, W = self.config, self.weights
+        logits = ops.linear(x, W.lm_head, W.lm_head_bias)  # (T, V) float32
+        if cfg.logit_divisor != 1.0:
+            logits /= np.float32(cfg.logit_divisor)
+        if cfg.dummy_token_ids:
+            logits[:, cfg.dummy_token_ids] = np.finfo(np.float32).min
+        return logits
 
     # ------------------------------------------------------------------ input checks
     def check_ids(self, token_ids: Sequence[int], start: int = 0) -> np.ndarray:

@@ -7,6 +7,8 @@ Three flavours, all computed in float32 exactly as Transformers does:
   once it does not. cos and sin are multiplied by an attention factor (1.19024 for 128k models) at every
   length.
 - PhiMoE longrope: the same, but the multiplier is short_mscale / long_mscale (1.2431).
+- Phi-3-small: default or ("su") longrope with base 1e6; its 128k model's multiplier is short_mscale (1.0 unless
+  given) / long_mscale, and every position is first multiplied by `rope_position_scale` (1.0 as released).
 
 The factor choice is per forward pass, by the total length L = last position + 1: there is no mixing of
 short- and long-rotated keys. When a generation grows past the original length, the KV cache built with
@@ -44,7 +46,7 @@ def attention_scale(cfg: Config, variant: str) -> float:
     """The multiplier on cos and sin: 1.0, the longrope attention factor, or PhiMoE's mscale."""
     if variant == "default":
         return 1.0
-    if cfg.rope_short_mscale is not None:  # PhiMoE
+    if cfg.rope_short_mscale is not None:  # PhiMoE, Phi-3-small-128k
         return cfg.rope_long_mscale if variant == "long" else cfg.rope_short_mscale
     return cfg.rope_attention_factor
 
@@ -52,6 +54,8 @@ def attention_scale(cfg: Config, variant: str) -> float:
 def rope_tables(cfg: Config, start: int, T: int, variant: str) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin (T, R) float32 for positions start .. start+T-1 under the given factor set."""
     positions = np.arange(start, start + T, dtype=np.float32)  # (T,)
+    if cfg.rope_position_scale != 1.0:  # Phi-3-small's position scale (float32 product, as released)
+        positions = positions * np.float32(cfg.rope_position_scale)
     freqs = positions[:, None] * inverse_frequencies(cfg, variant)[None, :]  # (T, R/2), float32 product
     angles = np.concatenate([freqs, freqs], axis=-1)  # (T, R): pair i and i + R/2 share an angle
     scale = np.float32(attention_scale(cfg, variant))

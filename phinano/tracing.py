@@ -196,7 +196,7 @@ def trace(model, token_ids, *, attention=None, lens: bool = True) -> Trace:
         rows = max(1, _LENS_CHUNK // cfg.vocab_size)
         for a in range(0, T, rows):
             h = model.blocks.norm(ops, cfg, x[a : a + rows], W.final_norm, W.final_norm_bias)  # (t, D)
-            logits = ops.linear(h, W.lm_head, W.lm_head_bias)  # (t, V)
+            logits = model.head(ops, h)  # (t, V), as the model's own head computes them
             best = np.argmax(logits, axis=-1)  # (t,)
             top = logits[np.arange(best.size), best]
             top_ids[layer, a : a + rows] = best

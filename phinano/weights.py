@@ -38,14 +38,20 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D)}
     for i in range(cfg.num_hidden_layers):
         shapes.update(blocks.layer_shapes(cfg, i))
-    shapes["model.norm.weight"] = (D,)
+    final = final_norm_name(cfg)
+    shapes[final + ".weight"] = (D,)
     if blocks.NORM_HAS_BIAS:
-        shapes["model.norm.bias"] = (D,)
+        shapes[final + ".bias"] = (D,)
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (V, D)
     if cfg.lm_head_bias:
         shapes["lm_head.bias"] = (V,)
     return shapes
+
+
+def final_norm_name(cfg: Config) -> str:
+    """"model.norm", or the architecture's own name for it (Phi-3-small: "model.final_layernorm")."""
+    return getattr(block_module(cfg), "FINAL_NORM", "model.norm")
 
 
 def check_tensors(tensors: dict, cfg: Config, where: str) -> None:
@@ -88,8 +94,8 @@ def arrange(tensors: dict, cfg: Config, where: str = "checkpoint", file_format: 
     return Weights(
         embed=embed,
         layers=[blocks.load_layer(tensors, cfg, i) for i in range(cfg.num_hidden_layers)],
-        final_norm=tensors["model.norm.weight"],
-        final_norm_bias=tensors.get("model.norm.bias"),
+        final_norm=tensors[final_norm_name(cfg) + ".weight"],
+        final_norm_bias=tensors.get(final_norm_name(cfg) + ".bias"),
         lm_head=embed if cfg.tie_word_embeddings else tensors["lm_head.weight"],
         lm_head_bias=tensors.get("lm_head.bias"),
         dtype=_dtype_name(embed),

@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 
 import phinano  # noqa: E402
 from phinano import PhinanoError  # noqa: E402
-from phinano.blocks import ARCHITECTURES, phi3, phimoe  # noqa: E402
+from phinano.blocks import ARCHITECTURES, phi3, phi3small, phimoe  # noqa: E402
 from tiny_models import VOCAB  # noqa: E402
 
 PACKAGE = Path(phinano.__file__).parent
@@ -100,7 +100,7 @@ def test_generation_with_an_observer_equals_generation_without(checkpoint_dir):
 
 
 def test_architecture_picks_the_block_module(checkpoint_dir):
-    assert ARCHITECTURES == {"Phi3ForCausalLM": phi3, "PhimoeForCausalLM": phimoe}
+    assert ARCHITECTURES == {"Phi3ForCausalLM": phi3, "PhimoeForCausalLM": phimoe, "Phi3SmallForCausalLM": phi3small}
     model = phinano.load(checkpoint_dir("mini-4k"), backend="numpy")
     assert model.blocks is phi3
     assert all(isinstance(layer, phi3.Layer) for layer in model.weights.layers)
@@ -113,7 +113,7 @@ FLOORS = [  # lowest first; a module may import its own floor and those below it
     {"formats"},
     {"kernels"},
     {"rope", "cache", "blocks"},
-    {"weights", "tokenizer"},
+    {"weights", "tokenizer", "tokenizer_tiktoken"},
     {"generate", "reasoning"},
     {"model", "tracing", "quantize"},
     {"chat", "cli", "diff", "pictures", "testing", "serve", "server", "server_app", "server_engine", "server_openai", "server_ollama", "__init__"},

@@ -9,6 +9,7 @@ Every block module provides the same few names, so the model (model.py) never br
     layer_shapes(cfg, i)                    layer i's tensor names in a checkpoint, with shapes
     load_layer(tensors, cfg, i)             those tensors arranged as a Layer (views, no copies)
     active_parameters(cfg, total)           parameters one token uses
+    FINAL_NORM                              optional: the final norm's checkpoint name (default "model.norm")
 
 A new architecture is a new file here and one line in ARCHITECTURES.
 """
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import phi3, phimoe
+from . import phi3, phi3small, phimoe
 
 ARCHITECTURES: dict[str, ModuleType] = {
     "Phi3ForCausalLM": phi3,  # Phi-3-mini, -medium, 3.5-mini, Phi-4-mini
     "PhimoeForCausalLM": phimoe,  # Phi-3.5-MoE
+    "Phi3SmallForCausalLM": phi3small,  # Phi-3-small-8k, -128k
 }
 
 

@@ -61,11 +61,25 @@ def self_attention(ops, cfg, w: AttentionWeights, x: np.ndarray, step: Step | li
     `step` may also be a list of Steps, one per sequence (batched decode, Model.step_batch): their tokens
     are consecutive rows of x, in order, and each sequence rotates, caches and attends within its own
     cache. The projections run once over all rows; only the attention itself is per sequence."""
-    steps = step if isinstance(step, list) else [step]
     T = x.shape[0]
     q = ops.linear(x, w.q, w.q_bias).reshape(T, cfg.num_attention_heads, cfg.head_dim)  # (T, H, HD)
     k = ops.linear(x, w.k, w.k_bias).reshape(T, cfg.num_key_value_heads, cfg.head_dim)  # (T, KVH, HD)
     v = ops.linear(x, w.v, w.v_bias).reshape(T, cfg.num_key_value_heads, cfg.head_dim)  # (T, KVH, HD)
+
+    def attend(s: Step, q, keys, values):  # (n, H, HD) over the sequence's (S, KVH, HD) cache
+        if wants(s, "attention"):  # only computed when asked for: (H, n, S) is large
+            notify(s, "attention", layer, ops.attention_weights(q, keys, s.start, cfg.sliding_window))
+        return ops.attention(q, keys, values, s.start, cfg.sliding_window)  # (n, H, HD)
+
+    out = rotate_cache_attend(ops, step, layer, q, k, v, attend)  # (T, H, HD)
+    return ops.linear(out.reshape(T, cfg.q_size), w.o, w.o_bias)  # (T, D)
+
+
+def rotate_cache_attend(ops, step: Step | list[Step], layer: int, q, k, v, attend) -> np.ndarray:
+    """The middle of every attention: rotate q (T, H, HD) and k (T, KVH, HD), append k and v to each
+    sequence's cache, and `attend(step, q_rows, keys, values)` per sequence over its cached keys and
+    values (S, KVH, HD). One Step: T tokens of one sequence; a list: consecutive rows per sequence."""
+    steps = step if isinstance(step, list) else [step]
     cos = np.concatenate([s.cos for s in steps])  # (T, R): each row the rotation of its own position
     sin = np.concatenate([s.sin for s in steps])  # (T, R)
     q = ops.rope(q, cos, sin)  # (T, H, HD)
@@ -77,10 +91,6 @@ def self_attention(ops, cfg, w: AttentionWeights, x: np.ndarray, step: Step | li
         rows = slice(first, first + n)
         s.cache.k[layer, start : start + n] = k[rows]
         s.cache.v[layer, start : start + n] = v[rows]
-        keys = s.cache.k[layer, : start + n]  # (S, KVH, HD), S = start + n
-        values = s.cache.v[layer, : start + n]  # (S, KVH, HD)
-        if wants(s, "attention"):  # only computed when asked for: (H, n, S) is large
-            notify(s, "attention", layer, ops.attention_weights(q[rows], keys, start, cfg.sliding_window))
-        out[rows] = ops.attention(q[rows], keys, values, start, cfg.sliding_window)  # (n, H, HD)
+        out[rows] = attend(s, q[rows], s.cache.k[layer, : start + n], s.cache.v[layer, : start + n])
         first += n
-    return ops.linear(out.reshape(T, cfg.q_size), w.o, w.o_bias)  # (T, D)
+    return out

@@ -21,6 +21,7 @@ HUB_FILES = [
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
+    "cl100k_base.tiktoken",  # Phi-3-small's vocabulary (tiktoken ranks)
     "model.safetensors.index.json",
     "*.safetensors",
 ]

@@ -43,7 +43,8 @@ from .runtime import FASTMATH, in_parts, run, set_threads, threads
 from .widening import activation, stored, to_f32
 
 __all__ = ["set_threads", "widen", "embed", "linear", "linear_rows", "rmsnorm", "layernorm", "rope", "softmax", "swiglu",
-           "attention", "attention_weights"]
+           "attention", "attention_weights", "gegelu", "blocksparse_visible", "blocksparse_attention_weights",
+           "blocksparse_attention"]
 
 # linear(): from this many tokens on, a bf16/f16 product widens weight tiles and uses BLAS; below it the
 # fused kernel wins (measured on the 2-core machine: fused ~55 GFLOP/s up to 64 tokens, tiles + BLAS
@@ -627,5 +628,128 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
 
 
 # The attention probabilities are for watching a model (the observer hook), never on the hot path: the
-# reference's (H, T, S) computation is the implementation on both backends.
-from .reference import attention_weights  # noqa: E402,F401
+# reference's (H, T, S) computation is the implementation on both backends. So is the blocksparse mask.
+from .reference import attention_weights, blocksparse_attention_weights, blocksparse_visible  # noqa: E402,F401
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Phi-3-small: GEGELU and blocksparse attention
+# ---------------------------------------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _gegelu_rows(x, limit, clamp, out):
+    """out[t, c] = quick_gelu(a) * (b + 1) with a = x[t, 2c], b = x[t, 2c + 1], clamped as in the reference."""
+    one = np.float32(1.0)
+    k = np.float32(-1.702)
+    for t in prange(x.shape[0]):
+        for c in range(out.shape[1]):
+            a = x[t, 2 * c]
+            b = x[t, 2 * c + 1]
+            if clamp:
+                if not np.isinf(a):
+                    a = min(a, limit)
+                if not np.isinf(b):
+                    b = min(max(b, -limit), limit)
+            out[t, c] = a / (one + np.exp(k * a)) * (b + one)
+
+
+def gegelu(x: np.ndarray, limit: float | None) -> np.ndarray:
+    """Phi-3-small's GEGELU, x (T, 2F) interleaved (even columns gelu branch, odd linear) -> (T, F); one fused
+    pass instead of the reference's temporaries."""
+    x = activation(x)
+    if x.ndim != 2 or x.shape[1] % 2:
+        raise ValueError(f"gegelu: expects (T, 2F), got {x.shape}")
+    out = np.empty((x.shape[0], x.shape[1] // 2), np.float32)
+    lim = np.float32(0.0 if limit is None else limit)
+    run(_gegelu_rows, x.size, x, lim, limit is not None, out)
+    return out
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _blocksparse_rows(q, k, v, start, block, local_blocks, vert_stride, head_step, heads_per_block, out):
+    """One work item = (query t, a block of KV heads with their query heads). Only visible keys are read:
+    - the local band (the last `local_blocks` blocks, up to the query itself) is the same for every head: the
+      key loop is outermost there, so each cache row k[j, block] is streamed once and used for all its query
+      heads, as in the dense kernel (`_attention_blocks`);
+    - the vertical blocks before the band (kb0, kb0 + vert_stride, ...; whole blocks) differ per head, so
+      each head reads its own.
+    A decode step so costs O(visible blocks), not O(S). Each head's scores are laid out [verticals | band]."""
+    T, H, HD = q.shape
+    KVH = k.shape[1]
+    G = H // KVH
+    blocks = (KVH + heads_per_block - 1) // heads_per_block
+    scale = np.float32(HD**-0.5)
+    for item in prange(blocks * T):
+        kv0 = (item // T) * heads_per_block
+        kv1 = min(KVH, kv0 + heads_per_block)
+        t = item % T
+        i = start + t
+        h0 = kv0 * G
+        nh = (kv1 - kv0) * G
+        band = max(0, i // block - local_blocks + 1) * block  # first key position of the local band
+        n_band = i - band + 1
+        first_block = np.empty(nh, np.int64)  # each head's first vertical block, and how many it sees
+        n_vertical = np.empty(nh, np.int64)
+        for hh in range(nh):
+            kb0 = (vert_stride - 1 - ((h0 + hh) * head_step) % vert_stride) % vert_stride
+            first_block[hh] = kb0
+            n_vertical[hh] = 0 if kb0 * block >= band else (band // block - kb0 + vert_stride - 1) // vert_stride
+        scores = np.empty((nh, n_vertical.max() * block + n_band), np.float32)
+        for j in range(band, i + 1):  # the band: one read of each cache row for all heads
+            for kvh in range(kv0, kv1):
+                for g in range(G):
+                    hh = (kvh - kv0) * G + g
+                    s = np.float32(0.0)
+                    for d in range(HD):
+                        s += q[t, h0 + hh, d] * k[j, kvh, d]
+                    scores[hh, n_vertical[hh] * block + j - band] = s * scale
+        for hh in range(nh):  # each head's vertical blocks
+            kvh = (h0 + hh) // G
+            for b in range(n_vertical[hh]):
+                first = (first_block[hh] + b * vert_stride) * block
+                for j in range(first, first + block):
+                    s = np.float32(0.0)
+                    for d in range(HD):
+                        s += q[t, h0 + hh, d] * k[j, kvh, d]
+                    scores[hh, b * block + j - first] = s * scale
+            n = n_vertical[hh] * block + n_band
+            _softmax_into(scores[hh, :n], scores[hh, :n])
+        acc = np.zeros((nh, HD), np.float32)
+        for j in range(band, i + 1):
+            for kvh in range(kv0, kv1):
+                for g in range(G):
+                    hh = (kvh - kv0) * G + g
+                    p = scores[hh, n_vertical[hh] * block + j - band]
+                    for d in range(HD):
+                        acc[hh, d] += p * v[j, kvh, d]
+        for hh in range(nh):
+            kvh = (h0 + hh) // G
+            for b in range(n_vertical[hh]):
+                first = (first_block[hh] + b * vert_stride) * block
+                for j in range(first, first + block):
+                    p = scores[hh, b * block + j - first]
+                    for d in range(HD):
+                        acc[hh, d] += p * v[j, kvh, d]
+            for d in range(HD):
+                out[t, h0 + hh, d] = acc[hh, d]
+
+
+def blocksparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, block: int, local_blocks: int,
+                          vert_stride: int, head_step: int) -> np.ndarray:
+    """Phi-3-small's blocksparse causal attention (the pattern of reference.blocksparse_visible), touching only
+    the visible key blocks. q (T, H, HD); k, v (S, KVH, HD) at positions 0 .. S-1. Returns (T, H, HD)."""
+    q = activation(q)
+    k = activation(k)
+    v = activation(v)
+    T, H, HD = q.shape
+    S, KVH, _ = k.shape
+    if H % KVH or k.shape[2] != HD or v.shape != k.shape or start + T > S:
+        raise ValueError(f"blocksparse_attention: q {q.shape}, k {k.shape}, v {v.shape}, start {start} do not fit")
+    out = np.empty_like(q)
+    if T:
+        work = 2 * T * H * HD * min(S, (local_blocks + S // (block * vert_stride) + 1) * block)
+        per = -(-KVH // threads())  # one block of KV heads per thread, as in `attention`
+        run(_blocksparse_rows, work, q, k, v, int(start), int(block), int(local_blocks), int(vert_stride),
+            int(head_step), per, out)
+    return out

@@ -18,7 +18,8 @@ import numpy as np
 from ..formats.quantized import QuantizedTensor, dequantize
 
 __all__ = ["set_threads", "widen", "embed", "linear", "linear_rows", "rmsnorm", "layernorm", "rope", "softmax", "swiglu",
-           "attention", "attention_weights"]
+           "attention", "attention_weights", "gegelu", "blocksparse_visible", "blocksparse_attention_weights",
+           "blocksparse_attention"]
 
 
 def set_threads(n: int | None = None) -> int:
@@ -139,3 +140,56 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """up * silu(gate), silu(g) = g * sigmoid(g). gate, up (T, F) -> (T, F)."""
     return up * (gate / (1.0 + np.exp(-gate)))
 
+
+
+def gegelu(x: np.ndarray, limit: float | None) -> np.ndarray:
+    """Phi-3-small's GEGELU on the interleaved up-projection x (T, 2F) -> (T, F).
+
+    Even columns are the gelu branch a, odd columns the linear branch b. With a limit, a is clamped from above
+    and b to [-limit, limit] (infinities pass unclamped, as released); then quick-gelu(a) * (b + 1), where
+    quick-gelu(a) = a * sigmoid(1.702 a).
+    """
+    a, b = x[:, 0::2], x[:, 1::2]  # (T, F) each
+    if limit is not None:
+        a = np.where(np.isinf(a), a, np.minimum(a, np.float32(limit)))
+        b = np.where(np.isinf(b), b, np.clip(b, np.float32(-limit), np.float32(limit)))
+    with np.errstate(over="ignore"):  # exp overflow -> inf -> a / inf = 0, the limit of quick-gelu
+        return (a / (1.0 + np.exp(np.float32(-1.702) * a)) * (b + 1.0)).astype(np.float32)
+
+
+def blocksparse_visible(H: int, start: int, T: int, S: int, block: int, local_blocks: int, vert_stride: int,
+                        head_step: int) -> np.ndarray:
+    """Which keys each query sees under Phi-3-small's blocksparse pattern: (H, T, S) bool.
+
+    Positions fall in blocks of `block` tokens. Query i (block qi) of head h sees key j (block kj) iff j <= i and
+        qi - kj < local_blocks                            the local band: its own block and the ones just before, or
+        (kj + h * head_step + 1) % vert_stride == 0       a "vertical" block: every vert_stride-th block, shifted
+                                                          by h * head_step (0 for all heads when homogeneous)
+    """
+    i = np.arange(start, start + T)[None, :, None]  # (1, T, 1) query positions
+    j = np.arange(S)[None, None, :]  # (1, 1, S) key positions
+    h = np.arange(H)[:, None, None]  # (H, 1, 1)
+    local = i // block - j // block < local_blocks  # (1, T, S)
+    vertical = (j // block + h * head_step + 1) % vert_stride == 0  # (H, 1, S)
+    return (j <= i) & (local | vertical)  # (H, T, S)
+
+
+def blocksparse_attention_weights(q: np.ndarray, k: np.ndarray, start: int, block: int, local_blocks: int,
+                                  vert_stride: int, head_step: int) -> np.ndarray:
+    """Attention probabilities (H, T, S) under the blocksparse mask (see blocksparse_visible); scores are
+    q.k / sqrt(HD) like `attention_weights`, grouped-query the same way."""
+    T, H, HD = q.shape
+    S, KVH, _ = k.shape
+    k = np.repeat(k, H // KVH, axis=1)  # (S, H, HD)
+    scores = np.einsum("thd,shd->hts", q, k) * np.float32(HD**-0.5)  # (H, T, S)
+    visible = blocksparse_visible(H, start, T, S, block, local_blocks, vert_stride, head_step)
+    return softmax(np.where(visible, scores, -np.inf)).astype(np.float32)
+
+
+def blocksparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, block: int, local_blocks: int,
+                          vert_stride: int, head_step: int) -> np.ndarray:
+    """Blocksparse causal attention of T new queries over S cached keys (positions as in `attention`):
+    the probabilities of `blocksparse_attention_weights` applied to the values. Returns (T, H, HD)."""
+    probs = blocksparse_attention_weights(q, k, start, block, local_blocks, vert_stride, head_step)  # (H, T, S)
+    v = np.repeat(v, q.shape[1] // v.shape[1], axis=1)  # (S, H, HD)
+    return np.einsum("hts,shd->thd", probs, v)  # (T, H, HD)
