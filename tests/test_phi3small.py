@@ -233,6 +233,24 @@ def test_backends_and_cached_decode_agree(small):
     np.testing.assert_allclose(np.concatenate(steps), full, atol=2e-4, rtol=0)
 
 
+def test_step_batch_rows_equal_each_sequence_alone(small):
+    """Batched decode (phinano serve) runs Phi-3-small's dense and blocksparse layers per sequence too:
+    each row bit for bit the sequence's own step, with sequences inside and past the local band."""
+    model = phinano.load(small("8k"), tokenizer=False)
+    lengths, ids = [5, 40, 90], [7, 11, 13]
+    alone, together = [], []
+    for n in lengths:
+        for caches in (alone, together):
+            cache = model.new_cache(n + 3)
+            model.step(cache, prompt(n, seed=n))
+            caches.append(cache)
+    for _ in range(3):
+        expected = np.stack([model.step(c, [t], last_only=True)[0] for c, t in zip(alone, ids)])
+        got = model.step_batch(together, ids)
+        assert np.array_equal(got, expected)
+        ids = [int(i) for i in got.argmax(axis=1)]
+
+
 def test_the_blocksparse_pattern_matters(small):
     """Layers 0 and 2 really are sparse: attending densely, or with one pattern for all heads, changes the
     logits past the local band (64 tokens) and nowhere before it."""
