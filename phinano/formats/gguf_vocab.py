@@ -69,7 +69,7 @@ GPT4O_SPLIT = (  # o200k: Phi-4-mini
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-CL100K_SPLIT = (  # cl100k: Phi-4, Phi-4-reasoning(-plus); llama.cpp calls it "dbrx" (DBRX was its first model)
+CL100K_SPLIT = (  # cl100k: Phi-4, Phi-4-reasoning(-plus); llama.cpp's "dbrx", named after the model it came with
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
@@ -405,10 +405,10 @@ def _merge_pairs(merges) -> list[tuple[str, str]]:
 
 
 def _byte_level_pre(spec, path) -> str | None:
-    """llama.cpp's name for a byte-level pre-tokenizer ("gpt-4o" for Phi-4-mini's o200k split, "dbrx" for Phi-4's
-    cl100k one: llama.cpp's converter knows a tokenizer by its ids on a test text, and Phi-4's vocabulary has
-    cl100k's ids, as DBRX's has), or None when
-    tokenizer.json is not byte-level. The names are those tokenizer_parts reads (PRE_TOKENIZER_SPLITS)."""
+    """llama.cpp's name for a byte-level pre-tokenizer, or None when tokenizer.json is not byte-level: "gpt-4o" for
+    Phi-4-mini's o200k split, "dbrx" for Phi-4's cl100k one (llama.cpp's converter knows a tokenizer by its ids on
+    a test text, and Phi-4's vocabulary has cl100k's ids, as DBRX's has). The names are those tokenizer_parts
+    reads (PRE_TOKENIZER_SPLITS)."""
     steps = _steps(spec.get("pre_tokenizer"), "pretokenizers")
     if not any(step.get("type") == "ByteLevel" for step in steps):
         return None
