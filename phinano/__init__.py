@@ -40,6 +40,9 @@ def load(path_or_repo_id: str | Path = DEFAULT_MODEL, *, backend: str = "numba",
         config, weights, tok, stop_ids, defaults = _open_gguf(location, tokenizer)
     else:
         config, weights, tok, stop_ids, defaults = _open_folder(location, tokenizer, quantize)
+    turn_end = None if tok is None else tok.turn_end_id()
+    if turn_end is not None and turn_end not in stop_ids:  # a chat turn ends there, listed or not
+        stop_ids = (*stop_ids, turn_end)  # (docs/pitfalls.md#stop-tokens)
     model = Model(config, weights, tok, stop_ids, backend_name=backend, name=str(path_or_repo_id))
     model.sampling_defaults = defaults
     if threads is not None:

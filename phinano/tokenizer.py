@@ -266,6 +266,23 @@ class Tokenizer:
             return text
         return self.encode(text, add_special_tokens=False)
 
+    def turn_end_id(self) -> int | None:
+        """The special token the chat template writes right after an assistant's message: the end of a turn
+        (Phi-3 and Phi-4-mini `<|end|>`, Phi-4 `<|im_end|>`). None without a default template, or when what follows
+        the message is not a special token. Generation stops there too (docs/pitfalls.md#stop-tokens)."""
+        if "default" not in self.chat_templates:
+            return None
+        probe = "phinano-turn-end-probe"
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}]
+        try:
+            text = self.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        except Exception:  # a template that cannot render this conversation names no end of turn
+            return None
+        if probe not in text:
+            return None
+        after = self.encode(text[text.rindex(probe) + len(probe):].lstrip(), add_special_tokens=False)
+        return after[0] if after and after[0] in self.special_ids else None
+
     def _pick_template(self, chat_template, tools) -> str:
         """The template source to render, chosen as Transformers' get_chat_template chooses it."""
         if chat_template is not None and chat_template in self.chat_templates:

@@ -10,12 +10,16 @@ the release's pipeline, special tokens and templates (tests/tiny_models.py, add_
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Regex, pre_tokenizers
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -23,8 +27,10 @@ pytest.importorskip("transformers")
 import phinano  # noqa: E402
 from phinano.cli import main as cli_main  # noqa: E402
 from phinano.config import config_from_dict, load_config  # noqa: E402
-from phinano.tokenizer import load_tokenizer  # noqa: E402
+from phinano.formats.gguf_vocab import PRE_TOKENIZER_SPLITS, tokenizer_parts, vocab_metadata  # noqa: E402
+from phinano.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from phinano.weights import parameter_counts  # noqa: E402
+from test_gguf_vocab import read_gguf_metadata, write_gguf  # noqa: E402
 from test_parity import LOGIT_RTOL, hf_greedy, hf_logits, layer_report, prompt  # noqa: E402
 from tiny_models import (PHI4_CHAT_TEMPLATE, PHI4_REASONING_SYSTEM, PHI4_SPECS, TINY_TEXT,  # noqa: E402
                          add_phi4_tokenizer, hf_reference, make_phi4)
@@ -280,3 +286,133 @@ def test_family_names_the_release_a_config_is_shaped_like(raw, name):
     from phinano.families import family
 
     assert family(config_from_dict(raw)) == name
+
+
+# ------------------------------------------------------------------ Phi-4's vocabulary in a GGUF file ("dbrx")
+# The regex llama.cpp splits tokenizer.ggml.pre "dbrx" with (src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_DBRX, "same
+# as llama3"), written out here: the contractions spelled out where tokenizer.json has (?i:'s|'t|...).
+LLAMACPP_DBRX_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|"
+                       r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_TEXTS = TEXTS + [
+    "I'M SURE YOU'LL SEE THEY'VE SAID IT'S WHAT WE'D DO. DON'T! i'm, you're; 'Ll 'rE 'S 'T",
+    "digits 1 12 123 1234 12345678901 3.14159 1,000,000 and 2024-01-01",
+    "\n\n\nnewlines\n \n\t\n  end  \r\n",
+    "Ωmega, naïve e\u0301, Straße, 日本語のテキスト, 🦙🚀 and \u00a0no-break",
+    "<|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>",
+    "<|im_end|>  <|endoftext|>\n<|dummy_85|>x",
+]
+
+GGUF_VOCAB = 1000
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["phi-4", "phi-4-reasoning"])
+def gguf_dir(request, tmp_path_factory):
+    """Phi-4's tokenizer, its merges learnt on GGUF_TEXTS: words a wrong split makes then give other ids."""
+    folder = tmp_path_factory.mktemp("phi4-gguf-tokenizer")
+    add_phi4_tokenizer(folder, reasoning=request.param, vocab_size=GGUF_VOCAB, corpus=GGUF_TEXTS * 3)
+    return folder
+
+
+def phi4_gguf(folder: Path, path: Path, vocab_size: int = GGUF_VOCAB) -> dict:
+    """Write the folder's tokenizer as a vocabulary-only GGUF file (what phinano quantize writes); its metadata."""
+    general = {"general.architecture": "phi3", "general.name": "Tiny Phi 4"}
+    write_gguf(path, {**general, **vocab_metadata(folder, vocab_size)})
+    return read_gguf_metadata(path)
+
+
+def gguf_tokenizer(metadata: dict):
+    return Tokenizer(*tokenizer_parts(metadata)[:4])
+
+
+def test_phi4_vocabulary_as_gguf_is_dbrx_and_reads_back_as_transformers(gguf_dir, tmp_path):
+    """The reference is tokenizer.json as Transformers runs it (PreTrainedTokenizerFast; AutoTokenizer does the
+    same in a model folder). AutoTokenizer on a folder holding only tokenizer files makes Transformers 5 build its
+    GPT2Tokenizer, whose GPT-2 regex replaces the cl100k split: other ids wherever a merge crosses the two."""
+    from transformers import PreTrainedTokenizerFast
+
+    metadata = phi4_gguf(gguf_dir, tmp_path / "vocab.gguf")
+    assert (metadata["tokenizer.ggml.model"], metadata["tokenizer.ggml.pre"]) == ("gpt2", "dbrx")
+    ours, theirs = gguf_tokenizer(metadata), PreTrainedTokenizerFast.from_pretrained(gguf_dir)
+    for text in GGUF_TEXTS:
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text), text
+        assert ours.decode(ids) == theirs.decode(ids), text
+    for messages in CONVERSATIONS:
+        text = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert ours.apply_chat_template(messages, tokenize=False) == text
+        assert ours.apply_chat_template(messages) == theirs.encode(text)
+    assert ours.turn_end_id() == theirs.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_cl100k_split_is_llamacpps_but_for_the_long_s():
+    """(?i:'s) also matches "'ſ" (U+017F, long s, whose case folding is s); llama.cpp's '[sS] does not, so
+    "'ſz" is one word there and two in Transformers. phinano reads "dbrx" as tokenizer.json splits. No other
+    character of the Basic Multilingual Plane differs, in a word or after a contraction."""
+    ours, llamacpp = (pre_tokenizers.Split(Regex(split), behavior="isolated")
+                      for split in (PRE_TOKENIZER_SPLITS["dbrx"], LLAMACPP_DBRX_SPLIT))
+    for text in GGUF_TEXTS:
+        assert ours.pre_tokenize_str(text) == llamacpp.pre_tokenize_str(text), text
+    chars = "".join(chr(c) for c in range(0x80, 0x10000) if not 0xD800 <= c < 0xE000)
+    text = "".join(f"x'{c}z '{c}" for c in chars)
+    differ = {word for word, _ in ours.pre_tokenize_str(text)} ^ {word for word, _ in llamacpp.pre_tokenize_str(text)}
+    assert differ == {"'ſ", "'ſz"}
+
+
+LLAMACPP_SCRIPT = """
+import json, sys
+import llama_cpp
+vocab = llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)
+texts = json.loads(sys.stdin.read())
+print(json.dumps([vocab.tokenize(text.encode(), add_bos=False, special=True) for text in texts]))
+"""
+
+
+def test_phi4_gguf_vocabulary_tokenizes_as_llamacpp(gguf_dir, tmp_path):
+    """llama.cpp's own tokenizer (llama-cpp-python, in a child process: its CPU build may not run here) on the
+    same vocabulary-only file gives phinano's ids, special tokens parsed."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed: llama.cpp's tokenizer cannot be compared")
+    path = tmp_path / "vocab.gguf"
+    ours = gguf_tokenizer(phi4_gguf(gguf_dir, path))
+    run = subprocess.run([sys.executable, "-c", LLAMACPP_SCRIPT, str(path)], input=json.dumps(GGUF_TEXTS),
+                         capture_output=True, text=True, timeout=300)
+    if run.returncode < 0:
+        pytest.skip(f"llama.cpp stopped with signal {-run.returncode} (a CPU build this machine cannot run)")
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    for text, ids in zip(GGUF_TEXTS, theirs):
+        assert ours.encode(text) == ids, text
+
+
+# ------------------------------------------------------------------ the end of a chat turn stops generation
+def test_a_chat_turn_ends_at_im_end_whatever_the_folder_lists(phi4_dir, tmp_path):
+    """Phi-4's config.json names <|endoftext|> as eos. A folder whose generation_config.json lists only that
+    (or that has none) still stops at <|im_end|>: the token the chat template writes after an answer."""
+    folder = tmp_path / "phi-4"
+    shutil.copytree(phi4_dir("phi-4"), folder)
+    ids = add_phi4_tokenizer(folder)
+    end, im_end = ids["<|endoftext|>"], ids["<|im_end|>"]
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "bos_token_id": end, "eos_token_id": end}))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": end, "eos_token_id": end}))
+    assert phinano.load(folder, backend="numpy").stop_token_ids == (end, im_end)
+    (folder / "generation_config.json").unlink()
+    model = phinano.load(folder, backend="numpy")
+    assert model.stop_token_ids == (end, im_end)
+    assert phinano.load(folder, backend="numpy", tokenizer=False).stop_token_ids == (end,)  # no template, no turn
+
+
+@pytest.mark.parametrize("template,expected", [
+    (PHI4_CHAT_TEMPLATE, "<|im_end|>"),
+    ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}", "<|im_end|>"),
+    ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} <|endoftext|>{% endfor %}", "<|endoftext|>"),
+    ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}", None),  # plain text after the answer
+    ("{% for m in messages %}{{ m['content'] }}<think>{% endfor %}", None),  # not a special token
+    ("{{ raise_exception('only one user message') }}", None),
+    (None, None),
+])
+def test_turn_end_is_the_special_token_after_an_answer(tmp_path, template, expected):
+    add_phi4_tokenizer(tmp_path, reasoning=True)
+    tok = load_tokenizer(tmp_path)
+    tok = Tokenizer(tok.backend, tok.special_tokens, {} if template is None else {"default": template}, False)
+    assert tok.turn_end_id() == (None if expected is None else tok.token_to_id(expected))

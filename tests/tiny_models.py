@@ -268,12 +268,13 @@ PHI4_REASONING_TEMPLATE = (
     + PHI4_CHAT_TEMPLATE)
 
 
-def add_phi4_tokenizer(folder: Path, reasoning: bool = False, vocab_size: int = VOCAB) -> dict[str, int]:
+def add_phi4_tokenizer(folder: Path, reasoning: bool = False, vocab_size: int = VOCAB,
+                       corpus: list[str] = TINY_TEXT) -> dict[str, int]:
     """Write a Phi-4-shaped byte-level BPE tokenizer into `folder`; return the added tokens' ids.
 
     As in the release: GPT-2's byte-level pre-tokenizer (with the cl100k split regex), decoder and
     post-processor (no BOS is added: `encode` gives the text's tokens only), the 256 byte symbols then merges
-    learnt here on TINY_TEXT, the special tokens of PHI4_SPECIAL (and with `reasoning` the non-special
+    learnt here on `corpus`, the special tokens of PHI4_SPECIAL (and with `reasoning` the non-special
     `<think>` / `</think>`), tokenizer_config.json with bos `<|endoftext|>`, eos `<|im_end|>`, pad `<|dummy_85|>`
     and Phi-4's chat template (Phi-4-reasoning's with `reasoning`), and generation_config.json stopping on
     `<|im_end|>` (and `<|endoftext|>`).
@@ -291,7 +292,7 @@ def add_phi4_tokenizer(folder: Path, reasoning: bool = False, vocab_size: int = 
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(added), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(TINY_TEXT, trainer)
+    backend.train_from_iterator(corpus, trainer)
     spec = json.loads(backend.to_str())
     base = len(spec["model"]["vocab"])
     ids = {token: base + i for i, token in enumerate(added)}

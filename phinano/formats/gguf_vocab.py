@@ -4,8 +4,8 @@
 A GGUF file (llama.cpp, Ollama) has no tokenizer.json. llama.cpp's converter stores the vocabulary as metadata:
 
     tokenizer.ggml.model        "llama": SentencePiece BPE with byte fallback (Phi-3, 3.5, medium, MoE)
-                                "gpt2":  byte-level BPE (Phi-4-mini)
-    tokenizer.ggml.pre          how "gpt2" text is split before BPE ("gpt-4o" for Phi-4-mini)
+                                "gpt2":  byte-level BPE (Phi-4, Phi-4-mini and their reasoning models)
+    tokenizer.ggml.pre          how "gpt2" text is split before BPE ("dbrx" for Phi-4, "gpt-4o" for Phi-4-mini)
     tokenizer.ggml.tokens       V pieces, the id is the position: "▁Hello", "<0x0A>", "<|end|>", "[PAD32011]"
     tokenizer.ggml.scores       V floats ("llama"): the piece's merge priority, higher first
     tokenizer.ggml.token_type   V ints: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
@@ -60,14 +60,20 @@ NAMED_TOKEN_KEYS = {
 STOP_ID_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 # Byte-level BPE: the regex that cuts text into words before BPE, by tokenizer.ggml.pre (as in the tokenizer.json
-# of the model llama.cpp's converter recognised; the names are llama.cpp's).
+# of the model llama.cpp's converter recognised; the names are llama.cpp's). llama.cpp spells the contractions
+# out, '[sS]|'[tT]|..., where tokenizer.json has (?i:'s|'t|...); the two differ only on "'ſ" (long s, whose case
+# folding is s), which phinano splits as the Hugging Face tokenizer does (docs/gguf-tokenizer.md#cl100k).
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 GPT4O_SPLIT = (  # o200k: Phi-4-mini
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-PRE_TOKENIZER_SPLITS = {"gpt-2": GPT2_SPLIT, "gpt-4o": GPT4O_SPLIT}
+CL100K_SPLIT = (  # cl100k: Phi-4, Phi-4-reasoning(-plus); llama.cpp's "dbrx", named after the model it came with
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS = {"gpt-2": GPT2_SPLIT, "gpt-4o": GPT4O_SPLIT, "dbrx": CL100K_SPLIT}
 PRE_TOKENIZER_NAMES = {split: name for name, split in PRE_TOKENIZER_SPLITS.items()}  # what vocab_metadata writes
 
 # rstrip, by family. Phi-3 ("llama" vocabulary, architecture phi3 or phimoe): every added token except these three,
@@ -173,7 +179,7 @@ def _merges_from_scores(tokens, types, scores) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# "gpt2": byte-level BPE (Phi-4-mini)
+# "gpt2": byte-level BPE (Phi-4, Phi-4-mini)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -283,8 +289,8 @@ def vocab_metadata(folder: Path, vocab_size: int) -> dict:
     entries). Reads tokenizer.json, tokenizer_config.json and chat_template.jinja (or additional_chat_templates/).
 
     Two kinds, told apart by tokenizer.json's pipeline: SentencePiece-style BPE with byte fallback (Phi-3, 3.5,
-    MoE; "llama") and byte-level BPE (Phi-4-mini; "gpt2"). general.name and general.architecture are not included
-    (the GGUF writer adds them). A folder with no tokenizer files at all gives {} (the file then has no
+    MoE; "llama") and byte-level BPE (Phi-4, Phi-4-mini; "gpt2"). general.name and general.architecture are not
+    included (the GGUF writer adds them). A folder with no tokenizer files at all gives {} (the file then has no
     tokenizer); a tokenizer phinano cannot write (tokenizer.json missing beside other tokenizer files, another
     kind of model or pipeline, a token id past the embedding) raises one PhinanoError naming the file."""
     folder = Path(folder)
@@ -399,8 +405,10 @@ def _merge_pairs(merges) -> list[tuple[str, str]]:
 
 
 def _byte_level_pre(spec, path) -> str | None:
-    """llama.cpp's name for a byte-level pre-tokenizer ("gpt-4o" for Phi-4-mini's o200k split), or None when
-    tokenizer.json is not byte-level. The names are those tokenizer_parts reads (PRE_TOKENIZER_SPLITS)."""
+    """llama.cpp's name for a byte-level pre-tokenizer, or None when tokenizer.json is not byte-level: "gpt-4o" for
+    Phi-4-mini's o200k split, "dbrx" for Phi-4's cl100k one (llama.cpp's converter knows a tokenizer by its ids on
+    a test text, and Phi-4's vocabulary has cl100k's ids, as DBRX's has). The names are those tokenizer_parts
+    reads (PRE_TOKENIZER_SPLITS)."""
     steps = _steps(spec.get("pre_tokenizer"), "pretokenizers")
     if not any(step.get("type") == "ByteLevel" for step in steps):
         return None
@@ -414,7 +422,7 @@ def _byte_level_pre(spec, path) -> str | None:
     if split not in PRE_TOKENIZER_NAMES or steps[-1].get("add_prefix_space") or spec.get("normalizer") is not None:
         known = ", ".join(PRE_TOKENIZER_NAMES.values())
         raise PhinanoError(f"{path}: a byte-level pre-tokenizer with no llama.cpp name phinano knows (it writes "
-                           f"{known}: the GPT-2 and o200k splits, with no normalizer and no prefix space)")
+                           f"{known}: the GPT-2, o200k and cl100k splits, with no normalizer and no prefix space)")
     return PRE_TOKENIZER_NAMES[split]
 
 
