@@ -28,6 +28,9 @@ from .generate import Sequence
 from .sampling import check_options
 
 DROPPED = np.float32(-1.0e9)  # Transformers' score for "not a candidate"
+NEUTRAL = {"temperature": (0, 0.0, None), "repetition_penalty": (1, 1.0, None),
+           "sampler_order": ("transformers", "llama.cpp", None), "prompt_lookup_num_tokens": (None, 0),
+           "stop_strings": (None, (), [])}  # sampling options that leave beam search as it is
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -43,11 +46,16 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
 
 def beam_search(model, token_ids: Ids[int], max_new_tokens: int, num_beams: int, *, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, stop_token_ids: Ids[int] | None = None,
-                stats: dict | None = None) -> tuple[list[int], float]:
+                stats: dict | None = None, **sampling) -> tuple[list[int], float]:
     """(new token ids of the best hypothesis, its score): the stop id that ended it included, as Transformers
     returns it; the score is its summed log-probability / length ** length_penalty.
 
-    stop_token_ids: None = the model's own list; [] = run to max_new_tokens."""
+    stop_token_ids: None = the model's own list; [] = run to max_new_tokens. Sampling options are refused
+    unless neutral (temperature 0, no filters, no penalty): beam search is deterministic."""
+    given = {key: value for key, value in sampling.items() if value not in NEUTRAL.get(key, (None,))}
+    if given:
+        raise PhinanoError(f"beam search does not sample: {', '.join(sorted(given))} cannot be combined with "
+                           "num_beams > 1")
     options = check_options(max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
                             early_stopping=early_stopping)
     B, penalty, early = options["num_beams"], options["length_penalty"], options["early_stopping"]
