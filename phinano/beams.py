@@ -19,6 +19,7 @@ beam, in Sequence.feed, as in Transformers (docs/pitfalls.md#longrope-switch).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence as Ids
 
 import numpy as np
@@ -66,14 +67,15 @@ def beam_search(model, token_ids: Ids[int], max_new_tokens: int, num_beams: int,
     keep = max(2, 1 + len(stops)) * B  # candidates looked at per step
     V = model.config.vocab_size
 
+    t0 = time.perf_counter()
     first = Sequence(model, P + max_new)
     logits = first.feed(ids)[None]  # (1, V): all beams start as the prompt; only beam 0 is live
     sequences = [first] * B
     running: list[list[int]] = [[] for _ in range(B)]  # each beam's new tokens
+    prefill_seconds = time.perf_counter() - t0
     running_scores = np.full(B, DROPPED, np.float32)
     running_scores[0] = 0.0
     finished: list[tuple[float, list[int]]] = []  # (score, new tokens), best first, at most B
-    improvable = True  # (a) below; once False the search ends, so joining needs no check of it
     for length in range(1, max_new + 1):  # `length` new tokens once this step's token is appended
         if logits.shape[0] == 1:
             logits = np.repeat(logits, B, axis=0)  # (B, V)
@@ -82,7 +84,8 @@ def beam_search(model, token_ids: Ids[int], max_new_tokens: int, num_beams: int,
         cand_scores, parents, tokens = scores[top], top // V, top % V
         done = np.array([int(t) in stops or length == max_new for t in tokens])  # (keep,)
 
-        # Finished hypotheses: the first B candidates that hit a stop, scored per token of length.
+        # Finished hypotheses: the first B candidates that hit a stop, scored per token of length. (Transformers
+        # also bars them once (a) or (b) below holds, but then the search has already ended.)
         normalised = (cand_scores / np.float32(length ** penalty)).astype(np.float32)
         joining = [(float(normalised[j]), running[parents[j]] + [int(tokens[j])]) for j in range(B) if done[j]]
         merged = finished + joining  # earlier ones first: they win ties, as in Transformers' concatenation
@@ -99,8 +102,7 @@ def beam_search(model, token_ids: Ids[int], max_new_tokens: int, num_beams: int,
         best_length = (max_new if early == "never" and penalty > 0 else length)
         best_possible = float(running_scores[0] / np.float32(best_length ** penalty))
         worst = min(score for score, _ in finished) if len(finished) == B else float(DROPPED)
-        improvable = improvable and best_possible > worst
-        if not improvable or (early is True and len(finished) == B) or done.all():
+        if best_possible <= worst or (early is True and len(finished) == B) or done.all():
             break
 
         # Each new beam continues its parent's cache: the first child takes it, the others copy it (before
@@ -113,9 +115,9 @@ def beam_search(model, token_ids: Ids[int], max_new_tokens: int, num_beams: int,
             taken.add(id(parent))
         sequences = children
         logits = np.stack([seq.feed([beam[-1]]) for seq, beam in zip(sequences, running)])  # (B, V)
+    score, best = finished[0]  # never empty: the length limit finishes B hypotheses
     if stats is not None:
-        stats.update(prompt_tokens=P, new_tokens=len(finished[0][1]) if finished else 0)
-    if not finished:
-        raise PhinanoError("beam search finished no hypothesis")  # cannot happen: the last step finishes B
-    score, best = finished[0]
+        stats.update(prompt_tokens=P, new_tokens=len(best), prefill_seconds=prefill_seconds,
+                     decode_seconds=time.perf_counter() - t0 - prefill_seconds,
+                     finish_reason="stop" if best[-1] in stops else "length")
     return best, score

@@ -215,5 +215,6 @@ def speed_line(stats: dict) -> str:
     prefill = stats["prompt_tokens"] / stats["prefill_seconds"] if stats["prefill_seconds"] else 0.0
     decoded = stats["new_tokens"] - 1
     decode = decoded / stats["decode_seconds"] if stats["decode_seconds"] and decoded > 0 else 0.0
+    drafts = f", drafts kept {stats['accepted']}/{stats['drafted']}" if stats.get("drafted") else ""
     return (f"[{stats['prompt_tokens']} prompt tokens at {prefill:.1f} tok/s, {stats['new_tokens']} new tokens "
-            f"at {decode:.1f} tok/s, finish: {stats['finish_reason']}]")
+            f"at {decode:.1f} tok/s, finish: {stats['finish_reason']}{drafts}]")
