@@ -1,8 +1,11 @@
 """The generation loop, the only one: prefill the prompt, then one token per step, until a stop.
 
-    Sequence        the tokens so far and their KV cache; `feed` steps the model and owns the longrope switch
+    Sequence        the tokens so far and their KV cache; `feed` steps the model and owns the longrope switch;
+                    `truncate` rolls back a rejected draft, `copy` branches a beam (beams.py)
     TextStops       tokens -> printable text, ended at the first stop string (one mechanism for both)
-    generate_steps  the loop: feed, penalise, sample, check stops; yields (token, text piece)
+    generate_steps  the loop: feed, penalise, sample, check stops; yields (token, text piece). With
+                    prompt_lookup_num_tokens, each step also checks a draft from speculate.py and may emit
+                    several tokens, the same ones (docs/speculation.md)
     generate_tokens the new token ids;  stream_text  the new text, in printable pieces
 
 Longrope models switch rotary factors when the sequence grows past original_max_position_embeddings. The keys
