@@ -1,4 +1,5 @@
-"""The generation loop, the only one: prefill the prompt, then one token per step, until a stop.
+"""The generation loop, the only one (beam search, which keeps several sequences, is beams.py): prefill the
+prompt, then one token per step (or a few, with prompt lookup), until a stop.
 
     Sequence        the tokens so far and their KV cache; `feed` steps the model and owns the longrope switch;
                     `truncate` rolls back a rejected draft, `copy` branches a beam (beams.py)
@@ -19,6 +20,7 @@ This module drives any model with `step`, `new_cache`, `check_ids`, `config`, `t
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator, Sequence as Ids
 
@@ -66,8 +68,8 @@ class Sequence:
 
     def copy(self) -> "Sequence":
         """An independent copy (a beam that branches): same tokens, its own cache."""
-        twin = object.__new__(Sequence)
-        twin.model, twin.observer, twin.tokens, twin.cache = self.model, self.observer, list(self.tokens), self.cache.copy()
+        twin = copy.copy(self)
+        twin.tokens, twin.cache = list(self.tokens), self.cache.copy()
         return twin
 
 
