@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 
 import phinano  # noqa: E402
 from phinano.errors import PhinanoError  # noqa: E402
+from phinano import generate as generate_module  # noqa: E402
 from phinano.generate import Sequence, generate_tokens  # noqa: E402
 from phinano.nano import nano_path  # noqa: E402
 from phinano.rope import rope_variant  # noqa: E402
@@ -79,11 +80,23 @@ def test_speculation_gives_the_plain_loops_tokens(checkpoint_dir, name, backend)
     assert accepted and rejected, "drafts must be both kept and rolled back for the test to mean anything"
 
 
+def first_token_recurs(model, n: int, at: int) -> list[int]:
+    """A random prompt of n tokens whose greedy first new token is also its token `at`: the lookup after the
+    prefill then drafts what followed position `at`."""
+    for seed in range(100):
+        ids = np.random.default_rng(seed).integers(3, VOCAB, n).tolist()
+        ids[at] = model.generate(ids, 1, stop_token_ids=[])[0]
+        if model.generate(ids, 1, stop_token_ids=[])[0] == ids[at]:
+            return ids
+    raise AssertionError("no such prompt")
+
+
 def test_no_verify_step_straddles_the_longrope_switch(checkpoint_dir, monkeypatch):
     """A draft is cut where the rotary factor set would change: a step that appends to the cache never holds
     positions on both sides of the original length (the plain loop rotates each with its own set); the switch
     itself is the plain loop's: the whole sequence again, with the long factors, from position 0."""
     model = phinano.load(checkpoint_dir("mini-128k"), backend="numpy")
+    ids = first_token_recurs(model, 44, at=10)  # the first lookup drafts 8 tokens from position 45: past 48
     cfg, steps = model.config, []
     original = model.step
 
@@ -91,11 +104,20 @@ def test_no_verify_step_straddles_the_longrope_switch(checkpoint_dir, monkeypatc
         steps.append((cache.length, len(ids)))
         return original(cache, ids, **kwargs)
 
+    proposed = []  # (length of the sequence, draft as proposed: the loop cuts it in place) of every lookup
+    lookup = generate_module.prompt_lookup
+
+    def recorded_lookup(seen, *args):
+        draft = lookup(seen, *args)
+        proposed.append((len(seen), list(draft)))
+        return draft
+
+    monkeypatch.setattr(generate_module, "prompt_lookup", recorded_lookup)
     monkeypatch.setattr(model, "step", step)
-    ids = repetitive_prompt(3, n=18)[:-4]  # 38 tokens, the phrase's start repeated: drafts run into 48
     stats: dict = {}
     spec = list(generate_tokens(model, ids, 30, stop_token_ids=[], prompt_lookup_num_tokens=8, stats=stats))
-    assert stats["accepted"] > 0
+    assert any(rope_variant(cfg, n) != rope_variant(cfg, n + len(draft)) for n, draft in proposed), \
+        "some draft must reach across the switch, for its cut to be tested"
     for start, T in steps[1:]:
         assert start == 0 or rope_variant(cfg, start + 1) == rope_variant(cfg, start + T), steps
     assert sum(start == 0 for start, _ in steps) == 2, "the prefill and one recompute at the switch"
