@@ -144,7 +144,8 @@ class Model:
         """
         if options.get("num_beams", 1) != 1:
             return beam_search(self, token_ids, max_new_tokens, **options)[0]
-        options.pop("num_beams", None)
+        for beam_only in ("num_beams", "length_penalty", "early_stopping"):  # no effect on one sequence
+            options.pop(beam_only, None)
         return list(generate_tokens(self, token_ids, max_new_tokens, **options))
 
     # ------------------------------------------------------------------ facts for `phinano info`
