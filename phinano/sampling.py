@@ -210,7 +210,8 @@ def check_options(*, max_new_tokens=1, temperature=0.0, top_k=None, top_p=None, 
     if prompt_lookup_num_tokens is not None:
         lookup = _number("prompt_lookup_num_tokens", prompt_lookup_num_tokens, integer=True)
         if lookup < 0:
-            raise OptionError("prompt_lookup_num_tokens", f"prompt_lookup_num_tokens must be >= 0 (0 = off), got {lookup}")
+            raise OptionError("prompt_lookup_num_tokens",
+                              f"prompt_lookup_num_tokens must be >= 0 (0 = off), got {lookup}")
     beams = _number("num_beams", num_beams, integer=True)
     if beams < 1:
         raise OptionError("num_beams", f"num_beams must be at least 1 (1 = no beam search), got {beams}")

@@ -17,7 +17,8 @@ import phinano  # noqa: E402
 from phinano import PhinanoError  # noqa: E402
 from phinano.beams import beam_search  # noqa: E402
 from phinano.nano import nano_path  # noqa: E402
-from test_moe import clear_prompt, moe_checkpoint, transformers_with_long_factors  # noqa: E402,F401
+from test_moe import clear_prompt, transformers_with_long_factors  # noqa: E402
+from test_moe import moe_checkpoint  # noqa: E402,F401  (the fixture)
 from tiny_models import VOCAB, hf_reference  # noqa: E402
 
 NEW = 30
