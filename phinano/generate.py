@@ -152,11 +152,14 @@ def generate_steps(model, token_ids: Ids[int], max_new_tokens: int, *, temperatu
     produced = 0
     while produced < max_new:
         # A draft for every step after the prefill: at most the tokens still wanted after the model's own one,
-        # and never across the longrope switch (the plain loop rotates each position by its own length).
+        # never across the longrope switch (the plain loop rotates each position by its own length), and none
+        # on the step that recomputes the sequence at the switch (its logits are needed for the last row only).
         draft = prompt_lookup(seen, min(lookup, max_new - produced - 1), stops) if produced else []
         start = len(seq.tokens) + len(pending)
         while draft and rope_variant(cfg, start) != rope_variant(cfg, start + len(draft)):
             draft.pop()
+        if not seq.cache.fits(rope_variant(cfg, start)):
+            draft = []
         t0 = time.perf_counter()
         rows = seq.feed_rows(pending + draft, len(draft) + 1)  # (1 + drafted, V) float32
         for i, logits in enumerate(rows):
