@@ -88,7 +88,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise FlagError(f"--out must name a .gguf file, got {str(args.out)!r}")
     if hasattr(args, "temperature"):  # generate and chat: the sampling flags, by phinano.sampling's rules
         try:
-            resolve_options({key: getattr(args, key) for key in (*SAMPLING_KEYS, "max_new_tokens")})
+            resolve_options({key: getattr(args, key, None) for key in (*SAMPLING_KEYS, "max_new_tokens")})
         except OptionError as e:  # "top_p must be in (0, 1] ..." -> "--top-p must be in (0, 1] ..."
             raise FlagError(str(e).replace(e.param, "--" + e.param.replace("_", "-"), 1)) from None
         check_search_flags(args)
@@ -101,13 +101,14 @@ def check_search_flags(args: argparse.Namespace) -> None:
     """--prompt-lookup and --num-beams by phinano.sampling's rules; beam search neither samples nor streams."""
     beams = getattr(args, "num_beams", None)
     try:
-        check_options(prompt_lookup_num_tokens=args.prompt_lookup, num_beams=1 if beams is None else beams)
+        check_options(prompt_lookup_num_tokens=getattr(args, "prompt_lookup", None),
+                      num_beams=1 if beams is None else beams)
     except OptionError as e:
         raise FlagError(str(e).replace(e.param, SEARCH_FLAGS[e.param], 1)) from None
     if beams is not None and beams > 1:
         given = [f"--{key.replace('_', '-')}" for key in (*SAMPLING_KEYS, "prompt_lookup", "show_experts")
                  if getattr(args, key, None) not in (None, False) and key != "sampler_order"] + \
-                (["--stop"] if args.stop else [])
+                (["--stop"] if getattr(args, "stop", None) else [])
         if given:
             raise FlagError(f"--num-beams searches deterministically; it cannot be combined with {', '.join(given)}")
 
@@ -116,7 +117,7 @@ def sampling_options(args: argparse.Namespace, model=None) -> dict:
     """generate_tokens' sampling keyword arguments: the flags (main() has checked them), with the model's
     generation_config.json defaults filling in what was not given (Transformers' behaviour: released Phi
     models are greedy, the nano models sample)."""
-    given = {key: getattr(args, key) for key in SAMPLING_KEYS}
+    given = {key: getattr(args, key, None) for key in SAMPLING_KEYS}
     try:
         options = resolve_options(given, getattr(model, "sampling_defaults", None))
         if getattr(args, "prompt_lookup", None):
@@ -162,7 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.chat:
         print(args.prompt, end="", flush=True)
     stats: dict = {}
-    if args.num_beams is not None and args.num_beams > 1:  # the best hypothesis, printed once found
+    if (getattr(args, "num_beams", None) or 1) > 1:  # the best hypothesis, printed once found
         from .beams import beam_search
         from .generate import TextStops
 
