@@ -1,6 +1,7 @@
 """The KV cache: every layer's rotated keys and values, allocated once per generation.
 
-Prefill writes T positions at once; each decode step appends one. Keys are stored after rotary, so a
+Prefill writes T positions at once; each decode step appends one (or, verifying a draft, a few: `truncate`
+rolls back those rejected). Beam search gives every beam its own `copy`. Keys are stored after rotary, so a
 cache is only valid for the rope factor set it was built with (`variant`): `claim` refuses a step with
 another set. When a longrope model grows past its original length, the generation loop (generate.py) throws
 the cache away and recomputes the sequence (Transformers does the same), so cached decoding always equals a
@@ -34,6 +35,22 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
         self.variant = None
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` positions only (speculative decoding rolls back a rejected draft). The
+        dropped positions are overwritten by the next step; an emptied cache holds no factor set."""
+        if not 0 <= length <= self.length:
+            raise PhinanoError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+        if length == 0:
+            self.variant = None
+
+    def copy(self) -> "KVCache":
+        """An independent copy of the filled positions, with the same capacity (a beam that branches)."""
+        k, v = np.zeros_like(self.k), np.zeros_like(self.v)
+        k[:, : self.length] = self.k[:, : self.length]
+        v[:, : self.length] = self.v[:, : self.length]
+        return KVCache(k=k, v=v, length=self.length, variant=self.variant)
 
     def fits(self, variant: str) -> bool:
         """Whether a step rotated with `variant` may append to what is cached."""

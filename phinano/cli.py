@@ -21,7 +21,7 @@ from pathlib import Path
 from . import DEFAULT_MODEL, PhinanoError
 from .generate import speed_line
 from .quantize import TYPES as QUANT_TYPES
-from .sampling import SAMPLING_KEYS, OptionError, resolve_options
+from .sampling import SAMPLING_KEYS, OptionError, check_options, resolve_options
 
 class FlagError(PhinanoError):
     """A flag's value is out of range: exit status 2, like argparse's own errors."""
@@ -49,6 +49,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None, help="> 0; 1 = off")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+    p.add_argument("--sampler-order", default=None, metavar="ORDER",
+                   help="transformers (default: temperature first) or llama.cpp (temperature last); docs/sampling.md")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="K",
+                   help="speculate: draft up to K tokens from the prompt per step, same output, faster on "
+                        "input-grounded text")
 
 
 def cores_available() -> int:
@@ -85,18 +90,41 @@ def check_flags(args: argparse.Namespace) -> None:
         raise FlagError(f"--out must name a .gguf file, got {str(args.out)!r}")
     if hasattr(args, "temperature"):  # generate and chat: the sampling flags, by phinano.sampling's rules
         try:
-            resolve_options({key: getattr(args, key) for key in (*SAMPLING_KEYS, "max_new_tokens")})
+            resolve_options({key: getattr(args, key, None) for key in (*SAMPLING_KEYS, "max_new_tokens")})
         except OptionError as e:  # "top_p must be in (0, 1] ..." -> "--top-p must be in (0, 1] ..."
             raise FlagError(str(e).replace(e.param, "--" + e.param.replace("_", "-"), 1)) from None
+        check_search_flags(args)
+
+
+SEARCH_FLAGS = {"prompt_lookup_num_tokens": "--prompt-lookup", "num_beams": "--num-beams"}
+
+
+def check_search_flags(args: argparse.Namespace) -> None:
+    """--prompt-lookup and --num-beams by phinano.sampling's rules; beam search neither samples nor streams."""
+    beams = getattr(args, "num_beams", None)
+    try:
+        check_options(prompt_lookup_num_tokens=getattr(args, "prompt_lookup", None),
+                      num_beams=1 if beams is None else beams)
+    except OptionError as e:
+        raise FlagError(str(e).replace(e.param, SEARCH_FLAGS[e.param], 1)) from None
+    if beams is not None and beams > 1:
+        given = [f"--{key.replace('_', '-')}" for key in (*SAMPLING_KEYS, "prompt_lookup", "show_experts")
+                 if getattr(args, key, None) not in (None, False) and key != "sampler_order"] + \
+                (["--stop"] if getattr(args, "stop", None) else [])
+        if given:
+            raise FlagError(f"--num-beams searches deterministically; it cannot be combined with {', '.join(given)}")
 
 
 def sampling_options(args: argparse.Namespace, model=None) -> dict:
     """generate_tokens' sampling keyword arguments: the flags (main() has checked them), with the model's
     generation_config.json defaults filling in what was not given (Transformers' behaviour: released Phi
     models are greedy, the nano models sample)."""
-    given = {key: getattr(args, key) for key in SAMPLING_KEYS}
+    given = {key: getattr(args, key, None) for key in SAMPLING_KEYS}
     try:
-        return resolve_options(given, getattr(model, "sampling_defaults", None))
+        options = resolve_options(given, getattr(model, "sampling_defaults", None))
+        if getattr(args, "prompt_lookup", None):
+            options["prompt_lookup_num_tokens"] = args.prompt_lookup
+        return options
     except OptionError as e:  # the flags passed check_flags, so the model's own defaults are at fault
         raise PhinanoError(f"{args.model}: generation_config.json: {e}") from None
 
@@ -137,7 +165,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.chat:
         print(args.prompt, end="", flush=True)
     stats: dict = {}
-    if getattr(args, "show_experts", False):  # one line per token: its text and its experts per layer
+    if (getattr(args, "num_beams", None) or 1) > 1:  # the best hypothesis, printed once found
+        from .beams import beam_search
+        from .generate import TextStops
+
+        tokens, _ = beam_search(model, ids, args.max_new_tokens, args.num_beams, stats=stats)
+        text = TextStops(tok)
+        print("".join(text.push(t) for t in tokens) + text.flush())
+    elif getattr(args, "show_experts", False):  # one line per token: its text and its experts per layer
         from .tracing import print_expert_trace
 
         if not args.chat:
@@ -281,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--show-experts", action="store_true",
                    help="PhiMoE: print each generated token with the experts it was routed to per layer")
     g.add_argument("--verbose", "-v", action="store_true", help="print a speed report on stderr")
+    g.add_argument("--num-beams", type=int, default=None, metavar="B",
+                   help="beam search with B beams (Transformers' num_beams): prints the best hypothesis at the end")
     g.add_argument("prompt")
     g.set_defaults(func=cmd_generate)
 

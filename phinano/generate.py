@@ -1,8 +1,12 @@
-"""The generation loop, the only one: prefill the prompt, then one token per step, until a stop.
+"""The generation loop, the only one (beam search, which keeps several sequences, is beams.py): prefill the
+prompt, then one token per step (or a few, with prompt lookup), until a stop.
 
-    Sequence        the tokens so far and their KV cache; `feed` steps the model and owns the longrope switch
+    Sequence        the tokens so far and their KV cache; `feed` steps the model and owns the longrope switch;
+                    `truncate` rolls back a rejected draft, `copy` branches a beam (beams.py)
     TextStops       tokens -> printable text, ended at the first stop string (one mechanism for both)
-    generate_steps  the loop: feed, penalise, sample, check stops; yields (token, text piece)
+    generate_steps  the loop: feed, penalise, sample, check stops; yields (token, text piece). With
+                    prompt_lookup_num_tokens, each step also checks a draft from speculate.py and may emit
+                    several tokens, the same ones (docs/speculation.md)
     generate_tokens the new token ids;  stream_text  the new text, in printable pieces
 
 Longrope models switch rotary factors when the sequence grows past original_max_position_embeddings. The keys
@@ -16,6 +20,7 @@ This module drives any model with `step`, `new_cache`, `check_ids`, `config`, `t
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator, Sequence as Ids
 
@@ -24,6 +29,7 @@ import numpy as np
 from .errors import PhinanoError
 from .rope import rope_variant
 from .sampling import check_options, sample
+from .speculate import prompt_lookup
 from .sampling import repetition_penalty as apply_repetition_penalty
 
 
@@ -41,14 +47,30 @@ class Sequence:
 
         If the sequence crosses the original length here, keys cached with the short factors are stale: the
         cache is dropped and the whole sequence runs again, with the long factors."""
+        return self.feed_rows(new, 1)[0]
+
+    def feed_rows(self, new: Ids[int], rows: int) -> np.ndarray:
+        """Append tokens and return the logits (rows, V) float32 after each of the last `rows` of them (a
+        draft being verified needs one row per drafted token)."""
         new = [int(t) for t in new]
         pending = new
         if not self.cache.fits(rope_variant(self.model.config, len(self.tokens) + len(new))):
             self.cache.reset()
             pending = self.tokens + new
-        logits = self.model.step(self.cache, pending, observer=self.observer, last_only=True)[0]
+        logits = self.model.step(self.cache, pending, observer=self.observer, last_only=rows == 1)
         self.tokens += new
-        return logits
+        return logits[-rows:]
+
+    def truncate(self, length: int) -> None:
+        """Forget every token after the first `length` (a rejected draft): their keys are dropped too."""
+        del self.tokens[length:]
+        self.cache.truncate(length)
+
+    def copy(self) -> "Sequence":
+        """An independent copy (a beam that branches): same tokens, its own cache."""
+        twin = copy.copy(self)
+        twin.tokens, twin.cache = list(self.tokens), self.cache.copy()
+        return twin
 
 
 class TextStops:
@@ -90,7 +112,8 @@ class TextStops:
 
 def generate_steps(model, token_ids: Ids[int], max_new_tokens: int, *, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                   repetition_penalty: float = 1.0, seed: int | None = None,
+                   repetition_penalty: float = 1.0, seed: int | None = None, sampler_order: str = "transformers",
+                   prompt_lookup_num_tokens: int | None = None,
                    stop_token_ids: Ids[int] | None = None, text: TextStops | None = None,
                    stats: dict | None = None, on_step: Callable[[int, np.ndarray], None] | None = None,
                    observer: dict | None = None, sequence: Sequence | None = None) -> Iterator[tuple[int, str]]:
@@ -98,42 +121,69 @@ def generate_steps(model, token_ids: Ids[int], max_new_tokens: int, *, temperatu
     releases for that token ("" without `text`). Ends early at a stop token, a stop string or the context's end.
 
     stop_token_ids: None = the model's own list (generation_config.json); [] = never stop on a token.
+    sampler_order: "transformers" or "llama.cpp" (sampling.py).
+    prompt_lookup_num_tokens: K > 0 drafts up to K tokens per step by prompt lookup (speculate.py) and checks
+    them in one step; the tokens are the plain loop's (docs/speculation.md).
     stats: if given, filled with prompt_tokens, new_tokens, prefill_seconds, decode_seconds, finish_reason
-    ("stop" or "length").
+    ("stop" or "length"), and with speculation drafted and accepted (draft tokens proposed, kept).
     on_step(token, logits): called before each token is yielded, with the logits (V,) float32 it was drawn
     from (after the repetition penalty, before temperature); it may raise to stop the generation.
     sequence: generate into this Sequence (the caller keeps its cache: e.g. to feed the last token and observe
     it); by default a new one, with `observer` on every step.
     """
     options = check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                            sampler_order=sampler_order, prompt_lookup_num_tokens=prompt_lookup_num_tokens)
     cfg = model.config
     ids = model.check_ids(token_ids)  # (P,)
     max_new = min(options["max_new_tokens"], cfg.max_position_embeddings - len(ids))
     stops = set(model.stop_token_ids if stop_token_ids is None else stop_token_ids)
+    lookup = options["prompt_lookup_num_tokens"] or 0
     rng = np.random.default_rng(options["seed"])
     stats = {} if stats is None else stats
     stats.update(prompt_tokens=len(ids), new_tokens=0, prefill_seconds=0.0, decode_seconds=0.0,
                  finish_reason="length")
+    if lookup:
+        stats.update(drafted=0, accepted=0)
     seq = sequence if sequence is not None else Sequence(model, len(ids) + max_new, observer)
 
     pending = [int(t) for t in ids]  # tokens not yet fed: the prompt, then the last sampled token
-    seen = list(pending)  # the whole sequence, for the repetition penalty
-    for step in range(max_new):
+    seen = list(pending)  # the whole sequence, for the repetition penalty and the lookup
+    produced = 0
+    while produced < max_new:
+        # A draft for every step after the prefill: at most the tokens still wanted after the model's own one,
+        # never across the longrope switch (the plain loop rotates each position by its own length), and none
+        # on the step that recomputes the sequence at the switch (its logits are needed for the last row only).
+        draft = prompt_lookup(seen, min(lookup, max_new - produced - 1), stops) if produced else []
+        start = len(seq.tokens) + len(pending)
+        while draft and rope_variant(cfg, start) != rope_variant(cfg, start + len(draft)):
+            draft.pop()
+        if not seq.cache.fits(rope_variant(cfg, start)):
+            draft = []
         t0 = time.perf_counter()
-        logits = seq.feed(pending)  # (V,) float32
-        logits = apply_repetition_penalty(logits, seen, options["repetition_penalty"])
-        token = sample(logits, rng, options["temperature"], options["top_k"], options["top_p"], options["min_p"])
-        stats["prefill_seconds" if step == 0 else "decode_seconds"] += time.perf_counter() - t0
-        stats["new_tokens"] = step + 1
-        seen.append(token)
-        if on_step is not None:
-            on_step(token, logits)
-        piece = text.push(token) if text is not None else ""
-        yield token, piece
-        if token in stops or (text is not None and text.stopped):
-            stats["finish_reason"] = "stop"
-            return
+        rows = seq.feed_rows(pending + draft, len(draft) + 1)  # (1 + drafted, V) float32
+        for i, logits in enumerate(rows):
+            logits = apply_repetition_penalty(logits, seen, options["repetition_penalty"])
+            token = sample(logits, rng, options["temperature"], options["top_k"], options["top_p"],
+                           options["min_p"], options["sampler_order"])
+            stats["prefill_seconds" if produced == 0 else "decode_seconds"] += time.perf_counter() - t0
+            produced += 1
+            stats["new_tokens"] = produced
+            seen.append(token)
+            if on_step is not None:
+                on_step(token, logits)
+            piece = text.push(token) if text is not None else ""
+            yield token, piece
+            t0 = time.perf_counter()
+            if token in stops or (text is not None and text.stopped):
+                stats["finish_reason"] = "stop"
+                return
+            if i == len(draft) or token != draft[i]:
+                break  # the model's own token: the rest of the draft is rejected
+        if draft:
+            stats["drafted"] += len(draft)
+            stats["accepted"] += i
+            seq.truncate(start + i)  # keep the fed token and the accepted draft tokens, drop the rejected
         pending = [token]
 
 
@@ -173,5 +223,6 @@ def speed_line(stats: dict) -> str:
     prefill = stats["prompt_tokens"] / stats["prefill_seconds"] if stats["prefill_seconds"] else 0.0
     decoded = stats["new_tokens"] - 1
     decode = decoded / stats["decode_seconds"] if stats["decode_seconds"] and decoded > 0 else 0.0
+    drafts = f", drafts kept {stats['accepted']}/{stats['drafted']}" if stats.get("drafted") else ""
     return (f"[{stats['prompt_tokens']} prompt tokens at {prefill:.1f} tok/s, {stats['new_tokens']} new tokens "
-            f"at {decode:.1f} tok/s, finish: {stats['finish_reason']}]")
+            f"at {decode:.1f} tok/s, finish: {stats['finish_reason']}{drafts}]")

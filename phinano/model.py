@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from .beams import beam_search
 from .blocks import block_module
 from .blocks.attention import Step, notify
 from .cache import KVCache, new_cache
@@ -207,8 +208,14 @@ class Model:
         """The new token ids only. Greedy unless a temperature > 0 is given; uses the KV cache.
 
         Options (generate.generate_tokens): temperature, top_k, top_p, min_p, repetition_penalty, seed,
-        stop_token_ids (None: the model's own list; []: never stop early), stop_strings, observer.
+        sampler_order, prompt_lookup_num_tokens, stop_token_ids (None: the model's own list; []: never stop
+        early), stop_strings, observer. With num_beams > 1: beam search (beams.beam_search: length_penalty,
+        early_stopping, stop_token_ids; Transformers' generate(num_beams=B)).
         """
+        if options.get("num_beams", 1) != 1:
+            return beam_search(self, token_ids, max_new_tokens, **options)[0]
+        for beam_only in ("num_beams", "length_penalty", "early_stopping"):  # no effect on one sequence
+            options.pop(beam_only, None)
         return list(generate_tokens(self, token_ids, max_new_tokens, **options))
 
     # ------------------------------------------------------------------ facts for `phinano info`

@@ -1,8 +1,12 @@
 """From one row of logits to one token id.
 
-The order is Transformers' (so seeded behaviour is easy to reason about and greedy parity is exact):
-    repetition penalty -> temperature -> top-k -> top-p -> min-p -> softmax -> draw.
-Greedy (temperature 0) is the argmax after the repetition penalty, first index on ties.
+Two sampler orders (`sampler_order`; docs/sampling.md works one example through both):
+    "transformers" (the default): repetition penalty -> temperature -> top-k -> top-p -> min-p -> softmax -> draw
+    "llama.cpp"    (its default chain): penalties -> top-k -> top-p -> min-p -> temperature -> softmax -> draw
+The filters see the tempered distribution in the first and the untempered one in the second, so the same
+options give different distributions whenever temperature != 1 and a filter is on. Each filter is written
+as its project defines it (llama.cpp's top-k keeps exactly k; its top-p keeps the prefix whose mass reaches p).
+Greedy (temperature 0) is the argmax after the repetition penalty, first index on ties, in both orders.
 """
 
 from __future__ import annotations
@@ -60,19 +64,66 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+# llama.cpp's samplers (src/llama-sampling.cpp), each on the candidates the previous one left (-inf = dropped).
+def llama_top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep exactly the k largest logits (ties: the lower id first); the rest become -inf."""
+    order = np.argsort(-logits, kind="stable")  # descending, ties by id
+    out = np.full_like(logits, -np.inf)
+    out[order[:k]] = logits[order[:k]]
+    return out
+
+
+def llama_top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Sort descending, keep the shortest prefix whose cumulative probability is >= p (the token that reaches
+    p included)."""
+    order = np.argsort(-logits, kind="stable")
+    cumulative = np.cumsum(_softmax(logits[order]))
+    reached = np.flatnonzero(cumulative >= p)
+    n = int(reached[0]) + 1 if reached.size else logits.size
+    out = np.full_like(logits, -np.inf)
+    out[order[:n]] = logits[order[:n]]
+    return out
+
+
+def llama_min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Keep logits >= max + ln(min_p), i.e. probability >= min_p times the top one's."""
+    return np.where(logits >= logits.max() + np.log(min_p), logits, -np.inf)
+
+
+SAMPLER_ORDERS = ("transformers", "llama.cpp")
+
+
+def distribution(logits: np.ndarray, temperature: float, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, sampler_order: str = "transformers") -> np.ndarray:
+    """The probabilities (V,) float64 a draw is made from (temperature > 0; logits already penalised)."""
+    scores = logits.astype(np.float64)
+    if sampler_order == "transformers":
+        scores = scores / temperature
+        if top_k is not None and top_k > 0:
+            scores = top_k_filter(scores, top_k)
+        if top_p is not None and top_p < 1.0:
+            scores = top_p_filter(scores, top_p)
+        if min_p is not None and min_p > 0.0:
+            scores = min_p_filter(scores, min_p)
+    elif sampler_order == "llama.cpp":
+        if top_k is not None and top_k > 0:
+            scores = llama_top_k_filter(scores, top_k)
+        if top_p is not None and top_p < 1.0:
+            scores = llama_top_p_filter(scores, top_p)
+        if min_p is not None and min_p > 0.0:
+            scores = llama_min_p_filter(scores, min_p)
+        scores = scores / temperature
+    else:
+        raise OptionError("sampler_order", _order_message(sampler_order))
+    return _softmax(scores)
+
+
 def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.0, top_k: int | None = None,
-           top_p: float | None = None, min_p: float | None = None) -> int:
+           top_p: float | None = None, min_p: float | None = None, sampler_order: str = "transformers") -> int:
     """Pick the next token from logits (V,) float32 (already repetition-penalised)."""
     if temperature <= 0.0:
         return int(np.argmax(logits))
-    scores = logits.astype(np.float64) / temperature
-    if top_k is not None and top_k > 0:
-        scores = top_k_filter(scores, top_k)
-    if top_p is not None and top_p < 1.0:
-        scores = top_p_filter(scores, top_p)
-    if min_p is not None and min_p > 0.0:
-        scores = min_p_filter(scores, min_p)
-    probs = _softmax(scores)
+    probs = distribution(logits, temperature, top_k, top_p, min_p, sampler_order)
     # Inverse-CDF draw: one uniform number per step, so a seed fixes the whole generation. A draw lands
     # only on tokens with non-zero probability (the clamp guards the last one against rounding).
     cdf = np.cumsum(probs)
@@ -104,8 +155,13 @@ def _number(param: str, value, integer: bool = False):
     return int(value) if integer else float(value)
 
 
+def _order_message(order) -> str:
+    return f"sampler_order must be 'transformers' or 'llama.cpp', got {order!r}"
+
+
 def check_options(*, max_new_tokens=1, temperature=0.0, top_k=None, top_p=None, min_p=None,
-                  repetition_penalty=1.0, seed=None) -> dict:
+                  repetition_penalty=1.0, seed=None, sampler_order="transformers", prompt_lookup_num_tokens=None,
+                  num_beams=1, length_penalty=1.0, early_stopping=False) -> dict:
     """Validate generation options; return them normalised (floats, ints, None for "off").
 
         max_new_tokens      integer >= 1
@@ -115,6 +171,11 @@ def check_options(*, max_new_tokens=1, temperature=0.0, top_k=None, top_p=None, 
         min_p               0 <= min_p <= 1, or None (0 and None = off)
         repetition_penalty  > 0 (1 = off)
         seed                integer >= 0, or None (random)
+        sampler_order       "transformers" or "llama.cpp" (the order the filters and temperature apply in)
+        prompt_lookup_num_tokens  integer >= 0, or None (0 and None = no speculation; generate.py)
+        num_beams           integer >= 1 (1 = no beam search; beams.py)
+        length_penalty      a number (beam scores are divided by length ** length_penalty)
+        early_stopping      True, False or "never" (Transformers' meanings; beams.py)
 
     Raises OptionError naming the first option out of range.
     """
@@ -143,11 +204,27 @@ def check_options(*, max_new_tokens=1, temperature=0.0, top_k=None, top_p=None, 
         seed = _number("seed", seed, integer=True)
         if seed < 0:
             raise OptionError("seed", f"seed must be >= 0, got {seed}")
+    if sampler_order not in SAMPLER_ORDERS:
+        raise OptionError("sampler_order", _order_message(sampler_order))
+    lookup = None
+    if prompt_lookup_num_tokens is not None:
+        lookup = _number("prompt_lookup_num_tokens", prompt_lookup_num_tokens, integer=True)
+        if lookup < 0:
+            raise OptionError("prompt_lookup_num_tokens",
+                              f"prompt_lookup_num_tokens must be >= 0 (0 = off), got {lookup}")
+    beams = _number("num_beams", num_beams, integer=True)
+    if beams < 1:
+        raise OptionError("num_beams", f"num_beams must be at least 1 (1 = no beam search), got {beams}")
+    penalty = _number("length_penalty", length_penalty)
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        raise OptionError("early_stopping", f"early_stopping must be true, false or 'never', got {early_stopping!r}")
     return dict(max_new_tokens=n, temperature=t, top_k=top_k or None, top_p=top_p if top_p != 1 else None,
-                min_p=min_p or None, repetition_penalty=r, seed=seed)
+                min_p=min_p or None, repetition_penalty=r, seed=seed, sampler_order=sampler_order,
+                prompt_lookup_num_tokens=lookup or None, num_beams=beams, length_penalty=penalty,
+                early_stopping=early_stopping)
 
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "sampler_order")
 
 
 def resolve_options(given: dict, defaults: dict | None = None) -> dict:

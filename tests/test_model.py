@@ -114,7 +114,7 @@ FLOORS = [  # lowest first; a module may import its own floor and those below it
     {"kernels"},
     {"rope", "cache", "blocks"},
     {"weights", "tokenizer", "tokenizer_tiktoken"},
-    {"generate", "reasoning"},
+    {"generate", "reasoning", "speculate", "beams"},
     {"model", "tracing", "quantize"},
     {"chat", "cli", "diff", "pictures", "testing", "serve", "server", "server_app", "server_engine", "server_openai", "server_ollama", "__init__"},
 ]

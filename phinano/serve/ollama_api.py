@@ -25,7 +25,8 @@ ROLES = {"system", "user", "assistant", "tool"}
 DEFAULT_NUM_CTX = 4096  # capped at the model's context
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repetition_penalty": 1.1}
 NAMES = {"temperature": "options.temperature", "top_k": "options.top_k", "top_p": "options.top_p",
-         "min_p": "options.min_p", "repetition_penalty": "options.repeat_penalty", "seed": "options.seed"}
+         "min_p": "options.min_p", "repetition_penalty": "options.repeat_penalty", "seed": "options.seed",
+         "sampler_order": "options.sampler_order"}
 # Refused unless null or this value:
 REFUSED = {"format": "", "tools": [], "suffix": "", "template": "", "images": []}
 REFUSED_OPTIONS = {"presence_penalty": 0, "frequency_penalty": 0, "typical_p": 1, "mirostat": 0}
@@ -49,6 +50,7 @@ class Options(Body):
     num_predict: int | None = Field(None, ge=-2)  # -1: until the context's end; -2: fill the context
     num_ctx: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
+    sampler_order: str | None = None  # an extra: "transformers" (default) or "llama.cpp" (docs/sampling.md)
 
 
 class Request(Body):
@@ -86,7 +88,8 @@ def job(kind: str, engine: Engine, body: object) -> tuple[Job | None, Reply]:
     asked = None if o.num_predict is None or o.num_predict < 0 else o.num_predict
     max_new = budget(ids, min(o.num_ctx or DEFAULT_NUM_CTX, engine.context_length), asked, "num_ctx", clip=True)
     given = dict(temperature=o.temperature, top_k=None if o.top_k is None else max(o.top_k, 0), top_p=o.top_p,
-                 min_p=o.min_p, repetition_penalty=o.repeat_penalty, seed=None if (o.seed or 0) < 0 else o.seed)
+                 min_p=o.min_p, repetition_penalty=o.repeat_penalty, seed=None if (o.seed or 0) < 0 else o.seed,
+                 sampler_order=o.sampler_order)
     return Job(ids, max_new, sampling(given, DEFAULTS, NAMES), stop_strings(o.stop), top), reply
 
 

@@ -40,6 +40,7 @@ class _Common(Body):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
+    sampler_order: str | None = None  # "transformers" (default) or "llama.cpp" (docs/sampling.md)
 
 
 class ChatBody(_Common):
@@ -68,7 +69,7 @@ def job(kind: str, engine: Engine, body: object) -> tuple[Job, Reply]:
         param, asked, top = "max_tokens", 16 if req.max_tokens is None else req.max_tokens, req.logprobs
     given = dict(temperature=req.temperature, top_p=req.top_p, top_k=None if req.top_k == -1 else req.top_k,
                  min_p=req.min_p, repetition_penalty=req.repetition_penalty, max_new_tokens=asked,
-                 seed=None if req.seed is None else req.seed % 2**64)
+                 seed=None if req.seed is None else req.seed % 2**64, sampler_order=req.sampler_order)
     options = sampling(given, DEFAULTS, {"max_new_tokens": param})
     max_new = budget(ids, engine.context_length, options.pop("max_new_tokens", None), param, clip=False)
     if req.ignore_eos:

@@ -1,0 +1,108 @@
+"""Prompt-lookup speculation on the shipped nano-phi3: acceptance and decode speed, plain vs drafted.
+
+    python scripts/bench_speculation.py                 # prints a Markdown table for docs/benchmarks.md
+    python scripts/bench_speculation.py --new 128 --runs 5 --k 2 4 8
+
+Acceptance only means something on a trained model (a random checkpoint's continuations have nothing to do
+with its prompt), so this runs nano-phi3 on three kinds of work, each prompt taken from the running
+interpreter's standard library (heapq.py and json/__init__.py are held out from the nano models'
+training, docs/nano.md):
+
+    edit a code file    a module's first ~400 tokens, then its first lines again: the answer copies the file
+    extract from text   a module's docstring, then a sentence of it again: the answer quotes the document
+    open-ended          a bare function signature: nothing to copy but the model's own output; greedy, and
+                        sampled (temperature 0.8, top-p 0.95, seed 0: the tokens equal plain sampling's too)
+
+For each, no drafts and --k draft lengths: decode tokens/s (median of --runs) by the wall clock and by this
+process's CPU time (less disturbed by other work on a shared machine: the generation's CPU time less its
+prefill's), drafts kept / drafted, new tokens per model step, and whether the tokens equal the plain loop's
+(they must).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sysconfig
+import time
+from pathlib import Path
+
+import phinano
+from phinano.generate import generate_tokens
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+GREEDY = dict(temperature=0.0)
+SAMPLED = dict(temperature=0.8, top_p=0.95, seed=0)  # nano-phi3's own generation_config.json settings, seeded
+
+
+def workloads(tok) -> dict[str, tuple[list[int], dict]]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    code = tok.encode((stdlib / "heapq.py").read_text())
+    document = (stdlib / "json" / "__init__.py").read_text()
+    return {
+        "edit a code file": (code[:400] + code[:24], GREEDY),
+        "extract from text": (tok.encode(document[:1600] + "\n# As the documentation above says:\n"
+                                         + document[200:260]), GREEDY),
+        "open-ended, greedy": (tok.encode("def fibonacci(n):\n"), GREEDY),
+        "open-ended, sampled": (tok.encode("def fibonacci(n):\n"), SAMPLED),
+    }
+
+
+def run(model, ids, new, k, options=GREEDY) -> tuple[list[int], dict]:
+    """The tokens and the stats of one generation; stats["cpu_seconds"]: this process's CPU time for it."""
+    stats: dict = {}
+    start = time.process_time()
+    tokens = list(generate_tokens(model, ids, new, stop_token_ids=[], prompt_lookup_num_tokens=k or None,
+                                  stats=stats, **options))
+    stats["cpu_seconds"] = time.process_time() - start
+    return tokens, stats
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="nano-phi3")
+    p.add_argument("--new", type=int, default=128, help="new tokens per generation")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="draft lengths to try")
+    p.add_argument("--threads", type=int, default=1, help="kernel threads (default 1: steadier on a shared machine)")
+    args = p.parse_args()
+
+    model = phinano.load(args.model, threads=args.threads)
+    run(model, model.tokenizer.encode("def f(x):\n    return x\n\ndef f(x):"), 8, 4)  # compile the kernels
+    print(f"{args.model}, numba backend, {args.threads} thread(s), {args.new} new tokens, median of {args.runs} "
+          f"runs; {cpu_model()}, {datetime.date.today()}\n")
+    print("| work | prompt tokens | drafts | decode tok/s (wall) | decode tok/s (CPU time) | speed-up (CPU time) | "
+          "drafts kept | new tokens per step | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (ids, options) in workloads(model.tokenizer).items():
+        prefill_cpu = statistics.median(run(model, ids, 1, 0, options)[1]["cpu_seconds"] for _ in range(args.runs))
+        plain, base = None, None
+        for k in [0, *args.k]:
+            wall, cpu, stats = [], [], {}
+            for _ in range(args.runs):
+                tokens, stats = run(model, ids, args.new, k, options)
+                wall.append((stats["new_tokens"] - 1) / stats["decode_seconds"])
+                cpu.append((stats["new_tokens"] - 1) / max(1e-9, stats["cpu_seconds"] - prefill_cpu))
+            speed = statistics.median(cpu)
+            row = f"| {name} | {len(ids)} | {k or 'off'} | {statistics.median(wall):.0f} | {speed:.0f} | "
+            if k == 0:
+                plain, base = tokens, speed
+                print(row + "1.00 | - | 1.00 | - |")
+                continue
+            steps = stats["new_tokens"] - stats["accepted"]  # one model step per token not taken from a draft
+            print(row + f"{speed / base:.2f} | {stats['accepted']}/{stats['drafted']} "
+                  f"({stats['accepted'] / max(1, stats['drafted']):.0%}) | {stats['new_tokens'] / steps:.2f} | "
+                  f"{'yes' if tokens == plain else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
