@@ -112,7 +112,7 @@ FLOORS = [  # lowest first; a module may import its own floor and those below it
     {"config", "sampling", "nano"},
     {"formats"},
     {"kernels"},
-    {"rope", "cache", "blocks"},
+    {"rope", "cache", "blocks", "vision"},
     {"weights", "tokenizer"},
     {"generate"},
     {"model", "tracing", "quantize"},

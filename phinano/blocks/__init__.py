@@ -22,6 +22,7 @@ from . import phi3, phimoe
 ARCHITECTURES: dict[str, ModuleType] = {
     "Phi3ForCausalLM": phi3,  # Phi-3-mini, -medium, 3.5-mini, Phi-4-mini
     "PhimoeForCausalLM": phimoe,  # Phi-3.5-MoE
+    "Phi3VForCausalLM": phi3,  # Phi-3-vision, Phi-3.5-vision: the dense text model (image parts: phinano/vision/)
 }
 
 
