@@ -90,10 +90,10 @@ def reference_tower(tower_file):
                               projection_dim=768)
     with torch.device("meta"):
         model = CLIPVisionModel(config)
-    prefix = "model.vision_embed_tokens.img_processor."
-    state = {k.removeprefix(prefix): v.float() for k, v in load_file(str(tower_file)).items()}
-    model.load_state_dict(state, assign=True, strict=False)
-    model.vision_model.embeddings.position_ids = torch.arange(577)[None]
+    # Transformers 5 names CLIPVisionModel's tensors without the `vision_model.` level the release stores
+    state = {k.removeprefix(clip.PREFIX): v.float() for k, v in load_file(str(tower_file)).items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    model.embeddings.position_ids = torch.arange(577)[None]
     return model.eval()
 
 

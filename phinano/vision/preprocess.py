@@ -118,9 +118,11 @@ def bicubic_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     def far(d):  # ... for 1 <= d <= 2
         return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
 
-    centre = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    # In float32, as torch computes them for a float32 image (the rounding of c shows past a few hundred pixels).
+    f32 = np.float32
+    centre = f32(n_in / n_out) * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5)
     first = np.floor(centre)
-    t = centre - first  # (n_out,) in [0, 1): distance past input pixel floor(c)
+    t = np.clip(centre - first, f32(0), f32(1))  # (n_out,): distance past input pixel floor(c)
     weights = np.stack([far(1 + t), near(t), near(1 - t), far(2 - t)], axis=1)  # (n_out, 4)
     indices = np.clip(first.astype(np.int64)[:, None] + np.arange(-1, 3), 0, n_in - 1)  # (n_out, 4)
     return indices, weights
