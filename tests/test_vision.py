@@ -380,3 +380,114 @@ def test_images_on_a_text_model_or_wrong_markers_are_one_clear_error(phi3v, tmp_
         model.generate(ids, 2, images=[Image.new("RGB", (0, 5))])
     with pytest.raises(phinano.PhinanoError, match="no such image file"):
         model.generate(ids, 2, images=[tmp_path / "missing.png"])
+
+
+# ------------------------------------------------------------------ the doors: CLI, chat, server
+# These check what each door sends the model; the tower's numbers are the tests above, so here each image's
+# vectors are stand-ins of the right length (the full tower would take a minute per image).
+@pytest.fixture
+def quick_vision(phi3v, monkeypatch):
+    model, released = phi3v
+    calls = []
+
+    def embed(self, ops, image):
+        calls.append(image)
+        rng = np.random.default_rng(len(calls))
+        return rng.standard_normal((self.positions(image), model.config.hidden_size)).astype(np.float32)
+
+    monkeypatch.setattr(type(model.weights.vision), "embed", embed)
+    return model, released, calls
+
+
+def test_cli_generate_with_images_uses_the_released_user_turn(quick_vision, tmp_path, monkeypatch, capsys):
+    from phinano import cli
+
+    model, released, calls = quick_vision
+    monkeypatch.setattr(phinano, "load", lambda *a, **k: model)
+    seen = {}
+    import phinano.generate as generate
+
+    original = generate.stream_text
+
+    def spy(m, ids, n, **options):
+        seen["ids"], seen["images"] = list(ids), options.get("images")
+        return original(m, ids, n, **options)
+
+    monkeypatch.setattr(generate, "stream_text", spy)
+    for i, size in enumerate([LANDSCAPE, PORTRAIT]):
+        photo(*size, seed=i).save(tmp_path / f"{i}.png")
+    argv = ["generate", "--model", "x", "--image", str(tmp_path / "0.png"), "--image", str(tmp_path / "1.png"),
+            "--chat", "What is in these pictures?", "-n", "5", "-v"]
+    assert cli.main(argv) == 0
+    text = "<|user|>\n<|image_1|>\n<|image_2|>\nWhat is in these pictures?<|end|>\n<|assistant|>\n"
+    counts = [hd.positions(1, 2), hd.positions(2, 1)]
+    assert seen["ids"] == released_input_ids(released.tokenizer, text, counts)
+    assert [len(v) for v in seen["images"]] == counts and len(calls) == 2
+    assert f"[{len(seen['ids'])} prompt tokens" in capsys.readouterr().err  # -v counts the expanded prompt
+
+
+def test_cli_image_errors_are_one_line(phi3v, tmp_path, monkeypatch, capsys):
+    from phinano import cli
+
+    model, _ = phi3v
+    monkeypatch.setattr(phinano, "load", lambda *a, **k: model)
+    (tmp_path / "x.jpg").write_bytes(b"\xff\xd8 not really")
+    for path, words in [(tmp_path / "missing.png", "no such image file"), (tmp_path / "x.jpg", "not a readable image")]:
+        assert cli.main(["generate", "--model", "x", "--image", str(path), "--chat", "hi"]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and words in captured.err
+
+
+def test_chat_image_command_attaches_to_the_next_message(quick_vision, tmp_path):
+    import io
+
+    from phinano.chat import Chat, repl
+
+    model, released, calls = quick_vision
+    photo(*LANDSCAPE, seed=0).save(tmp_path / "a.png")
+    chat = Chat(model, max_new_tokens=3)
+    err = io.StringIO()
+    repl(chat, io.StringIO(f"/image {tmp_path / 'a.png'}\nwhat is it?\nand now?\n/image {tmp_path / 'nope.png'}\n"),
+         io.StringIO(), err)
+    assert f"{hd.positions(1, 2)} positions" in err.getvalue() and "no such image file" in err.getvalue()
+    assert chat.turns[0]["content"] == "<|image_1|>\nwhat is it?" and chat.turns[2]["content"] == "and now?"
+    assert len(chat.images) == 1 and chat.attached == []
+
+
+def test_server_takes_openai_image_url_parts_and_ollama_images(quick_vision, tmp_path):
+    import base64
+    import io
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from phinano.serve.app import create_app
+    from phinano.serve.engine import Engine
+
+    model, released, calls = quick_vision
+    buffer = io.BytesIO()
+    photo(*LANDSCAPE, seed=0).save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    engine = Engine(model, "phi3v")
+    try:
+        with TestClient(create_app(engine)) as client:
+            r = client.post("/v1/chat/completions", json={"model": "phi3v", "max_tokens": 3, "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+                                             {"type": "text", "text": "what is it?"}]}]})
+            assert r.status_code == 200, r.text
+            want = released_input_ids(released.tokenizer, "<|user|>\n<|image_1|>\nwhat is it?<|end|>\n<|assistant|>\n",
+                                      [hd.positions(1, 2)])
+            assert r.json()["usage"]["prompt_tokens"] == len(want)
+            r = client.post("/api/chat", json={"model": "phi3v", "stream": False, "options": {"num_predict": 3},
+                                               "messages": [{"role": "user", "content": "what is it?", "images": [data]}]})
+            assert r.status_code == 200, r.text
+            assert r.json()["prompt_eval_count"] == len(want)
+            assert len(calls) == 2
+            r = client.post("/v1/chat/completions", json={"model": "phi3v", "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]})
+            assert r.status_code == 400 and "data: URLs" in r.json()["error"]["message"]
+            r = client.post("/api/chat", json={"model": "phi3v", "messages": [
+                {"role": "user", "content": "hi", "images": [base64.b64encode(b"not an image").decode()]}]})
+            assert r.status_code == 400 and "not a readable image" in r.text
+    finally:
+        engine.close()

@@ -80,6 +80,7 @@ def test_grid_of_crops(size, num_crops, grid):
     assert (crops.rows, crops.columns) == grid
     assert crops.pixels.shape == (1 + rows * columns, 3, 336, 336) and crops.pixels.dtype == np.float32
     assert rows * columns <= num_crops
+    assert preprocess.grid(*size, num_crops) == grid  # the count without making the HD image
     positions = hd.positions(rows, columns)
     assert positions == (rows * columns + 1) * 144 + 1 + (rows + 1) * 12
 

@@ -76,6 +76,7 @@ class Job:
     sampling: dict  # temperature, top_k, top_p, min_p, repetition_penalty, seed (and stop_token_ids, if set)
     stop_strings: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's plus the k best
+    images: list | None = None  # Phi-3-vision: PIL images whose positions `ids` holds (runs of -1, -2, ...)
     cancelled: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue | None = None  # set by Engine.submit, read on the request's event loop
     loop: asyncio.AbstractEventLoop | None = None
@@ -171,8 +172,10 @@ class Engine:
             if job.top_logprobs is not None and token not in stops:
                 pending.append(self.logprob(token, logits, job.top_logprobs))
 
+        vision = self.model.weights.vision
+        vectors = [vision.embed(self.model.ops, img) for img in job.images] if job.images else None  # each (N_i, D)
         pieces = stream_text(self.model, job.ids, job.max_new_tokens, stop_strings=job.stop_strings, stats=stats,
-                             on_step=on_step, **job.sampling)
+                             on_step=on_step, images=vectors, **job.sampling)
         try:
             for text in pieces:
                 job.send(Piece(text, pending[:]))

@@ -78,13 +78,14 @@ def job(kind: str, engine: Engine, body: object) -> tuple[Job | None, Reply]:
     reply = Reply(kind, req.model, req.stream is not False, top is not None, unload=req.keep_alive in (0, "0", "0s"))
     if not (req.messages if kind == "chat" else req.prompt or req.context):
         return None, reply
-    ids = chat_ids(engine, req.messages, ROLES, content_required=False) if kind == "chat" else \
+    images: list = []  # Phi-3-vision: the messages' images, in order
+    ids = chat_ids(engine, req.messages, ROLES, content_required=False, images=images) if kind == "chat" else \
         _generate_ids(engine, req, reply)
     asked = None if o.num_predict is None or o.num_predict < 0 else o.num_predict
     max_new = budget(ids, min(o.num_ctx or DEFAULT_NUM_CTX, engine.context_length), asked, "num_ctx", clip=True)
     given = dict(temperature=o.temperature, top_k=None if o.top_k is None else max(o.top_k, 0), top_p=o.top_p,
                  min_p=o.min_p, repetition_penalty=o.repeat_penalty, seed=None if (o.seed or 0) < 0 else o.seed)
-    return Job(ids, max_new, sampling(given, DEFAULTS, NAMES), stop_strings(o.stop), top), reply
+    return Job(ids, max_new, sampling(given, DEFAULTS, NAMES), stop_strings(o.stop), top, images=images), reply
 
 
 def _generate_ids(engine: Engine, req: Request, reply: Reply) -> list[int]:

@@ -41,6 +41,11 @@ class Vision:
         sequence = hd.image_sequence(ops, self.projector, features, crops.rows, crops.columns)  # (N, 4C)
         return hd.project(ops, self.projector, sequence)  # (N, D)
 
+    def positions(self, image) -> int:
+        """The positions an image takes in the text stream, from its size alone (no tower run)."""
+        img = preprocess.open_image(image)
+        return hd.positions(*preprocess.grid(img.width, img.height, self.num_crops))
+
 
 def vision_shapes(D: int) -> dict[str, tuple[int, ...]]:
     """Every image tensor of a Phi-3-vision checkpoint with text width D, with its shape."""

@@ -77,6 +77,17 @@ def crop_scale(width: int, height: int, num_crops: int) -> int:
     return s
 
 
+def grid(width: int, height: int, num_crops: int) -> tuple[int, int]:
+    """(rows, columns) of crops the HD image of a width x height image has, without making it."""
+    long, short = max(width, height), min(width, height)
+    s = crop_scale(width, height, num_crops)
+    new_short = int(s * IMAGE_SIZE / (long / short))
+    if new_short == 0:
+        raise PhinanoError(f"image of {width}x{height} is too thin to resize to {s * IMAGE_SIZE} pixels")
+    across, down = s, math.ceil(new_short / IMAGE_SIZE)
+    return (down, across) if width >= height else (across, down)
+
+
 def hd_image(img, num_crops: int):
     """The released HD transform on a PIL image: RGB, long side 336 * s, short side padded with white to a
     multiple of 336 (the image centred, the odd pixel at the bottom). Returns a PIL image."""
