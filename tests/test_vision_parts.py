@@ -19,7 +19,7 @@ seeds = st.integers(0, 2**32 - 1)
 
 
 # ------------------------------------------------------------------ kernel twins
-@settings(deadline=None)  # the first call compiles
+@settings(deadline=None, max_examples=40)  # deadline: the first call compiles
 @given(seed=seeds, T=st.integers(1, 6), F=st.integers(1, 150), xs=st.sampled_from([1e-3, 1.0, 10.0, 100.0]))
 def test_quick_gelu_twins(seed, T, F, xs):
     x = (np.random.default_rng(seed).standard_normal((T, F)) * xs).astype(np.float32)
@@ -29,7 +29,7 @@ def test_quick_gelu_twins(seed, T, F, xs):
     np.testing.assert_allclose(fast.quick_gelu(x), reference.quick_gelu(x), rtol=2e-6, atol=1e-30)
 
 
-@settings(deadline=None)
+@settings(deadline=None, max_examples=40)
 @given(seed=seeds, T=st.integers(1, 6), F=st.integers(1, 150), xs=st.sampled_from([1e-3, 1.0, 10.0]))
 def test_gelu_twins_are_the_exact_erf_gelu(seed, T, F, xs):
     torch = pytest.importorskip("torch")
@@ -39,7 +39,7 @@ def test_gelu_twins_are_the_exact_erf_gelu(seed, T, F, xs):
     np.testing.assert_array_equal(fast.gelu(x), reference.gelu(x))
 
 
-@settings(deadline=None)
+@settings(deadline=None, max_examples=40)
 @given(seed=seeds, T=st.integers(1, 40), H=st.integers(1, 4), HD=st.sampled_from([1, 8, 64]),
        qs=st.sampled_from([0.1, 1.0, 5.0]))
 def test_encoder_attention_twins_see_every_key(seed, T, H, HD, qs):
@@ -48,8 +48,9 @@ def test_encoder_attention_twins_see_every_key(seed, T, H, HD, qs):
     q, k, v = ((rng.standard_normal((T, H, HD)) * s).astype(np.float32) for s in (qs, qs, 1.0))
     want = torch.nn.functional.scaled_dot_product_attention(
         *(torch.from_numpy(a).double().transpose(0, 1) for a in (q, k, v))).transpose(0, 1).numpy()
-    np.testing.assert_allclose(reference.encoder_attention(q, k, v), want, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(fast.encoder_attention(q, k, v), want, rtol=1e-4, atol=1e-5)
+    # sharp softmaxes (qs 5: scores of std ~200) amplify float32 rounding of the scores: atol 1e-4 on values ~1
+    np.testing.assert_allclose(reference.encoder_attention(q, k, v), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fast.encoder_attention(q, k, v), want, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------ preprocessing
