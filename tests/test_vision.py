@@ -229,8 +229,9 @@ def released_image_vectors(tower, tensors: dict, img, num_crops: int) -> tuple[t
     sequence = torch.cat([crops_part, glb_gn.squeeze(0), global_part])
     projection = torch.nn.Sequential(torch.nn.Linear(4096, TEXT["hidden_size"]), torch.nn.GELU(),
                                      torch.nn.Linear(TEXT["hidden_size"], TEXT["hidden_size"]))
-    projection[0].weight.data, projection[0].bias.data = tensors["img_projection.0.weight"], tensors["img_projection.0.bias"]
-    projection[2].weight.data, projection[2].bias.data = tensors["img_projection.2.weight"], tensors["img_projection.2.bias"]
+    for i in (0, 2):
+        projection[i].weight.data = tensors[f"img_projection.{i}.weight"]
+        projection[i].bias.data = tensors[f"img_projection.{i}.bias"]
     with torch.no_grad():
         vectors = projection(sequence)
     count = int((H // 336 * W // 336 + 1) * 144 + 1 + (H // 336 + 1) * 12)
@@ -472,23 +473,56 @@ def test_server_takes_openai_image_url_parts_and_ollama_images(quick_vision, tmp
     engine = Engine(model, "phi3v")
     try:
         with TestClient(create_app(engine)) as client:
+            image_part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
             r = client.post("/v1/chat/completions", json={"model": "phi3v", "max_tokens": 3, "messages": [
-                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
-                                             {"type": "text", "text": "what is it?"}]}]})
+                {"role": "user", "content": [image_part, {"type": "text", "text": "what is it?"}]}]})
             assert r.status_code == 200, r.text
             want = released_input_ids(released.tokenizer, "<|user|>\n<|image_1|>\nwhat is it?<|end|>\n<|assistant|>\n",
                                       [hd.positions(1, 2)])
             assert r.json()["usage"]["prompt_tokens"] == len(want)
+            message = {"role": "user", "content": "what is it?", "images": [data]}
             r = client.post("/api/chat", json={"model": "phi3v", "stream": False, "options": {"num_predict": 3},
-                                               "messages": [{"role": "user", "content": "what is it?", "images": [data]}]})
+                                               "messages": [message]})
             assert r.status_code == 200, r.text
             assert r.json()["prompt_eval_count"] == len(want)
             assert len(calls) == 2
+            web_part = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
             r = client.post("/v1/chat/completions", json={"model": "phi3v", "messages": [
-                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]})
+                {"role": "user", "content": [web_part]}]})
             assert r.status_code == 400 and "data: URLs" in r.json()["error"]["message"]
             r = client.post("/api/chat", json={"model": "phi3v", "messages": [
                 {"role": "user", "content": "hi", "images": [base64.b64encode(b"not an image").decode()]}]})
             assert r.status_code == 400 and "not a readable image" in r.text
     finally:
         engine.close()
+
+
+def test_ollama_generate_takes_images_and_a_text_model_refuses_them(quick_vision, checkpoint_dir):
+    import base64
+    import io
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from phinano.serve.app import create_app
+    from phinano.serve.engine import Engine
+
+    model, released, calls = quick_vision
+    buffer = io.BytesIO()
+    photo(*PORTRAIT, seed=0).save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    for served, ok in [(model, True), (phinano.load(checkpoint_dir("mini-4k")), False)]:
+        engine = Engine(served, "m")
+        try:
+            with TestClient(create_app(engine)) as client:
+                r = client.post("/api/generate", json={"model": "m", "stream": False, "prompt": "what is it?",
+                                                       "images": [data], "options": {"num_predict": 2}})
+                if ok:
+                    assert r.status_code == 200, r.text
+                    want = released_input_ids(released.tokenizer, "<|user|>\n<|image_1|>\nwhat is it?<|end|>\n"
+                                              "<|assistant|>\n", [hd.positions(2, 1)])
+                    assert r.json()["prompt_eval_count"] == len(want)
+                else:
+                    assert r.status_code == 400 and "images" in r.text
+        finally:
+            engine.close()

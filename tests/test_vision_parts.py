@@ -121,7 +121,8 @@ def test_unreadable_and_empty_images_are_one_clear_error(tmp_path):
 
     (tmp_path / "text.png").write_text("hello")
     (tmp_path / "empty.jpg").write_bytes(b"")
-    for path, words in [(tmp_path / "text.png", "not a readable image"), (tmp_path / "empty.jpg", "not a readable image"),
+    for path, words in [(tmp_path / "text.png", "not a readable image"),
+                        (tmp_path / "empty.jpg", "not a readable image"),
                         (tmp_path / "nope.png", "no such image file"), (tmp_path, "is a directory")]:
         with pytest.raises(PhinanoError, match=words):
             preprocess.crops(path, 4)

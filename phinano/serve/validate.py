@@ -113,13 +113,13 @@ def chat_ids(engine: Engine, messages: list[Message], roles: set[str], content_r
                                                 for p in parts):
             raise ApiError(400, f"phinano reads text only; messages[{i}] holds an image or other non-text part.",
                            param=f"messages[{i}].content", code="unsupported_content")
-        text = "".join(_image_marker(images, _base64(data, f"messages[{i}].images[{j}]"), f"messages[{i}].images[{j}]")
-                       for j, data in enumerate(pictures))
+        text = "".join(image_marker(images, decode_base64(data, where), where)
+                       for where, data in ((f"messages[{i}].images[{j}]", d) for j, d in enumerate(pictures)))
         if isinstance(m.content, str):
             text += m.content
         for j, p in enumerate(parts):
             where = f"messages[{i}].content[{j}]"
-            text += p.text if p.type == "text" else _image_marker(images, _data_url(p.image_url, where), where)
+            text += p.text if p.type == "text" else image_marker(images, _data_url(p.image_url, where), where)
         rendered.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     try:
         if not images:
@@ -132,7 +132,7 @@ def chat_ids(engine: Engine, messages: list[Message], roles: set[str], content_r
         raise ApiError(400, str(error), param="messages") from None
 
 
-def _image_marker(images: list, data: bytes, where: str) -> str:
+def image_marker(images: list, data: bytes, where: str) -> str:
     """Open an image sent in a request (a 400 naming `where` if it is not one), keep it, return its marker."""
     from ..vision.preprocess import open_image
 
@@ -143,7 +143,7 @@ def _image_marker(images: list, data: bytes, where: str) -> str:
     return f"<|image_{len(images)}|>\n"
 
 
-def _base64(data, where: str) -> bytes:
+def decode_base64(data, where: str) -> bytes:
     import base64
     import binascii
 
@@ -152,7 +152,8 @@ def _base64(data, where: str) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, f"Invalid image in '{where}': not valid base64.", param=where, code="invalid_image") from None
+        raise ApiError(400, f"Invalid image in '{where}': not valid base64.", param=where,
+                       code="invalid_image") from None
 
 
 def _data_url(image_url: dict | None, where: str) -> bytes:
@@ -161,7 +162,7 @@ def _data_url(image_url: dict | None, where: str) -> bytes:
     if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
         raise ApiError(400, f"Invalid image in '{where}': phinano takes images as data: URLs "
                             "(data:image/png;base64,...).", param=where, code="invalid_image")
-    return _base64(url.split(";base64,", 1)[1], where)
+    return decode_base64(url.split(";base64,", 1)[1], where)
 
 
 def token_ids(engine: Engine, ids: list[int], param: str) -> list[int]:

@@ -54,7 +54,8 @@ def open_image(image, name: str = "image"):
                 name = str(image)
                 img = Image.open(image)
             else:
-                raise PhinanoError(f"{name}: expected a file path, image bytes or a PIL image, got {type(image).__name__}")
+                raise PhinanoError(f"{name}: expected a file path, image bytes or a PIL image, "
+                                   f"got {type(image).__name__}")
             img.load()
         except FileNotFoundError:
             raise PhinanoError(f"{name}: no such image file") from None
@@ -153,6 +154,7 @@ def crops(image, num_crops: int) -> Crops:
     """An image (path, bytes or PIL image) -> its global view and grid of crops, normalised."""
     hd = normalise(hd_image(open_image(image), num_crops))  # (3, 336h, 336w)
     h, w = hd.shape[1] // IMAGE_SIZE, hd.shape[2] // IMAGE_SIZE
-    grid = hd.reshape(3, h, IMAGE_SIZE, w, IMAGE_SIZE).transpose(1, 3, 0, 2, 4).reshape(h * w, 3, IMAGE_SIZE, IMAGE_SIZE)
+    tiles = hd.reshape(3, h, IMAGE_SIZE, w, IMAGE_SIZE).transpose(1, 3, 0, 2, 4)  # (h, w, 3, 336, 336)
+    tiles = tiles.reshape(h * w, 3, IMAGE_SIZE, IMAGE_SIZE)  # row by row
     overview = bicubic_resize(hd, IMAGE_SIZE, IMAGE_SIZE)[None]  # (1, 3, 336, 336)
-    return Crops(np.concatenate([overview, grid]).astype(np.float32), h, w)
+    return Crops(np.concatenate([overview, tiles]).astype(np.float32), h, w)
