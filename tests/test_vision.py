@@ -276,13 +276,22 @@ class Released:
             return self.text(inputs_embeds=embeds).logits[0].numpy()
 
     def greedy(self, embeds, n: int) -> list[int]:
-        out, tokens = None, []
+        """Greedy tokens as the released generate() makes them: when the sequence first grows past longrope's
+        original length, its prepare_inputs_for_generation drops the cache and runs the whole sequence again,
+        image positions included (pixel_values stay in the inputs)."""
+        original = self.text.config.original_max_position_embeddings
+        tokens = []
         with torch.no_grad():
             out = self.text(inputs_embeds=embeds, use_cache=True)
             for _ in range(n):
                 token = int(out.logits[0, -1].argmax())
                 tokens.append(token)
-                out = self.text(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+                if embeds.shape[1] + len(tokens) == original + 1:  # the switch: recompute everything
+                    new = self.text.model.embed_tokens(torch.tensor([tokens]))
+                    out = self.text(inputs_embeds=torch.cat([embeds, new], dim=1), use_cache=True)
+                else:
+                    out = self.text(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
+                                    use_cache=True)
         return tokens
 
 
@@ -511,7 +520,9 @@ def test_ollama_generate_takes_images_and_a_text_model_refuses_them(quick_vision
     buffer = io.BytesIO()
     photo(*PORTRAIT, seed=0).save(buffer, format="PNG")
     data = base64.b64encode(buffer.getvalue()).decode()
-    for served, ok in [(model, True), (phinano.load(checkpoint_dir("mini-4k")), False)]:
+    text_model = phinano.load(checkpoint_dir("mini-4k"))
+    text_model.tokenizer = model.tokenizer  # the same tiny vocabulary
+    for served, ok in [(model, True), (text_model, False)]:
         engine = Engine(served, "m")
         try:
             with TestClient(create_app(engine)) as client:
