@@ -126,7 +126,7 @@ def generate_steps(model, token_ids: Ids[int], max_new_tokens: int, *, temperatu
     seq = sequence if sequence is not None else Sequence(model, len(ids) + max_new, observer, images)
 
     pending = [int(t) for t in ids]  # tokens not yet fed: the prompt, then the last sampled token
-    seen = list(pending)  # the whole sequence, for the repetition penalty
+    seen = [t for t in pending if t >= 0]  # the whole sequence, for the repetition penalty (image positions: no)
     for step in range(max_new):
         t0 = time.perf_counter()
         logits = seq.feed(pending)  # (V,) float32
