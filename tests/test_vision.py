@@ -537,3 +537,21 @@ def test_ollama_generate_takes_images_and_a_text_model_refuses_them(quick_vision
                     assert r.status_code == 400 and "images" in r.text
         finally:
             engine.close()
+
+
+def test_repetition_penalty_sees_only_text_tokens(quick_vision, monkeypatch):
+    import phinano.generate as generate
+
+    model, _, _ = quick_vision
+    seen_lists = []
+    original = generate.apply_repetition_penalty
+
+    def spy(logits, seen, penalty):
+        seen_lists.append(list(seen))
+        return original(logits, seen, penalty)
+
+    monkeypatch.setattr(generate, "apply_repetition_penalty", spy)
+    ids = model.tokenizer.encode_prompt("<|image_1|> what is it?")
+    model.generate(ids, 3, images=[photo(*LANDSCAPE, seed=0)], repetition_penalty=1.3, stop_token_ids=[])
+    text_ids = [i for i in ids if i >= 0]
+    assert seen_lists and all(min(s) >= 0 for s in seen_lists) and seen_lists[0] == text_ids
