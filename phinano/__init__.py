@@ -74,6 +74,10 @@ def _open_folder(folder: Path, tokenizer: bool, quantize: str | None = None):
         check_tensors(tensors, config, str(folder))
         tensors = quantize_tensors({n: tensors[n] for n in expected_shapes(config)}, qtype)
     weights = arrange(tensors, config, str(folder))
+    if weights.vision is not None:
+        from .vision import read_num_crops
+
+        weights.vision.num_crops = read_num_crops(folder)
     tok = None
     if tokenizer and (folder / "tokenizer.json").is_file():
         from .tokenizer import load_tokenizer

@@ -32,6 +32,7 @@ HELP = """commands:
   /help          this list
   /reset         forget the conversation (the system message stays)
   /system TEXT   set the system message (/system alone removes it)
+  /image PATH    Phi-3-vision: attach an image to your next message
   /exit          leave (also /bye, /quit, Ctrl-D)
 Ctrl-C stops the answer being written."""
 # Around a reasoning model's <think> section, as Ollama's terminal shows it.
@@ -52,16 +53,31 @@ class Chat:
         self.sampling = sampling or {}
         self.stop_strings = stop_strings or []
         self.turns: list[dict] = []  # {"role": "user" | "assistant", "content": ...}, alternating
+        self.images: list = []  # (N_i, D) vectors of the conversation's images, <|image_i|> in the turns
+        self.attached: list = []  # vectors of the images /image attached to the next message
 
     def reset(self) -> None:
         self.turns = []
+        self.images, self.attached = [], []
+
+    def attach(self, image) -> int:
+        """Phi-3-vision: encode an image (path, bytes or PIL image) for the next message; returns its positions."""
+        _, vectors = self.model.with_images([-1], [image])
+        self.attached.append(vectors[0])
+        return len(vectors[0])
 
     def prompt_ids(self) -> list[int]:
         """The conversation rendered by the chat template, oldest turns dropped until the answer fits."""
         context = self.model.config.max_position_embeddings
         while True:
             system = [{"role": "system", "content": self.system}] if self.system else []
-            ids = self.model.tokenizer.apply_chat_template(system + self.turns, add_generation_prompt=True)
+            ids = self.model.tokenizer.apply_chat_template(system + self.turns, add_generation_prompt=True,
+                                                           tokenize=not self.images)
+            if self.images:  # the markers become the images' positions; turns with images are never dropped
+                from .vision.prompt import expand
+
+                ids = expand(self.model.tokenizer.encode_prompt(ids), [len(v) for v in self.images])
+                break
             if len(ids) + min(self.max_new_tokens, 16) <= context or len(self.turns) <= 1:
                 break
             self.turns = self.turns[2:]  # forget the oldest question and its answer
@@ -75,16 +91,21 @@ class Chat:
 
         A reasoning model's `<think> ... </think>` section (phinano.reasoning) is shown between "Thinking..."
         and "...done thinking." and kept out of the history, which holds the reply only."""
-        self.turns.append({"role": "user", "content": text})
+        first = len(self.images) + 1  # the released user turn: <|image_1|>\n ... before the text
+        markers = "".join(f"<|image_{i}|>\n" for i in range(first, first + len(self.attached)))
+        self.turns.append({"role": "user", "content": markers + text})
+        self.images += self.attached
         try:
             ids = self.prompt_ids()
         except PhinanoError:
             self.turns.pop()
+            del self.images[first - 1 :]
             raise
+        self.attached = []
         pieces: list[str] = []
         finished = False
         generation = stream_text(self.model, ids, self.max_new_tokens, stop_strings=self.stop_strings, stats=stats,
-                                 **self.sampling)
+                                 images=self.images or None, **self.sampling)
         try:
             for piece, is_reply in _shown(generation):
                 if is_reply:
@@ -97,6 +118,7 @@ class Chat:
                 self.turns.append({"role": "assistant", "content": "".join(pieces)})
             else:
                 self.turns.pop()
+                del self.images[first - 1 :]
 
 
 def framed(pieces: Iterator[str]) -> Iterator[str]:
@@ -191,6 +213,13 @@ def _command(chat: Chat, line: str, err: TextIO) -> str | None:
     if name == "/reset":
         chat.reset()
         print("(conversation cleared)", file=err)
+    elif name == "/image":
+        try:
+            n = chat.attach(rest.strip())
+        except PhinanoError as error:
+            print(f"error: {error}", file=err)
+        else:
+            print(f"(image attached to your next message: {n} positions)", file=err)
     elif name == "/system":
         chat.system = rest.strip() or None
         print("(system message set)" if chat.system else "(system message removed)", file=err)

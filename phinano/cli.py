@@ -150,18 +150,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = model.tokenizer
     if tok is None:
         raise PhinanoError(f"{args.model}: no tokenizer.json in the model folder, cannot encode a text prompt")
+    images = getattr(args, "image", None) or []
+    prompt = with_image_markers(args.prompt, len(images))
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": args.prompt})
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        messages.append({"role": "user", "content": prompt})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=not images)
     else:
-        ids = tok.encode(args.prompt)
+        ids = prompt
+    vectors = None
+    if images:  # Phi-3-vision: markers -> one id each -> each image's positions (phinano/vision/)
+        ids, vectors = model.with_images(tok.encode_prompt(ids), images)
+    elif not args.chat:
+        ids = tok.encode(prompt)
     context = model.config.max_position_embeddings
     if len(ids) >= context:  # checked before the prompt is echoed: nothing half-written
         raise PhinanoError(f"the prompt is {len(ids)} tokens long; the model's context holds {context}, "
                            "leaving no room for a new token")
     if args.verbose:
-        warm_up(model, ids)
+        warm_up(model, [i for i in ids if i >= 0])
     if not args.chat:
         print(args.prompt, end="", flush=True)
     stats: dict = {}
@@ -179,7 +186,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print()  # end the echoed prompt's line
         print_expert_trace(model, ids, args.max_new_tokens, sampling, args.stop, stats)
     else:
-        pieces = stream_text(model, ids, args.max_new_tokens, stop_strings=args.stop, stats=stats, **sampling)
+        pieces = stream_text(model, ids, args.max_new_tokens, stop_strings=args.stop, stats=stats, images=vectors,
+                             **sampling)
         if args.chat:  # a reasoning model's <think> section, framed as in `phinano chat`
             from .chat import framed
 
@@ -304,6 +312,14 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def with_image_markers(text: str, n_images: int) -> str:
+    """The prompt with `<|image_1|>\n` .. `<|image_n|>\n` in front (Phi-3-vision's released user turn), unless
+    it places its image markers itself."""
+    if n_images == 0 or "<|image_" in text:
+        return text
+    return "".join(f"<|image_{i}|>\n" for i in range(1, n_images + 1)) + text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phinano", description="Phi-3 family inference in NumPy + Numba")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -318,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verbose", "-v", action="store_true", help="print a speed report on stderr")
     g.add_argument("--num-beams", type=int, default=None, metavar="B",
                    help="beam search with B beams (Transformers' num_beams): prints the best hypothesis at the end")
+    g.add_argument("--image", action="append", metavar="PATH",
+                   help="Phi-3-vision: an image for the prompt (repeatable; <|image_1|> ... placed in front unless "
+                        "the prompt has them)")
     g.add_argument("prompt")
     g.set_defaults(func=cmd_generate)
 

@@ -22,8 +22,9 @@ from typing import NoReturn
 
 from .errors import PhinanoError
 
-SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM", "PhimoeForCausalLM", "Phi3SmallForCausalLM")
-_MODEL_TYPES = {"phi3": "Phi3ForCausalLM", "phimoe": "PhimoeForCausalLM", "phi3small": "Phi3SmallForCausalLM"}
+SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM", "PhimoeForCausalLM", "Phi3SmallForCausalLM", "Phi3VForCausalLM")
+_MODEL_TYPES = {"phi3": "Phi3ForCausalLM", "phimoe": "PhimoeForCausalLM", "phi3small": "Phi3SmallForCausalLM",
+                "phi3_v": "Phi3VForCausalLM"}
 _ROPE_TYPES = ("default", "longrope", "su")  # "su" is what early Phi-3 revisions called longrope
 
 
@@ -83,6 +84,10 @@ class Config:
     @property
     def is_phi3small(self) -> bool:
         return self.architecture == "Phi3SmallForCausalLM"
+
+    @property
+    def has_vision(self) -> bool:  # Phi-3-vision / Phi-3.5-vision: a CLIP tower and projector (phinano/vision/)
+        return self.architecture == "Phi3VForCausalLM"
 
     @property
     def is_moe(self) -> bool:
@@ -285,6 +290,8 @@ def config_from_dict(raw: dict, where: str = "config.json") -> Config:
         if (short_mscale is None) != (long_mscale is None):
             top.fail("'short_mscale' and 'long_mscale' must be given together")
 
+    if arch == "Phi3VForCausalLM":
+        _check_vision(top)
     window = top.integer("sliding_window", None)
     experts = top.integer("num_local_experts", 16, minimum=2) if is_moe else 0
     per_token = top.integer("num_experts_per_tok", 2) if is_moe else 0
@@ -433,6 +440,22 @@ def _phi3small_config(top: _Values, raw: dict) -> Config:
         blocksparse_homo_head_pattern=top.flag("blocksparse_homo_head_pattern", False),
         dummy_token_ids=tuple(i for i in PHI3SMALL_DUMMY_TOKEN_IDS if i < vocab),
     )
+
+
+def _check_vision(top: _Values) -> None:
+    """Phi-3-vision's image settings: phinano runs the released design (CLIP ViT-L/14-336 features from its
+    second-to-last layer, HD transform with learned separators in "sub_glb" order, two-layer projector)."""
+    prefix, processor = top.section("img_processor")
+    if processor.get("name", "clip_vision_model") != "clip_vision_model":
+        top.fail(f"'{prefix}name' must be 'clip_vision_model', got {_show(processor.get('name'))}")
+    for key, want in (("image_dim_out", 1024), ("num_img_tokens", 144), ("layer_idx", -2), ("type_feature", "patch")):
+        if processor.get(key, want) != want:
+            top.fail(f"'{prefix}{key}' must be {want!r} (CLIP ViT-L/14-336 as released), got {_show(processor[key])}")
+    prefix, layer = top.section("embd_layer")
+    for key, want in (("embedding_cls", "image"), ("projection_cls", "mlp"), ("use_hd_transform", True),
+                      ("with_learnable_separator", True), ("hd_transform_order", "sub_glb")):
+        if layer.get(key, want) != want:
+            top.fail(f"'{prefix}{key}' must be {want!r} (the released Phi-3-vision design), got {_show(layer[key])}")
 
 
 def _read_json(path: Path) -> dict:

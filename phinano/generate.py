@@ -36,11 +36,12 @@ from .sampling import repetition_penalty as apply_repetition_penalty
 class Sequence:
     """A sequence being generated: its tokens and their KV cache (room for `capacity` positions)."""
 
-    def __init__(self, model, capacity: int, observer: dict | None = None):
+    def __init__(self, model, capacity: int, observer: dict | None = None, images: Ids | None = None):
         self.model = model
         self.cache = model.new_cache(capacity)
         self.tokens: list[int] = []  # every token whose keys are (or were) cached
         self.observer = observer  # passed to every model step (see model.py)
+        self.images = images  # (N_i, D) vectors of image i, for the runs of id -i in the prompt (Model.with_images)
 
     def feed(self, new: Ids[int]) -> np.ndarray:
         """Append tokens and return the logits (V,) float32 after the last of them.
@@ -57,7 +58,11 @@ class Sequence:
         if not self.cache.fits(rope_variant(self.model.config, len(self.tokens) + len(new))):
             self.cache.reset()
             pending = self.tokens + new
-        logits = self.model.step(self.cache, pending, observer=self.observer, last_only=rows == 1)
+        if any(t < 0 for t in pending):  # image positions: the prompt goes in as embeddings
+            x = self.model.embed_prompt(pending, self.images)  # (T, D)
+            logits = self.model.step(self.cache, embeddings=x, observer=self.observer, last_only=rows == 1)
+        else:
+            logits = self.model.step(self.cache, pending, observer=self.observer, last_only=rows == 1)
         self.tokens += new
         return logits[-rows:]
 
@@ -116,7 +121,8 @@ def generate_steps(model, token_ids: Ids[int], max_new_tokens: int, *, temperatu
                    prompt_lookup_num_tokens: int | None = None,
                    stop_token_ids: Ids[int] | None = None, text: TextStops | None = None,
                    stats: dict | None = None, on_step: Callable[[int, np.ndarray], None] | None = None,
-                   observer: dict | None = None, sequence: Sequence | None = None) -> Iterator[tuple[int, str]]:
+                   observer: dict | None = None, sequence: Sequence | None = None,
+                   images: Ids | None = None) -> Iterator[tuple[int, str]]:
     """The loop. Yields (token, text piece) for up to `max_new_tokens` new tokens; the piece is what `text`
     releases for that token ("" without `text`). Ends early at a stop token, a stop string or the context's end.
 
@@ -130,12 +136,14 @@ def generate_steps(model, token_ids: Ids[int], max_new_tokens: int, *, temperatu
     from (after the repetition penalty, before temperature); it may raise to stop the generation.
     sequence: generate into this Sequence (the caller keeps its cache: e.g. to feed the last token and observe
     it); by default a new one, with `observer` on every step.
+    images: the (N_i, D) vectors of each image whose positions the prompt holds as runs of id -i
+    (Model.with_images makes both); the prompt is then fed as embeddings.
     """
     options = check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                             sampler_order=sampler_order, prompt_lookup_num_tokens=prompt_lookup_num_tokens)
     cfg = model.config
-    ids = model.check_ids(token_ids)  # (P,)
+    ids = model.check_ids(token_ids, images=images)  # (P,)
     max_new = min(options["max_new_tokens"], cfg.max_position_embeddings - len(ids))
     stops = set(model.stop_token_ids if stop_token_ids is None else stop_token_ids)
     lookup = options["prompt_lookup_num_tokens"] or 0
@@ -145,10 +153,10 @@ def generate_steps(model, token_ids: Ids[int], max_new_tokens: int, *, temperatu
                  finish_reason="length")
     if lookup:
         stats.update(drafted=0, accepted=0)
-    seq = sequence if sequence is not None else Sequence(model, len(ids) + max_new, observer)
+    seq = sequence if sequence is not None else Sequence(model, len(ids) + max_new, observer, images)
 
     pending = [int(t) for t in ids]  # tokens not yet fed: the prompt, then the last sampled token
-    seen = list(pending)  # the whole sequence, for the repetition penalty and the lookup
+    seen = [t for t in pending if t >= 0]  # the sequence for the repetition penalty and the lookup (no image positions)
     produced = 0
     while produced < max_new:
         # A draft for every step after the prefill: at most the tokens still wanted after the model's own one,

@@ -158,16 +158,19 @@ class Model:
         return logits
 
     # ------------------------------------------------------------------ input checks
-    def check_ids(self, token_ids: Sequence[int], start: int = 0) -> np.ndarray:
+    def check_ids(self, token_ids: Sequence[int], start: int = 0, images: Sequence | None = None) -> np.ndarray:
         """Token ids as int64 (T,), refusing an empty input, ids outside the vocabulary, or a sequence
-        longer than the model's context."""
+        longer than the model's context. With `images` (see with_images), -i marks a position of image i."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise PhinanoError("no input tokens")
+        if images:
+            self.embed_prompt(ids, images, check_only=True)
+            ids = np.where(ids < 0, 0, ids)  # the vocabulary check below is for the text ids
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise PhinanoError(f"token id out of range 0..{self.config.vocab_size - 1}")
         self._check_length(start + ids.size)
-        return ids
+        return np.asarray(token_ids, dtype=np.int64).reshape(-1)
 
     def check_embeddings(self, embeddings: np.ndarray, start: int = 0) -> np.ndarray:
         x = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -181,17 +184,58 @@ class Model:
         if n > context:
             raise PhinanoError(f"prompt of {n} tokens is longer than the model's context of {context} tokens")
 
+    # ------------------------------------------------------------------ images (Phi-3-vision; phinano/vision/)
+    def with_images(self, token_ids: Sequence[int], images: Sequence) -> tuple[list[int], list[np.ndarray]]:
+        """A prompt with one id -i per `<|image_i|>` marker (Tokenizer.encode_prompt) and its images (paths,
+        bytes or PIL images) -> (the ids with each marker expanded to the image's positions, the (N_i, D)
+        vectors of each image). Both go to `generate(..., images=...)` or `embed_prompt`."""
+        from .vision import prompt
+
+        if self.weights.vision is None:
+            raise PhinanoError(f"{self.name or 'this model'} takes no images (not a Phi-3-vision checkpoint)")
+        if len(prompt.markers(token_ids)) != len(images):  # before minutes of image encoding
+            prompt.expand(token_ids, [0] * len(images))
+        vectors = [self.weights.vision.embed(self.ops, image) for image in images]  # each (N_i, D)
+        return prompt.expand(token_ids, [len(v) for v in vectors]), vectors
+
+    def embed_prompt(self, ids: Sequence[int], images: Sequence[np.ndarray], check_only: bool = False) -> np.ndarray:
+        """Input embeddings (T, D) of ids in which each run of -i holds image i's vectors (N_i, D), in order;
+        a run may be cut at the end (a prompt fed in parts is not: see generate.py)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        runs = []  # (first position, image number, length)
+        for t in np.flatnonzero(ids < 0):
+            if runs and ids[t] == -runs[-1][1] and runs[-1][0] + runs[-1][2] == t:
+                runs[-1][2] += 1
+            else:
+                runs.append([t, int(-ids[t]), 1])
+        for first, i, n in runs:
+            if i > len(images) or n != len(images[i - 1]):
+                size = "" if i > len(images) else f" of {len(images[i - 1])} positions"
+                raise PhinanoError(f"{n} positions marked for image {i}{size}, of {len(images)} image(s) given")
+        if check_only:
+            return ids
+        x = self.ops.embed(self.weights.embed, np.where(ids < 0, 0, ids))  # (T, D)
+        for first, i, n in runs:
+            x[first : first + n] = images[i - 1]
+        return x
+
     # ------------------------------------------------------------------ conveniences over `step`
     def new_cache(self, capacity: int) -> KVCache:
         return new_cache(self.config, capacity)
 
     def forward(self, token_ids: Sequence[int] | None = None, *, embeddings: np.ndarray | None = None,
-                observer: dict | None = None, return_routing: bool = False):
+                observer: dict | None = None, return_routing: bool = False, images: Sequence | None = None):
         """Float32 logits (T, V) of a full causal forward from scratch (no cache carried over).
+
+        With `images` (Phi-3-vision), token_ids hold one -i per `<|image_i|>` marker (Tokenizer.encode_prompt);
+        the logits are those of the expanded prompt, one row per position (Model.with_images).
 
         With `return_routing=True` (PhiMoE), also returns, per layer, (experts (T, 2) int64, weights (T, 2)
         float32): the two experts each token was sent to and their sparsemixer weights.
         """
+        if images:
+            ids, vectors = self.with_images(token_ids, images)
+            token_ids, embeddings = None, self.embed_prompt(ids, vectors)
         given = token_ids if embeddings is None else embeddings
         T = len(given) if given is not None else 1  # neither given: step says so
         routing: list = []
@@ -200,23 +244,31 @@ class Model:
         logits = self.step(self.new_cache(max(T, 1)), token_ids, embeddings=embeddings, observer=observer)
         return (logits, routing) if return_routing else logits
 
-    def stream(self, token_ids: Sequence[int], max_new_tokens: int, **options) -> Iterator[int]:
+    def stream(self, token_ids: Sequence[int], max_new_tokens: int, images: Sequence | None = None,
+               **options) -> Iterator[int]:
         """Yield new token ids one at a time (generate.generate_tokens lists the options)."""
+        if images:
+            token_ids, options["images"] = self.with_images(token_ids, images)
         return generate_tokens(self, token_ids, max_new_tokens, **options)
 
-    def generate(self, token_ids: Sequence[int], max_new_tokens: int, **options) -> list[int]:
+    def generate(self, token_ids: Sequence[int], max_new_tokens: int, images: Sequence | None = None,
+                 **options) -> list[int]:
         """The new token ids only. Greedy unless a temperature > 0 is given; uses the KV cache.
 
         Options (generate.generate_tokens): temperature, top_k, top_p, min_p, repetition_penalty, seed,
         sampler_order, prompt_lookup_num_tokens, stop_token_ids (None: the model's own list; []: never stop
         early), stop_strings, observer. With num_beams > 1: beam search (beams.beam_search: length_penalty,
         early_stopping, stop_token_ids; Transformers' generate(num_beams=B)).
+        images (Phi-3-vision): paths, bytes or PIL images for the prompt's `<|image_1|>`, `<|image_2|>` ...
+        markers; token_ids is then Tokenizer.encode_prompt of the prompt text (one id -i per marker).
         """
         if options.get("num_beams", 1) != 1:
+            if images:
+                raise PhinanoError("beam search takes text prompts only (no images)")
             return beam_search(self, token_ids, max_new_tokens, **options)[0]
         for beam_only in ("num_beams", "length_penalty", "early_stopping"):  # no effect on one sequence
             options.pop(beam_only, None)
-        return list(generate_tokens(self, token_ids, max_new_tokens, **options))
+        return list(self.stream(token_ids, max_new_tokens, images, **options))
 
     # ------------------------------------------------------------------ facts for `phinano info`
     def parameter_counts(self) -> tuple[int, int]:

@@ -230,6 +230,18 @@ class Tokenizer:
             raise PhinanoError(f"encode expects a str, got {type(text).__name__}")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt that may hold image markers `<|image_1|>`, `<|image_2|>` ... -> ids with one -N per marker,
+        as Phi-3-vision's released processor tokenizes it: each piece of text between markers is encoded on its
+        own, with <s> and the leading-space prefix (phinano/vision/prompt.py). Model.generate(..., images=)
+        expands each -N to the image's positions."""
+        from .vision.prompt import split
+
+        ids: list[int] = []
+        for part in split(text):
+            ids.extend([-part] if isinstance(part, int) else self.encode(part))
+        return ids
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Ids → text. Unknown ids are ignored, as in Transformers."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

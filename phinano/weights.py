@@ -16,6 +16,8 @@ from .blocks import block_module
 from .config import Config
 from .errors import PhinanoError
 from .formats import read_tensors
+from .vision import IGNORED as VISION_IGNORED
+from .vision import load_vision, vision_shapes
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Weights:
     dtype: str  # storage of the matrices: "bfloat16", "float16", "float32" (or a quantized type name)
     nbytes: int  # bytes of every distinct tensor (a tied head is counted once)
     file_format: str = "safetensors"  # or "gguf": where the tensors were read from
+    vision: object = None  # phinano.vision.Vision: Phi-3-vision's image tower and projector, else None
 
 
 def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -46,6 +49,8 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (V, D)
     if cfg.lm_head_bias:
         shapes["lm_head.bias"] = (V,)
+    if cfg.has_vision:
+        shapes.update(vision_shapes(D))
     return shapes
 
 
@@ -67,6 +72,7 @@ def check_tensors(tensors: dict, cfg: Config, where: str) -> None:
         problems.append(f"missing {len(missing)} tensor(s): {listed(missing)}")
     # A tied checkpoint may still carry an lm_head copy; rotary inv_freq buffers are harmless leftovers.
     ignorable = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
+    ignorable += VISION_IGNORED if cfg.has_vision else ()
     extra = [n for n in tensors if n not in want and n not in ignorable and not n.endswith("rotary_emb.inv_freq")]
     if extra:
         problems.append(f"unexpected {len(extra)} tensor(s): {listed(extra)}")
@@ -101,6 +107,7 @@ def arrange(tensors: dict, cfg: Config, where: str = "checkpoint", file_format: 
         dtype=_dtype_name(embed),
         nbytes=sum(int(tensors[name].nbytes) for name in want),
         file_format=file_format,
+        vision=load_vision(tensors) if cfg.has_vision else None,
     )
 
 

@@ -100,7 +100,8 @@ def test_generation_with_an_observer_equals_generation_without(checkpoint_dir):
 
 
 def test_architecture_picks_the_block_module(checkpoint_dir):
-    assert ARCHITECTURES == {"Phi3ForCausalLM": phi3, "PhimoeForCausalLM": phimoe, "Phi3SmallForCausalLM": phi3small}
+    assert ARCHITECTURES == {"Phi3ForCausalLM": phi3, "PhimoeForCausalLM": phimoe, "Phi3SmallForCausalLM": phi3small,
+                             "Phi3VForCausalLM": phi3}
     model = phinano.load(checkpoint_dir("mini-4k"), backend="numpy")
     assert model.blocks is phi3
     assert all(isinstance(layer, phi3.Layer) for layer in model.weights.layers)
@@ -112,7 +113,7 @@ FLOORS = [  # lowest first; a module may import its own floor and those below it
     {"config", "sampling", "nano", "families"},
     {"formats"},
     {"kernels"},
-    {"rope", "cache", "blocks"},
+    {"rope", "cache", "blocks", "vision"},
     {"weights", "tokenizer", "tokenizer_tiktoken"},
     {"generate", "reasoning", "speculate", "beams"},
     {"model", "tracing", "quantize"},

@@ -24,6 +24,7 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "Phi3ForCausalLM": phi3,  # Phi-3-mini, -medium, 3.5-mini, Phi-4-mini
     "PhimoeForCausalLM": phimoe,  # Phi-3.5-MoE
     "Phi3SmallForCausalLM": phi3small,  # Phi-3-small-8k, -128k
+    "Phi3VForCausalLM": phi3,  # Phi-3-vision, Phi-3.5-vision: the dense text model (image parts: phinano/vision/)
 }
 
 

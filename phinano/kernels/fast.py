@@ -25,6 +25,8 @@ HD head dim, R rotary dims, N output rows, K input width, D model width, F MLP w
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 try:
@@ -44,7 +46,7 @@ from .widening import activation, stored, to_f32
 
 __all__ = ["set_threads", "widen", "embed", "linear", "linear_rows", "rmsnorm", "layernorm", "rope", "softmax", "swiglu",
            "attention", "attention_weights", "gegelu", "blocksparse_visible", "blocksparse_attention_weights",
-           "blocksparse_attention"]
+           "blocksparse_attention", "quick_gelu", "gelu", "encoder_attention"]
 
 # linear(): from this many tokens on, a bf16/f16 product widens weight tiles and uses BLAS; below it the
 # fused kernel wins (measured on the 2-core machine: fused ~55 GFLOP/s up to 64 tokens, tiles + BLAS
@@ -753,3 +755,74 @@ def blocksparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: in
         run(_blocksparse_rows, work, q, k, v, int(start), int(block), int(local_blocks), int(vert_stride),
             int(head_step), per, out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the image tower's ops (phinano/vision/): activations and attention without a mask
+# ---------------------------------------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _quick_gelu_flat(x, out):
+    """out = x / (1 + exp(-1.702 x)), elementwise in float32."""
+    one, k = np.float32(1.0), np.float32(-1.702)
+    for i in prange(x.shape[0]):
+        out[i] = x[i] / (one + np.exp(k * x[i]))
+
+
+def quick_gelu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(1.702 x), CLIP's activation, elementwise. x (T, F) -> (T, F).
+
+    Fast because it is one pass without temporaries, in parallel chunks.
+    """
+    x = activation(x)
+    out = np.empty_like(x)
+    run(_quick_gelu_flat, x.size, x.reshape(-1), out.reshape(-1))
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _gelu_flat(x, out):
+    """out = x / 2 * (1 + erf(x / sqrt(2))), in float64 like the reference, rounded to float32."""
+    r = 1.0 / math.sqrt(2.0)
+    for i in prange(x.shape[0]):
+        v = np.float64(x[i])
+        out[i] = np.float32(0.5 * v * (1.0 + math.erf(v * r)))
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """x / 2 * (1 + erf(x / sqrt(2))), the exact GELU (not the tanh approximation), elementwise.
+    x (T, F) -> (T, F). Fast because erf is compiled (the reference calls math.erf once per element)."""
+    x = activation(x)
+    out = np.empty_like(x)
+    run(_gelu_flat, x.size, x.reshape(-1), out.reshape(-1))
+    return out
+
+
+def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Attention without a mask: every query sees every key (an image encoder's tokens have no order).
+    q, k, v (T, H, HD) -> (T, H, HD).
+
+    Fast because the two products of each head are BLAS calls (heads split between threads) and the softmax
+    is the compiled row kernel, in place.
+    """
+    q, k, v = activation(q), activation(k), activation(v)
+    T, H, HD = q.shape
+    out = np.empty_like(q)
+    scale = np.float32(HD**-0.5)
+
+    def part(p: int, parts: int) -> None:
+        for h in range(p * H // parts, (p + 1) * H // parts):
+            scores = (q[:, h, :] * scale) @ k[:, h, :].T  # (T, T)
+            _softmax_rows_serial(scores)
+            out[:, h, :] = scores @ v[:, h, :]  # (T, HD)
+
+    in_parts(part, H)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _softmax_rows_serial(x):
+    """x[t] = softmax(x[t]) in place for every row, on the calling thread (in_parts gives each its heads)."""
+    for t in range(x.shape[0]):
+        _softmax_into(x[t], x[t])

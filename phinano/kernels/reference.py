@@ -11,6 +11,7 @@ HD head dim, R rotary dims, N output rows, K input width, F MLP width.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -19,7 +20,7 @@ from ..formats.quantized import QuantizedTensor, dequantize
 
 __all__ = ["set_threads", "widen", "embed", "linear", "linear_rows", "rmsnorm", "layernorm", "rope", "softmax", "swiglu",
            "attention", "attention_weights", "gegelu", "blocksparse_visible", "blocksparse_attention_weights",
-           "blocksparse_attention"]
+           "blocksparse_attention", "quick_gelu", "gelu", "encoder_attention"]
 
 
 def set_threads(n: int | None = None) -> int:
@@ -193,3 +194,26 @@ def blocksparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: in
     probs = blocksparse_attention_weights(q, k, start, block, local_blocks, vert_stride, head_step)  # (H, T, S)
     v = np.repeat(v, q.shape[1] // v.shape[1], axis=1)  # (S, H, HD)
     return np.einsum("hts,shd->thd", probs, v)  # (T, H, HD)
+
+
+# ------------------------------------------------------------------ the image tower's ops (phinano/vision/)
+def quick_gelu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(1.702 x), CLIP's activation, elementwise. x (T, F) -> (T, F)."""
+    return x / (1.0 + np.exp(np.float32(-1.702) * x))
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """x / 2 * (1 + erf(x / sqrt(2))), the exact GELU (not the tanh approximation), elementwise.
+    Computed in float64 with math.erf, rounded to float32. x (T, F) -> (T, F)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    return (0.5 * x64 * (1.0 + _erf(x64 / math.sqrt(2.0)))).astype(np.float32)
+
+
+def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Attention without a mask: every query sees every key (an image encoder's tokens have no order).
+    q, k, v (T, H, HD) -> (T, H, HD)."""
+    scores = np.einsum("thd,shd->hts", q, k) * np.float32(q.shape[-1] ** -0.5)  # (H, T, T)
+    return np.einsum("hts,shd->thd", softmax(scores), v).astype(np.float32)  # (T, H, HD)

@@ -83,6 +83,7 @@ class Job:
     sampling: dict  # temperature, top_k, top_p, min_p, repetition_penalty, seed (and stop_token_ids, if set)
     stop_strings: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's plus the k best
+    images: list | None = None  # Phi-3-vision: PIL images whose positions `ids` holds (runs of -1, -2, ...)
     cancelled: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue | None = None  # set by Engine.submit, read on the request's event loop
     loop: asyncio.AbstractEventLoop | None = None
@@ -123,13 +124,13 @@ class _Member(Sequence):
 
     ready: tuple[int, np.ndarray] | None = None  # (token, its logits (V,)) from the last batch step
 
-    def feed(self, new: Ids[int]) -> np.ndarray:
+    def feed_rows(self, new: Ids[int], rows: int) -> np.ndarray:
         if self.ready is None:
-            return super().feed(new)
+            return super().feed_rows(new, rows)
         (token, logits), self.ready = self.ready, None
-        if [int(t) for t in new] != [token]:
+        if [int(t) for t in new] != [token] or rows != 1:
             raise RuntimeError(f"the batch step ran token {token}, the generation fed {list(new)}")
-        return logits
+        return logits[None]  # (1, V)
 
 
 class _Generation:
@@ -144,9 +145,11 @@ class _Generation:
         self.stop_ids = set(model.stop_token_ids if stop_ids is None else stop_ids)
         self.text = TextStops(model.tokenizer, job.stop_strings)
         room = min(job.max_new_tokens, model.config.max_position_embeddings - len(job.ids))  # as generate_steps
-        self.sequence = _Member(model, len(job.ids) + max(0, room))
+        vision = model.weights.vision  # Phi-3-vision: each image's (N_i, D) vectors, computed once here
+        images = [vision.embed(model.ops, img) for img in job.images] if job.images else None
+        self.sequence = _Member(model, len(job.ids) + max(0, room), images=images)
         self.steps = generate_steps(model, job.ids, job.max_new_tokens, text=self.text, stats=self.stats,
-                                    on_step=self._on_step, sequence=self.sequence, **job.sampling)
+                                    on_step=self._on_step, sequence=self.sequence, images=images, **job.sampling)
 
     def _on_step(self, token: int, logits: np.ndarray) -> None:
         self.tokens.append(token)

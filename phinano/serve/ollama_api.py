@@ -68,11 +68,13 @@ class Request(Body):
     context: list[int] | None = None
     raw: bool | None = None
     think: bool | None = None  # null or true: reasoning apart, as `thinking`; false: left in the text as written
+    images: list | None = None  # /api/generate, Phi-3-vision: base64 images (a text model refuses them)
 
 
 def job(kind: str, engine: Engine, body: object) -> tuple[Job | None, Reply]:
     """A Job, or (None, reply) for an empty prompt or empty messages, which in Ollama only loads the model."""
-    req = parse_body(Request, body, engine, REFUSED)
+    vision = engine.model.weights.vision is not None
+    req = parse_body(Request, body, engine, {k: v for k, v in REFUSED.items() if not (vision and k == "images")})
     refuse(body.get("options") or {}, REFUSED_OPTIONS, prefix="options.")
     o = req.options or Options()
     unknown = set(o.model_extra or {}) - set(REFUSED_OPTIONS) - IGNORED
@@ -83,19 +85,24 @@ def job(kind: str, engine: Engine, body: object) -> tuple[Job | None, Reply]:
                   reasoning=req.think is not False)
     if not (req.messages if kind == "chat" else req.prompt or req.context):
         return None, reply
-    ids = chat_ids(engine, req.messages, ROLES, content_required=False) if kind == "chat" else \
-        _generate_ids(engine, req, reply)
+    images: list = []  # Phi-3-vision: the messages' images, in order
+    ids = chat_ids(engine, req.messages, ROLES, content_required=False, images=images) if kind == "chat" else \
+        _generate_ids(engine, req, reply, images)
     asked = None if o.num_predict is None or o.num_predict < 0 else o.num_predict
     max_new = budget(ids, min(o.num_ctx or DEFAULT_NUM_CTX, engine.context_length), asked, "num_ctx", clip=True)
     given = dict(temperature=o.temperature, top_k=None if o.top_k is None else max(o.top_k, 0), top_p=o.top_p,
                  min_p=o.min_p, repetition_penalty=o.repeat_penalty, seed=None if (o.seed or 0) < 0 else o.seed,
                  sampler_order=o.sampler_order)
-    return Job(ids, max_new, sampling(given, DEFAULTS, NAMES), stop_strings(o.stop), top), reply
+    return Job(ids, max_new, sampling(given, DEFAULTS, NAMES), stop_strings(o.stop), top, images=images), reply
 
 
-def _generate_ids(engine: Engine, req: Request, reply: Reply) -> list[int]:
-    """The prompt as is (raw), else in the chat template after `system` and a previous answer's `context`."""
+def _generate_ids(engine: Engine, req: Request, reply: Reply, images: list) -> list[int]:
+    """The prompt as is (raw), else in the chat template after `system` and a previous answer's `context`.
+    Images (Phi-3-vision) go before the prompt as `<|image_N|>` markers, expanded to their positions; such a
+    prompt is not returned as `context` (its image positions are no token ids)."""
     tok, prompt = engine.tokenizer, req.prompt or ""
+    if req.images:
+        return _generate_ids_with_images(engine, req, images)
     if req.raw:
         return tok.encode(prompt)
     messages = ([{"role": "system", "content": req.system}] if req.system else [])
@@ -105,6 +112,22 @@ def _generate_ids(engine: Engine, req: Request, reply: Reply) -> list[int]:
         ids = tok.encode(prompt)
     reply.context = token_ids(engine, req.context or [], "context") + ids
     return reply.context
+
+
+def _generate_ids_with_images(engine: Engine, req: Request, images: list) -> list[int]:
+    from ..vision.prompt import expand
+    from .validate import decode_base64, image_marker
+
+    markers = "".join(image_marker(images, decode_base64(data, f"images[{j}]"), f"images[{j}]")
+                      for j, data in enumerate(req.images))
+    text = markers + (req.prompt or "")
+    if not req.raw:
+        messages = ([{"role": "system", "content": req.system}] if req.system else [])
+        text = engine.tokenizer.apply_chat_template(messages + [{"role": "user", "content": text}], tokenize=False)
+    try:
+        return expand(engine.tokenizer.encode_prompt(text), [engine.model.weights.vision.positions(i) for i in images])
+    except PhinanoError as error:
+        raise ApiError(400, str(error), param="prompt") from None
 
 
 async def stream(reply: Reply, job: Job) -> AsyncIterator[str]:

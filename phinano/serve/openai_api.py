@@ -61,7 +61,8 @@ def job(kind: str, engine: Engine, body: object) -> tuple[Job, Reply]:
         if not req.messages:
             raise ApiError(400, "Invalid 'messages': empty array. Expected an array with minimum length 1.",
                            param="messages", code="empty_array")
-        ids = chat_ids(engine, req.messages, ROLES, content_required=True)
+        images: list = []  # Phi-3-vision: the images of image_url parts, in order
+        ids = chat_ids(engine, req.messages, ROLES, content_required=True, images=images)
         param = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
         asked, top = getattr(req, param), logprobs_wanted(req.logprobs, req.top_logprobs)
     else:
@@ -77,7 +78,8 @@ def job(kind: str, engine: Engine, body: object) -> tuple[Job, Reply]:
     include_usage = bool(req.stream and (req.stream_options or {}).get("include_usage"))
     reply = Reply(kind, req.model, bool(req.stream), top is not None, include_usage=include_usage,
                   id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}")
-    return Job(ids, max_new, options, stop_strings(req.stop, most=4), top), reply
+    return Job(ids, max_new, options, stop_strings(req.stop, most=4), top,
+               images=images if kind == "chat" else None), reply
 
 
 def _prompt_ids(engine: Engine, prompt: str | list) -> list[int]:

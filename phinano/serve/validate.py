@@ -33,6 +33,7 @@ class Body(BaseModel):
 class TextPart(Body):
     type: str
     text: str | None = None
+    image_url: dict | None = None  # {"url": "data:image/png;base64,..."} (Phi-3-vision)
 
 
 class Message(Body):
@@ -89,9 +90,16 @@ def missing(param: str) -> ApiError:
     return ApiError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
 
 
-def chat_ids(engine: Engine, messages: list[Message], roles: set[str], content_required: bool) -> list[int]:
+def chat_ids(engine: Engine, messages: list[Message], roles: set[str], content_required: bool,
+             images: list | None = None) -> list[int]:
     """Messages -> prompt ids through the model's chat template ("developer" is a system message). With
-    content_required, only an assistant message carrying tool_calls may go without content (OpenAI's rule)."""
+    content_required, only an assistant message carrying tool_calls may go without content (OpenAI's rule).
+
+    A Phi-3-vision model also takes images: OpenAI `image_url` parts (data: URLs) and Ollama `images` (base64).
+    Each becomes `<|image_N|>\n` in the text (Ollama's before the message's text), is opened into `images`, and
+    its marker is expanded to the image's positions in the ids returned."""
+    vision = engine.model.weights.vision
+    images = [] if images is None else images
     rendered = []
     for i, m in enumerate(messages):
         if m.role not in roles:
@@ -100,15 +108,62 @@ def chat_ids(engine: Engine, messages: list[Message], roles: set[str], content_r
         if m.content is None and content_required and not (m.role == "assistant" and m.tool_calls):
             raise missing(f"messages[{i}].content")
         parts = [] if m.content is None or isinstance(m.content, str) else m.content
-        if m.images or any(part.type != "text" or part.text is None for part in parts):
+        pictures = m.images or [] if vision is not None else []
+        parts_ok = ("text", "image_url") if vision is not None else ("text",)
+        if (m.images and vision is None) or any(p.type not in parts_ok or (p.type == "text" and p.text is None)
+                                                for p in parts):
             raise ApiError(400, f"phinano reads text only; messages[{i}] holds an image or other non-text part.",
                            param=f"messages[{i}].content", code="unsupported_content")
-        text = m.content if isinstance(m.content, str) else "".join(part.text for part in parts)
+        text = "".join(image_marker(images, decode_base64(data, where), where)
+                       for where, data in ((f"messages[{i}].images[{j}]", d) for j, d in enumerate(pictures)))
+        if isinstance(m.content, str):
+            text += m.content
+        for j, p in enumerate(parts):
+            where = f"messages[{i}].content[{j}]"
+            text += p.text if p.type == "text" else image_marker(images, _data_url(p.image_url, where), where)
         rendered.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     try:
-        return engine.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
+        if not images:
+            return engine.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
+        from ..vision.prompt import expand
+
+        text = engine.tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+        return expand(engine.tokenizer.encode_prompt(text), [vision.positions(img) for img in images])
     except PhinanoError as error:
         raise ApiError(400, str(error), param="messages") from None
+
+
+def image_marker(images: list, data: bytes, where: str) -> str:
+    """Open an image sent in a request (a 400 naming `where` if it is not one), keep it, return its marker."""
+    from ..vision.preprocess import open_image
+
+    try:
+        images.append(open_image(data, "image data"))
+    except PhinanoError as error:
+        raise ApiError(400, f"Invalid image in '{where}': {error}.", param=where, code="invalid_image") from None
+    return f"<|image_{len(images)}|>\n"
+
+
+def decode_base64(data, where: str) -> bytes:
+    import base64
+    import binascii
+
+    if not isinstance(data, str):
+        raise ApiError(400, f"Invalid image in '{where}': expected a base64 string.", param=where, code="invalid_image")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"Invalid image in '{where}': not valid base64.", param=where,
+                       code="invalid_image") from None
+
+
+def _data_url(image_url: dict | None, where: str) -> bytes:
+    """OpenAI's image_url part: only data: URLs (phinano fetches nothing from the network)."""
+    url = (image_url or {}).get("url")
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise ApiError(400, f"Invalid image in '{where}': phinano takes images as data: URLs "
+                            "(data:image/png;base64,...).", param=where, code="invalid_image")
+    return decode_base64(url.split(";base64,", 1)[1], where)
 
 
 def token_ids(engine: Engine, ids: list[int], param: str) -> list[int]:
