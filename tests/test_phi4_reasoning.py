@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -97,6 +98,18 @@ def scripted(pieces: list[str], finish: str = "stop"):
     return stream_text
 
 
+def scripted_steps(pieces: list[str], finish: str = "stop"):
+    """In place of the server engine's loop (generate.generate_steps): yields (token, piece) for `pieces`."""
+    def generate_steps(model, ids, max_new_tokens, *, stats=None, on_step=None, **options):
+        stats.update(prompt_tokens=len(ids), new_tokens=len(pieces), prefill_seconds=0.01, decode_seconds=0.01,
+                     finish_reason=finish)
+        token = next(t for t in range(3, model.config.vocab_size) if t not in model.stop_token_ids)
+        for piece in pieces:
+            on_step(token, np.zeros(model.config.vocab_size, np.float32))
+            yield token, piece
+    return generate_steps
+
+
 # ------------------------------------------------------------------ the terminal chat
 def test_chat_frames_the_thinking_and_keeps_only_the_reply(model, monkeypatch):
     from phinano import chat as chat_module
@@ -152,7 +165,7 @@ def serve(model, monkeypatch):
     started = []
 
     def start(pieces: list[str], finish: str = "stop"):
-        monkeypatch.setattr(engine_module, "stream_text", scripted(pieces, finish))
+        monkeypatch.setattr(engine_module, "generate_steps", scripted_steps(pieces, finish))
         engine = Engine(model, "phi4r")
         client = TestClient(create_app(engine))
         started.append((engine, client))
