@@ -184,77 +184,85 @@ def _nearest_int(v):
     return np.int32((_f32_bits(v + np.float32(12582912.0)) & 0x007FFFFF) - 0x00400000)
 
 
-@njit(cache=True, nogil=True)
-def _qkx2_blocks(x, weights, nmax, rmin, rdelta, nstep, scale_out, min_out, L_out):
-    """`make_qkx2_quants` of each row of x (S, n) with its weights (S, n): C's loop over i, one block at a time.
-    Writes scale_out (S,), min_out (S,) (= -the C min, >= 0) and L_out (S, n) uint8. Every constant and every
-    integer is made float32 before it meets a float32 (Numba would otherwise compute in float64)."""
-    fmax = np.float32(nmax)
-    zero = np.float32(0.0)
-    n = x.shape[1]
-    laux = np.empty(n, np.float32)
-    for s in range(x.shape[0]):
-        xs, ws = x[s], weights[s]
-        lo = hi = xs[0]
-        sum_w = ws[0]
-        sum_x = sum_w * xs[0]
-        for i in range(1, n):
-            if xs[i] < lo:
-                lo = xs[i]
-            if xs[i] > hi:
-                hi = xs[i]
-            sum_w += ws[i]
-            sum_x += ws[i] * xs[i]
-        if lo > zero:
-            lo = zero
-        if hi == lo:  # nothing to fit: L = 0, scale 0
-            for i in range(n):
-                L_out[s, i] = 0
-            scale_out[s], min_out[s] = zero, -lo
-            continue
-        iscale = fmax / (hi - lo)
-        scale = np.float32(1.0) / iscale
-        best_error = zero
+@njit(cache=True, nogil=True, error_model="numpy")  # x / 0 is inf or nan, as in NumPy and C, not an exception
+def _qkx2_lanes(x, weights, nmax, rmin, rdelta, nstep, scale, the_min, L):
+    """`make_qkx2_quants` of S blocks at once, laid out as the NumPy version (x, weights: (n, S)), its array
+    operations fused into loops: for each value i in order, an inner loop over the blocks s. Each block's sums
+    still run left to right (over i), so the bytes are the NumPy version's; the inner loop has no dependence
+    from one s to the next, so it vectorises without reassociating anything (eight blocks per AVX2 register),
+    and the temporaries stay in cache. Writes scale (S,), the_min (S,) and L (n, S) uint8.
+    Every constant and integer is made float32 before it meets a float32 (Numba would compute in float64)."""
+    n, S = x.shape
+    fmax, zero = np.float32(nmax), np.float32(0.0)
+    x_min, x_max = x[0].copy(), x[0].copy()  # (S,)
+    sum_w = weights[0].copy()
+    sum_x = weights[0] * x[0]
+    for i in range(1, n):
+        for s in range(S):
+            x_min[s] = min(x_min[s], x[i, s])
+            x_max[s] = max(x_max[s], x[i, s])
+            sum_w[s] += weights[i, s]
+            sum_x[s] += weights[i, s] * x[i, s]
+    offset = np.minimum(x_min, zero)  # C's `min`, <= 0; a kept fit's min replaces it
+    best_error = np.zeros(S, np.float32)
+    iscale = np.empty(S, np.float32)
+    for s in range(S):
+        iscale[s] = fmax / (x_max[s] - offset[s])
+        scale[s] = np.float32(1.0) / iscale[s]
+    for i in range(n):
+        for s in range(S):
+            l = np.float32(min(max(_nearest_int(iscale[s] * (x[i, s] - offset[s])), 0), nmax))
+            L[i, s] = np.uint8(l)
+            diff = scale[s] * l + offset[s] - x[i, s]
+            best_error[s] += weights[i, s] * (diff * diff)
+    laux = np.empty((n, S), np.float32)
+    sum_l, sum_l2, sum_xl = np.empty(S, np.float32), np.empty(S, np.float32), np.empty(S, np.float32)
+    this_scale, this_min, cur_error = np.empty(S, np.float32), np.empty(S, np.float32), np.empty(S, np.float32)
+    for step in range(nstep + 1):
+        for s in range(S):
+            iscale[s] = (rmin + rdelta * np.float32(step) + fmax) / (x_max[s] - offset[s])
+            sum_l[s] = sum_l2[s] = sum_xl[s] = cur_error[s] = zero
         for i in range(n):
-            l = np.float32(min(max(_nearest_int(iscale * (xs[i] - lo)), 0), nmax))
-            L_out[s, i] = np.uint8(l)
-            diff = scale * l + lo - xs[i]
-            best_error += ws[i] * (diff * diff)
-        for step in range(nstep + 1):
-            iscale = (rmin + rdelta * np.float32(step) + fmax) / (hi - lo)
-            sum_l = sum_l2 = sum_xl = zero
-            for i in range(n):
-                l = np.float32(min(max(_nearest_int(iscale * (xs[i] - lo)), 0), nmax))
-                laux[i] = l
-                wl = ws[i] * l  # C's w*l*l is (w*l)*l, and w*l*x[i] is (w*l)*x
-                sum_l += wl
-                sum_l2 += wl * l
-                sum_xl += wl * xs[i]
-            D = sum_w * sum_l2 - sum_l * sum_l
-            if D > zero:
-                this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-                this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-                if this_min > zero:
-                    this_min = zero
-                    this_scale = sum_xl / sum_l2
-                cur_error = zero
+            for s in range(S):
+                l = np.float32(min(max(_nearest_int(iscale[s] * (x[i, s] - offset[s])), 0), nmax))
+                laux[i, s] = l
+                wl = weights[i, s] * l  # C's w*l*l is (w*l)*l, and w*l*x[i] is (w*l)*x
+                sum_l[s] += wl
+                sum_l2[s] += wl * l
+                sum_xl[s] += wl * x[i, s]
+        for s in range(S):
+            D = sum_w[s] * sum_l2[s] - sum_l[s] * sum_l[s]
+            a = (sum_w[s] * sum_xl[s] - sum_x[s] * sum_l[s]) / D
+            b = (sum_l2[s] * sum_x[s] - sum_l[s] * sum_xl[s]) / D
+            positive_min = b > zero  # an offset above zero is not allowed: fit the scale alone
+            this_scale[s] = sum_xl[s] / sum_l2[s] if positive_min else a
+            this_min[s] = zero if positive_min else b
+        for i in range(n):
+            for s in range(S):
+                diff = this_scale[s] * laux[i, s] + this_min[s] - x[i, s]
+                cur_error[s] += weights[i, s] * (diff * diff)
+        for s in range(S):
+            D = sum_w[s] * sum_l2[s] - sum_l[s] * sum_l[s]
+            better = D > zero and cur_error[s] < best_error[s]
+            if better:
+                best_error[s], scale[s], offset[s] = cur_error[s], this_scale[s], this_min[s]
                 for i in range(n):
-                    diff = this_scale * laux[i] + this_min - xs[i]
-                    cur_error += ws[i] * (diff * diff)
-                if cur_error < best_error:
-                    for i in range(n):
-                        L_out[s, i] = np.uint8(laux[i])
-                    best_error, scale, lo = cur_error, this_scale, this_min
-        scale_out[s], min_out[s] = scale, -lo
+                    L[i, s] = np.uint8(laux[i, s])
+    for s in range(S):
+        if x_max[s] == min(x_min[s], zero):  # nothing to fit: L = 0, scale 0
+            scale[s], offset[s] = zero, min(x_min[s], zero)
+            for i in range(n):
+                L[i, s] = 0
+        the_min[s] = -offset[s]
 
 
 def make_qkx2_quants_compiled(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """`make_qkx2_quants` compiled: the same arguments and results, the same bytes."""
     S = x.shape[1]
-    scale, the_min, L = np.empty(S, f32), np.empty(S, f32), np.empty((S, x.shape[0]), np.uint8)
-    _qkx2_blocks(np.ascontiguousarray(x.T), np.ascontiguousarray(weights.T), nmax, f32(rmin), f32(rdelta), nstep,
-                 scale, the_min, L)
-    return scale, the_min, np.ascontiguousarray(L.T)
+    scale, the_min, L = np.empty(S, f32), np.empty(S, f32), np.empty(x.shape, np.uint8)
+    _qkx2_lanes(np.ascontiguousarray(x, f32), np.ascontiguousarray(weights, f32), nmax, f32(rmin), f32(rdelta),
+                nstep, scale, the_min, L)
+    return scale, the_min, L
 
 
 @njit(cache=True, nogil=True)
