@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill", action="store_true", help="also the token-count crossover and attention")
     parser.add_argument("--startup", action="store_true", help="also compile and cached start times")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode benchmarks")
+    parser.add_argument("--ceilings", action="store_true",
+                        help="only each format's compute ceiling per core (best of 3), quick and robust to load")
     parser.add_argument("--types", default=",".join(FLOAT16_FIELDS), help="quantized types to measure, comma-separated")
     args = parser.parse_args(argv)
 
@@ -281,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     threads = fast.set_threads(args.threads)
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average {load_average()} before")
     print(f"kernel threads: {threads}; BLAS threads: OpenBLAS default (OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})")
+    if args.ceilings:
+        rng = np.random.default_rng(0)
+        print("compute ceiling per core (L2-resident 96 x 2048, 1 thread, CPU time, best of 3):")
+        for name in ["bf16", *qtypes]:
+            weights_per_s, bytes_per_s = max(core_rate(fast, rng, name) for _ in range(3))
+            print(f"  {name:5s} {bytes_per_s:5.1f} GB/s  ({weights_per_s:5.1f} G weights/s)", flush=True)
+        return 0
     if not args.no_decode:
         bench_decode(fast, args.repeats)
         bench_decode_formats(fast, args.repeats, threads, qtypes)
