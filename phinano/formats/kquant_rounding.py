@@ -14,11 +14,11 @@ Exactness: the C code computes in float32, one operation at a time, summing left
 same, vectorised over blocks: every constant is a float32, products are written in C's left-to-right order, and
 sums over a block are running sums (`running_sum`), because np.sum adds pairwise and rounds differently.
 
-Speed: the two searches for a block's scale (`make_qkx2_quants`: 22 tries, `make_qx_quants`: 19) are nearly all
+Speed: the two searches for a block's scale (`make_qkx2_quants`: 22 tries, `make_qx_quants`: 19) are most of
 the work. In NumPy every try is several passes over whole arrays, and a Q4_K_M Phi-3-mini took about 40 minutes
-on two cores. `quantize` therefore runs their compiled twins (`make_qkx2_quants_compiled`,
-`make_qx_quants_compiled`: the same C loops, one block at a time, each try in registers), byte for byte the
-NumPy versions (tests/test_kquant_rounding.py checks both ways); the NumPy code stays the one to read.
+on two shared cores. `quantize` therefore runs their compiled twins (`make_qkx2_quants_compiled`: the NumPy
+loops fused, vectorised over blocks; `make_qx_quants_compiled`: the C loop, one block at a time), byte for
+byte the NumPy versions (tests/test_kquant_rounding.py checks both ways); the NumPy code stays the one to read.
 The twins are compiled without fastmath: no reassociation and no fused multiply-add, so every float32
 operation rounds as the C code's and the NumPy port's do.
 
