@@ -2,8 +2,9 @@
 
 `fast.linear`, `fast.embed` and `fast.widen` look a QuantizedTensor's type up in `KERNELS` and call:
 - `matmul(x, data, y)`: y = x @ w.T straight from the packed bytes, for few tokens (decode). Parallel over
-  blocks of four weight rows like the bf16 kernel: each packed byte is read once per token, unpacked in
-  registers, and every x[c] load is shared by four rows (four independent accumulators).
+  blocks of rows: each packed byte is read once per token, unpacked in registers, and every x[c] load is
+  shared by the rows of the block (four for Q8_0 like the bf16 kernel, two for the 4- and 5-bit types,
+  whose unpacking needs more vector registers: see `_legacy_kernels`).
 - `widen_rows(data, out)`: packed rows -> float32 rows, serial and without the GIL, for the float32
   tiles that BLAS multiplies in long prefills (several run at once, one per thread) and for `embed`.
 
