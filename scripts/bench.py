@@ -11,6 +11,16 @@ speed is reported as a share of the bandwidth limit = bandwidth / bytes of weigh
 
 Engines: phinano-numba, phinano-numpy, hf-bf16, hf-fp32 (Transformers, CPU, same thread count), and
 llama.cpp when llama-cpp-python is installed and --gguf names the same weights converted to GGUF.
+
+Quantized rows: phinano against llama.cpp on the same GGUF files, in one run:
+
+    for t in q8_0 q4_0 q4_k_m; do phinano quantize --model /tmp/phi3-mini --type $t --out /tmp/mini-$t.gguf; done
+    python scripts/bench.py --quantized /tmp/mini-q8_0.gguf,/tmp/mini-q4_0.gguf,/tmp/mini-q4_k_m.gguf \
+        --threads 2 --write docs/benchmarks.md
+
+Each file's bandwidth limit counts the bytes of its tensors as stored (the packed blocks), the embedding
+table only gathered unless it is also the head. The checkpoint needs its tokenizer files: llama.cpp does not
+load a GGUF without a vocabulary.
 """
 
 from __future__ import annotations
@@ -55,6 +65,27 @@ def measure_bandwidth(threads: int, gib: float = 1.0, runs: int = 7) -> float:
         a @ x
         times.append(time.perf_counter() - t)
     return a.nbytes / statistics.median(times) / 1e9
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """Bytes of stored (packed) weights one decode step reads from a GGUF file: every tensor once, the embedding
+    table only gathered unless there is no output.weight (a tied head reads it whole)."""
+    import gguf
+
+    tensors = gguf.GGUFReader(str(path)).tensors
+    names = {t.name for t in tensors}
+    return sum(int(t.n_bytes) for t in tensors if t.name != "token_embd.weight" or "output.weight" not in names)
+
+
+def gguf_type_name(path: Path) -> str:
+    """The file's most common matrix type (Q8_0, Q4_0, Q4_K...) with the share of bytes it holds."""
+    import gguf
+
+    sizes: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        sizes[t.tensor_type.name] = sizes.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    return ", ".join(f"{k} {v / sum(sizes.values()):.0%}" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])
+                     if v / sum(sizes.values()) >= 0.01)
 
 
 def weight_bytes_per_token(folder: Path) -> int:
@@ -222,7 +253,9 @@ def available(engine: str, args) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder (e.g. from make_random_checkpoint.py)")
+    p.add_argument("--model", default=None, help="checkpoint folder (e.g. from make_random_checkpoint.py)")
+    p.add_argument("--quantized", default=None,
+                   help="comma-separated GGUF files: phinano vs llama.cpp on each (instead of the --model table)")
     p.add_argument("--engines", default="phinano-numba,phinano-numpy,hf-bf16,hf-fp32,llama.cpp")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--runs", type=int, default=3)
@@ -236,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.quantized:
+        return main_quantized(args)
+    if not args.model:
+        p.error("--model or --quantized is required")
 
     folder = Path(args.model)
     bytes_per_token = weight_bytes_per_token(folder)
@@ -275,6 +312,85 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         write_section(Path(args.write), "## Full-size decode and prefill", table)
     return 0
+
+
+def run_engine(engine: str, model: str, gguf_path: str | None, args) -> dict | str:
+    """One engine in its own process (so that its peak memory is its own): its RESULT dict, or why it failed."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads),
+           "NUMBA_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    cmd = [sys.executable, __file__, "--worker", engine, "--model", model, "--threads", str(args.threads),
+           "--runs", str(args.runs), "--prompt", ",".join(map(str, args.prompt)), "--new", str(args.new)]
+    if gguf_path:
+        cmd += ["--gguf", gguf_path]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if r.returncode or line is None:
+        return "failed: " + (r.stderr.strip().splitlines() or ["no output"])[-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def main_quantized(args) -> int:
+    """phinano-numba and llama.cpp on each GGUF file of --quantized, one after the other, in one run."""
+    files = [Path(f) for f in args.quantized.split(",") if f]
+    for f in files:
+        if not f.is_file():
+            print(f"no such GGUF file: {f}", file=sys.stderr)
+            return 1
+    print(f"measuring memory bandwidth ({args.threads} threads) ...", flush=True)
+    bandwidth = measure_bandwidth(args.threads)
+    load_before = os.getloadavg()[0]
+    rows = []
+    for f in files:
+        per_token = gguf_bytes_per_token(f)
+        limit = bandwidth * 1e9 / per_token
+        for engine in ("phinano-numba", "llama.cpp"):
+            why = available(engine, argparse.Namespace(gguf=str(f)))
+            print(f"{f.name} {engine} ...", flush=True)
+            r = why or run_engine(engine, str(f), str(f) if engine == "llama.cpp" else None, args)
+            print(f"{f.name} {engine}: {r}", flush=True)
+            rows.append((f, per_token, limit, engine, r))
+    table = render_quantized(args, rows, bandwidth, load_before)
+    print(table)
+    if args.write:
+        write_section(Path(args.write), "## Quantized decode and prefill: phinano vs llama.cpp", table)
+    return 0
+
+
+def render_quantized(args, rows, bandwidth, load_before) -> str:
+    P = args.prompt
+    head = ("| file (matrix types by bytes) | GB read per token | limit tok/s | engine | decode tok/s | share of limit | "
+            + " | ".join(f"prefill {n} tok/s" for n in P) + f" | TTFT ({P[0]}) s | load s | peak RSS GB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for f, per_token, limit, engine, r in rows:
+        cells = f"| {f.name} ({gguf_type_name(f)}) | {per_token / 1e9:.2f} | {limit:.2f} | {engine} | "
+        if isinstance(r, str):
+            lines.append(cells + r + " |" + " |" * (head.count("|") - 6))
+            continue
+        lines.append(cells + f"{r['decode']:.2f} | {100 * r['decode'] / limit:.0f} % | "
+                     + " | ".join(f"{_pf(r, n):.1f}" for n in P)
+                     + f" | {r['ttft']:.2f} | {r['load_s']:.1f} | {r['peak_rss_gb']:.2f} |")
+    ratios = []
+    for f in dict.fromkeys(row[0] for row in rows):
+        mine = next((r for g, _, _, e, r in rows if g == f and e == "phinano-numba"), None)
+        theirs = next((r for g, _, _, e, r in rows if g == f and e == "llama.cpp"), None)
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            ratios.append(f"- {f.name}: phinano / llama.cpp decode {mine['decode'] / theirs['decode']:.2f}x, prefill "
+                          f"{P[-1]} {_pf(mine, P[-1]) / _pf(theirs, P[-1]):.2f}x")
+    date = datetime.date.today().isoformat()
+    return "\n".join([
+        f"Command: `python scripts/bench.py --quantized {args.quantized} --threads {args.threads} --runs {args.runs} "
+        f"--prompt {','.join(map(str, P))} --new {args.new}`  ",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads; date {date}; 1-minute load average "
+        f"{load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after  ",
+        f"Memory bandwidth (float32 BLAS matvec, 1 GiB, same run): {bandwidth:.1f} GB/s; limit = bandwidth / bytes "
+        "of packed weights read per token  ",
+        f"Median of {args.runs} runs; decode = {args.new} new tokens after a {P[0]}-token prompt; activations stay "
+        "float32 in phinano (llama.cpp rounds them to 8 bits for its integer dot products).",
+        "",
+        *lines,
+        "",
+        *ratios,
+    ])
 
 
 def render(args, results, bandwidth, bytes_per_token, limit, checkpoint_gb) -> str:

@@ -13,6 +13,9 @@ on Phi-3-mini's down_proj shape (3072 x 8192), on 1 thread and on all: a set of 
 is multiplied in turn, as a model's layers are, so the weights come from memory and not from the CPU's
 caches. GB/s counts the bytes as stored (per 32 weights Q8_0: 34, Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24;
 per 256 weights Q4_K: 144, Q5_K: 176, Q6_K: 210).
+Beside each type, a streaming-read probe on the same matrices (a parallel sum of their bytes as 64-bit words,
+which does nothing but read): the memory limit for that data size, in the same run; "share" is the kernel's
+GB/s over the probe's.
 Last, each format's compute ceiling per core, which other processes on the cores barely change.
 Median (and best) of --repeats runs after one warm-up. The machine is shared: run it when it is quiet.
 """
@@ -132,6 +135,25 @@ def core_rate(fast, rng: np.random.Generator, name: str) -> tuple[float, float]:
     return 96 * 2048 / best / 1e9, w.nbytes / best / 1e9
 
 
+def stream_read_gbs(arrays: list[np.ndarray], repeats: int) -> tuple[float, float]:
+    """(median, best) GB/s of reading every byte of `arrays` once, in parallel (a sum of their 64-bit words):
+    the read rate that bounds a kernel streaming the same data."""
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=False)
+    def total(words):
+        s = np.uint64(0)
+        for i in prange(words.shape[0]):
+            s += words[i]
+        return s
+
+    words = [a.reshape(-1).view(np.uint64) for a in arrays]
+    total(words[0][:1024])
+    med, best = timed(lambda: [total(w) for w in words], repeats)
+    gb = sum(a.nbytes for a in arrays) / 1e9
+    return gb / med, gb / best
+
+
 def bench_decode_formats(fast, repeats: int, threads: int, qtypes: list[str]) -> None:
     """bf16 and quantized matvecs on 3072 x 8192 matrices, about 1 GiB of each in turn, 1 thread and `threads`;
     then each format's compute ceiling per core (`core_rate`)."""
@@ -146,8 +168,11 @@ def bench_decode_formats(fast, repeats: int, threads: int, qtypes: list[str]) ->
         for n in sorted({1, threads}):
             fast.set_threads(n)
             med, best = timed(lambda: [fast.linear(x, w) for w in weights], repeats)
+            read_med, read_best = stream_read_gbs([w if name == "bf16" else w.data for w in weights], repeats)
             print(f"  {name:5s} {n} thread{'s' if n > 1 else ' '}: {stored / med:5.1f} GB/s median, {stored / best:5.1f} best"
-                  f"  ({len(weights) * N * K / med / 1e9:5.1f} G weights/s)", flush=True)
+                  f"  ({len(weights) * N * K / med / 1e9:5.1f} G weights/s); read probe {read_med:5.1f} median,"
+                  f" {read_best:5.1f} best; share {stored / med / read_med:4.0%} median, {stored / best / read_best:4.0%} best",
+                  flush=True)
         del one, weights
     print("compute ceiling per core (L2-resident 96 x 2048, 1 thread, CPU time):")
     for name in ["bf16", *qtypes]:
@@ -244,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill", action="store_true", help="also the token-count crossover and attention")
     parser.add_argument("--startup", action="store_true", help="also compile and cached start times")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode benchmarks")
+    parser.add_argument("--ceilings", action="store_true",
+                        help="only each format's compute ceiling per core (best of 3), quick and robust to load")
     parser.add_argument("--types", default=",".join(FLOAT16_FIELDS), help="quantized types to measure, comma-separated")
     args = parser.parse_args(argv)
 
@@ -256,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     threads = fast.set_threads(args.threads)
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average {load_average()} before")
     print(f"kernel threads: {threads}; BLAS threads: OpenBLAS default (OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})")
+    if args.ceilings:
+        rng = np.random.default_rng(0)
+        print("compute ceiling per core (L2-resident 96 x 2048, 1 thread, CPU time, best of 3):")
+        for name in ["bf16", *qtypes]:
+            weights_per_s, bytes_per_s = max(core_rate(fast, rng, name) for _ in range(3))
+            print(f"  {name:5s} {bytes_per_s:5.1f} GB/s  ({weights_per_s:5.1f} G weights/s)", flush=True)
+        return 0
     if not args.no_decode:
         bench_decode(fast, args.repeats)
         bench_decode_formats(fast, args.repeats, threads, qtypes)

@@ -164,6 +164,47 @@ def test_running_sum_adds_left_to_right():
     assert kq.running_sum(v).tolist() == [1.0]
 
 
+# ------------------------------------------------------------------ the compiled searches against the NumPy port
+def numpy_and_compiled(values: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes of (R, 256 n) rows from the NumPy searches and from their compiled twins (overflowing scales
+    included, as in the llama.cpp comparison below)."""
+    blocks = values.reshape(-1, 256)
+    with np.errstate(all="ignore"):
+        return kq.QUANTIZERS[qtype](blocks, compiled=False), kq.QUANTIZERS[qtype](blocks, compiled=True)
+
+
+@SETTINGS
+@given(values=rows(exponents=(-38, 30)), qtype=st.sampled_from(K_TYPES))
+def test_compiled_rounding_equals_numpy(values, qtype):
+    """`quantize` runs the compiled searches; they must give the NumPy port's bytes on every kind of block and
+    any magnitude (ties of bf16 values, all-zero and constant blocks, subnormal and overflowing scales)."""
+    mine, compiled = numpy_and_compiled(values, qtype)
+    assert differing_blocks(compiled, mine, qtype) == []
+
+
+@SETTINGS
+@given(values=arrays(np.float32, st.sampled_from([(1, 256), (2, 512)]),
+                     elements=st.floats(width=32, allow_nan=False, allow_infinity=False)),
+       qtype=st.sampled_from(K_TYPES))
+def test_compiled_rounding_of_arbitrary_floats_equals_numpy(values, qtype):
+    mine, compiled = numpy_and_compiled(values, qtype)
+    assert differing_blocks(compiled, mine, qtype) == []
+
+
+def test_compiled_searches_equal_numpy_on_their_own():
+    """The two searches, compared directly on many blocks (scales, minimums and levels, bit for bit)."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((32, 3000)) * 10.0 ** rng.uniform(-30, 20, 3000)).astype(np.float32)  # (n, S)
+    x[:, :50], x[:, 50:100] = 0, x[:1, 50:100]  # zero and constant blocks
+    with np.errstate(all="ignore"):
+        weights = np.sqrt(kq.running_sum(x * x) / np.float32(32)) + np.abs(x)
+        for got, want in zip(kq.make_qkx2_quants_compiled(x, weights, 31, -0.5, 0.1, 15),
+                             kq.make_qkx2_quants(x, weights, 31, -0.5, 0.1, 15)):
+            assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8))
+        for got, want in zip(kq.make_qx_quants_compiled(x[:16], 32), kq.make_qx_quants(x[:16], 32)):
+            assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
 # ------------------------------------------------------------------ llama.cpp's own quantizer
 @pytest.fixture(scope="module")
 def llama_lib_dir() -> Path:

@@ -14,6 +14,14 @@ Exactness: the C code computes in float32, one operation at a time, summing left
 same, vectorised over blocks: every constant is a float32, products are written in C's left-to-right order, and
 sums over a block are running sums (`running_sum`), because np.sum adds pairwise and rounds differently.
 
+Speed: the two searches for a block's scale (`make_qkx2_quants`: 22 tries, `make_qx_quants`: 19) are most of
+the work. In NumPy every try is several passes over whole arrays, and a Q4_K_M Phi-3-mini took about 40 minutes
+on two shared cores. `quantize` therefore runs their compiled twins (`make_qkx2_quants_compiled`: the NumPy
+loops fused, vectorised over blocks; `make_qx_quants_compiled`: the C loop, one block at a time), byte for
+byte the NumPy versions (tests/test_kquant_rounding.py checks both ways); the NumPy code stays the one to read.
+The twins are compiled without fastmath: no reassociation and no fused multiply-add, so every float32
+operation rounds as the C code's and the NumPy port's do.
+
 Shapes: B super-blocks; S blocks (B*8 of 32 values for Q4_K/Q5_K, B*16 of 16 for Q6_K); n values per block.
 """
 
@@ -23,6 +31,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from ..errors import PhinanoError
 
@@ -154,20 +165,171 @@ def make_qx_quants(x: np.ndarray, nmax: int):
     return scale, L
 
 
+# ------------------------------------------------------------------ the same two searches, compiled
+@intrinsic
+def _f32_bits(typingctx, value):
+    """The bits of a float32 as an int32 (C's memcpy from float to int)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(value), codegen
+
+
+@njit(inline="always")
+def _nearest_int(v):
+    """`nearest_int` of one float32, the same bit trick."""
+    return np.int32((_f32_bits(v + np.float32(12582912.0)) & 0x007FFFFF) - 0x00400000)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")  # x / 0 is inf or nan, as in NumPy and C, not an exception
+def _qkx2_lanes(x, weights, nmax, rmin, rdelta, nstep, scale, the_min, L):
+    """`make_qkx2_quants` of S blocks at once, laid out as the NumPy version (x, weights: (n, S)), its array
+    operations fused into loops: for each value i in order, an inner loop over the blocks s. Each block's sums
+    still run left to right (over i), so the bytes are the NumPy version's; the inner loop has no dependence
+    from one s to the next, so it vectorises without reassociating anything (eight blocks per AVX2 register),
+    and the temporaries stay in cache. Writes scale (S,), the_min (S,) and L (n, S) uint8.
+    Every constant and integer is made float32 before it meets a float32 (Numba would compute in float64)."""
+    n, S = x.shape
+    fmax, zero = np.float32(nmax), np.float32(0.0)
+    x_min, x_max = x[0].copy(), x[0].copy()  # (S,)
+    sum_w = weights[0].copy()
+    sum_x = weights[0] * x[0]
+    for i in range(1, n):
+        for s in range(S):
+            x_min[s] = min(x_min[s], x[i, s])
+            x_max[s] = max(x_max[s], x[i, s])
+            sum_w[s] += weights[i, s]
+            sum_x[s] += weights[i, s] * x[i, s]
+    offset = np.minimum(x_min, zero)  # C's `min`, <= 0; a kept fit's min replaces it
+    best_error = np.zeros(S, np.float32)
+    iscale = np.empty(S, np.float32)
+    for s in range(S):
+        iscale[s] = fmax / (x_max[s] - offset[s])
+        scale[s] = np.float32(1.0) / iscale[s]
+    for i in range(n):
+        for s in range(S):
+            l = np.float32(min(max(_nearest_int(iscale[s] * (x[i, s] - offset[s])), 0), nmax))
+            L[i, s] = np.uint8(l)
+            diff = scale[s] * l + offset[s] - x[i, s]
+            best_error[s] += weights[i, s] * (diff * diff)
+    laux = np.empty((n, S), np.float32)
+    sum_l, sum_l2, sum_xl = np.empty(S, np.float32), np.empty(S, np.float32), np.empty(S, np.float32)
+    this_scale, this_min, cur_error = np.empty(S, np.float32), np.empty(S, np.float32), np.empty(S, np.float32)
+    for step in range(nstep + 1):
+        for s in range(S):
+            iscale[s] = (rmin + rdelta * np.float32(step) + fmax) / (x_max[s] - offset[s])
+            sum_l[s] = sum_l2[s] = sum_xl[s] = cur_error[s] = zero
+        for i in range(n):
+            for s in range(S):
+                l = np.float32(min(max(_nearest_int(iscale[s] * (x[i, s] - offset[s])), 0), nmax))
+                laux[i, s] = l
+                wl = weights[i, s] * l  # C's w*l*l is (w*l)*l, and w*l*x[i] is (w*l)*x
+                sum_l[s] += wl
+                sum_l2[s] += wl * l
+                sum_xl[s] += wl * x[i, s]
+        for s in range(S):
+            D = sum_w[s] * sum_l2[s] - sum_l[s] * sum_l[s]
+            a = (sum_w[s] * sum_xl[s] - sum_x[s] * sum_l[s]) / D
+            b = (sum_l2[s] * sum_x[s] - sum_l[s] * sum_xl[s]) / D
+            positive_min = b > zero  # an offset above zero is not allowed: fit the scale alone
+            this_scale[s] = sum_xl[s] / sum_l2[s] if positive_min else a
+            this_min[s] = zero if positive_min else b
+        for i in range(n):
+            for s in range(S):
+                diff = this_scale[s] * laux[i, s] + this_min[s] - x[i, s]
+                cur_error[s] += weights[i, s] * (diff * diff)
+        for s in range(S):
+            D = sum_w[s] * sum_l2[s] - sum_l[s] * sum_l[s]
+            better = D > zero and cur_error[s] < best_error[s]
+            if better:
+                best_error[s], scale[s], offset[s] = cur_error[s], this_scale[s], this_min[s]
+                for i in range(n):
+                    L[i, s] = np.uint8(laux[i, s])
+    for s in range(S):
+        if x_max[s] == min(x_min[s], zero):  # nothing to fit: L = 0, scale 0
+            scale[s], offset[s] = zero, min(x_min[s], zero)
+            for i in range(n):
+                L[i, s] = 0
+        the_min[s] = -offset[s]
+
+
+def make_qkx2_quants_compiled(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """`make_qkx2_quants` compiled: the same arguments and results, the same bytes."""
+    S = x.shape[1]
+    scale, the_min, L = np.empty(S, f32), np.empty(S, f32), np.empty(x.shape, np.uint8)
+    _qkx2_lanes(np.ascontiguousarray(x, f32), np.ascontiguousarray(weights, f32), nmax, f32(rmin), f32(rdelta),
+                nstep, scale, the_min, L)
+    return scale, the_min, L
+
+
+@njit(cache=True, nogil=True)
+def _qx_blocks(x, nmax, scale_out, L_out):
+    """`make_qx_quants` (rmse_type=1, no importance weights) of each row of x (S, n), one block at a time.
+    Writes scale_out (S,) and L_out (S, n) int32 in [0, 2*nmax)."""
+    zero = np.float32(0.0)
+    fmax = np.float32(nmax)
+    n = x.shape[1]
+    for s in range(x.shape[0]):
+        xs = x[s]
+        biggest = amax = zero
+        for i in range(n):  # the first of equal magnitudes, as the C loop
+            if abs(xs[i]) > amax:
+                amax, biggest = abs(xs[i]), xs[i]
+        if amax < GROUP_MAX_EPS:
+            for i in range(n):
+                L_out[s, i] = 0
+            scale_out[s] = zero
+            continue
+        best = zero
+        scale = zero
+        for k in range(19):  # C's first fit (step 0, always kept), then steps -9 .. -1, 1 .. 9
+            step = 0 if k == 0 else k - 10 if k <= 9 else k - 9
+            iscale = -(fmax + np.float32(0.1) * np.float32(step)) / biggest if step else -fmax / biggest
+            sumlx = suml2 = zero
+            for i in range(n):
+                l = np.float32(min(max(_nearest_int(iscale * xs[i]), -nmax), nmax - 1))
+                w = xs[i] * xs[i]
+                sumlx += w * xs[i] * l  # (w*x)*l, as C
+                suml2 += w * l * l  # (w*l)*l
+            if step == 0:
+                scale = sumlx / suml2 if suml2 != zero else zero
+            elif not (suml2 > zero and sumlx * sumlx > best * suml2):
+                continue
+            else:
+                scale = sumlx / suml2
+            best = scale * sumlx
+            for i in range(n):
+                L_out[s, i] = min(max(_nearest_int(iscale * xs[i]), -nmax), nmax - 1) + nmax
+        scale_out[s] = scale
+
+
+def make_qx_quants_compiled(x: np.ndarray, nmax: int):
+    """`make_qx_quants` compiled: the same arguments and results, the same bytes."""
+    S = x.shape[1]
+    scale, L = np.empty(S, f32), np.empty((S, x.shape[0]), np.int32)
+    _qx_blocks(np.ascontiguousarray(x.T), nmax, scale, L)
+    return scale, np.ascontiguousarray(L.T)
+
+
 # ------------------------------------------------------------------ Q4_K and Q5_K: 8 blocks of 32, scale and min
-def _scales_and_mins(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+def _scales_and_mins(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, compiled: bool):
     """The shared first half of `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref` for B super-blocks (B, 256).
 
     Each block of 32 gets a scale and min from make_qkx2_quants (weights: the block's RMS plus |x|); these are
     quantized to 6 bits against the super-block's largest (d = max_scale/63, dmin = max_min/63, as float16);
     then every value is rounded again against its block's quantized scale and min.
-    Returns d (B,) float16, dmin (B,) float16, ls (B, 8), lm (B, 8) uint8 (6-bit) and L (B, 8, 32) uint8."""
+    Returns d (B,) float16, dmin (B,) float16, ls (B, 8), lm (B, 8) uint8 (6-bit) and L (B, 8, 32) uint8.
+    compiled: search with `make_qkx2_quants_compiled` (same bytes, much faster)."""
     B = blocks.shape[0]
     x = np.ascontiguousarray(blocks.reshape(B * 8, 32).T)  # (32, S) with S = B*8 blocks of 32
     sum_x2 = running_sum(x * x)  # (S,)
     av_x = np.sqrt(sum_x2 / f32(32))
     weights = av_x + np.abs(x)  # (32, S)
-    scales, mins, L = make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep)  # (S,), (S,), (32, S)
+    fit = make_qkx2_quants_compiled if compiled else make_qkx2_quants
+    scales, mins, L = fit(x, weights, nmax, rmin, rdelta, nstep)  # (S,), (S,), (32, S)
 
     max_scale, _ = running_max(scales.reshape(B, 8))  # (B,)
     max_min, _ = running_max(mins.reshape(B, 8))
@@ -205,18 +367,18 @@ def low_nibbles(L: np.ndarray) -> np.ndarray:
     return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128).astype(np.uint8)
 
 
-def quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+def quantize_q4_k(blocks: np.ndarray, compiled: bool = True) -> np.ndarray:
     """`quantize_row_q4_K_ref`: (B, 256) float32 -> (B, 144) bytes: d, dmin (float16), 12 scale bytes, 128 bytes
     of 4-bit quants."""
-    d, dmin, ls, lm, L = _scales_and_mins(blocks, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
+    d, dmin, ls, lm, L = _scales_and_mins(blocks, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20, compiled=compiled)
     return np.concatenate([d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), pack_scales_k4(ls, lm),
                            low_nibbles(L)], axis=-1)
 
 
-def quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
+def quantize_q5_k(blocks: np.ndarray, compiled: bool = True) -> np.ndarray:
     """`quantize_row_q5_K_ref`: (B, 256) float32 -> (B, 176) bytes: d, dmin (float16), 12 scale bytes, 32 bytes of
     high bits (bit k of byte j: value j of block k), 128 bytes of low 4 bits (as Q4_K)."""
-    d, dmin, ls, lm, L = _scales_and_mins(blocks, nmax=31, rmin=-0.5, rdelta=0.1, nstep=15)
+    d, dmin, ls, lm, L = _scales_and_mins(blocks, nmax=31, rmin=-0.5, rdelta=0.1, nstep=15, compiled=compiled)
     high = L >> 4  # (B, 8, 32)
     qh = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)  # (B, 32)
     return np.concatenate([d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), pack_scales_k4(ls, lm),
@@ -224,12 +386,12 @@ def quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ Q6_K: 16 blocks of 16, signed scales
-def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+def quantize_q6_k(blocks: np.ndarray, compiled: bool = True) -> np.ndarray:
     """`quantize_row_q6_K_ref`: (B, 256) float32 -> (B, 210) bytes: 128 bytes of low 4 bits, 64 of high 2 bits,
     16 signed 8-bit block scales, d (float16). A super-block whose scales are all ~0 is all zero bytes."""
     B = blocks.shape[0]
     x = np.ascontiguousarray(blocks.reshape(B * 16, 16).T)  # (16, S) with S = B*16 blocks of 16
-    scales, L = make_qx_quants(x, nmax=32)  # (S,), (16, S)
+    scales, L = (make_qx_quants_compiled if compiled else make_qx_quants)(x, nmax=32)  # (S,), (16, S)
     scales = scales.reshape(B, 16)
 
     max_abs_scale, which = running_max(np.abs(scales))  # (B,) the first block of largest |scale|
@@ -262,11 +424,12 @@ SCALE_BYTES = {"Q4_K": slice(0, 4), "Q5_K": slice(0, 4), "Q6_K": slice(208, 210)
 CHUNK = 1024  # super-blocks rounded at a time: 256K values, so that each temporary (1 MB) stays in cache
 
 
-def quantize(values: np.ndarray, qtype: str, threads: int | None = None) -> np.ndarray:
+def quantize(values: np.ndarray, qtype: str, threads: int | None = None, compiled: bool = True) -> np.ndarray:
     """A (..., K) float32 array as K-quant blocks: (..., K/256 * block bytes) uint8, laid out as
     gguf.quants.quantize lays out the other block types. K must be a multiple of 256.
 
-    Chunks of super-blocks are rounded on `threads` threads (default: all cores; NumPy releases the GIL).
+    Chunks of super-blocks are rounded on `threads` threads (default: all cores; NumPy and the compiled
+    searches release the GIL). compiled=False rounds with the NumPy searches only (same bytes, slower).
     Values that are not finite, or so large that a super-block's float16 scale overflows (|x| beyond ~1e5),
     are an error: llama.cpp refuses to write such blocks too (`ggml_validate_row_data`)."""
     values = np.ascontiguousarray(values, dtype=f32)
@@ -279,7 +442,7 @@ def quantize(values: np.ndarray, qtype: str, threads: int | None = None) -> np.n
 
     def round_chunk(start: int) -> None:
         with np.errstate(over="ignore", invalid="ignore"):  # huge values overflow x*x; caught below, as in C
-            out[start:start + CHUNK] = QUANTIZERS[qtype](blocks[start:start + CHUNK])
+            out[start:start + CHUNK] = QUANTIZERS[qtype](blocks[start:start + CHUNK], compiled)
 
     starts = range(0, blocks.shape[0], CHUNK)
     with ThreadPoolExecutor(max_workers=max(1, min(threads or os.cpu_count() or 1, len(starts)))) as pool:

@@ -2,8 +2,9 @@
 
 `fast.linear`, `fast.embed` and `fast.widen` look a QuantizedTensor's type up in `KERNELS` and call:
 - `matmul(x, data, y)`: y = x @ w.T straight from the packed bytes, for few tokens (decode). Parallel over
-  blocks of four weight rows like the bf16 kernel: each packed byte is read once per token, unpacked in
-  registers, and every x[c] load is shared by four rows (four independent accumulators).
+  blocks of rows: each packed byte is read once per token, unpacked in registers, and every x[c] load is
+  shared by the rows of the block (four for Q8_0 like the bf16 kernel, two for the 4- and 5-bit types,
+  whose unpacking needs more vector registers: see `_legacy_kernels`).
 - `widen_rows(data, out)`: packed rows -> float32 rows, serial and without the GIL, for the float32
   tiles that BLAS multiplies in long prefills (several run at once, one per thread) and for `embed`.
 
@@ -51,6 +52,29 @@ def _f16_at(row, i):
 def _i8(byte):
     """A uint8 read as the int8 it stores (two's complement), as float32."""
     return np.float32(np.int8(byte))
+
+
+@njit(inline="always")
+def _two_rows(data, item):
+    """The rows (r0, r1) of work item `item` in the two-row kernels: 2 item and 2 item + 1, at most N - 1 (the
+    last item of an odd N computes row N - 1 twice and writes the same value)."""
+    r0 = 2 * item
+    return r0, min(r0 + 1, data.shape[0] - 1)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _sums_of_32(x):
+    """(T, K) float32 -> (T, K // 32): the sum of each block of 32 values of each row. A block's zero point or
+    minimum m multiplies the sum of x over the block, the same for every row: made once per call."""
+    T, K = x.shape
+    sums = np.empty((T, K // 32), np.float32)
+    for t in range(T):
+        for j in range(K // 32):
+            s = np.float32(0.0)
+            for i in range(32):
+                s += x[t, 32 * j + i]
+            sums[t, j] = s
+    return sums
 
 
 @njit(inline="always")
@@ -154,6 +178,36 @@ def _quant_pair(row, qs, qh, i, has_qh):
     return lo, hi
 
 
+@intrinsic
+def _nibble(typingctx, byte, shift):
+    """float32((byte >> shift) & 15) of a uint8 byte, computed in 32-bit integers: vectorised, 8 bytes become
+    8 int32 lanes of a 256-bit register (vpmovzxbd), then one shift or mask and one conversion (vcvtdq2ps).
+    Numba's own `byte >> shift & 15` works in 64 bits, half as many lanes per instruction."""
+    if byte != types.uint8 or not isinstance(shift, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        value = builder.zext(args[0], i32)
+        amount = args[1] if args[1].type.width == 32 else builder.trunc(args[1], i32) if args[1].type.width > 32 \
+            else builder.zext(args[1], i32)
+        return builder.sitofp(builder.and_(builder.lshr(value, amount), ir.Constant(i32, 15)), ir.FloatType())
+
+    return types.float32(byte, shift), codegen
+
+
+@njit(inline="always")
+def _nibble_pair(row, qs, qh, i, has_qh):
+    """(q[i], q[i + 16]) of a block whose nibble bytes start at row[qs], as float32 (exact), for the fused
+    product: the low and the high nibble of byte i (`_nibble`), plus 16 where qh has bit i (bit i + 16)."""
+    byte = row[qs + i]
+    lo, hi = _nibble(byte, 0), _nibble(byte, 4)
+    if has_qh:
+        lo += np.float32(_shift_right_u32(np.uint32(qh << 4), i) & 16)  # bit i, moved to the 16s place
+        hi += np.float32(_shift_right_u32(qh, i + 12) & 16)  # bit i + 16, moved to the 16s place
+    return lo, hi
+
+
 @njit(inline="always")
 def _block_min(row, o, d, has_min, zero):
     """m of the block at row[o] with scale d: the float16 stored after d, or -zero * d."""
@@ -175,41 +229,40 @@ def _legacy_kernels(has_min: bool, has_qh: bool, blas_min_tokens: int) -> Matrix
     def matmul(x, data, y):
         """y[t, r] = sum over row r's blocks b of d * sum_j x[t, 32 b + j] q[j]  +  m * sum_j x[t, 32 b + j].
 
-        Work items of four rows as in `_q8_0_matmul`. Per token and block: four partial sums of x * q over
-        the 32 unpacked q (the i loop vectorises: 16 bytes unpacked in registers into float32 q, fused
-        multiply-adds), and the sum of x over the block, shared by the four rows for their m term.
+        The m term needs only the block's sum of x (`_sums_of_32`, once per call for all rows): one scalar
+        multiply-add per row and block. The q term is what costs: per row, 16 float32 lanes acc[i] gather
+        d * (x[i] q[i] + x[i + 16] q[i + 16]) over all blocks (the i loop vectorises to two 8-lane registers:
+        byte i's low nibble is q[i], its high nibble q[i + 16]), and the lanes are added up once per row at
+        the end, not once per block (a horizontal sum of a register costs as much as the block's products).
+        Two rows per work item share each x load; with four, the accumulators, x and the scales no longer
+        fit in the 16 vector registers of AVX2 and spill (measured 6.0 G weights/s per core with four rows,
+        9.9 with two, Q4_0, AMD EPYC Zen 3).
         """
         T, K = x.shape
         N = data.shape[0]
-        for item in prange((N + 3) // 4):
-            r0, r1, r2, r3 = _four_rows(data, item)
-            w0, w1, w2, w3 = data[r0], data[r1], data[r2], data[r3]
+        xsums = _sums_of_32(x)  # (T, K // 32)
+        for item in prange((N + 1) // 2):
+            r0, r1 = _two_rows(data, item)
+            w0, w1 = data[r0], data[r1]
+            acc0, acc1 = np.empty(16, np.float32), np.empty(16, np.float32)
             for t in range(T):
-                a0 = a1 = a2 = a3 = np.float32(0.0)
+                acc0[:] = 0.0
+                acc1[:] = 0.0
+                a0 = a1 = np.float32(0.0)  # the m terms
                 for b in range(K // 32):
                     o = size * b
+                    d0, d1 = _f16_at(w0, o), _f16_at(w1, o)
+                    a0 += _block_min(w0, o, d0, has_min, zero) * xsums[t, b]
+                    a1 += _block_min(w1, o, d1, has_min, zero) * xsums[t, b]
                     h0 = _u32_at(w0, o + qh_at) if has_qh else np.uint32(0)
                     h1 = _u32_at(w1, o + qh_at) if has_qh else np.uint32(0)
-                    h2 = _u32_at(w2, o + qh_at) if has_qh else np.uint32(0)
-                    h3 = _u32_at(w3, o + qh_at) if has_qh else np.uint32(0)
-                    s0 = s1 = s2 = s3 = sx = np.float32(0.0)
                     for i in range(16):
                         xl, xh = x[t, 32 * b + i], x[t, 32 * b + 16 + i]
-                        sx += xl + xh
-                        q0l, q0h = _quant_pair(w0, o + qs_at, h0, i, has_qh)
-                        q1l, q1h = _quant_pair(w1, o + qs_at, h1, i, has_qh)
-                        q2l, q2h = _quant_pair(w2, o + qs_at, h2, i, has_qh)
-                        q3l, q3h = _quant_pair(w3, o + qs_at, h3, i, has_qh)
-                        s0 += xl * q0l + xh * q0h
-                        s1 += xl * q1l + xh * q1h
-                        s2 += xl * q2l + xh * q2h
-                        s3 += xl * q3l + xh * q3h
-                    d0, d1, d2, d3 = _f16_at(w0, o), _f16_at(w1, o), _f16_at(w2, o), _f16_at(w3, o)
-                    a0 += d0 * s0 + _block_min(w0, o, d0, has_min, zero) * sx
-                    a1 += d1 * s1 + _block_min(w1, o, d1, has_min, zero) * sx
-                    a2 += d2 * s2 + _block_min(w2, o, d2, has_min, zero) * sx
-                    a3 += d3 * s3 + _block_min(w3, o, d3, has_min, zero) * sx
-                y[t, r0], y[t, r1], y[t, r2], y[t, r3] = a0, a1, a2, a3
+                        q0l, q0h = _nibble_pair(w0, o + qs_at, h0, i, has_qh)
+                        q1l, q1h = _nibble_pair(w1, o + qs_at, h1, i, has_qh)
+                        acc0[i] += d0 * (xl * q0l + xh * q0h)
+                        acc1[i] += d1 * (xl * q1l + xh * q1h)
+                y[t, r0], y[t, r1] = a0 + acc0.sum(), a1 + acc1.sum()
 
     @njit(cache=True, nogil=True)
     def widen_rows(data, out):
