@@ -131,7 +131,8 @@ def test_a_bad_order_is_a_400_in_both_apis():
     from phinano.serve.validate import ApiError
 
     config = SimpleNamespace(vocab_size=32)
-    engine = SimpleNamespace(name="tiny", context_length=64, model=SimpleNamespace(config=config),
+    model = SimpleNamespace(config=config, weights=SimpleNamespace(vision=None))  # a text model
+    engine = SimpleNamespace(name="tiny", context_length=64, model=model,
                              tokenizer=SimpleNamespace(encode=lambda text: [5, 6]))
     body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4, "sampler_order": "llama"}
     with pytest.raises(ApiError) as error:
