@@ -11,7 +11,11 @@ layer and CLIP's `post_layernorm` are stored in the checkpoint but never used, s
 Attention sees every token (no mask). The patch embedding is a 14 x 14 convolution with stride 14 and no
 bias, which is one `linear` over the flattened patches. Every op goes through `ops` (kernels/).
 
-Shapes: P patches per crop (576), C tower width (1024), TH tower heads (16), TF tower MLP width (4096).
+An image's crops go through together, GROUP at a time (see GROUP): their tokens side by side, (G * (P + 1), C),
+in every linear, LayerNorm and activation; attention alone is per crop.
+
+Shapes: N crops of an image, G crops in a group, P patches per crop (576), C tower width (1024), TH tower heads
+(16), TF tower MLP width (4096).
 """
 
 from __future__ import annotations
@@ -119,10 +123,11 @@ def patches(crop: np.ndarray) -> np.ndarray:
     return x.transpose(1, 3, 0, 2, 4).reshape(GRID * GRID, 3 * PATCH * PATCH)
 
 
-# Crops go through the tower GROUP at a time, not all at once: every linear, LayerNorm and activation then runs
-# on (GROUP * (P + 1), C) rows, one weight read and one large BLAS product for the group, while the largest
-# activation, the MLP's (GROUP * (P + 1), TF) float32, stays at 38 MB (a whole 17-crop image would need 160 MB
-# for each of the two MLP activations, on a machine others share). Groups past 4 crops buy little more speed.
+# Crops go through the tower GROUP at a time, not all at once. Every linear, LayerNorm and activation runs on the
+# group's (GROUP * (P + 1), C) rows: one weight read (and bf16 widening) and one large BLAS product per group.
+# Memory bounds the group: the MLP's (GROUP * (P + 1), TF) float32 activation is 38 MB for 4 crops, but would be
+# 160 MB (twice: before and after quick-GELU) for a whole 17-crop image, while 2308 rows already make products
+# large enough for BLAS.
 GROUP = 4
 
 
