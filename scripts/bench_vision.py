@@ -4,8 +4,9 @@ Transformers' CLIPVisionModel on the same random full-size weights, in one run.
     python scripts/bench_vision.py                  # one 336x336 crop and a whole 16-crop image (17 crops)
     python scripts/bench_vision.py --crops 4 --repeats 3 --dtype float32
 
-Prints seconds per crop for each side and for the whole image (its crops one after another in phinano, as
-Vision.embed runs them; one batch in Transformers). Weights are random: speed does not depend on them.
+Prints seconds for one crop on each side and for the whole image: phinano runs its crops as Vision.embed does
+(`clip.features`, clip.GROUP crops side by side), Transformers in one batch. Weights are random: speed does not
+depend on them.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def main() -> None:
     image = rng.standard_normal((args.crops + 1, 3, 336, 336)).astype(np.float32)
 
     def ours(pixels):
-        return [clip.features(ops, tower, c) for c in pixels]
+        return clip.features(ops, tower, pixels)  # (N, P, C)
 
     def theirs(pixels):
         with torch.no_grad():
@@ -96,7 +97,7 @@ def main() -> None:
     image_ours, image_theirs = best(lambda: ours(image), 1), best(lambda: theirs(image), 1)
 
     print(f"CPU: {cpu_name()}, {threads} threads; phinano weights {args.dtype}, Transformers float32; "
-          f"{time.strftime('%Y-%m-%d')}")
+          f"phinano crops {clip.GROUP} at a time; {time.strftime('%Y-%m-%d')}")
     print(f"largest feature difference on one crop: {difference:.2e}")
     print("| tower (hidden_states[-2]) | phinano | Transformers |")
     print("| --- | --- | --- |")

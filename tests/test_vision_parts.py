@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from phinano.errors import PhinanoError
 from phinano.kernels import fast, reference
-from phinano.vision import hd, preprocess, prompt
+from phinano.vision import clip, hd, preprocess, prompt
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -51,6 +51,37 @@ def test_encoder_attention_twins_see_every_key(seed, T, H, HD, qs):
     # sharp softmaxes (qs 5: scores of std ~200) amplify float32 rounding of the scores: atol 1e-4 on values ~1
     np.testing.assert_allclose(reference.encoder_attention(q, k, v), want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fast.encoder_attention(q, k, v), want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the tower's batching
+def one_layer_tower(seed: int = 0) -> clip.Tower:
+    """A full-width tower with one random layer: crops are batched the same way for 1 layer as for 23."""
+    rng = np.random.default_rng(seed)
+    t = {}
+    for name, shape in clip.tower_shapes().items():
+        if ".layers." not in name or ".layers.0." in name:  # the embeddings and layer 0 only
+            t[name] = (rng.standard_normal(shape) / math.sqrt(np.prod(shape[1:]) or 1)).astype(np.float32)
+        else:
+            t[name] = None
+    tower = clip.load_tower(t)  # layers 1.. hold None: dropped next
+    tower.layers = tower.layers[:1]
+    return tower
+
+
+@pytest.mark.parametrize("ops", [reference, fast], ids=["reference", "fast"])
+def test_tower_crops_in_groups_equal_each_crop_alone(ops, monkeypatch):
+    """features() runs GROUP crops side by side; attention must stay within each crop and groups must split
+    anywhere: 3 crops in groups of 2 (a full group and a short one) give each crop's features alone."""
+    tower = one_layer_tower()
+    crops = np.random.default_rng(1).standard_normal((3, 3, clip.IMAGE_SIZE, clip.IMAGE_SIZE)).astype(np.float32)
+    monkeypatch.setattr(clip, "GROUP", 2)
+    together = clip.features(ops, tower, crops)  # (3, P, C)
+    assert together.shape == (3, clip.GRID * clip.GRID, clip.WIDTH)
+    for c in range(3):
+        alone = clip.features(ops, tower, crops[c : c + 1])[0]  # (P, C)
+        # BLAS may block a product of 1154 rows differently from one of 577: float32 rounding only
+        np.testing.assert_allclose(together[c], alone, rtol=1e-4, atol=1e-4 * np.abs(alone).max())
+    assert np.abs(together[0] - together[1]).max() > 0.1  # the crops differ, so a mix-up would show
 
 
 # ------------------------------------------------------------------ preprocessing

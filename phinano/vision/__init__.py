@@ -3,7 +3,7 @@
 One image's trip (docs/vision.md walks it with real shapes):
 
     preprocess.py  pixels -> HD image -> global view + h x w grid of 336 x 336 crops, CLIP-normalised
-    clip.py        each crop -> CLIP ViT-L/14-336 -> (576, 1024) patch features (hidden_states[-2])
+    clip.py        the crops, a few at a time -> CLIP ViT-L/14-336 -> (576, 1024) features each (hidden_states[-2])
     hd.py          2x2 merge, `sub_GN` after every row, `glb_GN` before the global view, projector -> (N, D)
     prompt.py      `<|image_N|>` in the prompt -> N positions, filled with those N vectors (model.py)
 
@@ -37,7 +37,7 @@ class Vision:
     def embed(self, ops, image) -> np.ndarray:
         """One image (path, bytes or PIL image) -> the (N, D) vectors of its N positions in the text stream."""
         crops = preprocess.crops(image, self.num_crops)  # (1 + h*w, 3, 336, 336)
-        features = np.stack([clip.features(ops, self.tower, c) for c in crops.pixels])  # (1 + h*w, 576, C)
+        features = clip.features(ops, self.tower, crops.pixels)  # (1 + h*w, 576, C)
         sequence = hd.image_sequence(ops, self.projector, features, crops.rows, crops.columns)  # (N, 4C)
         return hd.project(ops, self.projector, sequence)  # (N, D)
 

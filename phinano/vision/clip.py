@@ -11,7 +11,11 @@ layer and CLIP's `post_layernorm` are stored in the checkpoint but never used, s
 Attention sees every token (no mask). The patch embedding is a 14 x 14 convolution with stride 14 and no
 bias, which is one `linear` over the flattened patches. Every op goes through `ops` (kernels/).
 
-Shapes: P patches per crop (576), C tower width (1024), TH tower heads (16), TF tower MLP width (4096).
+An image's crops go through together, GROUP at a time (see GROUP): their tokens side by side, (G * (P + 1), C),
+in every linear, LayerNorm and activation; attention alone is per crop.
+
+Shapes: N crops of an image, G crops in a group, P patches per crop (576), C tower width (1024), TH tower heads
+(16), TF tower MLP width (4096).
 """
 
 from __future__ import annotations
@@ -119,26 +123,42 @@ def patches(crop: np.ndarray) -> np.ndarray:
     return x.transpose(1, 3, 0, 2, 4).reshape(GRID * GRID, 3 * PATCH * PATCH)
 
 
-def features(ops, tower: Tower, crop: np.ndarray) -> np.ndarray:
-    """One normalised crop (3, 336, 336) float32 -> its patch features (P, C): hidden_states[-2], class token
-    dropped."""
-    x = ops.linear(patches(crop), tower.patch)  # (P, C)
-    cls = ops.widen(tower.class_embedding)[None]  # (1, C)
-    x = np.concatenate([cls, x]) + ops.widen(tower.positions)  # (P + 1, C)
-    x = ops.layernorm(x, tower.pre_ln_w, tower.pre_ln_b, EPS)
+# Crops go through the tower GROUP at a time, not all at once. Every linear, LayerNorm and activation runs on the
+# group's (GROUP * (P + 1), C) rows: one weight read (and bf16 widening) and one large BLAS product per group.
+# Memory bounds the group: the MLP's (GROUP * (P + 1), TF) float32 activation is 38 MB for 4 crops, but would be
+# 160 MB (twice: before and after quick-GELU) for a whole 17-crop image, while 2308 rows already make products
+# large enough for BLAS.
+GROUP = 4
+
+
+def features(ops, tower: Tower, crops: np.ndarray) -> np.ndarray:
+    """Normalised crops (N, 3, 336, 336) float32 -> their patch features (N, P, C): hidden_states[-2], class token
+    dropped. Each crop's features are its own (attention stays within a crop), whatever the others are."""
+    parts = [group_features(ops, tower, crops[i : i + GROUP]) for i in range(0, len(crops), GROUP)]
+    return np.concatenate(parts) if parts else np.empty((0, GRID * GRID, WIDTH), np.float32)  # (N, P, C)
+
+
+def group_features(ops, tower: Tower, crops: np.ndarray) -> np.ndarray:
+    """A few crops (G, 3, 336, 336) -> (G, P, C), their tokens side by side through every layer."""
+    G = len(crops)
+    x = ops.linear(np.concatenate([patches(c) for c in crops]), tower.patch).reshape(G, GRID * GRID, WIDTH)
+    cls = np.broadcast_to(ops.widen(tower.class_embedding), (G, 1, WIDTH))  # (G, 1, C)
+    x = np.concatenate([cls, x], axis=1) + ops.widen(tower.positions)  # (G, P + 1, C)
+    x = ops.layernorm(x.reshape(-1, WIDTH), tower.pre_ln_w, tower.pre_ln_b, EPS)  # (G * (P + 1), C)
     for layer in tower.layers:
-        x = forward_layer(ops, layer, x)  # (P + 1, C)
-    return x[1:]  # (P, C)
+        x = forward_layer(ops, layer, x, G)  # (G * (P + 1), C)
+    return x.reshape(G, GRID * GRID + 1, WIDTH)[:, 1:]  # (G, P, C)
 
 
-def forward_layer(ops, w: TowerLayer, x: np.ndarray) -> np.ndarray:
-    """One pre-LN encoder layer, x (P + 1, C) -> (P + 1, C)."""
-    T = x.shape[0]
-    h = ops.layernorm(x, w.ln1_w, w.ln1_b, EPS)
-    q = ops.linear(h, w.q, w.q_b).reshape(T, HEADS, WIDTH // HEADS)  # (T, TH, 64)
-    k = ops.linear(h, w.k, w.k_b).reshape(T, HEADS, WIDTH // HEADS)
-    v = ops.linear(h, w.v, w.v_b).reshape(T, HEADS, WIDTH // HEADS)
-    attended = ops.encoder_attention(q, k, v).reshape(T, WIDTH)  # (T, C)
-    x = x + ops.linear(attended, w.o, w.o_b)
+def forward_layer(ops, w: TowerLayer, x: np.ndarray, crops: int = 1) -> np.ndarray:
+    """One pre-LN encoder layer over `crops` crops' tokens one after another, x (G * (P + 1), C) -> the same.
+    The linears, norms and MLP treat every token alike; only attention is per crop."""
+    T = x.shape[0] // crops  # P + 1 tokens per crop
+    h = ops.layernorm(x, w.ln1_w, w.ln1_b, EPS)  # (G * T, C)
+    q = ops.linear(h, w.q, w.q_b).reshape(crops, T, HEADS, WIDTH // HEADS)  # (G, T, TH, 64)
+    k = ops.linear(h, w.k, w.k_b).reshape(crops, T, HEADS, WIDTH // HEADS)
+    v = ops.linear(h, w.v, w.v_b).reshape(crops, T, HEADS, WIDTH // HEADS)
+    attended = np.concatenate([ops.encoder_attention(q[g], k[g], v[g]) for g in range(crops)])  # (G * T, TH, 64)
+    x = x + ops.linear(attended.reshape(-1, WIDTH), w.o, w.o_b)  # (G * T, C)
     h = ops.layernorm(x, w.ln2_w, w.ln2_b, EPS)
-    return x + ops.linear(ops.quick_gelu(ops.linear(h, w.fc1, w.fc1_b)), w.fc2, w.fc2_b)  # (T, C)
+    return x + ops.linear(ops.quick_gelu(ops.linear(h, w.fc1, w.fc1_b)), w.fc2, w.fc2_b)  # (G * T, C)
