@@ -32,7 +32,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .quantized import KERNELS, MatrixKernels, _f16_at, _four_rows, _i8, _u32_at
+from .quantized import KERNELS, MatrixKernels, _f16_at, _four_rows, _i8, _sums_of_32, _u32_at
 from .runtime import FASTMATH
 
 
@@ -79,20 +79,6 @@ def _scales_and_mins(row, o):
 def _byte(word, j):
     """Byte j of an integer word, as float32."""
     return np.float32(word >> 8 * j & 0xFF)
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _sums_of_32(x):
-    """(T, K) float32 -> (T, K // 32): the sum of each sub-block of 32 values of each row."""
-    T, K = x.shape
-    sums = np.empty((T, K // 32), np.float32)
-    for t in range(T):
-        for j in range(K // 32):
-            s = np.float32(0.0)
-            for i in range(32):
-                s += x[t, 32 * j + i]
-            sums[t, j] = s
-    return sums
 
 
 # ---------------------------------------------------------------------------------------------------------
