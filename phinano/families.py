@@ -16,6 +16,8 @@ _DENSE = {
     ("Phi3ForCausalLM", 32064, 5120, 40, 40, 10): "Phi-3-medium",
     ("Phi3ForCausalLM", 200064, 3072, 32, 24, 8): "Phi-4-mini",
     ("Phi3ForCausalLM", 100352, 5120, 40, 40, 10): "Phi-4",
+    ("Phi3SmallForCausalLM", 100352, 4096, 32, 32, 8): "Phi-3-small",
+    ("Phi3VForCausalLM", 32064, 3072, 32, 32, 32): "Phi-3-vision",
 }
 
 
@@ -36,6 +38,10 @@ def family(cfg: Config) -> str | None:
         return "Phi-3-mini-128k-instruct or Phi-3.5-mini-instruct" if longrope else "Phi-3-mini-4k-instruct"
     if base == "Phi-3-medium":
         return "Phi-3-medium-128k-instruct" if longrope else "Phi-3-medium-4k-instruct"
+    if base == "Phi-3-small":
+        return "Phi-3-small-128k-instruct" if longrope else "Phi-3-small-8k-instruct"
+    if base == "Phi-3-vision":  # both carry the 128k longrope text model
+        return "Phi-3-vision-128k-instruct or Phi-3.5-vision-instruct"
     if base == "Phi-4-mini":
         return "Phi-4-mini-instruct or Phi-4-mini-reasoning"
     if base == "Phi-4":  # the reasoning models were trained on to 32768 positions, with rope_theta 500000

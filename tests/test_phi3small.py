@@ -209,6 +209,11 @@ def test_config_values_of_the_release():
     np.testing.assert_array_equal(cos, plain_cos[6:13:2])
     np.testing.assert_array_equal(sin, plain_sin[6:13:2])
     assert len(cfg.dummy_token_ids) == 91
+    from phinano.families import family
+
+    assert family(cfg) == "Phi-3-small-128k-instruct"  # what `phinano info` says it is shaped like
+    del released["rope_scaling"]
+    assert family(config_from_dict({**released, "max_position_embeddings": 8192})) == "Phi-3-small-8k-instruct"
     from phinano.weights import parameter_counts
 
     assert parameter_counts(cfg) == (7_392_272_384, 7_392_272_384)  # the published 7.4B, head tied

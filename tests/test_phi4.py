@@ -280,6 +280,9 @@ _PHI35_MOE = {"architectures": ["PhiMoEForCausalLM"], "vocab_size": 32064, "hidd
     (_PHI35_MOE, "Phi-3.5-MoE-instruct"),
     ({**_PHI35_MOE, "intermediate_size": 448, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128},
      "Phi-tiny-MoE-instruct"),
+    ({**_PHI3_MINI, **_LONGROPE_96, "architectures": ["Phi3VForCausalLM"], "model_type": "phi3_v",
+      "img_processor": {"name": "clip_vision_model", "num_img_tokens": 144}, "embd_layer": {"use_hd_transform": True}},
+     "Phi-3-vision-128k-instruct or Phi-3.5-vision-instruct"),
     ({**PHI4_CONFIG, "vocab_size": 320}, None),  # no release has this shape
 ])
 def test_family_names_the_release_a_config_is_shaped_like(raw, name):
