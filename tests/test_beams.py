@@ -131,6 +131,7 @@ def test_beam_search_returns_the_score_and_checks_its_options(checkpoint_dir):
     for bad, words in [(dict(num_beams=0), "num_beams must be at least 1"),
                        (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be"),
                        (dict(num_beams=2, length_penalty="long"), "length_penalty must be a number"),
-                       (dict(num_beams=2, temperature=0.7), "beam search does not sample")]:
+                       (dict(num_beams=2, temperature=0.7), "beam search does not sample"),
+                       (dict(num_beams=2, images=["cat.jpg"]), "beam search takes text prompts only")]:
         with pytest.raises(PhinanoError, match=words):
             model.generate(ids, 4, **bad)
