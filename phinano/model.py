@@ -88,12 +88,7 @@ class Model:
             if cfg.embedding_multiplier != 1.0:  # Phi-3-small (muP): given embeddings as ids' own
                 x = x * np.float32(cfg.embedding_multiplier)
         T = x.shape[0]
-        if start + T > cache.capacity:
-            raise PhinanoError(f"KV cache holds {cache.capacity} positions; {start + T} requested")
-        variant = rope_variant(cfg, start + T)  # the rotary factor set of this step (longrope: by total length)
-        cache.claim(variant)  # refuses keys rotated with another set: the caller must recompute (generate.py)
-        cos, sin = rope_tables(cfg, start, T, variant)  # (T, R) each
-        step = Step(cache, start, cos, sin, observer)  # what every layer of this step shares
+        step = self.begin(cache, T, observer)  # what every layer of this step shares
 
         notify(step, "residual", -1, x)
         for i, layer in enumerate(W.layers):
@@ -119,16 +114,9 @@ class Model:
         cfg, ops, W = self.config, RowOps(self.ops), self.weights
         if len(caches) != len(ids) or not caches:
             raise PhinanoError(f"step_batch needs one token per cache: {len(ids)} tokens for {len(caches)} caches")
-        steps = []
         for cache in caches:
-            start = cache.length
-            self._check_length(start + 1)
-            if start + 1 > cache.capacity:
-                raise PhinanoError(f"KV cache holds {cache.capacity} positions; {start + 1} requested")
-            variant = rope_variant(cfg, start + 1)
-            cache.claim(variant)
-            cos, sin = rope_tables(cfg, start, 1, variant)  # (1, R) each
-            steps.append(Step(cache, start, cos, sin))
+            self._check_length(cache.length + 1)
+        steps = [self.begin(cache, 1) for cache in caches]  # each sequence at its own position
         x = self.embed(ops, self.check_ids(ids))  # (B, D): row i is sequence i's token
 
         for i, layer in enumerate(W.layers):
@@ -137,6 +125,17 @@ class Model:
             cache.length += 1
         x = self.blocks.norm(ops, cfg, x, W.final_norm, W.final_norm_bias)  # (B, D)
         return self.head(ops, x)  # (B, V)
+
+    def begin(self, cache: KVCache, T: int, observer: dict | None = None) -> Step:
+        """The Step of T new positions at the end of `cache`: their rotary tables (T, R), with the factor set
+        of the total length (longrope), which the cache must already hold or be empty for."""
+        start = cache.length
+        if start + T > cache.capacity:
+            raise PhinanoError(f"KV cache holds {cache.capacity} positions; {start + T} requested")
+        variant = rope_variant(self.config, start + T)  # the rotary factor set of this step (longrope)
+        cache.claim(variant)  # refuses keys rotated with another set: the caller must recompute (generate.py)
+        cos, sin = rope_tables(self.config, start, T, variant)  # (T, R) each
+        return Step(cache, start, cos, sin, observer)
 
     # ------------------------------------------------------------------ the two ends of the stack
     def embed(self, ops, ids: np.ndarray) -> np.ndarray:
