@@ -210,7 +210,8 @@ class Engine:
         anchor = self.tokenizer.encode("a", add_special_tokens=False)
         self._anchor = (anchor, self.tokenizer.decode(anchor))
         self.ready = threading.Event()  # set after the warm-up (kernel compilation): the first client does not pay it
-        threading.Thread(target=self._work, args=(threads,), name="phinano-generate", daemon=True).start()
+        self._worker = threading.Thread(target=self._work, args=(threads,), name="phinano-generate", daemon=True)
+        self._worker.start()
 
     # --- requests side (event loop) ----------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -221,7 +222,10 @@ class Engine:
         self._jobs.put(job)
 
     def close(self) -> None:
+        """Stop the worker after the jobs already queued (and its warm-up), and wait for it."""
         self._jobs.put(None)
+        if threading.current_thread() is not self._worker:
+            self._worker.join()
 
     # --- the worker thread --------------------------------------------------------------------------------
     def _work(self, threads: int | None) -> None:
