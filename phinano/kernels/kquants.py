@@ -32,6 +32,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .prefetch import prefetch_span
 from .quantized import KERNELS, MatrixKernels, _f16_at, _four_rows, _i8, _sums_of_32, _u32_at
 from .runtime import FASTMATH
 
@@ -113,7 +114,7 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
         32 bytes), eight partial sums of x * q, four rows by two sub-blocks; the i loop vectorises.
         """
         T, K = x.shape
-        N = data.shape[0]
+        N, L = data.shape
         xsums = _sums_of_32(x)  # (T, K // 32), shared by all rows
         for item in prange((N + 3) // 4):
             r0, r1, r2, r3 = _four_rows(data, item)
@@ -122,6 +123,8 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
                 a0 = a1 = a2 = a3 = np.float32(0.0)
                 for b in range(K // 256):
                     o = block_bytes * b
+                    if t == 0:
+                        prefetch_span(data, r0 * L + 4 * o, 4 * block_bytes)  # the bytes a few items on
                     sc0, m0 = _scales_and_mins(w0, o)
                     sc1, m1 = _scales_and_mins(w1, o)
                     sc2, m2 = _scales_and_mins(w2, o)
@@ -221,7 +224,7 @@ def _q6_k_matmul(x, data, y):
     multiplied with x; two accumulators, one per row; the i loop vectorises.
     """
     T, K = x.shape
-    N = data.shape[0]
+    N, L = data.shape
     for item in prange((N + 1) // 2):
         r0 = 2 * item
         r1 = min(r0 + 1, N - 1)
@@ -230,6 +233,8 @@ def _q6_k_matmul(x, data, y):
             a0 = a1 = np.float32(0.0)
             for b in range(K // 256):
                 o = 210 * b
+                if t == 0:
+                    prefetch_span(data, r0 * L + 2 * o, 2 * 210)  # the bytes a few items further on
                 for h in range(2):
                     for k in range(2):
                         d00, d01, d02, d03 = _q6_k_scales(w0, o, h, k)

@@ -23,6 +23,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .prefetch import prefetch_span
 from .runtime import FASTMATH
 from .widening import to_f32
 
@@ -101,7 +102,7 @@ def _q8_0_matmul(x, data, y):
     each scaled by its block's d once.
     """
     T, K = x.shape
-    N = data.shape[0]
+    N, L = data.shape
     for item in prange((N + 3) // 4):
         r0, r1, r2, r3 = _four_rows(data, item)
         w0, w1, w2, w3 = data[r0], data[r1], data[r2], data[r3]
@@ -109,6 +110,8 @@ def _q8_0_matmul(x, data, y):
             a0 = a1 = a2 = a3 = np.float32(0.0)
             for b in range(K // 32):
                 o = 34 * b
+                if t == 0:
+                    prefetch_span(data, r0 * L + 4 * o, 4 * 34)  # the bytes a few items further on
                 s0 = s1 = s2 = s3 = np.float32(0.0)
                 for j in range(32):
                     xc = x[t, 32 * b + j]
@@ -239,7 +242,7 @@ def _legacy_kernels(has_min: bool, has_qh: bool, blas_min_tokens: int) -> Matrix
         9.9 with two, Q4_0, AMD EPYC Zen 3).
         """
         T, K = x.shape
-        N = data.shape[0]
+        N, L = data.shape
         xsums = _sums_of_32(x)  # (T, K // 32)
         for item in prange((N + 1) // 2):
             r0, r1 = _two_rows(data, item)
@@ -251,6 +254,8 @@ def _legacy_kernels(has_min: bool, has_qh: bool, blas_min_tokens: int) -> Matrix
                 a0 = a1 = np.float32(0.0)  # the m terms
                 for b in range(K // 32):
                     o = size * b
+                    if t == 0:
+                        prefetch_span(data, r0 * L + 2 * o, 2 * size)  # the bytes a few items further on
                     d0, d1 = _f16_at(w0, o), _f16_at(w1, o)
                     a0 += _block_min(w0, o, d0, has_min, zero) * xsums[t, b]
                     a1 += _block_min(w1, o, d1, has_min, zero) * xsums[t, b]
