@@ -27,8 +27,8 @@ _LINE = 64  # bytes per cache line (x86-64)
 
 @intrinsic
 def _prefetch(typingctx, rows, index):
-    """Hint: bring byte `index` of the C-contiguous 2-D uint8 array `rows` (counted over the whole array,
-    clamped to its last byte) into L2. One `prefetcht1` instruction; no load, no fault, no result."""
+    """Hint: bring byte `index` of the C-contiguous 2-D array `rows` (counted over the whole array, clamped
+    to its last byte) into L2. One `prefetcht1` instruction; no load, no fault, no result."""
     if not isinstance(rows, types.Array) or rows.ndim != 2 or not isinstance(index, types.Integer):
         return None
 
@@ -36,10 +36,11 @@ def _prefetch(typingctx, rows, index):
         array = context.make_array(signature.args[0])(context, builder, args[0])
         i64 = ir.IntType(64)
         shape = cgutils.unpack_tuple(builder, array.shape, 2)
-        last = builder.sub(builder.mul(shape[0], shape[1]), ir.Constant(i64, 1))
+        size = builder.mul(builder.mul(shape[0], shape[1]), array.itemsize)
+        last = builder.sub(size, ir.Constant(i64, 1))
         i = builder.sext(args[1], i64) if args[1].type.width < 64 else args[1]
         i = builder.select(builder.icmp_signed("<", i, last), i, last)
-        pointer = builder.bitcast(builder.gep(array.data, [i]), ir.IntType(8).as_pointer())
+        pointer = builder.gep(builder.bitcast(array.data, ir.IntType(8).as_pointer()), [i])
         fnty = ir.FunctionType(ir.VoidType(), [pointer.type] + [ir.IntType(32)] * 3)
         prefetch = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
         # (address, 0 = read, locality 2 = keep in L2 and beyond, 1 = data cache)
