@@ -4,8 +4,9 @@ A quantized matrix-vector product alternates between waiting for memory and unpa
 2-core AMD EPYC (Zen 3) these machines had, the two did not overlap: one thread's Q8_0 product read 10.7 G
 weights/s from L2 but 5.6 from memory, close to 1 / (1 / compute + 1 / memory), and the hardware prefetcher
 did not run far enough ahead to hide it. Asking for the bytes PREFETCH_AHEAD further on (`prefetch_span`,
-one hint per 64-byte cache line, into L2) made the same kernels 1.3-1.6x faster on model-size matrices
-(`scripts/kernel_bench.py`, docs/kernels.md). A hint never changes a result: the loaded values are the same.
+one hint per 64-byte cache line, into L2) made whole-model decode of a full-size Phi-3-mini 1.2x (Q8_0) to
+1.45x (Q4_0) faster (docs/kernels.md, "Prefetching the packed bytes"). A hint never changes a result: the
+loaded values are the same.
 
 The bf16 kernel does not use it: it does little work per byte, so the out-of-order core already keeps
 enough reads in flight (measured: no gain at any distance).
@@ -19,8 +20,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 # How far ahead of the bytes being unpacked to prefetch. Measured on AMD EPYC (Zen 3, 2 cores): 16-32 KiB
-# gave the same gain; 4 KiB about half of it; 64 KiB and more less again (lines then arrive too early and
-# are evicted before use). Far enough to cover memory latency on any CPU that streams ~10 GB/s per core.
+# gave the same gain, 4 KiB about half of it, 64 KiB and more less again (lines then arrive too early and
+# are evicted before use). Not yet measured on the Intel (Sapphire Rapids) kind; a prefetch that comes too
+# early or too late costs one instruction per cache line and changes no result.
 PREFETCH_AHEAD = 16384
 _LINE = 64  # bytes per cache line (x86-64)
 
