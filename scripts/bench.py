@@ -19,6 +19,10 @@ Quantized rows: phinano against llama.cpp on the same GGUF files, in one run:
     python scripts/bench.py --quantized /tmp/mini-q8_0.gguf,/tmp/mini-q4_0.gguf,/tmp/mini-q4_k_m.gguf \
         --threads 2 --write docs/benchmarks.md
 
+With --rounds R the two engines take turns R times per file (phinano, llama.cpp, then llama.cpp, phinano, ...)
+and each figure is the median over the rounds: a shared machine's speed drifts over minutes, and taking turns
+spreads that drift over both engines instead of giving it to whichever ran second.
+
 Each file's bandwidth limit counts the bytes of its tensors as stored (the packed blocks), the embedding
 table only gathered unless it is also the head. The checkpoint needs its tokenizer files: llama.cpp does not
 load a GGUF without a vocabulary.
@@ -284,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", default="phinano-numba,phinano-numpy,hf-bf16,hf-fp32,llama.cpp")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="--quantized: times the two engines take turns per file")
     p.add_argument("--prompt", default="128,512", help="prompt lengths for prefill (the first also for decode)")
     p.add_argument("--new", type=int, default=64, help="new tokens for the decode measurement")
     p.add_argument("--gguf", default=None, help="the same weights as GGUF, for llama.cpp")
@@ -354,6 +359,18 @@ def run_engine(engine: str, model: str, gguf_path: str | None, args) -> dict | s
     return json.loads(line[len("RESULT "):])
 
 
+def merge_rounds(results: list) -> dict | str:
+    """One engine's RESULT dicts from several rounds -> the median of each speed and time, the largest peak
+    RSS; a round that failed or was skipped (a string) makes the whole a failure."""
+    failed = [r for r in results if isinstance(r, str)]
+    if failed:
+        return failed[0]
+    med = statistics.median
+    return {"load_s": med(r["load_s"] for r in results), "ttft": med(r["ttft"] for r in results),
+            "decode": med(r["decode"] for r in results), "peak_rss_gb": max(r["peak_rss_gb"] for r in results),
+            "prefill": {n: med(r["prefill"][n] for r in results) for n in results[0]["prefill"]}}
+
+
 def main_quantized(args) -> int:
     """phinano-numba and llama.cpp on each GGUF file of --quantized, one after the other, in one run."""
     files = [Path(f) for f in args.quantized.split(",") if f]
@@ -368,12 +385,17 @@ def main_quantized(args) -> int:
     for f in files:
         per_token = gguf_bytes_per_token(f)
         limit = bandwidth * 1e9 / per_token
-        for engine in ("phinano-numba", "llama.cpp"):
-            why = available(engine, argparse.Namespace(gguf=str(f)))
-            print(f"{f.name} {engine} ...", flush=True)
-            r = why or run_engine(engine, str(f), str(f) if engine == "llama.cpp" else None, args)
-            print(f"{f.name} {engine}: {r}", flush=True)
-            rows.append((f, per_token, limit, engine, r))
+        engines = ("phinano-numba", "llama.cpp")
+        rounds = {engine: [] for engine in engines}
+        for i in range(args.rounds):
+            for engine in engines if i % 2 == 0 else engines[::-1]:  # take turns: drift hits both alike
+                why = available(engine, argparse.Namespace(gguf=str(f)))
+                print(f"{f.name} {engine} (round {i + 1} of {args.rounds}) ...", flush=True)
+                r = why or run_engine(engine, str(f), str(f) if engine == "llama.cpp" else None, args)
+                print(f"{f.name} {engine}: {r}", flush=True)
+                rounds[engine].append(r)
+        for engine in engines:
+            rows.append((f, per_token, limit, engine, merge_rounds(rounds[engine])))
     table = render_quantized(args, rows, bandwidth, load_before)
     print(table)
     if args.write:
@@ -404,12 +426,13 @@ def render_quantized(args, rows, bandwidth, load_before) -> str:
     date = datetime.date.today().isoformat()
     return "\n".join([
         f"Command: `python scripts/bench.py --quantized {args.quantized} --threads {args.threads} --runs {args.runs} "
-        f"--prompt {','.join(map(str, P))} --new {args.new}`  ",
+        f"--rounds {args.rounds} --prompt {','.join(map(str, P))} --new {args.new}`  ",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads; date {date}; 1-minute load average "
         f"{load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after  ",
         f"Memory bandwidth (1 GiB, same run; {args.probes}): {bandwidth:.1f} GB/s; limit = bandwidth / bytes "
         "of packed weights read per token  ",
-        f"Median of {args.runs} runs; decode = {args.new} new tokens after a {P[0]}-token prompt; activations stay "
+        f"Median of {args.runs} runs in each of {args.rounds} rounds (the engines taking turns), then the median over "
+        f"the rounds; decode = {args.new} new tokens after a {P[0]}-token prompt; activations stay "
         "float32 in phinano (llama.cpp rounds them to 8 bits for its integer dot products).",
         "",
         *lines,
