@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.prompt = [int(n) for n in str(args.prompt).split(",")]
+    if args.rounds < 1 or args.runs < 1:
+        p.error(f"--runs and --rounds must be at least 1, got {args.runs} and {args.rounds}")
     if args.worker:
         worker(args)
         return 0
@@ -372,7 +374,7 @@ def merge_rounds(results: list) -> dict | str:
 
 
 def main_quantized(args) -> int:
-    """phinano-numba and llama.cpp on each GGUF file of --quantized, one after the other, in one run."""
+    """phinano-numba and llama.cpp on each GGUF file of --quantized, taking turns --rounds times, in one run."""
     files = [Path(f) for f in args.quantized.split(",") if f]
     for f in files:
         if not f.is_file():
