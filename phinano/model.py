@@ -18,6 +18,8 @@ An observer watches a step without changing it: a dict {fact: callback(layer, va
     "attention"  probabilities (H, T, S) of each layer (computed only when asked for)
     "routing"    (experts (T, 2) int64, weights (T, 2) float32) of each MoE layer
     "final"      the final norm's output (T, D) (layer L), what the head multiplies
+and optionally "layers": {fact: layer numbers}, to watch a fact in those layers only (attention maps of the
+other layers are then not computed).
 Tests, the routing trace (`--show-experts`) and the trace tools use it; nothing else needs to know.
 """
 

@@ -207,10 +207,10 @@ def trace(model, token_ids, *, attention=None, lens: bool = True) -> Trace:
         observer["routing"] = lambda layer, r: routing.append(r)
     if keep:
         observer["attention"] = lambda layer, probs: keep_map(layer, probs)
+        observer["layers"] = {"attention": set(keep)}  # the other layers' maps are not even computed
 
     def keep_map(layer: int, probs: np.ndarray) -> None:  # probs (H, T, S = T) from a fresh cache
-        if layer in keep:
-            maps[layer] = np.array(probs, np.float32)
+        maps[layer] = np.array(probs, np.float32)
 
     model.step(model.new_cache(T), ids, observer=observer, last_only=True)
     return Trace(ids, top_ids, top_probs, norms, routing, maps)

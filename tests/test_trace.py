@@ -69,6 +69,21 @@ def test_attention_rows_sum_to_one_and_respect_the_causal_sliding_window(model):
         assert visible[-1, 0] == (T <= window)
 
 
+def test_attention_maps_are_computed_only_for_the_layers_asked_for(model, monkeypatch):
+    computed = []
+    for name in ("attention_weights", "blocksparse_attention_weights"):
+        if hasattr(model.ops, name):
+            original = getattr(model.ops, name)
+            monkeypatch.setattr(model.ops, name, lambda *a, _f=original: computed.append(1) or _f(*a))
+    L = model.config.num_hidden_layers
+    ids = np.arange(5, 25)
+    t = phinano.trace(model, ids, attention=[L - 1], lens=False)
+    assert t.attention_layers == [L - 1] and len(computed) == 1  # one layer's maps, not L
+    computed.clear()
+    phinano.trace(model, ids, attention="all", lens=False)
+    assert len(computed) == L
+
+
 def test_attention_not_kept_is_a_clear_error(model):
     t = phinano.trace(model, [1, 2, 3], lens=False)
     with pytest.raises(phinano.PhinanoError, match=r"attention of layer 2 was not kept \(kept: none\)"):

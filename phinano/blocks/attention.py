@@ -47,12 +47,17 @@ class Step:
 
 def notify(step: Step | list[Step], fact: str, layer: int, value) -> None:
     """Hand a fact to the observer, if it asked for this one (a batch of Steps has no observer)."""
-    if wants(step, fact):
+    if wants(step, fact, layer):
         step.observer[fact](layer, value)
 
 
-def wants(step: Step | list[Step], fact: str) -> bool:
-    return not isinstance(step, list) and step.observer is not None and fact in step.observer
+def wants(step: Step | list[Step], fact: str, layer: int | None = None) -> bool:
+    """Whether the observer asked for `fact` (of `layer`: an observer's "layers" entry, {fact: layer numbers},
+    limits a fact to those layers; costly facts are then computed for those layers only)."""
+    if isinstance(step, list) or step.observer is None or fact not in step.observer:
+        return False
+    only = step.observer.get("layers", {}).get(fact)
+    return layer is None or only is None or layer in only
 
 
 def self_attention(ops, cfg, w: AttentionWeights, x: np.ndarray, step: Step | list[Step], layer: int) -> np.ndarray:
@@ -67,7 +72,7 @@ def self_attention(ops, cfg, w: AttentionWeights, x: np.ndarray, step: Step | li
     v = ops.linear(x, w.v, w.v_bias).reshape(T, cfg.num_key_value_heads, cfg.head_dim)  # (T, KVH, HD)
 
     def attend(s: Step, q, keys, values):  # (n, H, HD) over the sequence's (S, KVH, HD) cache
-        if wants(s, "attention"):  # only computed when asked for: (H, n, S) is large
+        if wants(s, "attention", layer):  # only computed when asked for: (H, n, S) is large
             notify(s, "attention", layer, ops.attention_weights(q, keys, s.start, cfg.sliding_window))
         return ops.attention(q, keys, values, s.start, cfg.sliding_window)  # (n, H, HD)
 

@@ -92,10 +92,10 @@ def attention(ops, cfg, w: Layer, x: np.ndarray, step: Step | list[Step], layer:
         if cfg.softmax_scale is not None:  # muP: scores * (mup_attn_multiplier / HD), not the ops' 1/sqrt(HD)
             q = q * np.float32(cfg.softmax_scale * math.sqrt(HD))
         if is_dense(cfg, layer):
-            if wants(s, "attention"):
+            if wants(s, "attention", layer):
                 notify(s, "attention", layer, ops.attention_weights(q, keys, s.start, None))
             return ops.attention(q, keys, values, s.start, None)  # (n, H, HD)
-        if wants(s, "attention"):
+        if wants(s, "attention", layer):
             notify(s, "attention", layer, ops.blocksparse_attention_weights(q, keys, s.start, *pattern))
         return ops.blocksparse_attention(q, keys, values, s.start, *pattern)  # (n, H, HD)
 
