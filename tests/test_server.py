@@ -576,6 +576,16 @@ def broken_generation(*args, **kwargs):
     yield  # a generator, like generate_steps
 
 
+def test_close_waits_for_the_worker_and_its_warm_up(model):
+    """A closed engine leaves nothing running: its warm-up generation (and any queued job) is over when
+    close() returns, so nothing it does can be seen by what runs next."""
+    from phinano.serve.engine import Engine
+
+    engine = Engine(model, NAME)
+    engine.close()  # straight away: the worker is still warming up
+    assert engine.ready.is_set() and not engine._worker.is_alive()
+
+
 def test_a_full_queue_is_a_503_in_each_apis_shape(model):
     with in_process(model, max_queue=0) as client:  # every request finds the queue full
         r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2})

@@ -465,9 +465,18 @@ def test_chat_image_command_attaches_to_the_next_message(quick_vision, tmp_path)
     assert len(chat.images) == 1 and chat.attached == []
 
 
-def test_server_takes_openai_image_url_parts_and_ollama_images(quick_vision, tmp_path):
+def png_base64(size) -> str:
+    """A photo of `size` as a base64 PNG, as the server APIs carry images."""
     import base64
     import io
+
+    buffer = io.BytesIO()
+    photo(*size, seed=0).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_server_takes_openai_image_url_parts_and_ollama_images(quick_vision, tmp_path):
+    import base64
 
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
@@ -476,9 +485,7 @@ def test_server_takes_openai_image_url_parts_and_ollama_images(quick_vision, tmp
     from phinano.serve.engine import Engine
 
     model, released, calls = quick_vision
-    buffer = io.BytesIO()
-    photo(*LANDSCAPE, seed=0).save(buffer, format="PNG")
-    data = base64.b64encode(buffer.getvalue()).decode()
+    data = png_base64(LANDSCAPE)
     engine = Engine(model, "phi3v")
     try:
         with TestClient(create_app(engine)) as client:
@@ -507,9 +514,6 @@ def test_server_takes_openai_image_url_parts_and_ollama_images(quick_vision, tmp
 
 
 def test_ollama_generate_takes_images_and_a_text_model_refuses_them(quick_vision, checkpoint_dir):
-    import base64
-    import io
-
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
@@ -517,9 +521,7 @@ def test_ollama_generate_takes_images_and_a_text_model_refuses_them(quick_vision
     from phinano.serve.engine import Engine
 
     model, released, calls = quick_vision
-    buffer = io.BytesIO()
-    photo(*PORTRAIT, seed=0).save(buffer, format="PNG")
-    data = base64.b64encode(buffer.getvalue()).decode()
+    data = png_base64(PORTRAIT)
     text_model = phinano.load(checkpoint_dir("mini-4k"))
     text_model.tokenizer = model.tokenizer  # the same tiny vocabulary
     for served, ok in [(model, True), (text_model, False)]:
