@@ -17,6 +17,15 @@ For each, no drafts and --k draft lengths: decode tokens/s (median of --runs) by
 process's CPU time (less disturbed by other work on a shared machine: the generation's CPU time less its
 prefill's), drafts kept / drafted, new tokens per model step, and whether the tokens equal the plain loop's
 (they must).
+
+With --verify-cost, the other half of the trade on any checkpoint, e.g. a full-size random one (its
+acceptance would mean nothing, but what a step costs does not depend on the weights' values):
+
+    python scripts/bench_speculation.py --model /tmp/phi3-mini-random --verify-cost --k 2 4 8 --threads 2
+
+times one model step of K + 1 positions (a draft being checked) against one of 1 position, after a 64-token
+prompt. Speculation gains when the new tokens per step (the table above) exceed that cost ratio: the
+speed-up is about (new tokens per step) / (cost of a K + 1 step in 1-position steps).
 """
 
 from __future__ import annotations
@@ -67,6 +76,29 @@ def run(model, ids, new, k, options=GREEDY) -> tuple[list[int], dict]:
     return tokens, stats
 
 
+def verify_cost(model, ks: list[int], runs: int) -> None:
+    """Print the time of one model step of K + 1 positions against one of 1, after a 64-token prompt (the
+    best of `runs`, the sizes taking turns), as a Markdown table."""
+    prompt = [(7 * i) % (model.config.vocab_size - 3) + 3 for i in range(64)]  # any ids: the cost is what counts
+    cache = model.new_cache(64 + max(ks) + 1)
+    model.step(cache, prompt, last_only=True)
+    best = {k: float("inf") for k in [0, *ks]}
+    for turn in range(runs + 1):  # turn 0 compiles and warms up, and is not counted
+        for k in best:
+            start = time.perf_counter()
+            model.step(cache, prompt[:k + 1])  # every position's logits, as checking a draft needs
+            seconds = time.perf_counter() - start
+            cache.truncate(64)
+            if turn:
+                best[k] = min(best[k], seconds)
+    print(f"{model.name}: one step of K + 1 positions after a 64-token prompt, best of {runs}; {cpu_model()}, "
+          f"{datetime.date.today()}\n")
+    print("| positions in the step | step ms | cost in 1-position steps |")
+    print("|---|---|---|")
+    for k, seconds in best.items():
+        print(f"| {k + 1} | {seconds * 1000:.1f} | {seconds / best[0]:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="nano-phi3")
@@ -74,9 +106,14 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="draft lengths to try")
     p.add_argument("--threads", type=int, default=1, help="kernel threads (default 1: steadier on a shared machine)")
+    p.add_argument("--verify-cost", action="store_true",
+                   help="time steps of K + 1 positions against 1 position on --model instead (any checkpoint)")
     args = p.parse_args()
 
     model = phinano.load(args.model, threads=args.threads)
+    if args.verify_cost:
+        verify_cost(model, args.k, args.runs)
+        return
     run(model, model.tokenizer.encode("def f(x):\n    return x\n\ndef f(x):"), 8, 4)  # compile the kernels
     print(f"{args.model}, numba backend, {args.threads} thread(s), {args.new} new tokens, median of {args.runs} "
           f"runs; {cpu_model()}, {datetime.date.today()}\n")

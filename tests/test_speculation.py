@@ -160,6 +160,21 @@ rates; docs/benchmarks.md quotes them.)"""
     assert stats["accepted"] >= 20, stats  # 39 of 131 drafted when written
 
 
+def test_verify_cost_benchmark(checkpoint_dir, monkeypatch, capsys):
+    """scripts/bench_speculation.py --verify-cost: one row per step size (K + 1 positions), the 1-position step
+    as the unit, and the cache rolled back between steps (each step sees the same 64-token prompt)."""
+    import runpy
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_speculation.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--model", str(checkpoint_dir("mini-4k")), "--verify-cost",
+                                      "--k", "2", "4", "--runs", "1"])
+    runpy.run_path(str(script), run_name="__main__")
+    rows = [line.split("|")[1:4] for line in capsys.readouterr().out.splitlines() if line[:3] in ("| 1", "| 3", "| 5")]
+    assert [r[0].strip() for r in rows] == ["1", "3", "5"]
+    assert rows[0][2].strip() == "1.00" and all(float(r[1]) > 0 for r in rows)
+
+
 def test_options_are_checked(checkpoint_dir):
     model = phinano.load(checkpoint_dir("mini-4k"), backend="numpy")
     with pytest.raises(OptionError, match="prompt_lookup_num_tokens must be >= 0"):
