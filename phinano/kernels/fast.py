@@ -49,14 +49,19 @@ __all__ = ["set_threads", "widen", "embed", "linear", "linear_rows", "rmsnorm", 
            "blocksparse_attention", "quick_gelu", "gelu", "encoder_attention"]
 
 # linear(): from this many tokens on, a bf16/f16 product widens weight tiles and uses BLAS; below it the
-# fused kernel wins (measured on the 2-core machine: fused ~55 GFLOP/s up to 64 tokens, tiles + BLAS
-# ~70 at 128 and ~100 at 512; `python scripts/kernel_bench.py --prefill` prints the crossover).
+# fused kernel wins. `python scripts/kernel_bench.py --prefill` prints the crossover (2 threads):
+# - 2026-11-22, the 2-core Intel Xeon kind (docs/benchmarks.md): fused ~55 GFLOP/s up to 64 tokens, tiles +
+#   BLAS ~70 at 128 and ~100 at 512, so the crossover lies between 64 and 128;
+# - 2026-11-30, AMD EPYC (Zen 3), 16384 x 3072: fused 84 / tiles 97 GFLOP/s at 48 tokens, 103 / 108 at 64,
+#   62 / 122 at 128, so the crossover lies near 48-64.
+# 96 is between the two kinds; on the AMD a 64-95-token product runs a few percent below the tiles' rate.
 BLAS_MIN_TOKENS = 96
 # Elements of float32 weight tile widened per BLAS call (16 MB): large enough for BLAS to run at full
 # speed, small enough not to matter next to the model.
 _TILE_ELEMENTS = 4 << 20
-# attention(): from this many queries on, BLAS products per KV head; below, the compiled kernel (measured:
-# compiled 17 vs 29 ms at 1 query x 4096 keys, 34 vs 47 ms at 2 queries, 110 vs 53 ms at 4 queries).
+# attention(): from this many queries on, BLAS products per KV head; below, the compiled kernel (measured
+# 2026-11-22 on the 2-core Intel Xeon kind: compiled 17 vs 29 ms at 1 query x 4096 keys, 34 vs 47 ms at 2
+# queries, 110 vs 53 ms at 4 queries).
 ATTENTION_BLAS_MIN_QUERIES = 4
 # attention(): bytes of one score block (G heads x a chunk of queries x S keys) in the BLAS path.
 _ATTENTION_CHUNK_BYTES = 8 << 20

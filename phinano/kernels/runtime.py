@@ -18,9 +18,10 @@ import numba
 import numpy as np
 
 # Kernel threads that wait sleep instead of spinning (GNU OpenMP, used by Numba's "omp" threading layer).
-# Measured on the 2-core machine with a niced training job on both cores: a 2-thread 18 MB bf16 matvec
-# took 8.3 ms with spinning waiters (they burn the time slices the working thread needs) and 1.4 ms with
-# sleeping ones; on an idle machine sleeping costs ~10 us per kernel. Takes effect if set before the
+# Measured on the 2-core Intel Xeon (Sapphire Rapids) kind, 2026-11-22, with a niced training job on both
+# cores: a 2-thread 18 MB bf16 matvec took 8.3 ms with spinning waiters (they burn the time slices the
+# working thread needs) and 1.4 ms with sleeping ones; on an idle machine sleeping costs ~10 us per kernel.
+# (Spinning was tried again on an idle AMD EPYC (Zen 3), 2026-11-30: no decode gain.) Takes effect if set before the
 # first parallel kernel starts the thread pool; an OMP_WAIT_POLICY already in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -30,7 +31,8 @@ FASTMATH = {"reassoc", "contract"}
 
 # Work (elements touched) below which a parallel kernel runs on the calling thread alone: starting the
 # other threads costs ~10 us on an idle machine, and was measured at ~8 ms when another process (a niced
-# training job) keeps every core busy, while a 3072-wide rmsnorm takes ~10 us on one thread.
+# training job) keeps every core busy, while a 3072-wide rmsnorm takes ~10 us on one thread (the 2-core
+# Intel Xeon kind, 2026-11-22).
 PARALLEL_MIN_WORK = 1 << 18
 
 
