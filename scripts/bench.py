@@ -6,8 +6,8 @@
 For every engine, in its own process (so peak memory is its own): load time, prefill tokens/s for
 128- and 512-token prompts, time to first token (128-token prompt), decode tokens/s over 64 new tokens,
 and peak resident memory; the median of --runs runs. The parent process measures the machine's memory
-bandwidth in the same run (the best of three streaming readers of 1 GiB: a BLAS matvec, a compiled uint16 sum,
-NumPy's sum; each printed), so decode speed is reported as a share of the bandwidth limit = bandwidth / bytes
+bandwidth in the same run (the best of four streaming readers of 1 GiB: a BLAS matvec, a compiled uint16 sum,
+NumPy's sum, and phinano's own bf16 kernel on the same bytes; each printed), so decode speed is reported as a share of the bandwidth limit = bandwidth / bytes
 of weights read per token.
 
 Engines: phinano-numba, phinano-numpy, hf-bf16, hf-fp32 (Transformers, CPU, same thread count), and
@@ -56,11 +56,14 @@ def peak_rss_gb() -> float:
 
 
 def measure_bandwidth(threads: int, gib: float = 1.0, runs: int = 7) -> tuple[float, str]:
-    """The streaming limit: the best of three readers of a `gib`-GiB array, GB/s, with a line naming each.
+    """The streaming limit: the best of four readers of a `gib`-GiB array, GB/s, with a line naming each.
 
     A float32 BLAS matrix-vector product, a compiled (Numba) parallel sum of uint16 values (the bf16 kernels'
-    access pattern), and NumPy's float32 sum (one thread). Which reader is best differs between CPU kinds,
-    so the limit is the best of them, measured in the same run as the engines."""
+    access pattern), NumPy's float32 sum (one thread), and phinano's own bf16 product on the same bytes read
+    as bf16 weights (so the line also shows how close the kernel alone comes to the best reader; the rest
+    of a decode step's share is the other ops and the drift between the probe and the engine runs). Which
+    reader is best differs between CPU kinds, so the limit is the best of them, measured in the same run as
+    the engines."""
     import numba
     import numpy as np
 
@@ -90,8 +93,11 @@ def measure_bandwidth(threads: int, gib: float = 1.0, runs: int = 7) -> tuple[fl
             times.append(time.perf_counter() - t)
         return a.nbytes / min(times) / 1e9
 
+    from phinano.kernels import fast
+
+    weights, x1 = bits.reshape(-1, 8192), np.ones((1, 8192), np.float32)  # the bytes as a bf16 (2 rows, 8192) matrix
     probes = {"float32 BLAS matvec": best(lambda: a @ x), "Numba uint16 parallel sum": best(lambda: u16_sum(bits)),
-              "NumPy float32 sum": best(lambda: a.sum())}
+              "NumPy float32 sum": best(lambda: a.sum()), "phinano bf16 linear": best(lambda: fast.linear(x1, weights))}
     line = ", ".join(f"{name} {gbs:.1f}" for name, gbs in probes.items())
     return max(probes.values()), f"best of: {line} GB/s"
 
