@@ -7,8 +7,8 @@ For every engine, in its own process (so peak memory is its own): load time, pre
 128- and 512-token prompts, time to first token (128-token prompt), decode tokens/s over 64 new tokens,
 and peak resident memory; the median of --runs runs. The parent process measures the machine's memory
 bandwidth in the same run (the best of four streaming readers of 1 GiB: a BLAS matvec, a compiled uint16 sum,
-NumPy's sum, and phinano's own bf16 kernel on the same bytes; each printed), so decode speed is reported as a share of the bandwidth limit = bandwidth / bytes
-of weights read per token.
+NumPy's sum, and phinano's own bf16 kernel on the same bytes; each printed), so decode speed is reported as a
+share of the bandwidth limit = bandwidth / bytes of weights read per token.
 
 Engines: phinano-numba, phinano-numpy, hf-bf16, hf-fp32 (Transformers, CPU, same thread count), and
 llama.cpp when llama-cpp-python is installed and --gguf names the same weights converted to GGUF.
@@ -95,7 +95,7 @@ def measure_bandwidth(threads: int, gib: float = 1.0, runs: int = 7) -> tuple[fl
 
     from phinano.kernels import fast
 
-    weights, x1 = bits.reshape(-1, 8192), np.ones((1, 8192), np.float32)  # the bytes as a bf16 (2 rows, 8192) matrix
+    weights, x1 = bits.reshape(-1, 8192), np.ones((1, 8192), np.float32)  # the bytes as bf16 (2 * rows, 8192)
     probes = {"float32 BLAS matvec": best(lambda: a @ x), "Numba uint16 parallel sum": best(lambda: u16_sum(bits)),
               "NumPy float32 sum": best(lambda: a.sum()), "phinano bf16 linear": best(lambda: fast.linear(x1, weights))}
     line = ", ".join(f"{name} {gbs:.1f}" for name, gbs in probes.items())

@@ -108,6 +108,19 @@ def assert_linear_close(x, w, b=None):
     assert_linear_within(x, w, b, np.abs(reference.widen(w).astype(np.float64)), 1e-5)
 
 
+@pytest.mark.parametrize("T", range(1, 10))
+def test_fused_tiles_write_only_their_tokens(T):
+    """`_matmul_fused` for few tokens: 4 x 4 tiles, a tile for 3 tokens left (its last token computed twice),
+    one-token passes for 1 or 2 left. Every token's row agrees with the reference, and a guard row after the
+    T rows of y is never written (the repeated token must stay inside the T rows)."""
+    rng = np.random.default_rng(T)
+    w = make_weight(rng, (11, 37), "bf16")  # N % 4 = 3: the last rows go through the one-row loop
+    x = f32(rng, (T, 37))
+    out = np.full((T + 1, 11), 7.0, np.float32)
+    fast._matmul_fused(x, w, out[:T])
+    exact = x.astype(np.float64) @ reference.widen(w).astype(np.float64).T
+    np.testing.assert_allclose(out[:T], exact, rtol=0, atol=1e-5 * (np.abs(x) @ np.abs(reference.widen(w)).T).max())
+    assert (out[T] == 7.0).all()
 
 
 def test_linear_blas_path_spans_several_tiles(monkeypatch):

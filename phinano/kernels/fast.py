@@ -166,7 +166,6 @@ def _matmul_rows(x, w, y):
                 a2 += xc * to_f32(w[r + 2, c])
                 a3 += xc * to_f32(w[r + 3, c])
             y[t, r], y[t, r + 1], y[t, r + 2], y[t, r + 3] = a0, a1, a2, a3
-            t += 1
     for r in range(4 * blocks, N):  # the last N % 4 rows (at most 3)
         for t in range(T):
             acc = np.float32(0.0)

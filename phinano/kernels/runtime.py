@@ -21,8 +21,8 @@ import numpy as np
 # Measured on the 2-core Intel Xeon (Sapphire Rapids) kind, 2026-11-22, with a niced training job on both
 # cores: a 2-thread 18 MB bf16 matvec took 8.3 ms with spinning waiters (they burn the time slices the
 # working thread needs) and 1.4 ms with sleeping ones; on an idle machine sleeping costs ~10 us per kernel.
-# (Spinning was tried again on an idle AMD EPYC (Zen 3), 2026-11-30: no decode gain.) Takes effect if set before the
-# first parallel kernel starts the thread pool; an OMP_WAIT_POLICY already in the environment wins.
+# Spinning was tried again on an idle AMD EPYC (Zen 3), 2026-11-30: no decode gain. Takes effect if set
+# before the first parallel kernel starts the thread pool; an OMP_WAIT_POLICY already in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Float reassociation (vectorised reductions) and fused multiply-add; deliberately not the
