@@ -109,6 +109,8 @@ def main() -> None:
     p.add_argument("--verify-cost", action="store_true",
                    help="time steps of K + 1 positions against 1 position on --model instead (any checkpoint)")
     args = p.parse_args()
+    if args.runs < 1 or min(args.k) < 1:
+        p.error(f"--runs and every --k must be at least 1, got --runs {args.runs} and --k {' '.join(map(str, args.k))}")
 
     model = phinano.load(args.model, threads=args.threads)
     if args.verify_cost:

@@ -174,6 +174,11 @@ def test_verify_cost_benchmark(checkpoint_dir, monkeypatch, capsys):
     assert [r[0].strip() for r in rows] == ["1", "3", "5"]
     assert rows[0][2].strip() == "1.00" and all(float(r[1]) > 0 for r in rows)
 
+    monkeypatch.setattr(sys, "argv", [str(script), "--verify-cost", "--k", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_info.value.code == 2 and "every --k must be at least 1" in capsys.readouterr().err
+
 
 def test_options_are_checked(checkpoint_dir):
     model = phinano.load(checkpoint_dir("mini-4k"), backend="numpy")
