@@ -118,10 +118,9 @@ def core_rate(fast, rng: np.random.Generator, name: str) -> tuple[float, float]:
     stays in the CPU's L2 cache, by process CPU time: what unpacking and arithmetic allow a core, whatever
     the memory does, and nearly unchanged when other processes take turns on the core (wall-clock rates
     then drop, CPU time does not)."""
-    from phinano.kernels.quantized import KERNELS
-
     w = random_weights(rng, name, (96, 2048))
-    rows, matmul = (w, fast._matmul_fused) if name == "bf16" else (w.data, KERNELS[name].matmul)
+    rows, kernels = fast._reader(w)  # what linear() reads and runs for this weight
+    matmul = kernels.matmul
     x = rng.standard_normal((1, 2048), dtype=np.float32)
     y = np.empty((1, 96), np.float32)
     fast.set_threads(1)
@@ -190,7 +189,8 @@ def bench_prefill(fast, repeats: int, qtypes: list[str]) -> None:
     N, K = 16384, 3072
     w = random_bf16(rng, (N, K))
     wf = (w.astype(np.uint32) << 16).view(np.float32)
-    readers = {"bf16": (w, fast._matmul_fused, fast._widen_rows, fast.BLAS_MIN_TOKENS)}
+    rows, kernels = fast._reader(w)  # bf16 read as pairs (`fast._bf16_matmul`)
+    readers = {"bf16": (rows, kernels.matmul, kernels.widen_rows, kernels.blas_min_tokens)}
     for name in qtypes:
         k = KERNELS[name]
         readers[name] = (random_quantized(rng, name, (N, K)).data, k.matmul, k.widen_rows, k.blas_min_tokens)

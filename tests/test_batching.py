@@ -73,7 +73,7 @@ def test_linear_rows_equals_each_row_alone_on_quantized_weights(qtype, seed, B, 
 
 
 def test_linear_of_several_tokens_rounds_differently_which_is_why_rows_exist():
-    """The reason for linear_rows: `linear` sums 4 tokens at a time in tiles, in another order. If this ever
+    """The reason for linear_rows: `linear` sums 2 tokens at a time in tiles (bf16), in another order. If this ever
     stops failing, linear_rows could be linear; until then the test pins the difference."""
     rng = np.random.default_rng(0)
     w = stored(rng.standard_normal((64, 3072)).astype(np.float32), "bf16")

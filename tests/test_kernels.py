@@ -108,19 +108,43 @@ def assert_linear_close(x, w, b=None):
     assert_linear_within(x, w, b, np.abs(reference.widen(w).astype(np.float64)), 1e-5)
 
 
+@pytest.mark.parametrize("K", [37, 38])
 @pytest.mark.parametrize("T", range(1, 10))
-def test_fused_tiles_write_only_their_tokens(T):
-    """`_matmul_fused` for few tokens: 4 x 4 tiles, a tile for 3 tokens left (its last token computed twice),
-    one-token passes for 1 or 2 left. Every token's row agrees with the reference, and a guard row after the
-    T rows of y is never written (the repeated token must stay inside the T rows)."""
+def test_fused_tiles_write_only_their_tokens(T, K):
+    """The few-token kernels. K = 37: `_matmul_fused` (bf16 read one by one): tiles of 4 tokens, a tile for 3
+    tokens left (its last token computed twice), one-token passes for 1 or 2 left. K = 38: `_bf16_matmul`
+    (bf16 read in pairs): tiles of 2 tokens, a one-token pass for the last of an odd T. Every token's row
+    agrees with the reference, and a guard row after the T rows of y is never written."""
     rng = np.random.default_rng(T)
-    w = make_weight(rng, (11, 37), "bf16")  # N % 4 = 3: the last rows go through the one-row loop
-    x = f32(rng, (T, 37))
+    w = make_weight(rng, (11, K), "bf16")  # N % 4 = 3: the last rows go through the one-row loop
+    rows, kernels = fast._reader(w)
+    assert kernels.matmul is (fast._bf16_matmul if K % 2 == 0 else fast._matmul_fused)
+    x = f32(rng, (T, K))
     out = np.full((T + 1, 11), 7.0, np.float32)
-    fast._matmul_fused(x, w, out[:T])
+    kernels.matmul(x, rows, out[:T])
     exact = x.astype(np.float64) @ reference.widen(w).astype(np.float64).T
     np.testing.assert_allclose(out[:T], exact, rtol=0, atol=1e-5 * (np.abs(x) @ np.abs(reference.widen(w)).T).max())
     assert (out[T] == 7.0).all()
+
+
+def test_bf16_pairs_read_unaligned_and_strided_rows(tmp_path):
+    """The pair view (uint32) of a bf16 matrix at an odd byte offset gives the aligned matrix's results, bit for
+    bit; every other row of a matrix (not contiguous) is read right too; and widened pairs are exact."""
+    rng = np.random.default_rng(6)
+    w = make_weight(rng, (10, 34), "bf16")
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\x00" + w.tobytes())
+    mm = np.memmap(path, dtype=np.uint8, mode="r")[1:].view(np.uint16).reshape(w.shape)
+    assert fast._reader(mm)[1] is fast._reader(w)[1] and not mm.flags.aligned
+    for T in (1, 3, fast.BLAS_MIN_TOKENS):
+        x = f32(rng, (T, 34))
+        np.testing.assert_array_equal(fast.linear(x, mm), fast.linear(x, w))
+        assert_linear_close(x, mm)
+    every_other = np.concatenate([w, w])[::2]  # rows 2 apart: strides (136, 2), compiled for any layout
+    assert fast._reader(every_other)[1] is fast._reader(w)[1]
+    for T in (1, 5):
+        assert_linear_close(f32(rng, (T, 34)), every_other)
+    np.testing.assert_array_equal(fast.widen(w), fast.embed(w, np.arange(10)))
 
 
 def test_linear_blas_path_spans_several_tiles(monkeypatch):
