@@ -6,7 +6,8 @@ prepare arguments (float32, C-contiguous activations; weights untouched) and cal
 
 What makes them fast, in one place (docs/kernels.md has the measurements):
 - Weights stay as stored (bf16 as uint16 bits, float16, float32) and are widened *in a register* as they
-  are read (`widening.to_f32`), so no float32 copy of a weight matrix is ever made on the decode path.
+  are read (`widening.to_f32`; bf16 two at a time from a uint32 view, `bf16_low` / `bf16_high`), so no
+  float32 copy of a weight matrix is ever made on the decode path.
 - A matrix-vector product is limited by memory bandwidth, not arithmetic: each loop iteration reads four
   weight rows and shares every x[c] load between them, which gives four independent accumulators and
   streams the weights at the machine's read rate.
