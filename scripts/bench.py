@@ -10,6 +10,10 @@ bandwidth in the same run (the best of four streaming readers of 1 GiB: a BLAS m
 NumPy's sum, and phinano's own bf16 kernel on the same bytes; each printed), so decode speed is reported as a
 share of the bandwidth limit = bandwidth / bytes of weights read per token.
 
+phinano-numba also measures its share at the same moment (`decode_turns`): in its own process, decode steps and
+the streaming readers take turns, and each round's step is compared with that round's best reader, so the
+share does not depend on how the machine's memory speed drifted between the probe and the engine's run.
+
 Engines: phinano-numba, phinano-numpy, hf-bf16, hf-fp32 (Transformers, CPU, same thread count), and
 llama.cpp when llama-cpp-python is installed and --gguf names the same weights converted to GGUF.
 
@@ -55,15 +59,11 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def measure_bandwidth(threads: int, gib: float = 1.0, runs: int = 7) -> tuple[float, str]:
-    """The streaming limit: the best of four readers of a `gib`-GiB array, GB/s, with a line naming each.
-
-    A float32 BLAS matrix-vector product, a compiled (Numba) parallel sum of uint16 values (the bf16 kernels'
-    access pattern), NumPy's float32 sum (one thread), and phinano's own bf16 product on the same bytes read
-    as bf16 weights (so the line also shows how close the kernel alone comes to the best reader; the rest
-    of a decode step's share is the other ops and the drift between the probe and the engine runs). Which
-    reader is best differs between CPU kinds, so the limit is the best of them, measured in the same run as
-    the engines."""
+def streaming_readers(threads: int, gib: float = 1.0) -> tuple[dict, int]:
+    """The streaming readers of the bandwidth probe, each a no-argument callable reading the same `gib`-GiB
+    array once, and the bytes each reads: a float32 BLAS matrix-vector product, a compiled (Numba) parallel
+    sum of uint16 values (the bf16 kernels' access pattern), NumPy's float32 sum (one thread), and phinano's
+    own bf16 product on the same bytes read as bf16 weights."""
     import numba
     import numpy as np
 
@@ -84,22 +84,67 @@ def measure_bandwidth(threads: int, gib: float = 1.0, runs: int = 7) -> tuple[fl
             total += s
         return total
 
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return a.nbytes / min(times) / 1e9
-
     from phinano.kernels import fast
 
     weights, x1 = bits.reshape(-1, 8192), np.ones((1, 8192), np.float32)  # the bytes as bf16 (2 * rows, 8192)
-    probes = {"float32 BLAS matvec": best(lambda: a @ x), "Numba uint16 parallel sum": best(lambda: u16_sum(bits)),
-              "NumPy float32 sum": best(lambda: a.sum()), "phinano bf16 linear": best(lambda: fast.linear(x1, weights))}
+    readers = {"float32 BLAS matvec": lambda: a @ x, "Numba uint16 parallel sum": lambda: u16_sum(bits),
+               "NumPy float32 sum": lambda: a.sum(), "phinano bf16 linear": lambda: fast.linear(x1, weights)}
+    for read in readers.values():
+        read()  # compile, fault the pages in
+    return readers, a.nbytes
+
+
+def measure_bandwidth(threads: int, gib: float = 1.0, runs: int = 7) -> tuple[float, str]:
+    """The streaming limit: the best of the four `streaming_readers`, GB/s, with a line naming each.
+
+    The bf16 reader also shows how close the kernel alone comes to the best reader; the rest of a decode
+    step's share is the other ops and the drift between the probe and the engine runs (`decode_turns`
+    measures without the drift). Which reader is best differs between CPU kinds, so the limit is the best of
+    them, measured in the same run as the engines."""
+    readers, nbytes = streaming_readers(threads, gib)
+
+    def best(read) -> float:
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            read()
+            times.append(time.perf_counter() - t)
+        return nbytes / min(times) / 1e9
+
+    probes = {name: best(read) for name, read in readers.items()}
     line = ", ".join(f"{name} {gbs:.1f}" for name, gbs in probes.items())
     return max(probes.values()), f"best of: {line} GB/s"
+
+
+def decode_turns(model, prompt: list[int], bytes_per_token: int, threads: int, rounds: int, gib: float = 1.0) -> dict:
+    """Decode steps and the bandwidth probe taking turns in one process: each round times one decode step and
+    then each streaming reader once, so the step and the best reader see the machine at the same moment (the
+    memory speed of a shared machine can drift by half within minutes). Per round the share is the step's
+    GB/s (bytes_per_token / step time) over the best reader's GB/s; the medians over the rounds are returned.
+    BLAS's own threads spin for a while after a call and would slow the next step: a pause follows them."""
+    import numpy as np
+
+    readers, nbytes = streaming_readers(threads, gib)
+    readers.pop("NumPy float32 sum")  # one thread: never the best reader
+    cache = model.new_cache(len(prompt) + rounds + 2)
+    model.step(cache, prompt, last_only=True)
+    token = [prompt[-1]]
+    steps, probes = [], []
+    model.step(cache, token, last_only=True)  # warm
+    for _ in range(rounds):
+        t = time.perf_counter()
+        model.step(cache, token, last_only=True)
+        steps.append(bytes_per_token / (time.perf_counter() - t) / 1e9)
+        best = 0.0
+        for read in readers.values():
+            t = time.perf_counter()
+            read()
+            best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
+        probes.append(best)
+        time.sleep(0.2)
+    share = np.median(np.array(steps) / np.array(probes))
+    return {"step_gbps": float(np.median(steps)), "probe_gbps": float(np.median(probes)), "share": float(share),
+            "rounds": rounds}
 
 
 def gguf_bytes_per_token(path: Path) -> int:
@@ -173,6 +218,9 @@ def run_phinano(args, backend: str) -> dict:
             pass
         out["ttft"].append(stats["prefill_seconds"])
         out["decode"].append((stats["new_tokens"] - 1) / stats["decode_seconds"])
+    out["peak_rss_gb"] = peak_rss_gb()  # the engine's own, before the probe's array below
+    if backend == "numba" and args.bytes_per_token:
+        out["turns"] = decode_turns(model, ids[args.prompt[0]], args.bytes_per_token, args.threads, 3 * args.runs)
     return out
 
 
@@ -253,7 +301,7 @@ def worker(args) -> None:
         out = run_llama_cpp(args)
     out["ttft"] = statistics.median(out["ttft"])
     out["decode"] = statistics.median(out["decode"])
-    out["peak_rss_gb"] = peak_rss_gb()
+    out.setdefault("peak_rss_gb", peak_rss_gb())
     print("RESULT " + json.dumps(out))
 
 
@@ -300,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf", default=None, help="the same weights as GGUF, for llama.cpp")
     p.add_argument("--write", default=None, help="write the results table into this markdown file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--bytes-per-token", type=int, default=0, help=argparse.SUPPRESS)  # the parent tells the worker
     args = p.parse_args(argv)
     args.prompt = [int(n) for n in str(args.prompt).split(",")]
     if args.rounds < 1 or args.runs < 1:
@@ -332,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{engine} ...", flush=True)
         cmd = [sys.executable, __file__, "--worker", engine, "--model", str(folder), "--threads", str(args.threads),
-               "--runs", str(args.runs), "--prompt", ",".join(map(str, args.prompt)), "--new", str(args.new)]
+               "--runs", str(args.runs), "--prompt", ",".join(map(str, args.prompt)), "--new", str(args.new),
+               "--bytes-per-token", str(bytes_per_token)]
         if args.gguf:
             cmd += ["--gguf", args.gguf]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -352,12 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_engine(engine: str, model: str, gguf_path: str | None, args) -> dict | str:
+def run_engine(engine: str, model: str, gguf_path: str | None, args, bytes_per_token: int = 0) -> dict | str:
     """One engine in its own process (so that its peak memory is its own): its RESULT dict, or why it failed."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads),
            "NUMBA_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, __file__, "--worker", engine, "--model", model, "--threads", str(args.threads),
-           "--runs", str(args.runs), "--prompt", ",".join(map(str, args.prompt)), "--new", str(args.new)]
+           "--runs", str(args.runs), "--prompt", ",".join(map(str, args.prompt)), "--new", str(args.new),
+           "--bytes-per-token", str(bytes_per_token)]
     if gguf_path:
         cmd += ["--gguf", gguf_path]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -374,9 +425,23 @@ def merge_rounds(results: list) -> dict | str:
     if failed:
         return failed[0]
     med = statistics.median
-    return {"load_s": med(r["load_s"] for r in results), "ttft": med(r["ttft"] for r in results),
-            "decode": med(r["decode"] for r in results), "peak_rss_gb": max(r["peak_rss_gb"] for r in results),
-            "prefill": {n: med(r["prefill"][n] for r in results) for n in results[0]["prefill"]}}
+    merged = {"load_s": med(r["load_s"] for r in results), "ttft": med(r["ttft"] for r in results),
+              "decode": med(r["decode"] for r in results), "peak_rss_gb": max(r["peak_rss_gb"] for r in results),
+              "prefill": {n: med(r["prefill"][n] for r in results) for n in results[0]["prefill"]}}
+    if all("turns" in r for r in results):
+        merged["turns"] = {k: med(r["turns"][k] for r in results) for k in ("step_gbps", "probe_gbps", "share")}
+        merged["turns"]["rounds"] = sum(r["turns"]["rounds"] for r in results)
+    return merged
+
+
+def turns_line(name: str, r: dict) -> list[str]:
+    """The sentence on `decode_turns` for an engine's result, if it has one."""
+    if not isinstance(r, dict) or "turns" not in r:
+        return []
+    t = r["turns"]
+    return [f"- {name}, decode steps and the probe taking turns ({t['rounds']} rounds in its process): a step "
+            f"read {t['step_gbps']:.1f} GB/s of weights while the best reader read {t['probe_gbps']:.1f} GB/s "
+            f"(medians); **{100 * t['share']:.0f} % of the limit at the same moment** (median of the rounds' ratios)"]
 
 
 def main_quantized(args) -> int:
@@ -399,7 +464,7 @@ def main_quantized(args) -> int:
             for engine in engines if i % 2 == 0 else engines[::-1]:  # take turns: drift hits both alike
                 why = available(engine, argparse.Namespace(gguf=str(f)))
                 print(f"{f.name} {engine} (round {i + 1} of {args.rounds}) ...", flush=True)
-                r = why or run_engine(engine, str(f), str(f) if engine == "llama.cpp" else None, args)
+                r = why or run_engine(engine, str(f), str(f) if engine == "llama.cpp" else None, args, per_token)
                 print(f"{f.name} {engine}: {r}", flush=True)
                 rounds[engine].append(r)
         for engine in engines:
@@ -431,6 +496,7 @@ def render_quantized(args, rows, bandwidth, load_before) -> str:
         if isinstance(mine, dict) and isinstance(theirs, dict):
             ratios.append(f"- {f.name}: phinano / llama.cpp decode {mine['decode'] / theirs['decode']:.2f}x, prefill "
                           f"{P[-1]} {_pf(mine, P[-1]) / _pf(theirs, P[-1]):.2f}x")
+        ratios += turns_line(f"{f.name}, phinano", mine)
     date = datetime.date.today().isoformat()
     return "\n".join([
         f"Command: `python scripts/bench.py --quantized {args.quantized} --threads {args.threads} --runs {args.runs} "
@@ -468,6 +534,7 @@ def render(args, results, bandwidth, bytes_per_token, limit, checkpoint_gb) -> s
             if engine != "phinano-numba" and isinstance(r, dict):
                 ratios.append(f"- phinano-numba vs {engine}: decode {base['decode'] / r['decode']:.2f}x, prefill "
                               f"{P[-1]} {_pf(base, P[-1]) / _pf(r, P[-1]):.2f}x")
+        ratios += turns_line("phinano-numba", base)
     date = datetime.date.today().isoformat()
     return "\n".join([
         f"Command: `python scripts/bench.py --model {args.model} --threads {args.threads} --runs {args.runs}`  ",

@@ -1,0 +1,43 @@
+"""scripts/bench.py's share of the bandwidth limit at the same moment (`decode_turns`): decode steps and the
+streaming readers taking turns in one process. The timings are the machine's; what is checked is that each
+round pairs one step with the best reader of that round, and that the figures reach the rendered text."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import phinano
+
+
+def load_bench():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_turns_pairs_each_step_with_the_best_reader_of_its_round(checkpoint_dir, monkeypatch):
+    bench = load_bench()
+    model = phinano.load(checkpoint_dir("mini-4k"), tokenizer=False)
+    clock = iter(np.arange(0.0, 1000.0, 0.5))  # each of the script's perf_counter() calls: half a second later
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: float(next(clock)), sleep=lambda s: None))
+    gib = 1 / 1024
+    turns = bench.decode_turns(model, [5, 6, 7, 8], bytes_per_token=10**9, threads=1, rounds=3, gib=gib)
+    # each step and each reader took 0.5 s: a step reads 2 GB/s, every reader 1 MiB / 0.5 s
+    reader = 2**30 * gib / 0.5 / 1e9
+    assert turns["rounds"] == 3
+    assert turns["step_gbps"] == pytest.approx(2.0) and turns["probe_gbps"] == pytest.approx(reader)
+    assert turns["share"] == pytest.approx(2.0 / reader)
+
+    merged = bench.merge_rounds([{"load_s": 1, "ttft": 1, "decode": 1, "peak_rss_gb": 1, "prefill": {"8": 1},
+                                  "turns": dict(turns, share=s)} for s in (0.5, 0.7, 0.9)])
+    assert merged["turns"]["share"] == 0.7 and merged["turns"]["rounds"] == 9
+    line = bench.turns_line("phinano-numba", merged)[0]
+    assert "9 rounds" in line and "70 % of the limit at the same moment" in line
+    assert bench.turns_line("hf-bf16", {"decode": 1.0}) == []
