@@ -126,6 +126,7 @@ def decode_turns(model, prompt: list[int], bytes_per_token: int, threads: int, r
 
     readers, nbytes = streaming_readers(threads, gib)
     readers.pop("NumPy float32 sum")  # one thread: never the best reader
+    readers["float32 BLAS matvec"] = readers.pop("float32 BLAS matvec")  # last, right before the pause
     cache = model.new_cache(len(prompt) + rounds + 2)
     model.step(cache, prompt, last_only=True)
     token = [prompt[-1]]
