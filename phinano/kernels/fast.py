@@ -52,12 +52,15 @@ __all__ = ["set_threads", "widen", "embed", "linear", "linear_rows", "rmsnorm", 
 
 # linear(): from this many tokens on, a bf16/f16 product widens weight tiles and uses BLAS; below it the
 # fused kernel wins. `python scripts/kernel_bench.py --prefill` prints the crossover (2 threads):
-# - 2026-11-22, the 2-core Intel Xeon kind (docs/benchmarks.md): fused ~55 GFLOP/s up to 64 tokens, tiles +
-#   BLAS ~70 at 128 and ~100 at 512, so the crossover lies between 64 and 128;
-# - 2026-11-30, AMD EPYC (Zen 3), 16384 x 3072: fused 84 / tiles 97 GFLOP/s at 48 tokens, 103 / 108 at 64,
-#   62 / 122 at 128, so the crossover lies near 48-64.
-# 96 is between the two kinds; on the AMD a 64-95-token product runs a few percent below the tiles' rate.
-BLAS_MIN_TOKENS = 96
+# - 2026-11-22, the 2-core Intel Xeon kind (docs/benchmarks.md), bf16 still read one by one: fused ~55
+#   GFLOP/s up to 64 tokens, tiles + BLAS ~70 at 128 and ~100 at 512, so the crossover lay between 64 and 128;
+# - 2026-11-30, AMD EPYC (Zen 3), 16384 x 3072, bf16 read in pairs (`_bf16_matmul`): fused / tiles 117 / 81
+#   GFLOP/s at 64 tokens, 112 / 93 at 96, 119 / 105 at 128, 119 / 121 at 192, 125 / 135 at 256: the crossover
+#   lies near 160-192 (read one by one it lay near 48-64).
+# 128 is the highest value that stays at or below the Intel kind's crossover; the pairs kernel has not been
+# measured there yet (it should move that crossover up too). On the AMD, prompts of 128-191 tokens run a few
+# percent below the fused kernel's rate.
+BLAS_MIN_TOKENS = 128
 # Elements of float32 weight tile widened per BLAS call (16 MB): large enough for BLAS to run at full
 # speed, small enough not to matter next to the model.
 _TILE_ELEMENTS = 4 << 20
@@ -306,13 +309,10 @@ def _bf16_matmul_rows(x, w, y):
         _pairs_one_row(xe, xo, w, y, r)
 
 
-@njit(cache=True, nogil=True)
 def _bf16_widen_pairs(w, out):
-    """out[r, 2c], out[r, 2c + 1] = the two bf16 weights of pair w[r, c], as float32 (serial, no GIL)."""
-    for r in range(w.shape[0]):
-        for c in range(w.shape[1]):
-            out[r, 2 * c] = bf16_low(w[r, c])
-            out[r, 2 * c + 1] = bf16_high(w[r, c])
+    """Pairs (n, K / 2) uint32 -> out (n, K) float32, for the BLAS tiles and `embed`: the same bytes viewed as
+    uint16 and widened one by one (`_widen_rows`; writing the two halves of each pair apart ran 12 % slower)."""
+    _widen_rows(w.view(np.uint16), out)
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"  # the pair layout above; elsewhere bf16 rows are read one by one
