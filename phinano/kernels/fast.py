@@ -358,8 +358,8 @@ def linear(x: np.ndarray, w: np.ndarray | QuantizedTensor, b: np.ndarray | None 
     """y = x @ w.T (+ b). x (T, K) float32, w (N, K) as stored, b (N,) -> (T, N) float32.
 
     Decode (few tokens): one fused kernel streams the stored weights once at the memory-bandwidth limit,
-    widening bf16/f16 or unpacking quantized blocks in registers (`_matmul_fused`, `quantized.KERNELS`;
-    no float32 copy of w). Prefill (from `blas_min_tokens` tokens on, BLAS_MIN_TOKENS for arrays; the
+    widening bf16/f16 or unpacking quantized blocks in registers (`_bf16_matmul`, `_matmul_fused`,
+    `quantized.KERNELS`; no float32 copy of w). Prefill (from `blas_min_tokens` tokens on, BLAS_MIN_TOKENS for arrays; the
     compute-bound case): float32 tiles of w and BLAS. x may also be 1-D (K,) or have more leading axes,
     like `x @ w.T`. w is only read: read-only, unaligned and memory-mapped arrays are fine.
     """
@@ -386,7 +386,7 @@ def linear_rows(x: np.ndarray, w: np.ndarray | QuantizedTensor, b: np.ndarray | 
     x (B, K) float32, w (N, K) as stored, b (N,) -> (B, N) float32.
 
     Row t of the result is bit for bit `linear(x[t : t + 1], w, b)[0]`, whatever B: the decode kernel's
-    per-row sums (`MatrixKernels.matmul_rows`), never the 4 x 4 tiles or BLAS that `linear` uses for
+    per-row sums (`MatrixKernels.matmul_rows`), never the tiles or BLAS that `linear` uses for
     several tokens of one sequence. Each weight block is still read from memory once for all B rows, which
     is the whole gain: a decode step is limited by reading the weights.
     """
