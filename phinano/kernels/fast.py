@@ -359,8 +359,8 @@ def linear(x: np.ndarray, w: np.ndarray | QuantizedTensor, b: np.ndarray | None 
 
     Decode (few tokens): one fused kernel streams the stored weights once at the memory-bandwidth limit,
     widening bf16/f16 or unpacking quantized blocks in registers (`_bf16_matmul`, `_matmul_fused`,
-    `quantized.KERNELS`; no float32 copy of w). Prefill (from `blas_min_tokens` tokens on, BLAS_MIN_TOKENS for arrays; the
-    compute-bound case): float32 tiles of w and BLAS. x may also be 1-D (K,) or have more leading axes,
+    `quantized.KERNELS`; no float32 copy of w). Prefill (from `blas_min_tokens` tokens on, BLAS_MIN_TOKENS
+    for arrays; the compute-bound case): float32 tiles of w and BLAS. x may also be 1-D (K,) or have more leading axes,
     like `x @ w.T`. w is only read: read-only, unaligned and memory-mapped arrays are fine.
     """
     x = np.asarray(x)
