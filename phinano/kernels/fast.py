@@ -325,7 +325,9 @@ def _reader(w: np.ndarray | QuantizedTensor) -> tuple[np.ndarray, MatrixKernels]
     if isinstance(w, QuantizedTensor):
         return w.data, KERNELS[w.qtype]
     if w.dtype == np.uint16 and w.ndim == 2 and w.shape[1] % 2 == 0 and w.strides[1] == 2 and _LITTLE_ENDIAN:
-        return w.view(np.uint32), _BF16_KERNELS  # (N, K / 2) pairs of bf16, no copy
+        # (N, K / 2) pairs of bf16, no copy; asarray first, because a view of a np.memmap runs the memmap's
+        # Python __array_finalize__ on every call
+        return np.asarray(w).view(np.uint32), _BF16_KERNELS
     return stored(w), _ARRAY_KERNELS
 
 

@@ -54,8 +54,11 @@ def threads() -> int:
 
 def run(kernel, work: int, *args) -> None:
     """kernel(*args), on the calling thread alone when `work` is below PARALLEL_MIN_WORK elements."""
+    if work >= PARALLEL_MIN_WORK:  # checked first: numba.get_num_threads() is Python code, ~10 us each time
+        kernel(*args)
+        return
     n = numba.get_num_threads()
-    if work >= PARALLEL_MIN_WORK or n == 1:
+    if n == 1:
         kernel(*args)
         return
     numba.set_num_threads(1)
