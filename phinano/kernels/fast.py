@@ -68,6 +68,11 @@ _TILE_ELEMENTS = 4 << 20
 # 2026-11-22 on the 2-core Intel Xeon kind: compiled 17 vs 29 ms at 1 query x 4096 keys, 34 vs 47 ms at 2
 # queries, 110 vs 53 ms at 4 queries).
 ATTENTION_BLAS_MIN_QUERIES = 4
+# _attention_blocks (decode attention): value rows summed per head in chunks of this many keys, each chunk
+# kept in cache while every head of the block takes its share. The same additions in the same order as one
+# key at a time (bit for bit), 8-11 % faster at 4096 cached keys (AMD EPYC Zen 3, 2026-11-30: 9.2 -> 8.2 ms
+# for 32 heads of 96, 5.7 -> 5.1 ms for 24 query heads over 8 KV heads of 128).
+_VALUE_CHUNK = 16
 # attention(): bytes of one score block (G heads x a chunk of queries x S keys) in the BLAS path.
 _ATTENTION_CHUNK_BYTES = 8 << 20
 
@@ -634,9 +639,10 @@ def _attention_blocks(q, k, v, start, window, heads_per_block, out):
     visible keys only (j from max(0, i - window + 1) to min(i, S - 1)), float32 softmax, weighted sum of
     values. window <= 0 means no window.
 
-    The key loop is outermost, so each item streams the cache rows k[j, block] and v[j, block], which are
-    contiguous in the (S, KVH, HD) layout, and uses each loaded key for all G query heads that share it
-    (grouped-query attention reads the cache once per group, not G times); the HD loops vectorise.
+    The key loop is outermost (for the values, chunks of _VALUE_CHUNK keys), so each item streams the cache
+    rows k[j, block] and v[j, block], which are contiguous in the (S, KVH, HD) layout, and uses each loaded
+    key for all G query heads that share it (grouped-query attention reads the cache once per group, not G
+    times); the HD loops vectorise.
     Items run in parallel, KV-block-major so a thread keeps its block's keys in cache across queries, and
     queries in zig-zag order (0, T-1, 1, T-2, ...) so that causal work is balanced between threads.
     """
@@ -675,13 +681,16 @@ def _attention_blocks(q, k, v, start, window, heads_per_block, out):
         for hh in range(nh):
             _softmax_into(scores[hh], scores[hh])
         acc = np.zeros((nh, HD), np.float32)
-        for j in range(lo, hi + 1):
+        for j0 in range(lo, hi + 1, _VALUE_CHUNK):  # a chunk of value rows stays in cache for all the heads
             for kvh in range(kv0, kv1):
                 for g in range(G):
                     hh = (kvh - kv0) * G + g
-                    p = scores[hh, j - lo]
-                    for d in range(HD):
-                        acc[hh, d] += p * v[j, kvh, d]
+                    a = acc[hh]
+                    for j in range(j0, min(hi + 1, j0 + _VALUE_CHUNK)):
+                        p = scores[hh, j - lo]
+                        vj = v[j, kvh]
+                        for d in range(HD):
+                            a[d] += p * vj[d]
         for hh in range(nh):
             for d in range(HD):
                 out[t, h0 + hh, d] = acc[hh, d]
