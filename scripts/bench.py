@@ -59,6 +59,17 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def available_gb() -> float:
+    """Memory the system can still give (MemAvailable), in GB; infinite where /proc/meminfo is missing."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return float("inf")
+
+
 def streaming_readers(threads: int, gib: float = 1.0) -> tuple[dict, int]:
     """The streaming readers of the bandwidth probe, each a no-argument callable reading the same `gib`-GiB
     array once, and the bytes each reads: a float32 BLAS matrix-vector product, a compiled (Numba) parallel
@@ -220,7 +231,7 @@ def run_phinano(args, backend: str) -> dict:
         out["ttft"].append(stats["prefill_seconds"])
         out["decode"].append((stats["new_tokens"] - 1) / stats["decode_seconds"])
     out["peak_rss_gb"] = peak_rss_gb()  # the engine's own, before the probe's array below
-    if backend == "numba" and args.bytes_per_token:
+    if backend == "numba" and args.bytes_per_token and available_gb() > 2.5:  # the probe's 1 GiB must fit too
         out["turns"] = decode_turns(model, ids[args.prompt[0]], args.bytes_per_token, args.threads, 3 * args.runs)
     return out
 
