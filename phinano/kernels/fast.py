@@ -91,7 +91,8 @@ def _matmul_fused(x, w, y):
     used four times). Three tokens left also make a tile, its last token computed twice (the repeat writes
     the same value again): one pass over the block instead of three one-token passes, which widen it again
     each time (3 tokens, as a draft of 2 being checked: 1.5x the time of one token before, 1.3x with the
-    tile; with 2 tokens left a tile was no faster than two passes; AMD EPYC Zen 3, 8192 x 3072). The
+    tile; with 2 tokens left a tile was no faster than two passes; AMD EPYC Zen 3, 8192 x 3072, measured on
+    bf16 before bf16 moved to `_bf16_matmul`; this kernel now serves float16, float32 and odd-K bf16). The
     tokens left after that run 1 x 4 rows, as the decode case T = 1 does: the x[c] load is shared by four
     rows, four independent accumulators, and widening in-register keeps the loop vectorised.
     """
@@ -222,8 +223,8 @@ def _pairs_one_token(xe, xo, w, y, t, r):
     over the odd (eight independent accumulators), added at the end. Every bf16 decode row goes through
     this loop, in `_bf16_matmul` and in `_bf16_matmul_rows` alike, so a batched row is bit for bit the row
     alone."""
-    e, o = xe[t], xo[t]
-    w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+    e, o = xe[t], xo[t]  # (K / 2,) each: token t's even and odd columns
+    w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]  # (K / 2,) uint32 pairs each
     e0 = e1 = e2 = e3 = o0 = o1 = o2 = o3 = np.float32(0.0)
     for c in range(w.shape[1]):
         u = w0[c]
