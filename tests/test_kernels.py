@@ -225,8 +225,9 @@ def assert_attention_close(q, k, v, start, window):
 
 @pytest.mark.parametrize("path", ["compiled", "blas"])
 def test_attention_many_queries_and_views_of_a_larger_cache(path, monkeypatch):
-    """Many queries through each path (compiled: KV-head blocks and zig-zag query order; BLAS: several
-    query chunks), with k, v views of a preallocated cache and q a non-contiguous slice."""
+    """Many queries through each path (compiled: KV-head blocks, zig-zag query order, and value rows summed
+    in chunks of `_VALUE_CHUNK` keys, windows starting inside a chunk; BLAS: several query chunks), with k,
+    v views of a preallocated cache and q a non-contiguous slice."""
     if path == "compiled":
         monkeypatch.setattr(fast, "ATTENTION_BLAS_MIN_QUERIES", 10**9)
     else:
@@ -237,6 +238,7 @@ def test_attention_many_queries_and_views_of_a_larger_cache(path, monkeypatch):
     cache_v = f32(rng, (100, KVH, HD))
     start = 11
     S = start + T
+    assert S > 2 * fast._VALUE_CHUNK + 1  # whole chunks and a partial one
     q = f32(rng, (T, H, HD))
     for window in (None, 1, 7, S - 1, S):
         assert_attention_close(q, cache_k[:S], cache_v[:S], start, window)
