@@ -225,11 +225,12 @@ def assert_attention_close(q, k, v, start, window):
 
 @pytest.mark.parametrize("path", ["compiled", "blas"])
 def test_attention_many_queries_and_views_of_a_larger_cache(path, monkeypatch):
-    """Many queries through each path (compiled: KV-head blocks, zig-zag query order, and value rows summed
-    in chunks of `_VALUE_CHUNK` keys, windows starting inside a chunk; BLAS: several query chunks), with k,
-    v views of a preallocated cache and q a non-contiguous slice."""
+    """Many queries through each path (compiled: the keys split into one range per thread, every query of
+    the call over each range, and value rows summed in chunks of `_VALUE_CHUNK` keys, windows starting
+    inside a chunk; BLAS: several query chunks), with k, v views of a preallocated cache and q a
+    non-contiguous slice."""
     if path == "compiled":
-        monkeypatch.setattr(fast, "ATTENTION_BLAS_MIN_QUERIES", 10**9)
+        monkeypatch.setattr(fast, "ATTENTION_BLAS_MIN_ROWS", 10**9)
     else:
         monkeypatch.setattr(fast, "_ATTENTION_CHUNK_BYTES", 4 * 3 * 60 * 10)  # chunks of 10 queries
     rng = np.random.default_rng(6)
@@ -244,6 +245,25 @@ def test_attention_many_queries_and_views_of_a_larger_cache(path, monkeypatch):
         assert_attention_close(q, cache_k[:S], cache_v[:S], start, window)
     q_view = f32(rng, (T, H * HD * 3))[:, : H * HD].reshape(T, H, HD)  # a non-contiguous slice of a qkv output
     assert_attention_close(q_view, cache_k[:S], cache_v[:S], start, 5)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 7])
+def test_decode_attention_merges_any_split_of_the_keys(parts, monkeypatch):
+    """The compiled decode kernel cuts the visible keys into one range per thread and merges the ranges'
+    softmaxes. Any number of ranges gives the reference: more ranges than keys (empty ones), windows that
+    end inside a range, queries of one call that see different keys, and queries that see none (nan)."""
+    monkeypatch.setattr(fast, "threads", lambda: parts)
+    rng = np.random.default_rng(9)
+    H, KVH, HD = 6, 2, 32
+    for S, T, start in ((1, 1, 0), (2, 1, 1), (5, 3, 2), (40, 3, 37), (40, 2, 41)):
+        q, k, v = f32(rng, (T, H, HD)), f32(rng, (S, KVH, HD)), f32(rng, (S, KVH, HD))
+        for window in (None, 1, 2, 5, S):
+            with np.errstate(invalid="ignore"):
+                ref = reference.attention(q, k, v, start, window)
+            got = fast.attention(q, k, v, start, window)
+            blind = np.isnan(ref).all(axis=(1, 2))  # queries that see no key
+            assert np.isnan(got[blind]).all()
+            np.testing.assert_allclose(got[~blind], ref[~blind], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("error")  # and says nothing about it (the BLAS path runs on worker threads)

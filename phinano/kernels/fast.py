@@ -64,14 +64,19 @@ BLAS_MIN_TOKENS = 128
 # Elements of float32 weight tile widened per BLAS call (16 MB): large enough for BLAS to run at full
 # speed, small enough not to matter next to the model.
 _TILE_ELEMENTS = 4 << 20
-# attention(): from this many queries on, BLAS products per KV head; below, the compiled kernel (measured
-# 2026-11-22 on the 2-core Intel Xeon kind: compiled 17 vs 29 ms at 1 query x 4096 keys, 34 vs 47 ms at 2
-# queries, 110 vs 53 ms at 4 queries).
-ATTENTION_BLAS_MIN_QUERIES = 4
-# _attention_blocks (decode attention): value rows summed per head in chunks of this many keys, each chunk
-# kept in cache while every head of the block takes its share. The same additions in the same order as one
-# key at a time (bit for bit), 8-11 % faster at 4096 cached keys (AMD EPYC Zen 3, 2026-11-30: 9.2 -> 8.2 ms
-# for 32 heads of 96, 5.7 -> 5.1 ms for 24 query heads over 8 KV heads of 128).
+# attention(): from this many query rows per KV head on (queries x query heads per KV head, the rows of each
+# BLAS product), BLAS products per KV head; below, the compiled kernel (`_attention_parts`). Measured
+# 2026-11-30 on AMD EPYC (Zen 3), 2 threads, 1024 and 4096 cached keys: the compiled kernel is faster up to
+# 8-9 rows, BLAS from 10-12 (Phi-3-mini, 1 head per KV head: 22 vs 25 ms at 8 queries x 4096 keys, 36 vs 30
+# at 12; Phi-4-mini, 3: 6.5 vs 7.7 ms at 3 queries, 11.6 vs 10.9 at 4; Phi-3-medium, 4: 9.1 vs 9.6 ms at 2
+# queries, 12.7 vs 10.5 at 3). So a speculative draft being checked (a few queries) stays compiled for a
+# model without grouped heads.
+ATTENTION_BLAS_MIN_ROWS = 10
+# _attend_keys (decode attention): value rows summed per head in chunks of this many keys, each chunk kept
+# in cache while every query and head takes its share. The same additions in the same order as one key at
+# a time (bit for bit), 8-11 % faster at 4096 cached keys (AMD EPYC Zen 3, 2026-11-30, measured in the
+# kernel before the keys were split between threads: 9.2 -> 8.2 ms for 32 heads of 96, 5.7 -> 5.1 ms for
+# 24 query heads over 8 KV heads of 128).
 _VALUE_CHUNK = 16
 # attention(): bytes of one score block (G heads x a chunk of queries x S keys) in the BLAS path.
 _ATTENTION_CHUNK_BYTES = 8 << 20
@@ -568,11 +573,10 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _softmax_into(x, out):
-    """out = softmax(x) for one row (1-D, n >= 1; out may be x itself): max, exp(x - max) into out, a
-    float64 sum, divide. The one softmax of the compiled kernels: rows, attention blocks and the BLAS
-    attention path all call it."""
+@njit(fastmath=FASTMATH, inline="always")
+def _exp_below_max(x, out):
+    """out = exp(x - max(x)) for one row (1-D, n >= 1; out may be x itself). Returns (max(x), the float64
+    sum of out): the softmax before its division, which the decode attention kernel merges across parts."""
     m = x[0]
     for i in range(1, x.shape[0]):
         m = max(m, x[i])
@@ -581,6 +585,15 @@ def _softmax_into(x, out):
         e = np.exp(x[i] - m)
         out[i] = e
         total += np.float64(e)
+    return m, total
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _softmax_into(x, out):
+    """out = softmax(x) for one row (1-D, n >= 1; out may be x itself): max, exp(x - max) into out, a
+    float64 sum, divide. The one softmax of the compiled kernels: rows and the BLAS attention path call
+    it, and the decode attention kernel its first half (`_exp_below_max`)."""
+    _, total = _exp_below_max(x, out)
     s = np.float32(total)
     for i in range(x.shape[0]):
         out[i] = out[i] / s
@@ -634,67 +647,103 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _attention_blocks(q, k, v, start, window, heads_per_block, out):
-    """One work item = (block of KV heads, one query). For every query head of the block: scores over the
-    visible keys only (j from max(0, i - window + 1) to min(i, S - 1)), float32 softmax, weighted sum of
-    values. window <= 0 means no window.
+@njit(inline="always")
+def _attend_keys(q, k, v, lo, hi, a, b, top, total, acc):
+    """Every query's attention over the keys a .. b - 1 only, unnormalised. Query t sees keys lo[t] ..
+    hi[t] - 1; for each query t and head h: top[t, h] = its largest visible score (-inf if it sees none of
+    these keys), total[t, h] = sum_j exp(score_j - top) and acc[t, h] = sum_j exp(score_j - top) * v[j].
+    q (T, H, HD); k, v (S, KVH, HD); top, total (T, H); acc (T, H, HD).
 
-    The key loop is outermost (for the values, chunks of _VALUE_CHUNK keys), so each item streams the cache
-    rows k[j, block] and v[j, block], which are contiguous in the (S, KVH, HD) layout, and uses each loaded
-    key for all G query heads that share it (grouped-query attention reads the cache once per group, not G
-    times); the HD loops vectorise.
-    Items run in parallel, KV-block-major so a thread keeps its block's keys in cache across queries, and
-    queries in zig-zag order (0, T-1, 1, T-2, ...) so that causal work is balanced between threads.
-    """
+    Each key row k[j] (every KV head of key j, contiguous) is loaded once and used by every query and
+    every query head that reads it (grouped-query attention); the HD loops vectorise. Value rows are summed
+    in chunks of _VALUE_CHUNK keys, each chunk kept in cache while every query and head takes its share."""
     T, H, HD = q.shape
-    S, KVH, _ = k.shape
+    KVH = k.shape[1]
     G = H // KVH
-    blocks = (KVH + heads_per_block - 1) // heads_per_block
     scale = np.float32(HD**-0.5)
-    for item in prange(blocks * T):
-        kv0 = (item // T) * heads_per_block
-        kv1 = min(KVH, kv0 + heads_per_block)
-        z = item % T
-        t = z // 2 if z % 2 == 0 else T - 1 - z // 2
-        i = start + t
-        hi = min(i, S - 1)
-        lo = 0
-        if window > 0:
-            lo = max(0, i - window + 1)
-        h0 = kv0 * G
-        nh = (kv1 - kv0) * G
-        if hi < lo:  # nothing visible: the reference's softmax of all -inf gives nan
-            for hh in range(nh):
-                for d in range(HD):
-                    out[t, h0 + hh, d] = np.nan
-            continue
-        n = hi - lo + 1
-        scores = np.empty((nh, n), np.float32)
-        for j in range(lo, hi + 1):
-            for kvh in range(kv0, kv1):
+    scores = np.empty((T, H, b - a), np.float32)  # (T, H, n); keys a query does not see stay unused
+    for j in range(a, b):
+        for kvh in range(KVH):
+            kj = k[j, kvh]  # (HD,)
+            for t in range(T):
+                if lo[t] <= j < hi[t]:
+                    for g in range(G):
+                        h = kvh * G + g
+                        qh = q[t, h]  # (HD,)
+                        s = np.float32(0.0)
+                        for d in range(HD):
+                            s += qh[d] * kj[d]
+                        scores[t, h, j - a] = s * scale
+    for t in range(T):
+        a_t, b_t = max(a, lo[t]), min(b, hi[t])  # the keys of a .. b - 1 query t sees
+        for h in range(H):
+            for d in range(HD):
+                acc[t, h, d] = 0.0
+            if b_t <= a_t:
+                top[t, h], total[t, h] = -np.inf, 0.0
+                continue
+            row = scores[t, h, a_t - a : b_t - a]
+            m, sum_e = _exp_below_max(row, row)  # exp(score - top) in place, and its sum
+            top[t, h], total[t, h] = m, np.float32(sum_e)
+    for j0 in range(a, b, _VALUE_CHUNK):
+        for kvh in range(KVH):
+            for t in range(T):
+                j1, j2 = max(j0, lo[t]), min(j0 + _VALUE_CHUNK, b, hi[t])  # the chunk's keys query t sees
                 for g in range(G):
                     h = kvh * G + g
-                    s = np.float32(0.0)
-                    for d in range(HD):
-                        s += q[t, h, d] * k[j, kvh, d]
-                    scores[h - h0, j - lo] = s * scale
-        for hh in range(nh):
-            _softmax_into(scores[hh], scores[hh])
-        acc = np.zeros((nh, HD), np.float32)
-        for j0 in range(lo, hi + 1, _VALUE_CHUNK):  # a chunk of value rows stays in cache for all the heads
-            for kvh in range(kv0, kv1):
-                for g in range(G):
-                    hh = (kvh - kv0) * G + g
-                    a = acc[hh]
-                    for j in range(j0, min(hi + 1, j0 + _VALUE_CHUNK)):
-                        p = scores[hh, j - lo]
-                        vj = v[j, kvh]
+                    ah = acc[t, h]  # (HD,)
+                    for j in range(j1, j2):
+                        p = scores[t, h, j - a]
+                        vj = v[j, kvh]  # (HD,)
                         for d in range(HD):
-                            a[d] += p * vj[d]
-        for hh in range(nh):
+                            ah[d] += p * vj[d]
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _attention_parts(q, k, v, start, window, parts, out):
+    """Decode attention (a few queries), split over the keys: the keys any query sees are cut into `parts`
+    contiguous ranges, one work item each (`_attend_keys`: every query over that range). Query t at
+    position i = start + t sees keys j <= i, and i - j < window when window > 0. The parts then merge as
+    one softmax would: with m the largest top, out = sum_p exp(top_p - m) acc_p / sum_p exp(top_p - m) total_p.
+
+    Split this way, each thread streams whole contiguous cache rows (every KV head of a key, the layout
+    being (S, KVH, HD)), which read faster than each thread taking its share of the heads from every row,
+    and the queries of one call (a speculative draft being checked) share each row they read.
+    A query that sees no key gets nan, as the reference's softmax of all -inf does.
+    """
+    T, H, HD = q.shape
+    S = k.shape[0]
+    lo = np.empty(T, np.int64)  # (T,): query t sees keys lo[t] .. hi[t] - 1
+    hi = np.empty(T, np.int64)
+    for t in range(T):
+        i = start + t
+        lo[t] = max(0, i - window + 1) if window > 0 else 0
+        hi[t] = max(lo[t], min(i, S - 1) + 1)
+    first, last = lo.min(), hi.max()  # every key some query sees: first .. last - 1
+    top = np.empty((parts, T, H), np.float32)  # (P, T, H): each part's largest score
+    total = np.empty((parts, T, H), np.float32)  # (P, T, H): each part's sum of exp(score - top)
+    acc = np.empty((parts, T, H, HD), np.float32)  # (P, T, H, HD): each part's sum of exp(score - top) * v
+    for p in prange(parts):
+        a, b = first + (last - first) * p // parts, first + (last - first) * (p + 1) // parts
+        _attend_keys(q, k, v, lo, hi, a, b, top[p], total[p], acc[p])
+    for t in range(T):  # plain loops: an array expression here would start threads of its own
+        for h in range(H):
+            m = top[0, t, h]
+            for p in range(1, parts):
+                m = max(m, top[p, t, h])
+            if m == -np.inf:  # the query sees no key
+                for d in range(HD):
+                    out[t, h, d] = np.nan
+                continue
+            s = np.float32(0.0)
+            for p in range(parts):
+                s += np.exp(top[p, t, h] - m) * total[p, t, h]
             for d in range(HD):
-                out[t, h0 + hh, d] = acc[hh, d]
+                out[t, h, d] = 0.0
+            for p in range(parts):
+                f = np.exp(top[p, t, h] - m) / s
+                for d in range(HD):
+                    out[t, h, d] += f * acc[p, t, h, d]
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -761,10 +810,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
     included). Query head h reads KV head h // (H // KVH) (grouped-query attention).
     Returns (T, H, HD).
 
-    Decode (fewer than ATTENTION_BLAS_MIN_QUERIES queries): `_attention_blocks`, which touches only the
-    visible keys, reads each cache row once per group of query heads and runs KV-head blocks in parallel
-    (the cache is streamed, memory-bound). Prefill: `_attention_blas`, BLAS products per KV head and
-    chunk of queries (compute-bound; about 5x faster per thread than the compiled loops, measured).
+    Decode (fewer than ATTENTION_BLAS_MIN_ROWS query rows per KV head): `_attention_parts`, which touches
+    only the visible keys, reads each cache row once for all the queries and query heads that use it, and
+    splits the keys between threads (the cache is streamed, memory-bound). Prefill: `_attention_blas`,
+    BLAS products per KV head and chunk of queries (compute-bound; about 5x faster per thread than the
+    compiled loops, measured).
     k and v may be views of a larger preallocated cache (k_cache[:S]): used in place when float32 and
     C-contiguous.
     """
@@ -778,12 +828,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
     w = 0 if window is None else int(window)
     if window is not None and w <= 0:  # no key is visible: the reference returns nan everywhere
         return np.full(q.shape, np.nan, np.float32)
-    if T >= ATTENTION_BLAS_MIN_QUERIES:
+    if T * (H // KVH) >= ATTENTION_BLAS_MIN_ROWS:
         return _attention_blas(q, k, v, int(start), w)
-    per = -(-KVH // threads())  # one block of KV heads per thread: each streams its part of every cache row
     out = np.empty_like(q)
-    if T:
-        run(_attention_blocks, 2 * T * S * KVH * HD, q, k, v, int(start), w, per, out)
+    if T:  # one range of keys per thread
+        run(_attention_parts, 2 * T * S * KVH * HD, q, k, v, int(start), w, threads(), out)
     return out
 
 
@@ -831,7 +880,7 @@ def _blocksparse_rows(q, k, v, start, block, local_blocks, vert_stride, head_ste
     """One work item = (query t, a block of KV heads with their query heads). Only visible keys are read:
     - the local band (the last `local_blocks` blocks, up to the query itself) is the same for every head: the
       key loop is outermost there, so each cache row k[j, block] is streamed once and used for all its query
-      heads, as in the dense kernel (`_attention_blocks`);
+      heads (the dense kernel, `_attend_keys`, loads each row once for all heads the same way);
     - the vertical blocks before the band (kb0, kb0 + vert_stride, ...; whole blocks) differ per head, so
       each head reads its own.
     A decode step so costs O(visible blocks), not O(S). Each head's scores are laid out [verticals | band]."""
