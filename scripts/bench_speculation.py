@@ -25,7 +25,12 @@ acceptance would mean nothing, but what a step costs does not depend on the weig
 
 times one model step of K + 1 positions (a draft being checked) against one of 1 position, after a 64-token
 prompt. Speculation gains when the new tokens per step (the table above) exceed that cost ratio: the
-speed-up is about (new tokens per step) / (cost of a K + 1 step in 1-position steps).
+speed-up is about (new tokens per step) / (cost of a K + 1 step in 1-position steps). --context N times
+the same steps after N cached positions instead (random keys and values: what attention costs does not
+depend on them), e.g. 8192 on a 128k model:
+
+    python scripts/make_random_checkpoint.py --out /tmp/phi35-mini-random --config phi-3.5-mini
+    python scripts/bench_speculation.py --model /tmp/phi35-mini-random --verify-cost --context 8192 --threads 2
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import statistics
 import sysconfig
 import time
 from pathlib import Path
+
+import numpy as np
 
 import phinano
 from phinano.generate import generate_tokens
@@ -76,22 +83,33 @@ def run(model, ids, new, k, options=GREEDY) -> tuple[list[int], dict]:
     return tokens, stats
 
 
-def verify_cost(model, ks: list[int], runs: int) -> None:
-    """Print the time of one model step of K + 1 positions against one of 1, after a 64-token prompt (the
-    best of `runs`, the sizes taking turns), as a Markdown table."""
+def verify_cost(model, ks: list[int], runs: int, context: int = 0) -> None:
+    """Print the time of one model step of K + 1 positions against one of 1 (the best of `runs`, the sizes
+    taking turns), as a Markdown table: after a 64-token prompt, or after `context` cached positions whose
+    keys and values are random numbers (a long prompt's prefill would take minutes, and attention's cost
+    does not depend on the values)."""
     prompt = [(7 * i) % (model.config.vocab_size - 3) + 3 for i in range(64)]  # any ids: the cost is what counts
-    cache = model.new_cache(64 + max(ks) + 1)
-    model.step(cache, prompt, last_only=True)
+    cache = model.new_cache(max(context, 64) + max(ks) + 1)
+    if context:
+        rng = np.random.default_rng(0)
+        for layer in range(cache.k.shape[0]):  # one layer at a time: no temporary the size of the cache
+            cache.k[layer, :context] = rng.standard_normal(cache.k.shape[1:], np.float32)[:context]
+            cache.v[layer, :context] = rng.standard_normal(cache.v.shape[1:], np.float32)[:context]
+        cache.length = context
+    else:
+        model.step(cache, prompt, last_only=True)
+    before = cache.length
     best = {k: float("inf") for k in [0, *ks]}
     for turn in range(runs + 1):  # turn 0 compiles and warms up, and is not counted
         for k in best:
             start = time.perf_counter()
             model.step(cache, prompt[:k + 1])  # every position's logits, as checking a draft needs
             seconds = time.perf_counter() - start
-            cache.truncate(64)
+            cache.truncate(before)
             if turn:
                 best[k] = min(best[k], seconds)
-    print(f"{model.name}: one step of K + 1 positions after a 64-token prompt, best of {runs}; {cpu_model()}, "
+    after = f"{context} cached positions" if context else "a 64-token prompt"
+    print(f"{model.name}: one step of K + 1 positions after {after}, best of {runs}; {cpu_model()}, "
           f"{datetime.date.today()}\n")
     print("| positions in the step | step ms | cost in 1-position steps |")
     print("|---|---|---|")
@@ -108,13 +126,21 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="kernel threads (default 1: steadier on a shared machine)")
     p.add_argument("--verify-cost", action="store_true",
                    help="time steps of K + 1 positions against 1 position on --model instead (any checkpoint)")
+    p.add_argument("--context", type=int, default=0,
+                   help="with --verify-cost: cached positions before the steps (default: a 64-token prompt)")
     args = p.parse_args()
     if args.runs < 1 or min(args.k) < 1:
         p.error(f"--runs and every --k must be at least 1, got --runs {args.runs} and --k {' '.join(map(str, args.k))}")
+    if args.context < 0:
+        p.error(f"--context must be at least 0, got {args.context}")
 
     model = phinano.load(args.model, threads=args.threads)
     if args.verify_cost:
-        verify_cost(model, args.k, args.runs)
+        longest = max(args.context, 64) + max(args.k) + 1
+        if longest > model.config.max_position_embeddings:
+            p.error(f"--context {args.context} with --k {max(args.k)} needs {longest} positions; "
+                    f"{model.name} has {model.config.max_position_embeddings}")
+        verify_cost(model, args.k, args.runs, args.context)
         return
     run(model, model.tokenizer.encode("def f(x):\n    return x\n\ndef f(x):"), 8, 4)  # compile the kernels
     print(f"{args.model}, numba backend, {args.threads} thread(s), {args.new} new tokens, median of {args.runs} "

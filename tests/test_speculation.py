@@ -179,6 +179,20 @@ def test_verify_cost_benchmark(checkpoint_dir, monkeypatch, capsys):
         runpy.run_path(str(script), run_name="__main__")
     assert exit_info.value.code == 2 and "every --k must be at least 1" in capsys.readouterr().err
 
+    # --context: the steps after that many cached positions (random keys and values), within the model's context
+    model_dir = str(checkpoint_dir("mini-4k"))
+    context = phinano.load(model_dir, backend="numpy").config.max_position_embeddings - 3
+    monkeypatch.setattr(sys, "argv", [str(script), "--model", model_dir, "--verify-cost", "--k", "2",
+                                      "--runs", "1", "--context", str(context)])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert f"after {context} cached positions" in out and "| 3 |" in out
+    monkeypatch.setattr(sys, "argv", [str(script), "--model", model_dir, "--verify-cost", "--k", "3",
+                                      "--context", str(context)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_info.value.code == 2 and f"needs {context + 4} positions" in capsys.readouterr().err
+
 
 def test_options_are_checked(checkpoint_dir):
     model = phinano.load(checkpoint_dir("mini-4k"), backend="numpy")
