@@ -715,18 +715,20 @@ def _attention_parts(q, k, v, start, window, parts, out):
     S = k.shape[0]
     lo = np.empty(T, np.int64)  # (T,): query t sees keys lo[t] .. hi[t] - 1
     hi = np.empty(T, np.int64)
-    for t in range(T):
+    first, last = S, 0  # every key some query sees: first .. last - 1
+    for t in range(T):  # plain loops outside prange: an array expression would start threads of its own
         i = start + t
         lo[t] = max(0, i - window + 1) if window > 0 else 0
         hi[t] = max(lo[t], min(i, S - 1) + 1)
-    first, last = lo.min(), hi.max()  # every key some query sees: first .. last - 1
+        first, last = min(first, lo[t]), max(last, hi[t])
+    first = min(first, last)
     top = np.empty((parts, T, H), np.float32)  # (P, T, H): each part's largest score
     total = np.empty((parts, T, H), np.float32)  # (P, T, H): each part's sum of exp(score - top)
     acc = np.empty((parts, T, H, HD), np.float32)  # (P, T, H, HD): each part's sum of exp(score - top) * v
     for p in prange(parts):
         a, b = first + (last - first) * p // parts, first + (last - first) * (p + 1) // parts
         _attend_keys(q, k, v, lo, hi, a, b, top[p], total[p], acc[p])
-    for t in range(T):  # plain loops: an array expression here would start threads of its own
+    for t in range(T):  # the merge
         for h in range(H):
             m = top[0, t, h]
             for p in range(1, parts):
