@@ -47,6 +47,7 @@ import numpy as np
 
 import phinano
 from phinano.generate import generate_tokens
+from phinano.rope import rope_variant
 
 
 def cpu_model() -> str:
@@ -89,7 +90,7 @@ def verify_cost(model, ks: list[int], runs: int, context: int = 0) -> None:
     keys and values are random numbers (a long prompt's prefill would take minutes, and attention's cost
     does not depend on the values)."""
     prompt = [(7 * i) % (model.config.vocab_size - 3) + 3 for i in range(64)]  # any ids: the cost is what counts
-    cache = model.new_cache(max(context, 64) + max(ks) + 1)
+    cache = model.new_cache((context or 64) + max(ks) + 1)
     if context:
         rng = np.random.default_rng(0)
         for layer in range(cache.k.shape[0]):  # one layer at a time: no temporary the size of the cache
@@ -131,15 +132,20 @@ def main() -> None:
     args = p.parse_args()
     if args.runs < 1 or min(args.k) < 1:
         p.error(f"--runs and every --k must be at least 1, got --runs {args.runs} and --k {' '.join(map(str, args.k))}")
-    if args.context < 0:
-        p.error(f"--context must be at least 0, got {args.context}")
+    if args.context < 0 or (args.context and not args.verify_cost):
+        p.error(f"--context must be at least 0 and goes with --verify-cost, got --context {args.context}")
 
     model = phinano.load(args.model, threads=args.threads)
     if args.verify_cost:
-        longest = max(args.context, 64) + max(args.k) + 1
+        before = args.context or 64  # positions cached before each step
+        longest = before + max(args.k) + 1
         if longest > model.config.max_position_embeddings:
-            p.error(f"--context {args.context} with --k {max(args.k)} needs {longest} positions; "
+            p.error(f"{before} cached positions and --k {max(args.k)} need {longest} positions; "
                     f"{model.name} has {model.config.max_position_embeddings}")
+        if rope_variant(model.config, before + 1) != rope_variant(model.config, longest):
+            p.error(f"the steps after {before} cached positions would cross {model.name}'s original length "
+                    f"({model.config.original_max_position_embeddings}), where the rope factors change and a cache "
+                    "must be recomputed; choose a --context clear of it")
         verify_cost(model, args.k, args.runs, args.context)
         return
     run(model, model.tokenizer.encode("def f(x):\n    return x\n\ndef f(x):"), 8, 4)  # compile the kernels

@@ -251,11 +251,13 @@ def test_attention_many_queries_and_views_of_a_larger_cache(path, monkeypatch):
 def test_decode_attention_merges_any_split_of_the_keys(parts, monkeypatch):
     """The compiled decode kernel cuts the visible keys into one range per thread and merges the ranges'
     softmaxes. Any number of ranges gives the reference: more ranges than keys (empty ones), windows that
-    end inside a range, queries of one call that see different keys, and queries that see none (nan)."""
+    end inside a range, queries of one call that see different keys, and queries that see none (nan), also
+    far past the cache's end (a range over keys that do not exist would not fit in memory there)."""
     monkeypatch.setattr(fast, "threads", lambda: parts)
+    monkeypatch.setattr(fast, "ATTENTION_BLAS_MIN_ROWS", 10**9)  # the compiled kernel, whatever T
     rng = np.random.default_rng(9)
     H, KVH, HD = 6, 2, 32
-    for S, T, start in ((1, 1, 0), (2, 1, 1), (5, 3, 2), (40, 3, 37), (40, 2, 41)):
+    for S, T, start in ((1, 1, 0), (2, 1, 1), (5, 3, 2), (40, 3, 37), (40, 2, 41), (3, 4, 10**9)):
         q, k, v = f32(rng, (T, H, HD)), f32(rng, (S, KVH, HD)), f32(rng, (S, KVH, HD))
         for window in (None, 1, 2, 5, S):
             with np.errstate(invalid="ignore"):

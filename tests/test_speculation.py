@@ -179,19 +179,32 @@ def test_verify_cost_benchmark(checkpoint_dir, monkeypatch, capsys):
         runpy.run_path(str(script), run_name="__main__")
     assert exit_info.value.code == 2 and "every --k must be at least 1" in capsys.readouterr().err
 
-    # --context: the steps after that many cached positions (random keys and values), within the model's context
+    # --context: every step runs after that many cached positions (random keys and values), within the context
+    from phinano.model import Model
+
     model_dir = str(checkpoint_dir("mini-4k"))
     context = phinano.load(model_dir, backend="numpy").config.max_position_embeddings - 3
+    lengths = []  # the cache's length as each step starts
+    step = Model.step
+    monkeypatch.setattr(Model, "step", lambda self, cache, *a, **kw: (lengths.append(cache.length),
+                                                                        step(self, cache, *a, **kw))[1])
     monkeypatch.setattr(sys, "argv", [str(script), "--model", model_dir, "--verify-cost", "--k", "2",
                                       "--runs", "1", "--context", str(context)])
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     assert f"after {context} cached positions" in out and "| 3 |" in out
-    monkeypatch.setattr(sys, "argv", [str(script), "--model", model_dir, "--verify-cost", "--k", "3",
-                                      "--context", str(context)])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(script), run_name="__main__")
-    assert exit_info.value.code == 2 and f"needs {context + 4} positions" in capsys.readouterr().err
+    assert lengths == [context] * 4  # 1 and 3 positions, a warm-up turn and a counted one
+    for argv, error in (
+        (["--model", model_dir, "--verify-cost", "--k", "3", "--context", str(context)], f"need {context + 4} positions"),
+        (["--context", "8"], "goes with --verify-cost"),
+        # steps from 45 to 48 positions would cross mini-128k's original length (48): its rope factors change there
+        (["--model", str(checkpoint_dir("mini-128k")), "--verify-cost", "--k", "3", "--context", "45"],
+         "original length (48)"),
+    ):
+        monkeypatch.setattr(sys, "argv", [str(script), *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(script), run_name="__main__")
+        assert exit_info.value.code == 2 and error in capsys.readouterr().err
 
 
 def test_options_are_checked(checkpoint_dir):

@@ -591,8 +591,8 @@ def _exp_below_max(x, out):
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _softmax_into(x, out):
     """out = softmax(x) for one row (1-D, n >= 1; out may be x itself): max, exp(x - max) into out, a
-    float64 sum, divide. The one softmax of the compiled kernels: rows and the BLAS attention path call
-    it, and the decode attention kernel its first half (`_exp_below_max`)."""
+    float64 sum, divide. The one softmax of the compiled kernels: rows, the blocksparse and the BLAS
+    attention paths call it, and the decode attention kernel its first half (`_exp_below_max`)."""
     _, total = _exp_below_max(x, out)
     s = np.float32(total)
     for i in range(x.shape[0]):
@@ -721,6 +721,7 @@ def _attention_parts(q, k, v, start, window, parts, out):
         lo[t] = max(0, i - window + 1) if window > 0 else 0
         hi[t] = max(lo[t], min(i, S - 1) + 1)
         first, last = min(first, lo[t]), max(last, hi[t])
+    last = min(last, S)  # a windowed query past the cache's end has lo = hi > S: it sees nothing
     first = min(first, last)
     top = np.empty((parts, T, H), np.float32)  # (P, T, H): each part's largest score
     total = np.empty((parts, T, H), np.float32)  # (P, T, H): each part's sum of exp(score - top)
@@ -960,7 +961,7 @@ def blocksparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: in
     out = np.empty_like(q)
     if T:
         work = 2 * T * H * HD * min(S, (local_blocks + S // (block * vert_stride) + 1) * block)
-        per = -(-KVH // threads())  # one block of KV heads per thread, as in `attention`
+        per = -(-KVH // threads())  # one block of KV heads per thread
         run(_blocksparse_rows, work, q, k, v, int(start), int(block), int(local_blocks), int(vert_stride),
             int(head_step), per, out)
     return out
