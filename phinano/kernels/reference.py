@@ -199,7 +199,8 @@ def blocksparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: in
 # ------------------------------------------------------------------ the image tower's ops (phinano/vision/)
 def quick_gelu(x: np.ndarray) -> np.ndarray:
     """x * sigmoid(1.702 x), CLIP's activation, elementwise. x (T, F) -> (T, F)."""
-    return x / (1.0 + np.exp(np.float32(-1.702) * x))
+    with np.errstate(over="ignore"):  # exp overflows to inf for x below about -52: x / inf = -0, the right limit
+        return x / (1.0 + np.exp(np.float32(-1.702) * x))
 
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
