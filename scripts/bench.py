@@ -383,8 +383,6 @@ def main(argv: list[str] | None = None) -> int:
           f"decode limit {limit:.2f} tokens/s", flush=True)
 
     results: dict[str, dict | str] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads),
-           "NUMBA_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     for engine in args.engines.split(","):
         why = available(engine, args)
         if why:
@@ -392,19 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{engine}: skipped ({why})")
             continue
         print(f"{engine} ...", flush=True)
-        cmd = [sys.executable, __file__, "--worker", engine, "--model", str(folder), "--threads", str(args.threads),
-               "--runs", str(args.runs), "--prompt", ",".join(map(str, args.prompt)), "--new", str(args.new),
-               "--bytes-per-token", str(bytes_per_token)]
-        if args.gguf:
-            cmd += ["--gguf", args.gguf]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if r.returncode or line is None:
-            tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            results[engine] = f"failed: {tail}"
-            print(f"{engine}: failed: {tail}")
-            continue
-        results[engine] = json.loads(line[len("RESULT "):])
+        results[engine] = run_engine(engine, str(folder), args.gguf, args, bytes_per_token)
         print(f"{engine}: {results[engine]}", flush=True)
 
     table = render(args, results, bandwidth, bytes_per_token, limit, checkpoint_gb)
