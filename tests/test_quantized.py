@@ -11,10 +11,11 @@ Tolerances, and why:
   range). The quantizer repeats GGML's float32 operations one for one.
 - linear: |fast - ref| <= 1e-5 * (|x| @ |w|.T) + 1e-30, the bound of the bf16 kernels (tests/test_kernels.py)
   and for the same reason: both sides sum the same exact float32 products x[c] * w[r, c], only grouped
-  differently. The reference lets BLAS sum all K; the fused kernel sums each block's 32 products x * q, scales
-  the sum by d once and adds the K / 32 block sums. The rounding error of either is at most (number of
-  additions on the longest path) * 2^-24 * sum |x||w|: for K <= 1024 that is at most (32 + 32 + 1) * 6e-8 =
-  4e-6 here and (K / 8) * 6e-8 = 8e-6 for BLAS's eight-lane sums, under 1e-5 even in the worst case. The
+  differently. The reference lets BLAS sum all K; the fused kernel (kernels/vector.py) sums each block's
+  32 products x * q in 8 lanes of 4, scales each lane by d, adds the K / 32 blocks lane by lane and the 8
+  lanes at the end. The rounding error of either is at most (number of additions on the longest path) *
+  2^-24 * sum |x||w|: for K <= 1024 that is at most (4 + 1 + 32 + 3) * 6e-8 = 2.4e-6 here and (K / 8) * 6e-8
+  = 8e-6 for BLAS's eight-lane sums, under 1e-5 even in the worst case. The
   bound is against |x|.|w|, not |y|, because y may cancel to ~0. The BLAS path (many tokens) unpacks tiles
   exactly, so it differs from the reference only in how BLAS blocks the sums.
 - Q4_0, Q4_1, Q5_0, Q5_1 (GGML's legacy types): the same, except that linear is bounded against a wider
@@ -247,9 +248,12 @@ def test_embed_unpacks_only_the_gathered_rows(monkeypatch):
 #
 # Tolerance of linear: |fast - ref| <= 1e-5 * (|x| @ (|w| + 2 |m|).T) + 1e-30, with m the block's min: the
 # stored one (Q4_1, Q5_1), or -8 d (Q4_0) and -16 d (Q5_0), for which w = d * q + m too. Why: the fused
-# kernel computes, per block, d * sum_j x_j q_j + m * sum_j x_j with q in 0..31 (exact products x * q, two
-# sums of 32 terms), then adds the K / 32 block terms. Its rounding error is at most about
-# (32 + 2 + K / 32) * 2^-24 * sum_c |x_c| (|d| q_c + |m|), i.e. under 4e-6 of that scale for K <= 1024; and
+# kernel (kernels/vector.py) computes, per block, d * sum_j x_j q_j + m * sum_j x_j with q in 0..31 (exact
+# products x * q; the first sum in 8 lanes of 4 terms, the sum of x over the block of 32 terms), then adds
+# the K / 32 block terms (lane by lane, the 8 lanes at the end). For Q4_0 and Q5_0 the m term rides in the
+# lanes: each lane starts from -(zero / 8) * sum_j x_j, an exact scaling by 1 or 2, before d multiplies it.
+# Either way the rounding error is at most about (32 + 8 + K / 32) * 2^-24 * sum_c |x_c| (|d| q_c + |m|),
+# i.e. under 5e-6 of that scale for K <= 1024; and
 # |d| q = |w - m| <= |w| + |m|. The scale is wider than the |x|.|w| of Q8_0 because the two products are
 # rounded apart and cancel where w is small (q = 8 in Q4_0: w = 0, but d q = -m = 8 d). The reference
 # (BLAS on the exactly unpacked w) stays within 1e-5 of |x|.|w| as for Q8_0, and so does the BLAS path.

@@ -2,9 +2,9 @@
 
 `fast.linear`, `fast.embed` and `fast.widen` look a QuantizedTensor's type up in `KERNELS` and call:
 - `matmul(x, data, y)`: y = x @ w.T straight from the packed bytes, for few tokens (decode). Parallel over
-  blocks of rows: each packed byte is read once per token, unpacked in registers, and every x[c] load is
-  shared by the rows of the block (four for Q8_0 like the bf16 kernel, two for the 4- and 5-bit types,
-  whose unpacking needs more vector registers: see `_legacy_kernels`).
+  blocks of four rows: each packed byte is read once per token, unpacked in registers, and every x load is
+  shared by the four rows. The loop over a row's blocks is written as explicit vector code in vector.py
+  (`_vector_matmul` calls it), because these products are bound by arithmetic.
 - `widen_rows(data, out)`: packed rows -> float32 rows, serial and without the GIL, for the float32
   tiles that BLAS multiplies in long prefills (several run at once, one per thread) and for `embed`.
 
@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .prefetch import prefetch_span
+from . import vector
 from .runtime import FASTMATH
 from .widening import to_f32
 
@@ -55,14 +55,6 @@ def _i8(byte):
     return np.float32(np.int8(byte))
 
 
-@njit(inline="always")
-def _two_rows(data, item):
-    """The rows (r0, r1) of work item `item` in the two-row kernels: 2 item and 2 item + 1, at most N - 1 (the
-    last item of an odd N computes row N - 1 twice and writes the same value)."""
-    r0 = 2 * item
-    return r0, min(r0 + 1, data.shape[0] - 1)
-
-
 @njit(fastmath=FASTMATH, cache=True)
 def _sums_of_32(x):
     """(T, K) float32 -> (T, K // 32): the sum of each block of 32 values of each row. A block's zero point or
@@ -89,41 +81,38 @@ def _four_rows(data, item):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Q8_0: blocks of 32 weights = float16 d (2 bytes) + 32 int8 q; weight = d * q
+# The fused decode product of every block type of 32 weights (Q8_0 and the legacy types)
 # ---------------------------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _q8_0_matmul(x, data, y):
-    """y[t, r] = sum over blocks b of d[r, b] * sum_j x[t, 32 b + j] * q[r, b, j], for x (T, K), y (T, N).
+assert vector.ROWS == 4  # `vector.dot` answers for the rows `_four_rows` names
 
-    One work item = four rows r0..r3 (`_four_rows`). Per token and block, four partial sums
-    over the 32 int8 values (the j loop vectorises: int8 -> float32 conversions and fused multiply-adds),
-    each scaled by its block's d once.
-    """
-    T, K = x.shape
-    N, L = data.shape
-    for item in prange((N + 3) // 4):
-        r0, r1, r2, r3 = _four_rows(data, item)
-        w0, w1, w2, w3 = data[r0], data[r1], data[r2], data[r3]
-        for t in range(T):
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for b in range(K // 32):
-                o = 34 * b
-                if t == 0:
-                    prefetch_span(data, r0 * L + 4 * o, 4 * 34)  # the bytes a few items further on
-                s0 = s1 = s2 = s3 = np.float32(0.0)
-                for j in range(32):
-                    xc = x[t, 32 * b + j]
-                    s0 += xc * _i8(w0[o + 2 + j])
-                    s1 += xc * _i8(w1[o + 2 + j])
-                    s2 += xc * _i8(w2[o + 2 + j])
-                    s3 += xc * _i8(w3[o + 2 + j])
-                a0 += _f16_at(w0, o) * s0
-                a1 += _f16_at(w1, o) * s1
-                a2 += _f16_at(w2, o) * s2
-                a3 += _f16_at(w3, o) * s3
-            y[t, r0], y[t, r1], y[t, r2], y[t, r3] = a0, a1, a2, a3
+
+def _vector_matmul(qtype: str):
+    """The fused decode kernel of a block type that vector.py writes out: y = x @ w.T from the packed bytes."""
+    kind = vector.TYPES.index(qtype)  # a number, so that Numba's cache can key this closure on it
+
+    @njit(parallel=True, fastmath=FASTMATH, cache=True)
+    def matmul(x, data, y):
+        """y[t, r] = sum_c x[t, c] w[r, c] for x (T, K), packed rows data (N, L), y (T, N).
+
+        One work item = four rows (`_four_rows`). Per token, one `vector.dot` walks the four rows' blocks
+        side by side: each packed byte is read once, each x load serves the four rows, and each row keeps
+        one 8-lane accumulator. The first token also prefetches the bytes ahead (the later tokens find them
+        in cache). Every token is summed by the same code, whatever T.
+        """
+        sums = _sums_of_32(x)  # (T, K // 32): the sum of x over each block, the same for every row
+        for item in prange((data.shape[0] + 3) // 4):
+            r0, r1, r2, r3 = _four_rows(data, item)
+            for t in range(x.shape[0]):
+                y[t, r0], y[t, r1], y[t, r2], y[t, r3] = vector.dot(kind, t == 0, x[t], sums[t], data, r0)
+
+    return matmul
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Q8_0: blocks of 32 weights = float16 d (2 bytes) + 32 int8 q; weight = d * q
+# ---------------------------------------------------------------------------------------------------------
 
 
 @njit(cache=True, nogil=True)
@@ -140,7 +129,7 @@ def _q8_0_dequantize_rows(data, out):
 # ---------------------------------------------------------------------------------------------------------
 # Q4_0, Q4_1, Q5_0, Q5_1: blocks of 32 weights = float16 d, [float16 m], [4 bytes qh], 16 bytes of nibbles
 # (byte layouts in phinano/formats/quantized.py). Every weight is d * q + m with q in 0..31 (a nibble, plus
-# 16 where qh's bit is set), m the stored min (Q4_1, Q5_1) or -8 d (Q4_0), -16 d (Q5_0). One pair of kernels
+# 16 where qh's bit is set), m the stored min (Q4_1, Q5_1) or -8 d (Q4_0), -16 d (Q5_0). One row unpacking
 # serves all four: `_legacy_kernels` compiles it per type, with the block's offsets as constants.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -181,93 +170,17 @@ def _quant_pair(row, qs, qh, i, has_qh):
     return lo, hi
 
 
-@intrinsic
-def _nibble(typingctx, byte, shift):
-    """float32((byte >> shift) & 15) of a uint8 byte, computed in 32-bit integers: vectorised, 8 bytes become
-    8 int32 lanes of a 256-bit register (vpmovzxbd), then one shift or mask and one conversion (vcvtdq2ps).
-    Numba's own `byte >> shift & 15` works in 64 bits, half as many lanes per instruction."""
-    if byte != types.uint8 or not isinstance(shift, types.Integer):
-        return None
+def _legacy_kernels(qtype: str, has_min: bool, has_qh: bool, blas_min_tokens: int) -> MatrixKernels:
+    """The kernels of one legacy type: Q4_0 (no m, no qh), Q4_1 (m), Q5_0 (qh), Q5_1 (m and qh). The fused
+    product is `_vector_matmul`'s; the row unpacking is below.
 
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        value = builder.zext(args[0], i32)
-        amount = args[1] if args[1].type.width == 32 else builder.trunc(args[1], i32) if args[1].type.width > 32 \
-            else builder.zext(args[1], i32)
-        return builder.sitofp(builder.and_(builder.lshr(value, amount), ir.Constant(i32, 15)), ir.FloatType())
-
-    return types.float32(byte, shift), codegen
-
-
-@njit(inline="always")
-def _nibble_pair(row, qs, qh, i, has_qh):
-    """(q[i], q[i + 16]) of a block whose nibble bytes start at row[qs], as float32 (exact), for the fused
-    product: the low and the high nibble of byte i (`_nibble`), plus 16 where qh has bit i (bit i + 16)."""
-    byte = row[qs + i]
-    lo, hi = _nibble(byte, 0), _nibble(byte, 4)
-    if has_qh:
-        lo += np.float32(_shift_right_u32(np.uint32(qh << 4), i) & 16)  # bit i, moved to the 16s place
-        hi += np.float32(_shift_right_u32(qh, i + 12) & 16)  # bit i + 16, moved to the 16s place
-    return lo, hi
-
-
-@njit(inline="always")
-def _block_min(row, o, d, has_min, zero):
-    """m of the block at row[o] with scale d: the float16 stored after d, or -zero * d."""
-    return _f16_at(row, o + 2) if has_min else -zero * d
-
-
-def _legacy_kernels(has_min: bool, has_qh: bool, blas_min_tokens: int) -> MatrixKernels:
-    """The kernels of one legacy type: Q4_0 (no m, no qh), Q4_1 (m), Q5_0 (qh), Q5_1 (m and qh).
-
-    The kernels below see only numbers from here (Numba compiles them as constants, and its cache tells the
+    The kernel below sees only numbers from here (Numba compiles them as constants, and its cache tells the
     four types apart by them); a compiled function captured here would miss the cache in every new process.
     """
     qh_at = 4 if has_min else 2  # offsets in a block: d at 0, m at 2, then qh, then the 16 nibble bytes
     qs_at = qh_at + 4 if has_qh else qh_at
     size = qs_at + 16  # bytes per block
     zero = np.float32(0 if has_min else 16 if has_qh else 8)  # without m, weight = d * (q - zero)
-
-    @njit(parallel=True, fastmath=FASTMATH, cache=True)
-    def matmul(x, data, y):
-        """y[t, r] = sum over row r's blocks b of d * sum_j x[t, 32 b + j] q[j]  +  m * sum_j x[t, 32 b + j].
-
-        The m term needs only the block's sum of x (`_sums_of_32`, once per call for all rows): one scalar
-        multiply-add per row and block. The q term is what costs: per row, 16 float32 lanes acc[i] gather
-        d * (x[i] q[i] + x[i + 16] q[i + 16]) over all blocks (the i loop vectorises to two 8-lane registers:
-        byte i's low nibble is q[i], its high nibble q[i + 16]), and the lanes are added up once per row at
-        the end, not once per block (a horizontal sum of a register costs as much as the block's products).
-        Two rows per work item share each x load; with four, the accumulators, x and the scales no longer
-        fit in the 16 vector registers of AVX2 and spill (measured 6.0 G weights/s per core with four rows,
-        9.9 with two, Q4_0, AMD EPYC Zen 3).
-        """
-        T, K = x.shape
-        N, L = data.shape
-        xsums = _sums_of_32(x)  # (T, K // 32)
-        for item in prange((N + 1) // 2):
-            r0, r1 = _two_rows(data, item)
-            w0, w1 = data[r0], data[r1]
-            acc0, acc1 = np.empty(16, np.float32), np.empty(16, np.float32)
-            for t in range(T):
-                acc0[:] = 0.0
-                acc1[:] = 0.0
-                a0 = a1 = np.float32(0.0)  # the m terms
-                for b in range(K // 32):
-                    o = size * b
-                    if t == 0:
-                        prefetch_span(data, r0 * L + 2 * o, 2 * size)  # the bytes a few items further on
-                    d0, d1 = _f16_at(w0, o), _f16_at(w1, o)
-                    a0 += _block_min(w0, o, d0, has_min, zero) * xsums[t, b]
-                    a1 += _block_min(w1, o, d1, has_min, zero) * xsums[t, b]
-                    h0 = _u32_at(w0, o + qh_at) if has_qh else np.uint32(0)
-                    h1 = _u32_at(w1, o + qh_at) if has_qh else np.uint32(0)
-                    for i in range(16):
-                        xl, xh = x[t, 32 * b + i], x[t, 32 * b + 16 + i]
-                        q0l, q0h = _nibble_pair(w0, o + qs_at, h0, i, has_qh)
-                        q1l, q1h = _nibble_pair(w1, o + qs_at, h1, i, has_qh)
-                        acc0[i] += d0 * (xl * q0l + xh * q0h)
-                        acc1[i] += d1 * (xl * q1l + xh * q1h)
-                y[t, r0], y[t, r1] = a0 + acc0.sum(), a1 + acc1.sum()
 
     @njit(cache=True, nogil=True)
     def widen_rows(data, out):
@@ -291,20 +204,20 @@ def _legacy_kernels(has_min: bool, has_qh: bool, blas_min_tokens: int) -> Matrix
                         wl, wh = wl + _f16_at(row, o + 2), wh + _f16_at(row, o + 2)
                     out[r, 32 * b + i], out[r, 32 * b + 16 + i] = wl, wh
 
-    return MatrixKernels(matmul, widen_rows, blas_min_tokens)
+    return MatrixKernels(_vector_matmul(qtype), widen_rows, blas_min_tokens)
 
 
 KERNELS: dict[str, MatrixKernels] = {
     # BLAS from 32 tokens: the fused kernel stops gaining from about 8 tokens on (each token unpacks the
     # bytes again) and tiles + BLAS pass it between 16 and 32 tokens (`scripts/kernel_bench.py --prefill`,
     # docs/kernels.md).
-    "Q8_0": MatrixKernels(_q8_0_matmul, _q8_0_dequantize_rows, blas_min_tokens=32),
+    "Q8_0": MatrixKernels(_vector_matmul("Q8_0"), _q8_0_dequantize_rows, blas_min_tokens=32),
     # The legacy types unpack more per weight than Q8_0, and the fused kernel unpacks again for every token,
     # so tiles + BLAS pass it sooner: the 4-bit types between 8 and 12 tokens, the 5-bit ones between 4 and 8
     # (AMD EPYC guest, 2 threads, load average 4-5 from other jobs; 16384 x 3072, best of 5;
     # `scripts/kernel_bench.py --prefill`).
-    "Q4_0": _legacy_kernels(has_min=False, has_qh=False, blas_min_tokens=12),
-    "Q4_1": _legacy_kernels(has_min=True, has_qh=False, blas_min_tokens=12),
-    "Q5_0": _legacy_kernels(has_min=False, has_qh=True, blas_min_tokens=8),
-    "Q5_1": _legacy_kernels(has_min=True, has_qh=True, blas_min_tokens=8),
+    "Q4_0": _legacy_kernels("Q4_0", has_min=False, has_qh=False, blas_min_tokens=12),
+    "Q4_1": _legacy_kernels("Q4_1", has_min=True, has_qh=False, blas_min_tokens=12),
+    "Q5_0": _legacy_kernels("Q5_0", has_min=False, has_qh=True, blas_min_tokens=8),
+    "Q5_1": _legacy_kernels("Q5_1", has_min=True, has_qh=True, blas_min_tokens=8),
 }

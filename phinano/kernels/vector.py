@@ -1,0 +1,231 @@
+"""Block dot products of packed weights, written as explicit 8-lane vector loops: the decode kernels of Q8_0
+and GGML's legacy types (Q4_0, Q4_1, Q5_0, Q5_1) in quantized.py call them.
+
+Why explicit vectors. These products are bound by arithmetic on an AVX2 CPU: each weight is unpacked to
+float32 and multiplied, and the memory brings the bytes faster than the core unpacks them. So every
+instruction in the loop costs time. Written as plain Numba loops, LLVM's vectoriser left a lot of them:
+- Q8_0 summed each block's 32 products into a scalar: a horizontal sum of a vector register per block and
+  row, as costly as the products themselves. Lane accumulators in plain Numba were not vectorised at all.
+- The 4-bit loop kept its lane accumulators in a heap array and stored them back every block, reloaded
+  the nibble mask, and could share each x load between two rows only: with four rows the accumulators
+  spilled.
+Here each kernel is the loop an AVX2 programmer would write with intrinsics, emitted as LLVM IR through
+Numba's `intrinsic`: per block and row, four 8-lane vectors of the block's integers, four fused
+multiply-adds with x, one multiply-add by the block's scale into one 8-lane accumulator, no stores. Four
+rows share each x load. Measured on AMD EPYC (Zen 3, AVX2, 2026-11-30), the old and the new kernels taking
+turns: docs/kernels.md, "Explicit vector loops".
+
+What `dot(kind, first, x, sums, data, r0)` computes, for block type TYPES[kind] and R = ROWS rows:
+    x     (K,) float32       one token's activations
+    sums  (K // 32,) float32 the sum of x over each block of 32 (made once per token, shared by all rows)
+    data  (N, L) uint8       the packed matrix, L = K // 32 * block bytes, C-contiguous
+    r0                       the first of the R rows r0 .. r0 + R - 1 (each clamped to N - 1)
+    ->    R float32          y[r] = sum over c of x[c] * w[r, c]
+
+Per block b of 32 weights and per row (weight = d * (q - zero) or d * q + m):
+    q0, q1, q2, q3 = the integers q[8k .. 8k + 7], k = 0..3, as float32 vectors     (per type, exact)
+    s    = x[32b : 32b + 8] q0 + x[32b + 8 : 32b + 16] q1 + ... - (zero / 8) sums[b]  (8 lanes)
+    acc += d s                                                                         (8 lanes)
+    a   += m sums[b]                                              (only types with a stored minimum m)
+and y = (sum of acc's 8 lanes) + a. The zero point's share -(zero / 8) sums[b] sits in every lane, so the
+8 lanes together subtract zero * sums[b], the block's d * zero * sum of x once scaled by d; zero / 8 is 1
+or 2, an exact scaling. Results differ from the unpacked reference only in the order of float32 additions
+and in the rounding of that share (tests/test_quantized.py states the bound).
+
+With `first` (the first token of a call, when the bytes come from memory) it also asks for the bytes
+PREFETCH_AHEAD beyond the blocks it reads (prefetch.py: one `prefetcht1` per 64-byte line of the R rows'
+blocks). `kind` is a constant where the kernels call it, so the other types' branches compile away.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .prefetch import _LINE, PREFETCH_AHEAD
+
+TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # the block types, in the order `kind` numbers them
+ROWS = 4  # rows per call: four rows share each x load (more would not fit AVX2's 16 vector registers)
+LANES = 8  # float32 lanes of an AVX2 register
+_I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_BYTES8, _INTS8, _FLOATS8 = ir.VectorType(_I8, LANES), ir.VectorType(_I32, LANES), ir.VectorType(_F32, LANES)
+_FAST = ("contract", "reassoc")  # a multiply and an add may fuse; sums may be regrouped (as FASTMATH allows)
+
+
+# --------------------------------------------------------------------------------- small vector operations
+
+
+def _const(vector_type, value):
+    return ir.Constant(vector_type, [value] * LANES)
+
+
+def _splat(builder, scalar, vector_type=_FLOATS8):
+    """scalar -> a vector of LANES copies."""
+    one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), _const(_INTS8, 0))
+
+
+def _fma(builder, a, b, c):
+    """a * b + c (one fused instruction where the CPU has FMA)."""
+    return builder.fadd(builder.fmul(a, b, flags=_FAST), c, flags=_FAST)
+
+
+def _load(builder, pointer, offset, element_type):
+    """The value of element_type at byte `offset` (an i64) of an i8 pointer, unaligned."""
+    at = builder.gep(pointer, [offset])
+    return builder.load(builder.bitcast(at, element_type.as_pointer()), align=1)
+
+
+def _f16(builder, pointer, offset):
+    """The little-endian float16 at byte `offset`, as float32 (exact; vcvtph2ps with F16C)."""
+    return builder.fpext(_load(builder, pointer, offset, ir.HalfType()), _F32)
+
+
+def _lane_sum(builder, v):
+    """The sum of a vector's lanes, as a tree."""
+    parts = [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(LANES)]
+    while len(parts) > 1:
+        parts = [builder.fadd(parts[i], parts[i + 1], flags=_FAST) for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def _plus(builder, offset, n):
+    return builder.add(offset, ir.Constant(_I64, n))
+
+
+# ------------------------------------------------------------------- a block's 32 integers, per block type
+
+
+def _q8_0_integers(builder, block):
+    """Q8_0 (d at 0, 32 int8 q at 2): q[8k .. 8k + 7] as float32, sign-extended from the bytes."""
+    row, o = block
+    return [builder.sitofp(builder.sext(_load(builder, row, _plus(builder, o, 2 + 8 * k), _BYTES8), _INTS8), _FLOATS8)
+            for k in range(4)]
+
+
+def _nibble_integers(qs_at, qh_at):
+    """The legacy types: 16 bytes of nibbles at qs_at (byte i: q[i] low, q[i + 16] high) and, if qh_at is not
+    None, the uint32 of fifth bits at qh_at (bit j adds 16 to q[j])."""
+
+    def integers(builder, block):
+        row, o = block
+        low8 = builder.zext(_load(builder, row, _plus(builder, o, qs_at), _BYTES8), _INTS8)  # bytes 0..7
+        high8 = builder.zext(_load(builder, row, _plus(builder, o, qs_at + 8), _BYTES8), _INTS8)  # bytes 8..15
+        fifteen, four = _const(_INTS8, 15), _const(_INTS8, 4)
+        q = [builder.and_(low8, fifteen), builder.and_(high8, fifteen),  # q[0..7], q[8..15]
+             builder.lshr(low8, four), builder.lshr(high8, four)]  # q[16..23], q[24..31]
+        if qh_at is not None:
+            qh = _splat(builder, _load(builder, row, _plus(builder, o, qh_at), _I32), _INTS8)
+            for k in range(4):  # lane i of q[k] takes bit 8k + i of qh, moved to the 16s place
+                bits = builder.lshr(qh, ir.Constant(_INTS8, [8 * k + i for i in range(LANES)]))
+                q[k] = builder.or_(q[k], builder.shl(builder.and_(bits, _const(_INTS8, 1)), four))
+        return [builder.sitofp(v, _FLOATS8) for v in q]
+
+    return integers
+
+
+# (bytes per block, its integers, where m is or None, zero point or 0) per type
+_BLOCKS = {
+    "Q8_0": (34, _q8_0_integers, None, 0),
+    "Q4_0": (18, _nibble_integers(2, None), None, 8),
+    "Q4_1": (20, _nibble_integers(4, None), 2, 0),
+    "Q5_0": (22, _nibble_integers(6, 2), None, 16),
+    "Q5_1": (24, _nibble_integers(8, 4), 2, 0),
+}
+
+
+# ------------------------------------------------------------------------------------------- the dot product
+
+
+def block_dot(qtype: str, rows: int, prefetch: bool):
+    """The intrinsic (x, sums, data, r0) -> UniTuple(float32, rows) of one block type (module docstring)."""
+    size, integers, m_at, zero = _BLOCKS[qtype]
+
+    @intrinsic
+    def dot(typingctx, x, sums, data, r0):
+        if not (isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C" and data.dtype == types.uint8):
+            return None
+        if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 1 and x.layout == "C"):
+            return None
+
+        def codegen(context, builder, signature, args):
+            xs, block_sums, packed = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:3], args[:3]))
+            (K,) = cgutils.unpack_tuple(builder, xs.shape, 1)
+            N, L = cgutils.unpack_tuple(builder, packed.shape, 2)
+            base = builder.bitcast(packed.data, _I8.as_pointer())
+            first = builder.sext(args[3], _I64) if args[3].type.width < 64 else args[3]
+            last_row = builder.sub(N, ir.Constant(_I64, 1))
+            starts = []  # (R,) byte offsets of the rows in `packed`
+            for k in range(rows):
+                r = _plus(builder, first, k)
+                starts.append(builder.mul(builder.select(builder.icmp_signed("<", r, N), r, last_row), L))
+            acc = [cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)]
+            mins = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)]
+            last_byte = builder.sub(builder.mul(N, L), ir.Constant(_I64, 1))
+
+            with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 32))) as loop:
+                b = loop.index
+                o = builder.mul(b, ir.Constant(_I64, size))  # the block's byte offset in a row
+                x_at = builder.gep(xs.data, [builder.mul(b, ir.Constant(_I64, 32))])
+                xv = [builder.load(builder.bitcast(builder.gep(x_at, [ir.Constant(_I64, LANES * k)]),
+                                                   _FLOATS8.as_pointer()), align=4) for k in range(4)]
+                block_sum = builder.load(builder.gep(block_sums.data, [b]))
+                if prefetch:  # the bytes PREFETCH_AHEAD beyond where the R rows are read, as prefetch_span
+                    _prefetch_lines(builder, base, builder.add(starts[0], builder.mul(o, ir.Constant(_I64, rows))),
+                                    rows * size, last_byte)
+                share = _splat(builder, builder.fmul(block_sum, ir.Constant(_F32, -zero / 8))) if zero else None
+                for k in range(rows):
+                    row_o = builder.add(starts[k], o)
+                    q = integers(builder, (base, row_o))
+                    s = share if share is not None else builder.fmul(xv[0], q[0], flags=_FAST)
+                    for j in range(0 if share is not None else 1, 4):
+                        s = _fma(builder, xv[j], q[j], s)
+                    d = _splat(builder, _f16(builder, base, row_o))
+                    builder.store(_fma(builder, d, s, builder.load(acc[k])), acc[k])
+                    if m_at is not None:
+                        m = _f16(builder, base, _plus(builder, row_o, m_at))
+                        builder.store(_fma(builder, m, block_sum, builder.load(mins[k])), mins[k])
+
+            out = [builder.fadd(_lane_sum(builder, builder.load(acc[k])), builder.load(mins[k]), flags=_FAST)
+                   for k in range(rows)]
+            return context.make_tuple(builder, signature.return_type, out)
+
+        return types.UniTuple(types.float32, rows)(x, sums, data, r0), codegen
+
+    return dot
+
+
+def _prefetch_lines(builder, base, start, nbytes, last_byte):
+    """One prefetcht1 per 64-byte line of [start, start + nbytes) + PREFETCH_AHEAD, clamped to the last byte."""
+    fnty = ir.FunctionType(ir.VoidType(), [_I8.as_pointer()] + [_I32] * 3)
+    hint = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    for p in range(0, nbytes, _LINE):
+        i = _plus(builder, start, PREFETCH_AHEAD + p)
+        i = builder.select(builder.icmp_signed("<", i, last_byte), i, last_byte)
+        # (address, 0 = read, locality 2 = keep in L2 and beyond, 1 = data cache)
+        builder.call(hint, [builder.gep(base, [i])] + [ir.Constant(_I32, v) for v in (0, 2, 1)])
+
+
+_Q8_0, _Q8_0_FIRST = block_dot("Q8_0", ROWS, False), block_dot("Q8_0", ROWS, True)
+_Q4_0, _Q4_0_FIRST = block_dot("Q4_0", ROWS, False), block_dot("Q4_0", ROWS, True)
+_Q4_1, _Q4_1_FIRST = block_dot("Q4_1", ROWS, False), block_dot("Q4_1", ROWS, True)
+_Q5_0, _Q5_0_FIRST = block_dot("Q5_0", ROWS, False), block_dot("Q5_0", ROWS, True)
+_Q5_1, _Q5_1_FIRST = block_dot("Q5_1", ROWS, False), block_dot("Q5_1", ROWS, True)
+
+
+@njit(inline="always")
+def dot(kind, first, x, sums, data, r0):
+    """The ROWS dot products of rows r0 .. r0 + ROWS - 1 of data (block type TYPES[kind]) with x (module
+    docstring). The intrinsics are module globals, not values captured by each kernel: Numba's cache keys a
+    closure on its captured values, and an intrinsic pickles differently in every process."""
+    if kind == 0:
+        return _Q8_0_FIRST(x, sums, data, r0) if first else _Q8_0(x, sums, data, r0)
+    if kind == 1:
+        return _Q4_0_FIRST(x, sums, data, r0) if first else _Q4_0(x, sums, data, r0)
+    if kind == 2:
+        return _Q4_1_FIRST(x, sums, data, r0) if first else _Q4_1(x, sums, data, r0)
+    if kind == 3:
+        return _Q5_0_FIRST(x, sums, data, r0) if first else _Q5_0(x, sums, data, r0)
+    return _Q5_1_FIRST(x, sums, data, r0) if first else _Q5_1(x, sums, data, r0)
