@@ -13,11 +13,13 @@ are limited by arithmetic, not by memory. What keeps the instruction count down 
 AMD EPYC (Zen 3, AVX2) machine, each kernel against the Q8_0 kernel in the same run):
 - `_bits` does the shifts and masks in 32-bit lanes (an LLVM intrinsic). Numba's own integer arithmetic
   widens bytes to 64 bits, and the Q4_K loop ran 1.2 to 1.5 times slower with it.
-- Q4_K, Q5_K: per row and sub-block of 32 the loop sums x * q; the sum is scaled by sc once per
-  sub-block and by d once per super-block. The minimums add -dmin * sum_j m[j] * (sum of x over
-  sub-block j), and those sums of x are the same for every row: `_sums_of_32` makes them once per call.
-  The 16 six-bit scales and minimums come out of three 32-bit words with four masks (`_scales_and_mins`);
-  unpacked one by one into a scratch array they took 30 % of the time.
+- Q4_K, Q5_K: the fused product is written as explicit 8-lane vector code (vector.py,
+  `k_quant_block_dot`): per row and sub-block of 32, x * q summed in 8 lanes of 4, scaled by d * sc into
+  one accumulator; the minimums add -dmin * m[j] * (sum of x over sub-block j) to lane j, and those sums
+  of x are the same for every row: `_sums_of_32` makes them once per call. The 16 six-bit scales and
+  minimums come out of three 32-bit words with four masks (`_scales_and_mins` here for the row unpacking,
+  `_six_bit_scales` there); unpacked one by one into a scratch array they took 30 % of the time. The
+  plain Numba loop this replaced ran 1.5-1.7x slower (docs/kernels.md, "Explicit vector loops").
 - Q6_K: its sub-blocks of 16 are too short to sum apart (adding up a vector register per 16 weights costs
   as much as the weights), so the weight d * sc * (q - 32) is made in a register and multiplied with x.
   Two rows per block: four were no faster.
@@ -33,7 +35,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .prefetch import prefetch_span
-from .quantized import KERNELS, MatrixKernels, _f16_at, _four_rows, _i8, _sums_of_32, _u32_at
+from . import vector
+from .quantized import KERNELS, MatrixKernels, _f16_at, _i8, _sums_of_32, _two_rows, _u32_at
 from .runtime import FASTMATH
 
 
@@ -109,60 +112,15 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
         """y[t, r] = sum over super-blocks of d * sum_j sc[j] * (x . q over sub-block j)
                                            - dmin * sum_j m[j] * (sum of x over sub-block j).
 
-        One work item = four rows r0..r3 (`_four_rows`, as in the Q8_0 and legacy kernels).
-        Per token, super-block and pair of sub-blocks (2g, 2g + 1: the low and high nibbles of the same
-        32 bytes), eight partial sums of x * q, four rows by two sub-blocks; the i loop vectorises.
+        One work item = two rows (`_two_rows`). Per token, one `vector.k_quant_dot` walks both rows'
+        super-blocks side by side in 8-lane vectors (vector.py draws the loop): each packed byte read once,
+        each x load shared by the two rows. The first token also prefetches the bytes ahead.
         """
-        T, K = x.shape
-        N, L = data.shape
-        xsums = _sums_of_32(x)  # (T, K // 32), shared by all rows
-        for item in prange((N + 3) // 4):
-            r0, r1, r2, r3 = _four_rows(data, item)
-            w0, w1, w2, w3 = data[r0], data[r1], data[r2], data[r3]
-            for t in range(T):
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                for b in range(K // 256):
-                    o = block_bytes * b
-                    if t == 0:
-                        prefetch_span(data, r0 * L + 4 * o, 4 * block_bytes)  # the bytes a few items on
-                    sc0, m0 = _scales_and_mins(w0, o)
-                    sc1, m1 = _scales_and_mins(w1, o)
-                    sc2, m2 = _scales_and_mins(w2, o)
-                    sc3, m3 = _scales_and_mins(w3, o)
-                    s0 = s1 = s2 = s3 = np.float32(0.0)  # sum_j sc[j] * (x . q over sub-block j)
-                    n0 = n1 = n2 = n3 = np.float32(0.0)  # sum_j m[j] * (sum of x over sub-block j)
-                    for j in range(8):
-                        xs = xsums[t, 8 * b + j]
-                        n0 += _byte(m0, j) * xs
-                        n1 += _byte(m1, j) * xs
-                        n2 += _byte(m2, j) * xs
-                        n3 += _byte(m3, j) * xs
-                    for g in range(4):
-                        c = 256 * b + 64 * g
-                        l0 = l1 = l2 = l3 = h0 = h1 = h2 = h3 = np.float32(0.0)
-                        for i in range(32):
-                            x_low, x_high = x[t, c + i], x[t, c + 32 + i]
-                            q_low, q_high = _low_and_high(w0, o, g, i, five)
-                            l0 += x_low * q_low
-                            h0 += x_high * q_high
-                            q_low, q_high = _low_and_high(w1, o, g, i, five)
-                            l1 += x_low * q_low
-                            h1 += x_high * q_high
-                            q_low, q_high = _low_and_high(w2, o, g, i, five)
-                            l2 += x_low * q_low
-                            h2 += x_high * q_high
-                            q_low, q_high = _low_and_high(w3, o, g, i, five)
-                            l3 += x_low * q_low
-                            h3 += x_high * q_high
-                        s0 += _byte(sc0, 2 * g) * l0 + _byte(sc0, 2 * g + 1) * h0
-                        s1 += _byte(sc1, 2 * g) * l1 + _byte(sc1, 2 * g + 1) * h1
-                        s2 += _byte(sc2, 2 * g) * l2 + _byte(sc2, 2 * g + 1) * h2
-                        s3 += _byte(sc3, 2 * g) * l3 + _byte(sc3, 2 * g + 1) * h3
-                    a0 += _f16_at(w0, o) * s0 - _f16_at(w0, o + 2) * n0
-                    a1 += _f16_at(w1, o) * s1 - _f16_at(w1, o + 2) * n1
-                    a2 += _f16_at(w2, o) * s2 - _f16_at(w2, o + 2) * n2
-                    a3 += _f16_at(w3, o) * s3 - _f16_at(w3, o + 2) * n3
-                y[t, r0], y[t, r1], y[t, r2], y[t, r3] = a0, a1, a2, a3
+        sums = _sums_of_32(x)  # (T, K // 32): the sum of x over each sub-block, shared by all rows
+        for item in prange((data.shape[0] + 1) // 2):
+            r0, r1 = _two_rows(data, item)
+            for t in range(x.shape[0]):
+                y[t, r0], y[t, r1] = vector.k_quant_dot(five, t == 0, x[t], sums[t], data, r0)
 
     @njit(cache=True, nogil=True)
     def widen_rows(data, out):
