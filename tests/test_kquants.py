@@ -12,12 +12,13 @@ Tolerances, and why:
   GGML, in the `gguf` package and in both kernels alike.
 - linear: |fast - ref| <= 2e-5 * (|x| @ M.T) + 1e-30, with M = |d * sc * q| + |dmin * m| per weight (Q6_K:
   M = |w|). The fused Q4_K/Q5_K kernel (kernels/vector.py) sums x * q per sub-block of 32 in 8 lanes of 4,
-  scales each lane by d * sc (exact) into the row's accumulator, adds dmin * m[j] * (sum of x over sub-block
-  j, 32 terms) to lane j, over K / 256 super-blocks, and adds the 8 lanes at the end: at most
-  32 + 2 + 9 * 4 + 3 = 73 roundings on any path for K <= 1024, so its error is at most 73 * 2^-24 = 4.4e-6 of the sum of
-  the magnitudes of everything it adds, which is |x| @ M.T, not |x| @ |w|.T: d * sc * q and dmin * m may
-  nearly cancel in w. (The same bound holds for Q6_K, whose products d * sc * (q - 32) are w exactly.) The
-  reference rounds w once (2^-24 |w| <= 2^-24 M) and lets BLAS sum K <= 1024 products in at most K / 8 + 8
+  scales each lane by d * sc (exact) into the row's accumulator, adds dmin * m[j] * (sum of x over
+  sub-block j, 32 terms) to lane j, over K / 256 super-blocks, and adds the 8 lanes at the end: at most
+  32 + 2 + 9 * 4 + 3 = 73 roundings on any path for K <= 1024, so its error is at most 73 * 2^-24 = 4.4e-6
+  of the sum of the magnitudes of everything it adds, which is |x| @ M.T, not |x| @ |w|.T: d * sc * q and
+  dmin * m may nearly cancel in w. (The same bound holds for Q6_K, where M = |w|: x . (q - 32) in lanes of
+  2 per sub-block of 16, scaled by d * sc, 16 sub-blocks per super-block: at most 2 + 1 + 16 * 4 + 3 = 70
+  roundings.) The reference rounds w once (2^-24 |w| <= 2^-24 M) and lets BLAS sum K <= 1024 products in at most K / 8 + 8
   steps per lane: 136 * 2^-24 = 8.1e-6. Together under 1.3e-5, so 2e-5 holds in the worst case; a wrong
   scale, nibble or bit is off by a whole weight, about 1e-2 of M or more. The BLAS path (many tokens) unpacks
   tiles exactly, so it differs from the reference only in how BLAS groups the sums.

@@ -20,9 +20,10 @@ AMD EPYC (Zen 3, AVX2) machine, each kernel against the Q8_0 kernel in the same 
   minimums come out of three 32-bit words with four masks (`_scales_and_mins` here for the row unpacking,
   `_six_bit_scales` there); unpacked one by one into a scratch array they took 30 % of the time. The
   plain Numba loop this replaced ran 1.5-1.7x slower (docs/kernels.md, "Explicit vector loops").
-- Q6_K: its sub-blocks of 16 are too short to sum apart (adding up a vector register per 16 weights costs
-  as much as the weights), so the weight d * sc * (q - 32) is made in a register and multiplied with x.
-  Two rows per block: four were no faster.
+- Q6_K: explicit vector code too (`q6_k_block_dot`): per sub-block of 16, x . (q - 32) in 8 lanes of 2,
+  scaled by d * sc into the row's one accumulator, one row per work item. The plain loop before it made
+  the weight d * sc * (q - 32) in a register and multiplied it with x (its sub-blocks of 16 were too short
+  to sum apart with a horizontal sum each); the vector loop ran 1.4-1.5x faster.
 Unpacking each super-block once into a buffer of small integers and then multiplying (amortised over
 tokens) was also tried: slower for Q4_K and Q5_K at one token, faster only for Q6_K.
 """
@@ -34,7 +35,6 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .prefetch import prefetch_span
 from . import vector
 from .quantized import KERNELS, MatrixKernels, _f16_at, _i8, _sums_of_32, _two_rows, _u32_at
 from .runtime import FASTMATH
@@ -177,34 +177,13 @@ def _q6_k_scales(row, o, h, k):
 def _q6_k_matmul(x, data, y):
     """y[t, r] = sum over sub-blocks j of (d * sc[j]) * (x . (q - 32) over sub-block j).
 
-    One work item = two rows r0, r1 (the last item repeats row N - 1 when N is odd). Per token, super-block
-    half h and sixteen i's (k), the four quarters' weights d * sc * (q - 32) are made in registers and
-    multiplied with x; two accumulators, one per row; the i loop vectorises.
+    One work item = one row. Per token, one `vector.q6_k_dot` walks the row's super-blocks in 8-lane vectors
+    (vector.py draws the loop: the 6-bit q of four quarters from two ql and one qh byte vector, x . (q - 32)
+    per sub-block of 16, scaled by d * sc into one accumulator). The first token prefetches the bytes ahead.
     """
-    T, K = x.shape
-    N, L = data.shape
-    for item in prange((N + 1) // 2):
-        r0 = 2 * item
-        r1 = min(r0 + 1, N - 1)
-        w0, w1 = data[r0], data[r1]
-        for t in range(T):
-            a0 = a1 = np.float32(0.0)
-            for b in range(K // 256):
-                o = 210 * b
-                if t == 0:
-                    prefetch_span(data, r0 * L + 2 * o, 2 * 210)  # the bytes a few items further on
-                for h in range(2):
-                    for k in range(2):
-                        d00, d01, d02, d03 = _q6_k_scales(w0, o, h, k)
-                        d10, d11, d12, d13 = _q6_k_scales(w1, o, h, k)
-                        c = 256 * b + 128 * h
-                        for i in range(16 * k, 16 * k + 16):
-                            x0, x1, x2, x3 = x[t, c + i], x[t, c + 32 + i], x[t, c + 64 + i], x[t, c + 96 + i]
-                            q0, q1, q2, q3 = _q6_k_quarters(w0, o, h, i)
-                            a0 += x0 * (d00 * q0) + x1 * (d01 * q1) + x2 * (d02 * q2) + x3 * (d03 * q3)
-                            q0, q1, q2, q3 = _q6_k_quarters(w1, o, h, i)
-                            a1 += x0 * (d10 * q0) + x1 * (d11 * q1) + x2 * (d12 * q2) + x3 * (d13 * q3)
-            y[t, r0], y[t, r1] = a0, a1
+    for r in prange(data.shape[0]):
+        for t in range(x.shape[0]):
+            y[t, r] = vector.q6_k_dot(t == 0, x[t], data, r)
 
 
 @njit(cache=True, nogil=True)
