@@ -1,5 +1,6 @@
 """Block dot products of packed weights, written as explicit 8-lane vector loops: the decode kernels of Q8_0
-and GGML's legacy types (Q4_0, Q4_1, Q5_0, Q5_1) in quantized.py call them.
+and GGML's legacy types (Q4_0, Q4_1, Q5_0, Q5_1) in quantized.py call `dot`, those of the K-quants in
+kquants.py `k_quant_dot` (Q4_K, Q5_K) and `q6_k_dot` (Q6_K), whose sections below say how they differ.
 
 Why explicit vectors. These products are bound by arithmetic on an AVX2 CPU: each weight is unpacked to
 float32 and multiplied, and the memory brings the bytes faster than the core unpacks them. So every
