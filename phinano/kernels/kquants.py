@@ -141,10 +141,12 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
                         out[r, c + i] = d_low * q_low - m_low
                         out[r, c + 32 + i] = d_high * q_high - m_high
 
-    # The fused kernel unpacks every byte again for each token, a tile only once: measured with
-    # `scripts/kernel_bench.py --prefill` (16384 x 3072, 2 threads), tiles + BLAS passed the fused kernel
-    # at 12 tokens for Q4_K (7.3 vs 5.5 GFLOP/s; even at 8) and at 8 for Q5_K (4.8 vs 3.5).
-    return MatrixKernels(matmul, widen_rows, blas_min_tokens=8 if five else 12)
+    # The fused kernel unpacks every byte again for each token, a tile only once. Q4_K with the explicit
+    # vector loop, 16384 x 3072, 2 threads, ms fused / tiles + BLAS, medians of 5, two runs (AMD EPYC Zen 3,
+    # 2026-11-30): 16 tokens 47 / 49 and 39 / 46, 20 tokens 58 / 49 and 50 / 54, 24 tokens 59 / 54 and
+    # 60 / 55. Q5_K's switch (8) was measured with the plain loop before it (`scripts/kernel_bench.py
+    # --prefill`: tiles 4.8 against 3.5 GFLOP/s at 8 tokens).
+    return MatrixKernels(matmul, widen_rows, blas_min_tokens=8 if five else 20)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -220,12 +220,14 @@ KERNELS: dict[str, MatrixKernels] = {
     # bytes again) and tiles + BLAS pass it between 16 and 32 tokens (`scripts/kernel_bench.py --prefill`,
     # docs/kernels.md).
     "Q8_0": MatrixKernels(_vector_matmul("Q8_0"), _q8_0_dequantize_rows, blas_min_tokens=32),
-    # The legacy types unpack more per weight than Q8_0, and the fused kernel unpacks again for every token,
-    # so tiles + BLAS pass it sooner: the 4-bit types between 8 and 12 tokens, the 5-bit ones between 4 and 8
-    # (AMD EPYC guest, 2 threads, load average 4-5 from other jobs; 16384 x 3072, best of 5;
-    # `scripts/kernel_bench.py --prefill`).
-    "Q4_0": _legacy_kernels("Q4_0", has_min=False, has_qh=False, blas_min_tokens=12),
-    "Q4_1": _legacy_kernels("Q4_1", has_min=True, has_qh=False, blas_min_tokens=12),
+    # The fused kernel unpacks the bytes again for every token, a tile only once. Q4_0 with the explicit
+    # vector loop, 16384 x 3072, 2 threads, ms fused / tiles + BLAS, medians of 5, two runs (AMD EPYC Zen 3,
+    # 2026-11-30): 20 tokens 43 / 53 and 42 / 53, 24 tokens 60 / 53 and 49 / 49, 32 tokens 72 / 61 and 65 / 56.
+    # Q4_1 unpacks at about the same rate (docs/quantization.md) and takes the same switch. The 5-bit types'
+    # switch was measured with the plain loops they had before (between 4 and 8 tokens, AMD EPYC guest, load
+    # average 4-5 from other jobs; `scripts/kernel_bench.py --prefill`).
+    "Q4_0": _legacy_kernels("Q4_0", has_min=False, has_qh=False, blas_min_tokens=24),
+    "Q4_1": _legacy_kernels("Q4_1", has_min=True, has_qh=False, blas_min_tokens=24),
     "Q5_0": _legacy_kernels("Q5_0", has_min=False, has_qh=True, blas_min_tokens=8),
     "Q5_1": _legacy_kernels("Q5_1", has_min=True, has_qh=True, blas_min_tokens=8),
 }
