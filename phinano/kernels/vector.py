@@ -36,6 +36,10 @@ and in the rounding of that share (tests/test_quantized.py states the bound).
 With `first` (the first token of a call, when the bytes come from memory) it also asks for the bytes
 PREFETCH_AHEAD beyond the blocks it reads (prefetch.py: one `prefetcht1` per 64-byte line of the R rows'
 blocks). `kind` is a constant where the kernels call it, so the other types' branches compile away.
+
+Editing this file: Numba's on-disk cache keys each compiled kernel on the file that defines it
+(quantized.py, kquants.py), not on the files its helpers come from. After a change here, touch those two
+files (or delete phinano/kernels/__pycache__), or the kernels keep running the old loops.
 """
 
 from __future__ import annotations
@@ -79,6 +83,22 @@ def _load(builder, pointer, offset, element_type):
     return builder.load(builder.bitcast(at, element_type.as_pointer()), align=1)
 
 
+def _ints(builder, pointer, offset, signed=False):
+    """The 8 bytes at byte `offset` of an i8 pointer as 8 int32 lanes, zero- (or sign-) extended."""
+    raw = _load(builder, pointer, offset, _BYTES8)
+    return builder.sext(raw, _INTS8) if signed else builder.zext(raw, _INTS8)
+
+
+def _floats(builder, pointer, index):
+    """The 8 float32 at element `index` (an i64) of a float pointer."""
+    return builder.load(builder.bitcast(builder.gep(pointer, [index]), _FLOATS8.as_pointer()), align=4)
+
+
+def _bit_to_16s(builder, ints, shift):
+    """(ints >> shift & 1) << 4 lane by lane: one bit of each lane moved to the 16s place (shift: a vector)."""
+    return builder.shl(builder.and_(builder.lshr(ints, shift), _const(_INTS8, 1)), _const(_INTS8, 4))
+
+
 def _f16(builder, pointer, offset):
     """The little-endian float16 at byte `offset`, as float32 (exact; vcvtph2ps with F16C)."""
     return builder.fpext(_load(builder, pointer, offset, ir.HalfType()), _F32)
@@ -102,7 +122,7 @@ def _plus(builder, offset, n):
 def _q8_0_integers(builder, block):
     """Q8_0 (d at 0, 32 int8 q at 2): q[8k .. 8k + 7] as float32, sign-extended from the bytes."""
     row, o = block
-    return [builder.sitofp(builder.sext(_load(builder, row, _plus(builder, o, 2 + 8 * k), _BYTES8), _INTS8), _FLOATS8)
+    return [builder.sitofp(_ints(builder, row, _plus(builder, o, 2 + 8 * k), signed=True), _FLOATS8)
             for k in range(4)]
 
 
@@ -112,16 +132,16 @@ def _nibble_integers(qs_at, qh_at):
 
     def integers(builder, block):
         row, o = block
-        low8 = builder.zext(_load(builder, row, _plus(builder, o, qs_at), _BYTES8), _INTS8)  # bytes 0..7
-        high8 = builder.zext(_load(builder, row, _plus(builder, o, qs_at + 8), _BYTES8), _INTS8)  # bytes 8..15
+        low8 = _ints(builder, row, _plus(builder, o, qs_at))  # bytes 0..7
+        high8 = _ints(builder, row, _plus(builder, o, qs_at + 8))  # bytes 8..15
         fifteen, four = _const(_INTS8, 15), _const(_INTS8, 4)
         q = [builder.and_(low8, fifteen), builder.and_(high8, fifteen),  # q[0..7], q[8..15]
              builder.lshr(low8, four), builder.lshr(high8, four)]  # q[16..23], q[24..31]
         if qh_at is not None:
             qh = _splat(builder, _load(builder, row, _plus(builder, o, qh_at), _I32), _INTS8)
             for k in range(4):  # lane i of q[k] takes bit 8k + i of qh, moved to the 16s place
-                bits = builder.lshr(qh, ir.Constant(_INTS8, [8 * k + i for i in range(LANES)]))
-                q[k] = builder.or_(q[k], builder.shl(builder.and_(bits, _const(_INTS8, 1)), four))
+                bit = ir.Constant(_INTS8, [8 * k + i for i in range(LANES)])
+                q[k] = builder.or_(q[k], _bit_to_16s(builder, qh, bit))
         return [builder.sitofp(v, _FLOATS8) for v in q]
 
     return integers
@@ -140,19 +160,31 @@ _BLOCKS = {
 # ------------------------------------------------------------------------------------------- the dot product
 
 
+def _arguments_ok(x, data, r0, sums=None) -> bool:
+    """What every dot intrinsic accepts: x and sums 1-D C float32, data 2-D C uint8, r0 an integer."""
+    def floats(a):
+        return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 and a.layout == "C"
+
+    packed = isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C" and data.dtype == types.uint8
+    return floats(x) and (sums is None or floats(sums)) and packed and isinstance(r0, types.Integer)
+
+
+def _arrays(context, builder, signature, args, n):
+    """The first n arguments' array structures (.data, .shape)."""
+    return [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:n], args[:n])]
+
+
 def block_dot(qtype: str, rows: int, prefetch: bool):
     """The intrinsic (x, sums, data, r0) -> UniTuple(float32, rows) of one block type (module docstring)."""
     size, integers, m_at, zero = _BLOCKS[qtype]
 
     @intrinsic
     def dot(typingctx, x, sums, data, r0):
-        if not (isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C" and data.dtype == types.uint8):
-            return None
-        if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 1 and x.layout == "C"):
+        if not _arguments_ok(x, data, r0, sums):
             return None
 
         def codegen(context, builder, signature, args):
-            xs, block_sums, packed = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:3], args[:3]))
+            xs, block_sums, packed = _arrays(context, builder, signature, args, 3)
             (K,) = cgutils.unpack_tuple(builder, xs.shape, 1)
             N, L = cgutils.unpack_tuple(builder, packed.shape, 2)
             base = builder.bitcast(packed.data, _I8.as_pointer())
@@ -164,9 +196,8 @@ def block_dot(qtype: str, rows: int, prefetch: bool):
             with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 32))) as loop:
                 b = loop.index
                 o = builder.mul(b, ir.Constant(_I64, size))  # the block's byte offset in a row
-                x_at = builder.gep(xs.data, [builder.mul(b, ir.Constant(_I64, 32))])
-                xv = [builder.load(builder.bitcast(builder.gep(x_at, [ir.Constant(_I64, LANES * k)]),
-                                                   _FLOATS8.as_pointer()), align=4) for k in range(4)]
+                c = builder.mul(b, ir.Constant(_I64, 32))  # the block's first column
+                xv = [_floats(builder, xs.data, _plus(builder, c, LANES * k)) for k in range(4)]
                 block_sum = builder.load(builder.gep(block_sums.data, [b]))
                 if prefetch:  # the bytes PREFETCH_AHEAD beyond where the R rows are read, as prefetch_span
                     _prefetch_lines(builder, base, builder.add(starts[0], builder.mul(o, ir.Constant(_I64, rows))),
@@ -286,30 +317,24 @@ def k_quant_block_dot(five: bool, rows: int, prefetch: bool):
 
     @intrinsic
     def dot(typingctx, x, sums, data, r0):
-        if not (isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C" and data.dtype == types.uint8):
-            return None
-        if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 1 and x.layout == "C"):
+        if not _arguments_ok(x, data, r0, sums):
             return None
 
         def codegen(context, builder, signature, args):
-            xs, block_sums, packed = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:3], args[:3]))
+            xs, block_sums, packed = _arrays(context, builder, signature, args, 3)
             (K,) = cgutils.unpack_tuple(builder, xs.shape, 1)
             N, L = cgutils.unpack_tuple(builder, packed.shape, 2)
             base = builder.bitcast(packed.data, _I8.as_pointer())
             starts = _row_starts(builder, args[3], rows, N, L)
             acc = [cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)]
             last_byte = builder.sub(builder.mul(N, L), ir.Constant(_I64, 1))
-            fifteen, four, one = _const(_INTS8, 15), _const(_INTS8, 4), _const(_INTS8, 1)
-
-            def x_at(offset):  # 8 values of x from element `offset` (an i64)
-                return builder.load(builder.bitcast(builder.gep(xs.data, [offset]), _FLOATS8.as_pointer()), align=4)
+            fifteen, four = _const(_INTS8, 15), _const(_INTS8, 4)
 
             with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 256))) as loop:
                 b = loop.index
                 o = builder.mul(b, ir.Constant(_I64, size))
                 c0 = builder.mul(b, ir.Constant(_I64, 256))  # the super-block's first column
-                sub_sums = builder.load(builder.bitcast(builder.gep(block_sums.data, [builder.mul(b, ir.Constant(_I64, 8))]),
-                                                        _FLOATS8.as_pointer()), align=4)  # (8,) sums of x per sub-block
+                sub_sums = _floats(builder, block_sums.data, builder.mul(b, ir.Constant(_I64, 8)))  # (8,) sums of x
                 if prefetch:
                     _prefetch_lines(builder, base, builder.add(starts[0], builder.mul(o, ir.Constant(_I64, rows))),
                                     rows * size, last_byte)
@@ -323,18 +348,18 @@ def k_quant_block_dot(five: bool, rows: int, prefetch: bool):
                     builder.store(_fma(builder, minus_dm[k], sub_sums, builder.load(acc[k])), acc[k])
                 for g in range(4):
                     col = _plus(builder, c0, 64 * g)
-                    x_low = [x_at(_plus(builder, col, 8 * i)) for i in range(4)]  # sub-block 2g
-                    x_high = [x_at(_plus(builder, col, 32 + 8 * i)) for i in range(4)]  # sub-block 2g + 1
+                    x_low = [_floats(builder, xs.data, _plus(builder, col, 8 * i)) for i in range(4)]  # sub-block 2g
+                    x_high = [_floats(builder, xs.data, _plus(builder, col, 32 + 8 * i)) for i in range(4)]  # 2g + 1
                     for k in range(rows):
                         row_o = builder.add(starts[k], o)
                         s_low = s_high = None
                         for i in range(4):  # bytes 8i .. 8i + 7 of the pair's 32
-                            byte = builder.zext(_load(builder, base, _plus(builder, row_o, qs_at + 32 * g + 8 * i), _BYTES8), _INTS8)
+                            byte = _ints(builder, base, _plus(builder, row_o, qs_at + 32 * g + 8 * i))
                             low, high = builder.and_(byte, fifteen), builder.lshr(byte, four)
-                            if five:
-                                qh = builder.zext(_load(builder, base, _plus(builder, row_o, 16 + 8 * i), _BYTES8), _INTS8)
-                                low = builder.or_(low, builder.shl(builder.and_(builder.lshr(qh, _const(_INTS8, 2 * g)), one), four))
-                                high = builder.or_(high, builder.shl(builder.and_(builder.lshr(qh, _const(_INTS8, 2 * g + 1)), one), four))
+                            if five:  # bits 2g and 2g + 1 of qh[i]
+                                qh = _ints(builder, base, _plus(builder, row_o, 16 + 8 * i))
+                                low = builder.or_(low, _bit_to_16s(builder, qh, _const(_INTS8, 2 * g)))
+                                high = builder.or_(high, _bit_to_16s(builder, qh, _const(_INTS8, 2 * g + 1)))
                             low, high = builder.sitofp(low, _FLOATS8), builder.sitofp(high, _FLOATS8)
                             if i == 0:
                                 s_low = builder.fmul(x_low[0], low, flags=_FAST)
@@ -365,6 +390,22 @@ def k_quant_block_dot(five: bool, rows: int, prefetch: bool):
 #     acc  += (d sc[j]) s[u]
 
 
+def _q6_k_quarters(builder, first, second, high):
+    """q - 32 of quarters 0..3 at 8 positions i, as float32 lanes (exact): the low nibbles of the ql bytes
+    `first` (quarter 0) and `second` (1), their high nibbles (2, 3), each with bit pair 2u, 2u + 1 of the qh
+    bytes `high` on top (the 16s and 32s places). All three are int32 lanes of bytes."""
+    fifteen, four, two = _const(_INTS8, 15), _const(_INTS8, 4), _const(_INTS8, 2)
+
+    def q(nibble, pair):  # nibble | pair & 48 (the pair already shifted to bits 4-5), minus 32
+        six = builder.or_(nibble, builder.and_(pair, _const(_INTS8, 48)))
+        return builder.sitofp(builder.sub(six, _const(_INTS8, 32)), _FLOATS8)
+
+    return [q(builder.and_(first, fifteen), builder.shl(high, four)),  # bits 0-1 -> 4-5
+            q(builder.and_(second, fifteen), builder.shl(high, two)),  # bits 2-3
+            q(builder.lshr(first, four), high),  # bits 4-5
+            q(builder.lshr(second, four), builder.lshr(high, two))]  # bits 6-7
+
+
 def q6_k_block_dot(rows: int, prefetch: bool):
     """The intrinsic (x, data, r0) -> UniTuple(float32, rows) of Q6_K, with the arguments of `block_dot`
     but sums (Q6_K has no minimums)."""
@@ -372,27 +413,20 @@ def q6_k_block_dot(rows: int, prefetch: bool):
 
     @intrinsic
     def dot(typingctx, x, data, r0):
-        if not (isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C" and data.dtype == types.uint8):
-            return None
-        if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 1 and x.layout == "C"):
+        if not _arguments_ok(x, data, r0):
             return None
 
         def codegen(context, builder, signature, args):
-            xs = context.make_array(signature.args[0])(context, builder, args[0])
-            packed = context.make_array(signature.args[1])(context, builder, args[1])
+            xs, packed = _arrays(context, builder, signature, args, 2)
             (K,) = cgutils.unpack_tuple(builder, xs.shape, 1)
             N, L = cgutils.unpack_tuple(builder, packed.shape, 2)
             base = builder.bitcast(packed.data, _I8.as_pointer())
             starts = _row_starts(builder, args[2], rows, N, L)
             acc = [cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)]
             last_byte = builder.sub(builder.mul(N, L), ir.Constant(_I64, 1))
-            fifteen, high_bits, thirty_two = _const(_INTS8, 15), _const(_INTS8, 48), _const(_INTS8, 32)
 
             def bytes8(row_o, at):  # 8 bytes of the row, zero-extended into int32 lanes
-                return builder.zext(_load(builder, base, _plus(builder, row_o, at), _BYTES8), _INTS8)
-
-            def x_at(offset):
-                return builder.load(builder.bitcast(builder.gep(xs.data, [offset]), _FLOATS8.as_pointer()), align=4)
+                return _ints(builder, base, _plus(builder, row_o, at))
 
             with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 256))) as loop:
                 b = loop.index
@@ -410,22 +444,18 @@ def q6_k_block_dot(rows: int, prefetch: bool):
                         for half in range(2)])
                 for h in range(2):
                     for v in range(2):
-                        cols = [[x_at(_plus(builder, c0, 128 * h + 32 * u + 16 * v + 8 * e)) for e in range(2)]
-                                for u in range(4)]  # x of quarter u, i in 16v .. 16v + 15, as two vectors
+                        cols = [[_floats(builder, xs.data, _plus(builder, c0, 128 * h + 32 * u + 16 * v + 8 * e))
+                                 for e in range(2)] for u in range(4)]  # x of quarter u, i in 16v .. 16v + 15
                         for k in range(rows):
                             row_o = builder.add(starts[k], o)
                             s = [None] * 4
                             for e in range(2):  # i in 16v + 8e .. + 7
                                 i = 16 * v + 8 * e
-                                first, second = bytes8(row_o, 64 * h + i), bytes8(row_o, 64 * h + 32 + i)
-                                high = bytes8(row_o, 128 + 32 * h + i)
-                                q = [builder.or_(builder.and_(first, fifteen), builder.and_(builder.shl(high, _const(_INTS8, 4)), high_bits)),
-                                     builder.or_(builder.and_(second, fifteen), builder.and_(builder.shl(high, _const(_INTS8, 2)), high_bits)),
-                                     builder.or_(builder.lshr(first, _const(_INTS8, 4)), builder.and_(high, high_bits)),
-                                     builder.or_(builder.lshr(second, _const(_INTS8, 4)), builder.and_(builder.lshr(high, _const(_INTS8, 2)), high_bits))]
+                                q = _q6_k_quarters(builder, bytes8(row_o, 64 * h + i), bytes8(row_o, 64 * h + 32 + i),
+                                                   bytes8(row_o, 128 + 32 * h + i))
                                 for u in range(4):
-                                    w = builder.sitofp(builder.sub(q[u], thirty_two), _FLOATS8)  # q - 32, exact
-                                    s[u] = builder.fmul(cols[u][e], w, flags=_FAST) if e == 0 else _fma(builder, cols[u][e], w, s[u])
+                                    s[u] = (builder.fmul(cols[u][e], q[u], flags=_FAST) if e == 0
+                                            else _fma(builder, cols[u][e], q[u], s[u]))
                             for u in range(4):
                                 j = v + 2 * u  # the sub-block within this half
                                 scale = _lane(builder, dsc[k][h], j)
