@@ -44,6 +44,8 @@ files (or delete phinano/kernels/__pycache__), or the kernels keep running the o
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -169,59 +171,95 @@ def _arguments_ok(x, data, r0, sums=None) -> bool:
     return floats(x) and (sums is None or floats(sums)) and packed and isinstance(r0, types.Integer)
 
 
-def _arrays(context, builder, signature, args, n):
-    """The first n arguments' array structures (.data, .shape)."""
-    return [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:n], args[:n])]
+class _Start(NamedTuple):
+    """What every dot loop starts from (`_start`)."""
+
+    x: object  # the float pointer of x (K,)
+    sums: object  # that of sums (K // 32,), or None (Q6_K's intrinsic takes no sums)
+    packed: object  # the packed matrix (N, L) as an i8 pointer
+    K: object  # i64
+    starts: list  # (R,) i64 byte offsets of the rows in packed (`_row_starts`)
+    acc: list  # (R,) one zeroed 8-lane float32 accumulator per row (allocas, kept in registers)
+    last_byte: object  # N * L - 1, where prefetches are clamped
+
+
+def _start(context, builder, signature, args, rows):
+    """The arguments (x, [sums,] data, r0) of a dot intrinsic unpacked for its loop."""
+    arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:-1], args[:-1])]
+    xs, packed = arrays[0], arrays[-1]
+    (K,) = cgutils.unpack_tuple(builder, xs.shape, 1)
+    N, L = cgutils.unpack_tuple(builder, packed.shape, 2)
+    return _Start(x=xs.data, sums=arrays[1].data if len(arrays) == 3 else None,
+                  packed=builder.bitcast(packed.data, _I8.as_pointer()), K=K,
+                  starts=_row_starts(builder, args[-1], rows, N, L),
+                  acc=[cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)],
+                  last_byte=builder.sub(builder.mul(N, L), ir.Constant(_I64, 1)))
+
+
+def _dot_intrinsic(rows: int, with_sums: bool, emit):
+    """An intrinsic (x, [sums,] data, r0) -> UniTuple(float32, rows): the arguments checked and unpacked
+    (`_start`), then `emit(builder, w)` writes one block type's loop into w.acc, and each row's result is
+    the sum of its accumulator's lanes (plus the scalar that `emit` returns for it, if any)."""
+
+    def codegen(context, builder, signature, args):
+        w = _start(context, builder, signature, args, rows)
+        extra = emit(builder, w)
+        out = [_lane_sum(builder, builder.load(w.acc[k])) for k in range(rows)]
+        if extra is not None:
+            out = [builder.fadd(o, builder.load(e), flags=_FAST) for o, e in zip(out, extra)]
+        return context.make_tuple(builder, signature.return_type, out)
+
+    if with_sums:
+
+        @intrinsic
+        def dot(typingctx, x, sums, data, r0):
+            if _arguments_ok(x, data, r0, sums):
+                return types.UniTuple(types.float32, rows)(x, sums, data, r0), codegen
+            return None
+
+        return dot
+
+    @intrinsic
+    def dot_without_sums(typingctx, x, data, r0):
+        if _arguments_ok(x, data, r0):
+            return types.UniTuple(types.float32, rows)(x, data, r0), codegen
+        return None
+
+    return dot_without_sums
 
 
 def block_dot(qtype: str, rows: int, prefetch: bool):
     """The intrinsic (x, sums, data, r0) -> UniTuple(float32, rows) of one block type (module docstring)."""
     size, integers, m_at, zero = _BLOCKS[qtype]
 
-    @intrinsic
-    def dot(typingctx, x, sums, data, r0):
-        if not _arguments_ok(x, data, r0, sums):
-            return None
+    def emit(builder, w):
+        base, starts, acc = w.packed, w.starts, w.acc
+        mins = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)]
 
-        def codegen(context, builder, signature, args):
-            xs, block_sums, packed = _arrays(context, builder, signature, args, 3)
-            (K,) = cgutils.unpack_tuple(builder, xs.shape, 1)
-            N, L = cgutils.unpack_tuple(builder, packed.shape, 2)
-            base = builder.bitcast(packed.data, _I8.as_pointer())
-            starts = _row_starts(builder, args[3], rows, N, L)  # (R,) byte offsets of the rows in `packed`
-            acc = [cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)]
-            mins = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)]
-            last_byte = builder.sub(builder.mul(N, L), ir.Constant(_I64, 1))
+        with cgutils.for_range(builder, builder.udiv(w.K, ir.Constant(_I64, 32))) as loop:
+            b = loop.index
+            o = builder.mul(b, ir.Constant(_I64, size))  # the block's byte offset in a row
+            c = builder.mul(b, ir.Constant(_I64, 32))  # the block's first column
+            xv = [_floats(builder, w.x, _plus(builder, c, LANES * k)) for k in range(4)]
+            block_sum = builder.load(builder.gep(w.sums, [b]))
+            if prefetch:  # the bytes PREFETCH_AHEAD beyond where the R rows are read, as prefetch_span
+                _prefetch_lines(builder, base, builder.add(starts[0], builder.mul(o, ir.Constant(_I64, rows))),
+                                rows * size, w.last_byte)
+            share = _splat(builder, builder.fmul(block_sum, ir.Constant(_F32, -zero / 8))) if zero else None
+            for k in range(rows):
+                row_o = builder.add(starts[k], o)
+                q = integers(builder, (base, row_o))
+                s = share if share is not None else builder.fmul(xv[0], q[0], flags=_FAST)
+                for j in range(0 if share is not None else 1, 4):
+                    s = _fma(builder, xv[j], q[j], s)
+                d = _splat(builder, _f16(builder, base, row_o))
+                builder.store(_fma(builder, d, s, builder.load(acc[k])), acc[k])
+                if m_at is not None:
+                    m = _f16(builder, base, _plus(builder, row_o, m_at))
+                    builder.store(_fma(builder, m, block_sum, builder.load(mins[k])), mins[k])
+        return mins  # added to each row's lane sum
 
-            with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 32))) as loop:
-                b = loop.index
-                o = builder.mul(b, ir.Constant(_I64, size))  # the block's byte offset in a row
-                c = builder.mul(b, ir.Constant(_I64, 32))  # the block's first column
-                xv = [_floats(builder, xs.data, _plus(builder, c, LANES * k)) for k in range(4)]
-                block_sum = builder.load(builder.gep(block_sums.data, [b]))
-                if prefetch:  # the bytes PREFETCH_AHEAD beyond where the R rows are read, as prefetch_span
-                    _prefetch_lines(builder, base, builder.add(starts[0], builder.mul(o, ir.Constant(_I64, rows))),
-                                    rows * size, last_byte)
-                share = _splat(builder, builder.fmul(block_sum, ir.Constant(_F32, -zero / 8))) if zero else None
-                for k in range(rows):
-                    row_o = builder.add(starts[k], o)
-                    q = integers(builder, (base, row_o))
-                    s = share if share is not None else builder.fmul(xv[0], q[0], flags=_FAST)
-                    for j in range(0 if share is not None else 1, 4):
-                        s = _fma(builder, xv[j], q[j], s)
-                    d = _splat(builder, _f16(builder, base, row_o))
-                    builder.store(_fma(builder, d, s, builder.load(acc[k])), acc[k])
-                    if m_at is not None:
-                        m = _f16(builder, base, _plus(builder, row_o, m_at))
-                        builder.store(_fma(builder, m, block_sum, builder.load(mins[k])), mins[k])
-
-            out = [builder.fadd(_lane_sum(builder, builder.load(acc[k])), builder.load(mins[k]), flags=_FAST)
-                   for k in range(rows)]
-            return context.make_tuple(builder, signature.return_type, out)
-
-        return types.UniTuple(types.float32, rows)(x, sums, data, r0), codegen
-
-    return dot
+    return _dot_intrinsic(rows, True, emit)
 
 
 def _row_starts(builder, first, rows, N, L):
@@ -315,67 +353,51 @@ def k_quant_block_dot(five: bool, rows: int, prefetch: bool):
     with the arguments of `block_dot`."""
     size, qs_at = (176, 48) if five else (144, 16)
 
-    @intrinsic
-    def dot(typingctx, x, sums, data, r0):
-        if not _arguments_ok(x, data, r0, sums):
-            return None
+    def emit(builder, w):
+        base, starts, acc = w.packed, w.starts, w.acc
+        fifteen, four = _const(_INTS8, 15), _const(_INTS8, 4)
 
-        def codegen(context, builder, signature, args):
-            xs, block_sums, packed = _arrays(context, builder, signature, args, 3)
-            (K,) = cgutils.unpack_tuple(builder, xs.shape, 1)
-            N, L = cgutils.unpack_tuple(builder, packed.shape, 2)
-            base = builder.bitcast(packed.data, _I8.as_pointer())
-            starts = _row_starts(builder, args[3], rows, N, L)
-            acc = [cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)]
-            last_byte = builder.sub(builder.mul(N, L), ir.Constant(_I64, 1))
-            fifteen, four = _const(_INTS8, 15), _const(_INTS8, 4)
-
-            with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 256))) as loop:
-                b = loop.index
-                o = builder.mul(b, ir.Constant(_I64, size))
-                c0 = builder.mul(b, ir.Constant(_I64, 256))  # the super-block's first column
-                sub_sums = _floats(builder, block_sums.data, builder.mul(b, ir.Constant(_I64, 8)))  # (8,) sums of x
-                if prefetch:
-                    _prefetch_lines(builder, base, builder.add(starts[0], builder.mul(o, ir.Constant(_I64, rows))),
-                                    rows * size, last_byte)
-                dsc, minus_dm = [], []
+        with cgutils.for_range(builder, builder.udiv(w.K, ir.Constant(_I64, 256))) as loop:
+            b = loop.index
+            o = builder.mul(b, ir.Constant(_I64, size))
+            c0 = builder.mul(b, ir.Constant(_I64, 256))  # the super-block's first column
+            sub_sums = _floats(builder, w.sums, builder.mul(b, ir.Constant(_I64, 8)))  # (8,) sums of x
+            if prefetch:
+                _prefetch_lines(builder, base, builder.add(starts[0], builder.mul(o, ir.Constant(_I64, rows))),
+                                rows * size, w.last_byte)
+            dsc, minus_dm = [], []
+            for k in range(rows):
+                row_o = builder.add(starts[k], o)
+                sc, m = _six_bit_scales(builder, base, row_o)
+                d, dmin = _f16(builder, base, row_o), _f16(builder, base, _plus(builder, row_o, 2))
+                dsc.append(builder.fmul(_splat(builder, d), sc))
+                minus_dm.append(builder.fmul(_splat(builder, builder.fneg(dmin)), m))
+                builder.store(_fma(builder, minus_dm[k], sub_sums, builder.load(acc[k])), acc[k])
+            for g in range(4):
+                col = _plus(builder, c0, 64 * g)
+                x_low = [_floats(builder, w.x, _plus(builder, col, 8 * i)) for i in range(4)]  # sub-block 2g
+                x_high = [_floats(builder, w.x, _plus(builder, col, 32 + 8 * i)) for i in range(4)]  # 2g + 1
                 for k in range(rows):
                     row_o = builder.add(starts[k], o)
-                    sc, m = _six_bit_scales(builder, base, row_o)
-                    d, dmin = _f16(builder, base, row_o), _f16(builder, base, _plus(builder, row_o, 2))
-                    dsc.append(builder.fmul(_splat(builder, d), sc))
-                    minus_dm.append(builder.fmul(_splat(builder, builder.fneg(dmin)), m))
-                    builder.store(_fma(builder, minus_dm[k], sub_sums, builder.load(acc[k])), acc[k])
-                for g in range(4):
-                    col = _plus(builder, c0, 64 * g)
-                    x_low = [_floats(builder, xs.data, _plus(builder, col, 8 * i)) for i in range(4)]  # sub-block 2g
-                    x_high = [_floats(builder, xs.data, _plus(builder, col, 32 + 8 * i)) for i in range(4)]  # 2g + 1
-                    for k in range(rows):
-                        row_o = builder.add(starts[k], o)
-                        s_low = s_high = None
-                        for i in range(4):  # bytes 8i .. 8i + 7 of the pair's 32
-                            byte = _ints(builder, base, _plus(builder, row_o, qs_at + 32 * g + 8 * i))
-                            low, high = builder.and_(byte, fifteen), builder.lshr(byte, four)
-                            if five:  # bits 2g and 2g + 1 of qh[i]
-                                qh = _ints(builder, base, _plus(builder, row_o, 16 + 8 * i))
-                                low = builder.or_(low, _bit_to_16s(builder, qh, _const(_INTS8, 2 * g)))
-                                high = builder.or_(high, _bit_to_16s(builder, qh, _const(_INTS8, 2 * g + 1)))
-                            low, high = builder.sitofp(low, _FLOATS8), builder.sitofp(high, _FLOATS8)
-                            if i == 0:
-                                s_low = builder.fmul(x_low[0], low, flags=_FAST)
-                                s_high = builder.fmul(x_high[0], high, flags=_FAST)
-                            else:
-                                s_low = _fma(builder, x_low[i], low, s_low)
-                                s_high = _fma(builder, x_high[i], high, s_high)
-                        a = _fma(builder, _lane(builder, dsc[k], 2 * g), s_low, builder.load(acc[k]))
-                        builder.store(_fma(builder, _lane(builder, dsc[k], 2 * g + 1), s_high, a), acc[k])
+                    s_low = s_high = None
+                    for i in range(4):  # bytes 8i .. 8i + 7 of the pair's 32
+                        byte = _ints(builder, base, _plus(builder, row_o, qs_at + 32 * g + 8 * i))
+                        low, high = builder.and_(byte, fifteen), builder.lshr(byte, four)
+                        if five:  # bits 2g and 2g + 1 of qh[i]
+                            qh = _ints(builder, base, _plus(builder, row_o, 16 + 8 * i))
+                            low = builder.or_(low, _bit_to_16s(builder, qh, _const(_INTS8, 2 * g)))
+                            high = builder.or_(high, _bit_to_16s(builder, qh, _const(_INTS8, 2 * g + 1)))
+                        low, high = builder.sitofp(low, _FLOATS8), builder.sitofp(high, _FLOATS8)
+                        if i == 0:
+                            s_low = builder.fmul(x_low[0], low, flags=_FAST)
+                            s_high = builder.fmul(x_high[0], high, flags=_FAST)
+                        else:
+                            s_low = _fma(builder, x_low[i], low, s_low)
+                            s_high = _fma(builder, x_high[i], high, s_high)
+                    a = _fma(builder, _lane(builder, dsc[k], 2 * g), s_low, builder.load(acc[k]))
+                    builder.store(_fma(builder, _lane(builder, dsc[k], 2 * g + 1), s_high, a), acc[k])
 
-            out = [_lane_sum(builder, builder.load(acc[k])) for k in range(rows)]
-            return context.make_tuple(builder, signature.return_type, out)
-
-        return types.UniTuple(types.float32, rows)(x, sums, data, r0), codegen
-
-    return dot
+    return _dot_intrinsic(rows, True, emit)
 
 
 
@@ -411,62 +433,46 @@ def q6_k_block_dot(rows: int, prefetch: bool):
     but sums (Q6_K has no minimums)."""
     size = 210
 
-    @intrinsic
-    def dot(typingctx, x, data, r0):
-        if not _arguments_ok(x, data, r0):
-            return None
+    def emit(builder, w):
+        base, starts, acc = w.packed, w.starts, w.acc
 
-        def codegen(context, builder, signature, args):
-            xs, packed = _arrays(context, builder, signature, args, 2)
-            (K,) = cgutils.unpack_tuple(builder, xs.shape, 1)
-            N, L = cgutils.unpack_tuple(builder, packed.shape, 2)
-            base = builder.bitcast(packed.data, _I8.as_pointer())
-            starts = _row_starts(builder, args[2], rows, N, L)
-            acc = [cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)]
-            last_byte = builder.sub(builder.mul(N, L), ir.Constant(_I64, 1))
+        def bytes8(row_o, at):  # 8 bytes of the row, zero-extended into int32 lanes
+            return _ints(builder, base, _plus(builder, row_o, at))
 
-            def bytes8(row_o, at):  # 8 bytes of the row, zero-extended into int32 lanes
-                return _ints(builder, base, _plus(builder, row_o, at))
-
-            with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 256))) as loop:
-                b = loop.index
-                o = builder.mul(b, ir.Constant(_I64, size))
-                c0 = builder.mul(b, ir.Constant(_I64, 256))
-                if prefetch:
-                    _prefetch_lines(builder, base, builder.add(starts[0], builder.mul(o, ir.Constant(_I64, rows))),
-                                    rows * size, last_byte)
-                dsc = []  # per row: d * sc[0..7], d * sc[8..15]
-                for k in range(rows):
-                    row_o = builder.add(starts[k], o)
-                    d = _splat(builder, _f16(builder, base, _plus(builder, row_o, 208)))
-                    dsc.append([builder.fmul(d, builder.sitofp(builder.sext(
-                        _load(builder, base, _plus(builder, row_o, 192 + 8 * half), _BYTES8), _INTS8), _FLOATS8))
-                        for half in range(2)])
-                for h in range(2):
-                    for v in range(2):
-                        cols = [[_floats(builder, xs.data, _plus(builder, c0, 128 * h + 32 * u + 16 * v + 8 * e))
-                                 for e in range(2)] for u in range(4)]  # x of quarter u, i in 16v .. 16v + 15
-                        for k in range(rows):
-                            row_o = builder.add(starts[k], o)
-                            s = [None] * 4
-                            for e in range(2):  # i in 16v + 8e .. + 7
-                                i = 16 * v + 8 * e
-                                q = _q6_k_quarters(builder, bytes8(row_o, 64 * h + i), bytes8(row_o, 64 * h + 32 + i),
-                                                   bytes8(row_o, 128 + 32 * h + i))
-                                for u in range(4):
-                                    s[u] = (builder.fmul(cols[u][e], q[u], flags=_FAST) if e == 0
-                                            else _fma(builder, cols[u][e], q[u], s[u]))
+        with cgutils.for_range(builder, builder.udiv(w.K, ir.Constant(_I64, 256))) as loop:
+            b = loop.index
+            o = builder.mul(b, ir.Constant(_I64, size))
+            c0 = builder.mul(b, ir.Constant(_I64, 256))
+            if prefetch:
+                _prefetch_lines(builder, base, builder.add(starts[0], builder.mul(o, ir.Constant(_I64, rows))),
+                                rows * size, w.last_byte)
+            dsc = []  # per row: d * sc[0..7], d * sc[8..15]
+            for k in range(rows):
+                row_o = builder.add(starts[k], o)
+                d = _splat(builder, _f16(builder, base, _plus(builder, row_o, 208)))
+                dsc.append([builder.fmul(d, builder.sitofp(builder.sext(
+                    _load(builder, base, _plus(builder, row_o, 192 + 8 * half), _BYTES8), _INTS8), _FLOATS8))
+                    for half in range(2)])
+            for h in range(2):
+                for v in range(2):
+                    cols = [[_floats(builder, w.x, _plus(builder, c0, 128 * h + 32 * u + 16 * v + 8 * e))
+                             for e in range(2)] for u in range(4)]  # x of quarter u, i in 16v .. 16v + 15
+                    for k in range(rows):
+                        row_o = builder.add(starts[k], o)
+                        s = [None] * 4
+                        for e in range(2):  # i in 16v + 8e .. + 7
+                            i = 16 * v + 8 * e
+                            q = _q6_k_quarters(builder, bytes8(row_o, 64 * h + i), bytes8(row_o, 64 * h + 32 + i),
+                                               bytes8(row_o, 128 + 32 * h + i))
                             for u in range(4):
-                                j = v + 2 * u  # the sub-block within this half
-                                scale = _lane(builder, dsc[k][h], j)
-                                builder.store(_fma(builder, scale, s[u], builder.load(acc[k])), acc[k])
+                                s[u] = (builder.fmul(cols[u][e], q[u], flags=_FAST) if e == 0
+                                        else _fma(builder, cols[u][e], q[u], s[u]))
+                        for u in range(4):
+                            j = v + 2 * u  # the sub-block within this half
+                            scale = _lane(builder, dsc[k][h], j)
+                            builder.store(_fma(builder, scale, s[u], builder.load(acc[k])), acc[k])
 
-            out = [_lane_sum(builder, builder.load(acc[k])) for k in range(rows)]
-            return context.make_tuple(builder, signature.return_type, out)
-
-        return types.UniTuple(types.float32, rows)(x, data, r0), codegen
-
-    return dot
+    return _dot_intrinsic(rows, False, emit)
 
 _Q4_K, _Q4_K_FIRST = k_quant_block_dot(False, 2, False), k_quant_block_dot(False, 2, True)
 _Q5_K, _Q5_K_FIRST = k_quant_block_dot(True, 2, False), k_quant_block_dot(True, 2, True)
