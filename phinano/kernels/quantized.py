@@ -216,10 +216,11 @@ def _legacy_kernels(qtype: str, has_min: bool, has_qh: bool, blas_min_tokens: in
 
 
 KERNELS: dict[str, MatrixKernels] = {
-    # BLAS from 32 tokens: the fused kernel stops gaining from about 8 tokens on (each token unpacks the
-    # bytes again) and tiles + BLAS pass it between 16 and 32 tokens (`scripts/kernel_bench.py --prefill`,
-    # docs/kernels.md).
-    "Q8_0": MatrixKernels(_vector_matmul("Q8_0"), _q8_0_dequantize_rows, blas_min_tokens=32),
+    # BLAS from 40 tokens: the fused kernel unpacks the bytes again for every token, a tile only once. With
+    # the explicit vector loop, 16384 x 3072, 2 threads, ms fused / tiles + BLAS, medians of 5, two runs (AMD
+    # EPYC Zen 3, 2026-11-30): 32 tokens 62 / 66 and 104 / 103, 40 tokens 77 / 75 and 76 / 77, 48 tokens
+    # 92 / 78 and 96 / 88. (The plain loop before it was passed between 16 and 32 tokens.)
+    "Q8_0": MatrixKernels(_vector_matmul("Q8_0"), _q8_0_dequantize_rows, blas_min_tokens=40),
     # The fused kernel unpacks the bytes again for every token, a tile only once. Q4_0 with the explicit
     # vector loop, 16384 x 3072, 2 threads, ms fused / tiles + BLAS, medians of 5, two runs (AMD EPYC Zen 3,
     # 2026-11-30): 20 tokens 43 / 53 and 42 / 53, 24 tokens 60 / 53 and 49 / 49, 32 tokens 72 / 61 and 65 / 56.
