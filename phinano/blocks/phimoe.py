@@ -86,8 +86,9 @@ def sparsemixer_round(s: np.ndarray, candidates: np.ndarray, eps: float) -> tupl
     expert = np.argmax(candidates, axis=-1)  # (T,)
     best = candidates[rows, expert][:, None]  # (T, 1)
     # Relative gap of every expert to the best. 0/0 (best == s[j] == 0) is NaN, which is not > 2*eps, so the
-    # expert stays in, as in torch.
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # expert stays in, as in torch. A gap too large for float32 (huge logits) overflows to inf, which is > 2*eps:
+    # masked, as in torch too.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         gap = (best - s) / np.maximum(np.abs(s), best)  # (T, E)
     masked = gap > np.float32(2 * eps)  # (T, E) compared in float32, as torch does
     # Softmax over the experts that survive the mask (and are still candidates); the weight is the chosen one's.
