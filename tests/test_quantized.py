@@ -25,6 +25,10 @@ Tolerances, and why:
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -394,3 +398,32 @@ def test_embed_and_widen_of_legacy_types_are_exact(seed, qtype, V, blocks, T, d_
     np.testing.assert_array_equal(got.view(np.uint32), reference.embed(table, ids).view(np.uint32))
     np.testing.assert_array_equal(got.view(np.uint32), dequantize(table)[ids].view(np.uint32))  # the gathered rows
     np.testing.assert_array_equal(fast.widen(table).view(np.uint32), reference.widen(table).view(np.uint32))
+
+
+# ------------------------------------------------------------------------ the kernels' on-disk cache
+
+_CACHE_PROBE = """
+import json, numpy as np
+from phinano.formats.quantized import QuantizedTensor
+from phinano.kernels import fast
+from phinano.kernels.quantized import KERNELS
+hits = {}
+for qtype, block_bytes, block in (("Q8_0", 34, 32), ("Q4_K", 144, 256), ("Q6_K", 210, 256)):
+    w = QuantizedTensor(qtype, (4, 256), np.zeros((4, 256 // block * block_bytes), np.uint8))
+    fast.linear(np.ones((1, 256), np.float32), w)
+    hits[qtype] = sum(KERNELS[qtype].matmul.stats.cache_hits.values())
+print(json.dumps(hits))
+"""
+
+
+def test_packed_decode_kernels_load_from_numbas_cache_in_a_new_process(tmp_path):
+    """The fused kernels of the three families (a closure per type number, one per Q4_K/Q5_K flag, a module
+    function) reach their loops through intrinsics that vector.py keeps as module globals. A kernel that
+    captured an intrinsic instead would never hit Numba's cache (an intrinsic pickles differently in every
+    process) and would be compiled again at every start: the second process must find all three cached."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True, env=env, timeout=600)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert json.loads(runs[1].stdout) == {"Q8_0": 1, "Q4_K": 1, "Q6_K": 1}

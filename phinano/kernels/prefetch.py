@@ -43,14 +43,19 @@ def _prefetch(typingctx, rows, index):
         last = builder.sub(size, ir.Constant(i64, 1))
         i = builder.sext(args[1], i64) if args[1].type.width < 64 else args[1]
         i = builder.select(builder.icmp_signed("<", i, last), i, last)
-        pointer = builder.gep(builder.bitcast(array.data, ir.IntType(8).as_pointer()), [i])
-        fnty = ir.FunctionType(ir.VoidType(), [pointer.type] + [ir.IntType(32)] * 3)
-        prefetch = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # (address, 0 = read, locality 2 = keep in L2 and beyond, 1 = data cache)
-        builder.call(prefetch, [pointer] + [ir.Constant(ir.IntType(32), v) for v in (0, 2, 1)])
+        emit_prefetch(builder, builder.gep(builder.bitcast(array.data, ir.IntType(8).as_pointer()), [i]))
         return context.get_dummy_value()
 
     return types.void(rows, index), codegen
+
+
+def emit_prefetch(builder, pointer) -> None:
+    """Emit the hint for the byte at an i8 pointer into LLVM IR: `llvm.prefetch`, which is one `prefetcht1` on
+    x86 (also used by the explicit vector loops of vector.py)."""
+    fnty = ir.FunctionType(ir.VoidType(), [pointer.type] + [ir.IntType(32)] * 3)
+    prefetch = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    # (address, 0 = read, locality 2 = keep in L2 and beyond, 1 = data cache)
+    builder.call(prefetch, [pointer] + [ir.Constant(ir.IntType(32), v) for v in (0, 2, 1)])
 
 
 @njit(inline="always")

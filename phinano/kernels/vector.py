@@ -51,7 +51,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .prefetch import _LINE, PREFETCH_AHEAD
+from .prefetch import _LINE, PREFETCH_AHEAD, emit_prefetch
 
 TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # the block types, in the order `kind` numbers them
 ROWS = 4  # rows per call: four rows share each x load (more would not fit AVX2's 16 vector registers)
@@ -234,7 +234,8 @@ def block_dot(qtype: str, rows: int, prefetch: bool):
 
     def emit(builder, w):
         base, starts, acc = w.packed, w.starts, w.acc
-        mins = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)]
+        # the m terms, one scalar per row (only the types that store m)
+        mins = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)] if m_at is not None else None
 
         with cgutils.for_range(builder, builder.udiv(w.K, ir.Constant(_I64, 32))) as loop:
             b = loop.index
@@ -257,7 +258,7 @@ def block_dot(qtype: str, rows: int, prefetch: bool):
                 if m_at is not None:
                     m = _f16(builder, base, _plus(builder, row_o, m_at))
                     builder.store(_fma(builder, m, block_sum, builder.load(mins[k])), mins[k])
-        return mins  # added to each row's lane sum
+        return mins  # added to each row's lane sum (None: nothing to add)
 
     return _dot_intrinsic(rows, True, emit)
 
@@ -275,13 +276,9 @@ def _row_starts(builder, first, rows, N, L):
 
 def _prefetch_lines(builder, base, start, nbytes, last_byte):
     """One prefetcht1 per 64-byte line of [start, start + nbytes) + PREFETCH_AHEAD, clamped to the last byte."""
-    fnty = ir.FunctionType(ir.VoidType(), [_I8.as_pointer()] + [_I32] * 3)
-    hint = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
     for p in range(0, nbytes, _LINE):
         i = _plus(builder, start, PREFETCH_AHEAD + p)
-        i = builder.select(builder.icmp_signed("<", i, last_byte), i, last_byte)
-        # (address, 0 = read, locality 2 = keep in L2 and beyond, 1 = data cache)
-        builder.call(hint, [builder.gep(base, [i])] + [ir.Constant(_I32, v) for v in (0, 2, 1)])
+        emit_prefetch(builder, builder.gep(base, [builder.select(builder.icmp_signed("<", i, last_byte), i, last_byte)]))
 
 
 _Q8_0, _Q8_0_FIRST = block_dot("Q8_0", ROWS, False), block_dot("Q8_0", ROWS, True)
@@ -413,7 +410,8 @@ def k_quant_block_dot(five: bool, rows: int, prefetch: bool):
 
 
 def _q6_k_quarters(builder, first, second, high):
-    """q - 32 of quarters 0..3 at 8 positions i, as float32 lanes (exact): the low nibbles of the ql bytes
+    """kquants._q6_k_quarters in 8 lanes: q - 32 of quarters 0..3 at 8 positions i, as float32 (exact): the
+    low nibbles of the ql bytes
     `first` (quarter 0) and `second` (1), their high nibbles (2, 3), each with bit pair 2u, 2u + 1 of the qh
     bytes `high` on top (the 16s and 32s places). All three are int32 lanes of bytes."""
     fifteen, four, two = _const(_INTS8, 15), _const(_INTS8, 4), _const(_INTS8, 2)
@@ -450,9 +448,8 @@ def q6_k_block_dot(rows: int, prefetch: bool):
             for k in range(rows):
                 row_o = builder.add(starts[k], o)
                 d = _splat(builder, _f16(builder, base, _plus(builder, row_o, 208)))
-                dsc.append([builder.fmul(d, builder.sitofp(builder.sext(
-                    _load(builder, base, _plus(builder, row_o, 192 + 8 * half), _BYTES8), _INTS8), _FLOATS8))
-                    for half in range(2)])
+                scales = [_ints(builder, base, _plus(builder, row_o, 192 + 8 * half), signed=True) for half in range(2)]
+                dsc.append([builder.fmul(d, builder.sitofp(sc, _FLOATS8)) for sc in scales])
             for h in range(2):
                 for v in range(2):
                     cols = [[_floats(builder, w.x, _plus(builder, c0, 128 * h + 32 * u + 16 * v + 8 * e))
