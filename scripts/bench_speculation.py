@@ -93,9 +93,10 @@ def verify_cost(model, ks: list[int], runs: int, context: int = 0) -> None:
     cache = model.new_cache((context or 64) + max(ks) + 1)
     if context:
         rng = np.random.default_rng(0)
+        rows = (context, *cache.k.shape[2:])  # (context, KVH, HD): one layer's filled positions
         for layer in range(cache.k.shape[0]):  # one layer at a time: no temporary the size of the cache
-            cache.k[layer, :context] = rng.standard_normal(cache.k.shape[1:], np.float32)[:context]
-            cache.v[layer, :context] = rng.standard_normal(cache.v.shape[1:], np.float32)[:context]
+            cache.k[layer, :context] = rng.standard_normal(rows, np.float32)
+            cache.v[layer, :context] = rng.standard_normal(rows, np.float32)
         cache.length = context
     else:
         model.step(cache, prompt, last_only=True)
