@@ -175,17 +175,33 @@ def _q6_k_scales(row, o, h, k):
     return d * _i8(row[j]), d * _i8(row[j + 2]), d * _i8(row[j + 4]), d * _i8(row[j + 6])
 
 
+@njit(cache=True)
+def _in_q6_k_order(x):
+    """x (T, K) in the order in which `vector.q6_k_dot` unpacks a Q6_K row: in every run of 32, x[4l + p]
+    moved to 8p + l (each run read as an 8 x 4 matrix and transposed)."""
+    T, K = x.shape
+    out = np.empty_like(x)
+    for t in range(T):
+        for run in range(0, K, 32):
+            for lane in range(8):
+                for p in range(4):
+                    out[t, run + 8 * p + lane] = x[t, run + 4 * lane + p]
+    return out
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _q6_k_matmul(x, data, y):
     """y[t, r] = sum over sub-blocks j of (d * sc[j]) * (x . (q - 32) over sub-block j).
 
     One work item = one row. Per token, one `vector.q6_k_dot` walks the row's super-blocks in 8-lane vectors
-    (vector.py draws the loop: the 6-bit q of four quarters from two ql and one qh byte vector, x . (q - 32)
-    per sub-block of 16, scaled by d * sc into one accumulator). The first token prefetches the bytes ahead.
+    (vector.py draws the loop: per quarter of 32 weights, q - 32 from one 32-byte load each of ql and qh,
+    byte p of every 4-byte lane times x in the same order, scaled by d * sc into one accumulator). The
+    first token prefetches the bytes ahead.
     """
+    x_q6 = _in_q6_k_order(x)  # (T, K), made once: the same for every row
     for r in prange(data.shape[0]):
         for t in range(x.shape[0]):
-            y[t, r] = vector.q6_k_dot(t == 0, x[t], data, r)
+            y[t, r] = vector.q6_k_dot(t == 0, x_q6[t], data, r)
 
 
 @njit(cache=True, nogil=True)

@@ -401,41 +401,50 @@ def k_quant_block_dot(five: bool, rows: int, prefetch: bool):
 # ---------------------------------------------------------------------------------- Q6_K: super-blocks of 256
 #
 # 128 bytes ql (low nibbles), 64 bytes qh (high bit pairs), 16 int8 scales sc, float16 d; 16 sub-blocks of 16
-# weights w = d sc[j] (q - 32). Half h of a super-block (128 weights) is four quarters of 32: weight
-# 128h + 32u + i (u = 0..3, i = 0..31) takes its low nibble from ql byte 64h + i (u = 0, 2: low, high nibble)
-# or 64h + 32 + i (u = 1, 3), and its high bits from qh byte 32h + i (bits 2u, 2u + 1). Per row, half h and
-# i in 16v .. 16v + 15 (one sub-block of each quarter, j = 8h + v + 2u):
-#     s[u]  = x . (q - 32) over those 16 weights, in 8 lanes of 2
-#     acc  += (d sc[j]) s[u]
+# weights w = d sc[j] (q - 32), j = the weight's index // 16. Half h of a super-block (128 weights) is four
+# quarters of 32: weight 128h + 32u + i (u = 0..3, i = 0..31) takes its low nibble from byte i of ql's 32
+# bytes at 64h (u = 0, 2: low, high nibble) or 64h + 32 (u = 1, 3), and bits 2u, 2u + 1 of byte i of qh's
+# 32 bytes at 32h on top.
+#
+# Each of those three runs of 32 bytes is read with one load, as 8 int32 lanes: lane l holds bytes
+# 4l .. 4l + 3. Per quarter, masks and one bytewise subtraction make the 32 numbers q - 32 as int8 bytes
+# in the same lanes, and byte p of every lane, sign-extended (a shift left, an arithmetic shift right),
+# is the vector of the 8 weights i = 4l + p, l = 0..7. That is not x's order, so the kernel takes x in
+# "Q6_K order" (kquants.py makes it once per call): in every run of 32, x[4l + p] moved to 8p + l. Per row, half h, quarter u:
+#     s    = sum over p of x_q6[32 (4h + u) + 8p : + 8] * (q - 32 of bytes p)     (8 lanes of 4, exact products)
+#     acc += (d sc[8h + 2u] in lanes 0-3, d sc[8h + 2u + 1] in lanes 4-7) * s
+# Lanes 0-3 hold i < 16 and lanes 4-7 i >= 16: the quarter's two sub-blocks of 16.
 
 
-def _q6_k_quarters(builder, first, second, high):
-    """kquants._q6_k_quarters in 8 lanes: q - 32 of quarters 0..3 at 8 positions i, as float32 (exact): the
-    low nibbles of the ql bytes
-    `first` (quarter 0) and `second` (1), their high nibbles (2, 3), each with bit pair 2u, 2u + 1 of the qh
-    bytes `high` on top (the 16s and 32s places). All three are int32 lanes of bytes."""
-    fifteen, four, two = _const(_INTS8, 15), _const(_INTS8, 4), _const(_INTS8, 2)
+def _sub_block_pair(builder, v, j):
+    """Lane j of v in lanes 0-3, lane j + 1 in lanes 4-7."""
+    return builder.shuffle_vector(v, ir.Constant(_FLOATS8, ir.Undefined), ir.Constant(_INTS8, [j] * 4 + [j + 1] * 4))
 
-    def q(nibble, pair):  # nibble | pair & 48 (the pair already shifted to bits 4-5), minus 32
-        six = builder.or_(nibble, builder.and_(pair, _const(_INTS8, 48)))
-        return builder.sitofp(builder.sub(six, _const(_INTS8, 32)), _FLOATS8)
 
-    return [q(builder.and_(first, fifteen), builder.shl(high, four)),  # bits 0-1 -> 4-5
-            q(builder.and_(second, fifteen), builder.shl(high, two)),  # bits 2-3
-            q(builder.lshr(first, four), high),  # bits 4-5
-            q(builder.lshr(second, four), builder.lshr(high, two))]  # bits 6-7
+def _q6_k_quarter_bytes(builder, nibbles, pairs):
+    """q - 32 as int8 bytes in 8 int32 lanes: the low nibble of each byte of `nibbles` with bits 4-5 of the
+    same byte of `pairs` on top, minus 32 in every byte (bytewise: no borrow crosses into the next byte)."""
+    six = builder.or_(builder.and_(nibbles, _const(_INTS8, 0x0F0F0F0F)), builder.and_(pairs, _const(_INTS8, 0x30303030)))
+    bytes32 = ir.VectorType(_I8, 32)
+    return builder.bitcast(builder.sub(builder.bitcast(six, bytes32), ir.Constant(bytes32, [32] * 32)), _INTS8)
+
+
+def _signed_byte(builder, lanes, p):
+    """Byte p of each int32 lane, sign-extended: lanes << (24 - 8p) >> 24 (arithmetic)."""
+    top = builder.shl(lanes, _const(_INTS8, 24 - 8 * p)) if p < 3 else lanes
+    return builder.ashr(top, _const(_INTS8, 24))
 
 
 def q6_k_block_dot(rows: int, prefetch: bool):
-    """The intrinsic (x, data, r0) -> UniTuple(float32, rows) of Q6_K, with the arguments of `block_dot`
-    but sums (Q6_K has no minimums)."""
+    """The intrinsic (x_q6, data, r0) -> UniTuple(float32, rows) of Q6_K: the arguments of `block_dot`
+    but sums (Q6_K has no minimums), and x in Q6_K order (above)."""
     size = 210
 
     def emit(builder, w):
         base, starts, acc = w.packed, w.starts, w.acc
 
-        def bytes8(row_o, at):  # 8 bytes of the row, zero-extended into int32 lanes
-            return _ints(builder, base, _plus(builder, row_o, at))
+        def shift(v, n):  # v << n, or v >> -n (logical)
+            return builder.shl(v, _const(_INTS8, n)) if n > 0 else builder.lshr(v, _const(_INTS8, -n)) if n < 0 else v
 
         with cgutils.for_range(builder, builder.udiv(w.K, ir.Constant(_I64, 256))) as loop:
             b = loop.index
@@ -444,30 +453,24 @@ def q6_k_block_dot(rows: int, prefetch: bool):
             if prefetch:
                 _prefetch_lines(builder, base, builder.add(starts[0], builder.mul(o, ir.Constant(_I64, rows))),
                                 rows * size, w.last_byte)
-            dsc = []  # per row: d * sc[0..7], d * sc[8..15]
             for k in range(rows):
                 row_o = builder.add(starts[k], o)
                 d = _splat(builder, _f16(builder, base, _plus(builder, row_o, 208)))
-                scales = [_ints(builder, base, _plus(builder, row_o, 192 + 8 * half), signed=True) for half in range(2)]
-                dsc.append([builder.fmul(d, builder.sitofp(sc, _FLOATS8)) for sc in scales])
-            for h in range(2):
-                for v in range(2):
-                    cols = [[_floats(builder, w.x, _plus(builder, c0, 128 * h + 32 * u + 16 * v + 8 * e))
-                             for e in range(2)] for u in range(4)]  # x of quarter u, i in 16v .. 16v + 15
-                    for k in range(rows):
-                        row_o = builder.add(starts[k], o)
-                        s = [None] * 4
-                        for e in range(2):  # i in 16v + 8e .. + 7
-                            i = 16 * v + 8 * e
-                            q = _q6_k_quarters(builder, bytes8(row_o, 64 * h + i), bytes8(row_o, 64 * h + 32 + i),
-                                               bytes8(row_o, 128 + 32 * h + i))
-                            for u in range(4):
-                                s[u] = (builder.fmul(cols[u][e], q[u], flags=_FAST) if e == 0
-                                        else _fma(builder, cols[u][e], q[u], s[u]))
-                        for u in range(4):
-                            j = v + 2 * u  # the sub-block within this half
-                            scale = _lane(builder, dsc[k][h], j)
-                            builder.store(_fma(builder, scale, s[u], builder.load(acc[k])), acc[k])
+                for h in range(2):
+                    dsc = builder.fmul(d, builder.sitofp(_ints(builder, base, _plus(builder, row_o, 192 + 8 * h), signed=True), _FLOATS8))
+                    first, second, high = (_load(builder, base, _plus(builder, row_o, at), _INTS8)
+                                           for at in (64 * h, 64 * h + 32, 128 + 32 * h))
+                    # quarter u: (the bytes with its low nibbles, the bytes with its bit pair in bits 4-5)
+                    quarters = [(first, shift(high, 4)), (second, shift(high, 2)),
+                                (shift(first, -4), high), (shift(second, -4), shift(high, -2))]
+                    for u, (nibbles, pairs) in enumerate(quarters):
+                        q = _q6_k_quarter_bytes(builder, nibbles, pairs)
+                        s = None
+                        for p in range(4):
+                            xv = _floats(builder, w.x, _plus(builder, c0, 128 * h + 32 * u + 8 * p))
+                            qp = builder.sitofp(_signed_byte(builder, q, p), _FLOATS8)
+                            s = builder.fmul(xv, qp, flags=_FAST) if s is None else _fma(builder, xv, qp, s)
+                        builder.store(_fma(builder, _sub_block_pair(builder, dsc, 2 * u), s, builder.load(acc[k])), acc[k])
 
     return _dot_intrinsic(rows, False, emit)
 
@@ -489,8 +492,8 @@ _Q6_K, _Q6_K_FIRST = q6_k_block_dot(1, False), q6_k_block_dot(1, True)
 
 
 @njit(inline="always")
-def q6_k_dot(first, x, data, r):
-    """The dot product of row r of Q6_K data with x; `first` as for `dot`. One row per call: with two, the
-    loop ran out of vector registers (measured 8.9 against 11.1 G weights/s from memory, AMD EPYC Zen 3,
-    2 threads)."""
-    return (_Q6_K_FIRST(x, data, r) if first else _Q6_K(x, data, r))[0]
+def q6_k_dot(first, x_q6, data, r):
+    """The dot product of row r of Q6_K data with x, given in Q6_K order; `first` as for `dot`. One row per
+    call: with two, the loop ran out of vector registers (measured with the loop before this one: 8.9
+    against 11.1 G weights/s from memory, AMD EPYC Zen 3, 2 threads)."""
+    return (_Q6_K_FIRST(x_q6, data, r) if first else _Q6_K(x_q6, data, r))[0]
