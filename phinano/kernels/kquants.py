@@ -101,6 +101,21 @@ def _low_and_high(row, o, g, i, five):
     return _bits(byte, 0, byte, 0, 0, 0), _bits(byte, 4, byte, 0, 0, 0)
 
 
+@njit(cache=True)
+def _in_byte_lane_order(x):
+    """x (T, K) in the order in which the Q5_K and Q6_K loops of vector.py unpack a row: they read 32 bytes
+    as 8 lanes of 4 and take byte p of every lane, weights 4l + p, l = 0..7. So in every run of 32, x[4l + p]
+    moves to 8p + l (each run read as an 8 x 4 matrix and transposed)."""
+    T, K = x.shape
+    out = np.empty_like(x)
+    for t in range(T):
+        for run in range(0, K, 32):
+            for lane in range(8):
+                for p in range(4):
+                    out[t, run + 8 * p + lane] = x[t, run + 4 * lane + p]
+    return out
+
+
 def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
     """The kernels of Q4_K (five=False) or Q5_K (five=True). Their loops are the same; only the block
     size and `_low_and_high` differ. `five` is a constant of the compiled code (Numba folds the values a
@@ -117,10 +132,11 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
         each x load shared by the two rows. The first token also prefetches the bytes ahead.
         """
         sums = _sums_of_32(x)  # (T, K // 32): the sum of x over each sub-block, shared by all rows
+        x_in = _in_byte_lane_order(x) if five else x  # the order the Q5_K loop unpacks in (vector.py)
         for item in prange((data.shape[0] + 1) // 2):
             r0, r1 = _two_rows(data, item)
             for t in range(x.shape[0]):
-                y[t, r0], y[t, r1] = vector.k_quant_dot(five, t == 0, x[t], sums[t], data, r0)
+                y[t, r0], y[t, r1] = vector.k_quant_dot(five, t == 0, x_in[t], sums[t], data, r0)
 
     @njit(cache=True, nogil=True)
     def widen_rows(data, out):
@@ -175,20 +191,6 @@ def _q6_k_scales(row, o, h, k):
     return d * _i8(row[j]), d * _i8(row[j + 2]), d * _i8(row[j + 4]), d * _i8(row[j + 6])
 
 
-@njit(cache=True)
-def _in_q6_k_order(x):
-    """x (T, K) in the order in which `vector.q6_k_dot` unpacks a Q6_K row: in every run of 32, x[4l + p]
-    moved to 8p + l (each run read as an 8 x 4 matrix and transposed)."""
-    T, K = x.shape
-    out = np.empty_like(x)
-    for t in range(T):
-        for run in range(0, K, 32):
-            for lane in range(8):
-                for p in range(4):
-                    out[t, run + 8 * p + lane] = x[t, run + 4 * lane + p]
-    return out
-
-
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _q6_k_matmul(x, data, y):
     """y[t, r] = sum over sub-blocks j of (d * sc[j]) * (x . (q - 32) over sub-block j).
@@ -198,10 +200,10 @@ def _q6_k_matmul(x, data, y):
     byte p of every 4-byte lane times x in the same order, scaled by d * sc into one accumulator). The
     first token prefetches the bytes ahead.
     """
-    x_q6 = _in_q6_k_order(x)  # (T, K), made once: the same for every row
+    x_bl = _in_byte_lane_order(x)  # (T, K), made once: the same for every row
     for r in prange(data.shape[0]):
         for t in range(x.shape[0]):
-            y[t, r] = vector.q6_k_dot(t == 0, x_q6[t], data, r)
+            y[t, r] = vector.q6_k_dot(t == 0, x_bl[t], data, r)
 
 
 @njit(cache=True, nogil=True)

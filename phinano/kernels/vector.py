@@ -345,9 +345,21 @@ def _lane(builder, v, j):
     return builder.shuffle_vector(v, ir.Constant(_FLOATS8, ir.Undefined), _const(_INTS8, j))
 
 
+def _byte(builder, lanes, p):
+    """Byte p of each int32 lane, zero-extended: lanes >> 8p & 255."""
+    if p == 3:
+        return builder.lshr(lanes, _const(_INTS8, 24))
+    return builder.and_(builder.lshr(lanes, _const(_INTS8, 8 * p)) if p else lanes, _const(_INTS8, 255))
+
+
+def _shift(builder, v, n):
+    """v << n, or v >> -n (logical), lane by lane."""
+    return builder.shl(v, _const(_INTS8, n)) if n > 0 else builder.lshr(v, _const(_INTS8, -n)) if n < 0 else v
+
+
 def k_quant_block_dot(five: bool, rows: int, prefetch: bool):
     """The intrinsic (x, sums, data, r0) -> UniTuple(float32, rows) of Q4_K (five=False) or Q5_K (five=True),
-    with the arguments of `block_dot`."""
+    with the arguments of `block_dot`; for Q5_K, x in byte-lane order (`_q5_k_pair`)."""
     size, qs_at = (176, 48) if five else (144, 16)
 
     def emit(builder, w):
@@ -376,26 +388,49 @@ def k_quant_block_dot(five: bool, rows: int, prefetch: bool):
                 x_high = [_floats(builder, w.x, _plus(builder, col, 32 + 8 * i)) for i in range(4)]  # 2g + 1
                 for k in range(rows):
                     row_o = builder.add(starts[k], o)
+                    if five:
+                        low, high = _q5_k_pair(builder, base, row_o, g)
+                    else:
+                        low, high = _q4_k_pair(builder, base, row_o, g, fifteen, four)
                     s_low = s_high = None
-                    for i in range(4):  # bytes 8i .. 8i + 7 of the pair's 32
-                        byte = _ints(builder, base, _plus(builder, row_o, qs_at + 32 * g + 8 * i))
-                        low, high = builder.and_(byte, fifteen), builder.lshr(byte, four)
-                        if five:  # bits 2g and 2g + 1 of qh[i]
-                            qh = _ints(builder, base, _plus(builder, row_o, 16 + 8 * i))
-                            low = builder.or_(low, _bit_to_16s(builder, qh, _const(_INTS8, 2 * g)))
-                            high = builder.or_(high, _bit_to_16s(builder, qh, _const(_INTS8, 2 * g + 1)))
-                        low, high = builder.sitofp(low, _FLOATS8), builder.sitofp(high, _FLOATS8)
+                    for i in range(4):
                         if i == 0:
-                            s_low = builder.fmul(x_low[0], low, flags=_FAST)
-                            s_high = builder.fmul(x_high[0], high, flags=_FAST)
+                            s_low = builder.fmul(x_low[0], low[0], flags=_FAST)
+                            s_high = builder.fmul(x_high[0], high[0], flags=_FAST)
                         else:
-                            s_low = _fma(builder, x_low[i], low, s_low)
-                            s_high = _fma(builder, x_high[i], high, s_high)
+                            s_low = _fma(builder, x_low[i], low[i], s_low)
+                            s_high = _fma(builder, x_high[i], high[i], s_high)
                     a = _fma(builder, _lane(builder, dsc[k], 2 * g), s_low, builder.load(acc[k]))
                     builder.store(_fma(builder, _lane(builder, dsc[k], 2 * g + 1), s_high, a), acc[k])
 
     return _dot_intrinsic(rows, True, emit)
 
+
+def _q4_k_pair(builder, base, row_o, g, fifteen, four):
+    """Q4_K: q of sub-blocks 2g (low nibbles) and 2g + 1 (high nibbles) of the 32 bytes at 16 + 32g, each
+    as four float32 vectors of 8 consecutive weights: bytes 8i .. 8i + 7 zero-extended into int32 lanes."""
+    low, high = [], []
+    for i in range(4):
+        byte = _ints(builder, base, _plus(builder, row_o, 16 + 32 * g + 8 * i))
+        low.append(builder.sitofp(builder.and_(byte, fifteen), _FLOATS8))
+        high.append(builder.sitofp(builder.lshr(byte, four), _FLOATS8))
+    return low, high
+
+
+def _q5_k_pair(builder, base, row_o, g):
+    """Q5_K: q of sub-blocks 2g and 2g + 1, each as four float32 vectors, from one 32-byte load of qs (at
+    48 + 32g: low and high nibbles) and one of qh (at 16: bits 2g and 2g + 1 are the fifth bits), read as 8
+    int32 lanes of 4 bytes. Per sub-block, masks and shifts put q into every byte (nibble | fifth bit << 4),
+    and vector p is byte p of the 8 lanes: weights 4l + p, l = 0..7. x must come in the same order, which
+    kquants.py makes once per call ("byte-lane order": in every run of 32, x[4l + p] moved to 8p + l)."""
+    qs = _load(builder, base, _plus(builder, row_o, 48 + 32 * g), _INTS8)
+    qh = _load(builder, base, _plus(builder, row_o, 16), _INTS8)
+    nibbles, sixteens = _const(_INTS8, 0x0F0F0F0F), _const(_INTS8, 0x10101010)
+    low = builder.or_(builder.and_(qs, nibbles), builder.and_(_shift(builder, qh, 4 - 2 * g), sixteens))
+    high = builder.or_(builder.and_(builder.lshr(qs, _const(_INTS8, 4)), nibbles),
+                       builder.and_(_shift(builder, qh, 3 - 2 * g), sixteens))
+    return ([builder.sitofp(_byte(builder, low, p), _FLOATS8) for p in range(4)],
+            [builder.sitofp(_byte(builder, high, p), _FLOATS8) for p in range(4)])
 
 
 # ---------------------------------------------------------------------------------- Q6_K: super-blocks of 256
@@ -410,8 +445,9 @@ def k_quant_block_dot(five: bool, rows: int, prefetch: bool):
 # 4l .. 4l + 3. Per quarter, masks and one bytewise subtraction make the 32 numbers q - 32 as int8 bytes
 # in the same lanes, and byte p of every lane, sign-extended (a shift left, an arithmetic shift right),
 # is the vector of the 8 weights i = 4l + p, l = 0..7. That is not x's order, so the kernel takes x in
-# "Q6_K order" (kquants.py makes it once per call): in every run of 32, x[4l + p] moved to 8p + l. Per row, half h, quarter u:
-#     s    = sum over p of x_q6[32 (4h + u) + 8p : + 8] * (q - 32 of bytes p)     (8 lanes of 4, exact products)
+# byte-lane order, as Q5_K's does (kquants.py makes it once per call: in every run of 32, x[4l + p] moved
+# to 8p + l). Per row, half h, quarter u:
+#     s    = sum over p of x_bl[32 (4h + u) + 8p : + 8] * (q - 32 of bytes p)     (8 lanes of 4, exact products)
 #     acc += (d sc[8h + 2u] in lanes 0-3, d sc[8h + 2u + 1] in lanes 4-7) * s
 # Lanes 0-3 hold i < 16 and lanes 4-7 i >= 16: the quarter's two sub-blocks of 16.
 
@@ -436,15 +472,12 @@ def _signed_byte(builder, lanes, p):
 
 
 def q6_k_block_dot(rows: int, prefetch: bool):
-    """The intrinsic (x_q6, data, r0) -> UniTuple(float32, rows) of Q6_K: the arguments of `block_dot`
-    but sums (Q6_K has no minimums), and x in Q6_K order (above)."""
+    """The intrinsic (x_bl, data, r0) -> UniTuple(float32, rows) of Q6_K: the arguments of `block_dot`
+    but sums (Q6_K has no minimums), and x in byte-lane order (above)."""
     size = 210
 
     def emit(builder, w):
         base, starts, acc = w.packed, w.starts, w.acc
-
-        def shift(v, n):  # v << n, or v >> -n (logical)
-            return builder.shl(v, _const(_INTS8, n)) if n > 0 else builder.lshr(v, _const(_INTS8, -n)) if n < 0 else v
 
         with cgutils.for_range(builder, builder.udiv(w.K, ir.Constant(_I64, 256))) as loop:
             b = loop.index
@@ -461,8 +494,8 @@ def q6_k_block_dot(rows: int, prefetch: bool):
                     first, second, high = (_load(builder, base, _plus(builder, row_o, at), _INTS8)
                                            for at in (64 * h, 64 * h + 32, 128 + 32 * h))
                     # quarter u: (the bytes with its low nibbles, the bytes with its bit pair in bits 4-5)
-                    quarters = [(first, shift(high, 4)), (second, shift(high, 2)),
-                                (shift(first, -4), high), (shift(second, -4), shift(high, -2))]
+                    quarters = [(first, _shift(builder, high, 4)), (second, _shift(builder, high, 2)),
+                                (_shift(builder, first, -4), high), (_shift(builder, second, -4), _shift(builder, high, -2))]
                     for u, (nibbles, pairs) in enumerate(quarters):
                         q = _q6_k_quarter_bytes(builder, nibbles, pairs)
                         s = None
@@ -480,7 +513,8 @@ _Q5_K, _Q5_K_FIRST = k_quant_block_dot(True, 2, False), k_quant_block_dot(True, 
 
 @njit(inline="always")
 def k_quant_dot(five, first, x, sums, data, r0):
-    """The 2 dot products of rows r0, r0 + 1 of data (Q5_K if five, else Q4_K) with x; `first` as for `dot`.
+    """The 2 dot products of rows r0, r0 + 1 of data (Q5_K if five, else Q4_K) with x (for Q5_K in byte-lane
+    order, `_q5_k_pair`); `first` as for `dot`.
     Two rows, not four: the x of a pair of sub-blocks (8 vectors) then stays in registers (measured 17.9
     against 16.3 G weights/s from memory for Q4_K, AMD EPYC Zen 3, 2 threads)."""
     if five:
@@ -492,8 +526,8 @@ _Q6_K, _Q6_K_FIRST = q6_k_block_dot(1, False), q6_k_block_dot(1, True)
 
 
 @njit(inline="always")
-def q6_k_dot(first, x_q6, data, r):
-    """The dot product of row r of Q6_K data with x, given in Q6_K order; `first` as for `dot`. One row per
+def q6_k_dot(first, x_bl, data, r):
+    """The dot product of row r of Q6_K data with x, given in byte-lane order; `first` as for `dot`. One row per
     call: with two, the loop ran out of vector registers (measured with the loop before this one: 8.9
     against 11.1 G weights/s from memory, AMD EPYC Zen 3, 2 threads)."""
-    return (_Q6_K_FIRST(x_q6, data, r) if first else _Q6_K(x_q6, data, r))[0]
+    return (_Q6_K_FIRST(x_bl, data, r) if first else _Q6_K(x_bl, data, r))[0]
