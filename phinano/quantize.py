@@ -3,10 +3,12 @@
     phinano quantize --model microsoft/Phi-3-mini-4k-instruct --type q4_k_m --out phi3-mini-q4_k_m.gguf
 
 Which tensors get which type is llama.cpp's rule (so llama.cpp and Ollama load the file as they would their
-own): 1-D tensors (norms, biases) stay F32. For q8_0 ... bf16 every matrix takes the chosen type; q4_k_m,
-q5_k_m and q6_k are llama.cpp's mixes of K-quant types, chosen per tensor as `llama-quantize` (without an
-importance matrix) chooses them: see `k_mix_type`. Legacy blocks are rounded by the `gguf` package's reference
-quantizers, K-quant blocks by formats/kquant_rounding.py, both bit for bit what llama.cpp writes.
+own): 1-D tensors (norms, biases) stay F32. For f16 and bf16 every matrix takes the chosen type. For q8_0,
+q4_0, q4_1, q5_0 and q5_1 every matrix whose rows are whole blocks of 32 does (F16 otherwise), except that
+the 4- and 5-bit files store the output head as Q6_K (`block_32_type`). q4_k_m, q5_k_m and q6_k are
+llama.cpp's mixes of K-quant types, chosen per tensor as `llama-quantize` (without an importance matrix)
+chooses them: see `k_mix_type`. Legacy blocks are rounded by the `gguf` package's reference quantizers,
+K-quant blocks by formats/kquant_rounding.py, both bit for bit what llama.cpp writes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ TYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1":
 K_MIXES = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
 # llama.cpp's `tensor_type_fallback`: a type for rows that its 256-value super-blocks do not divide
 FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# GGML's types of 32-weight blocks, whose files llama.cpp's quantizer also shapes (`block_32_type`)
+BLOCK_32 = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
 def check_type(name: str) -> str:
@@ -35,11 +39,39 @@ def check_type(name: str) -> str:
 
 def matrix_type(qtype: str, name: str, values, n_layers: int = 0, tied_embeddings: bool = False) -> str:
     """The storage of one tensor (GGUF name): F32 for 1-D tensors (as llama.cpp keeps them), llama.cpp's choice
-    for a mix (n_layers and tied_embeddings are then needed), else the chosen type."""
+    for a mix or a legacy type (n_layers and tied_embeddings are then needed), else the chosen type."""
     if len(values.shape) == 1:
         return "F32"
     if qtype in K_MIXES:
         return k_mix_type(qtype, name, values.shape, n_layers, tied_embeddings)
+    if qtype in BLOCK_32:
+        return block_32_type(qtype, name, values.shape, tied_embeddings)
+    return qtype
+
+
+def _kept_unquantized(gguf_name: str, shape) -> bool:
+    """The tensors llama.cpp's quantizer never quantizes: 1-D ones, norms, the MoE router ffn_gate_inp."""
+    return (len(shape) < 2 or not gguf_name.endswith("weight") or "_norm.weight" in gguf_name
+            or "ffn_gate_inp.weight" in gguf_name)
+
+
+def _is_output_head(gguf_name: str, tied_embeddings: bool) -> bool:
+    """output.weight, or token_embd.weight when the head is tied (the file then has no output.weight)."""
+    return gguf_name == "output.weight" or (tied_embeddings and gguf_name == "token_embd.weight")
+
+
+def block_32_type(qtype: str, gguf_name: str, shape, tied_embeddings: bool = False) -> str:
+    """The type llama.cpp's quantizer gives one tensor of a Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 file without an
+    importance matrix (`llama_tensor_get_type`): the tensors it keeps (`_kept_unquantized`) F32; matrices whose
+    rows 32 does not divide F16; in the 4- and 5-bit files the output head Q6_K (Q8_0 when 256 does not divide
+    its rows); every other matrix qtype."""
+    if _kept_unquantized(gguf_name, shape):
+        return "F32"
+    row = shape[-1]
+    if row % 32:
+        return "F16"
+    if qtype != "Q8_0" and _is_output_head(gguf_name, tied_embeddings):
+        return "Q8_0" if row % 256 else "Q6_K"
     return qtype
 
 
@@ -63,12 +95,11 @@ def k_mix_type(mix: str, gguf_name: str, shape, n_layers: int, tied_embeddings: 
     shape: the array's shape, rows last ((N, K) or experts' (E, N, K)); the layer is read from `blk.N.`."""
     if mix not in K_MIXES:
         raise PhinanoError(f"unknown type mix {mix!r}; choose one of {', '.join(K_MIXES)}")
-    if (len(shape) < 2 or not gguf_name.endswith("weight") or "_norm.weight" in gguf_name
-            or "ffn_gate_inp.weight" in gguf_name):
+    if _kept_unquantized(gguf_name, shape):
         return "F32"
     qtype, row = K_MIXES[mix], shape[-1]
     layer = int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else -1
-    if gguf_name == "output.weight" or (tied_embeddings and gguf_name == "token_embd.weight"):
+    if _is_output_head(gguf_name, tied_embeddings):
         qtype = "Q8_0" if row % 256 else "Q6_K"
     elif any(part in gguf_name for part in ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight", "ffn_down")):
         if mix in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layers):
@@ -84,13 +115,13 @@ def q4_k_m_type(gguf_name: str, shape, n_layers: int, tied_embeddings: bool = Fa
 
 
 def quantize_tensors(tensors: dict, qtype: str) -> dict:
-    """Every matrix of a checkpoint's tensors as a packed QuantizedTensor (1-D tensors as they are); a mix gives
-    each matrix the type llama.cpp would (matrices it keeps in F16/F32 stay as they are).
+    """Every matrix of a checkpoint's tensors as a packed QuantizedTensor (1-D tensors as they are), each of the
+    type llama.cpp would give it (matrices it keeps in F16/F32 stay as they are).
 
     One matrix at a time is widened to float32 and rounded, so memory holds the packed result plus one matrix."""
     from .formats.quantized import QuantizedTensor
 
-    kinds = hf_mix_types(tensors, qtype) if qtype in K_MIXES else {}
+    kinds = hf_mix_types(tensors, qtype) if qtype in K_MIXES or qtype in BLOCK_32 else {}
     out = {}
     for name, values in tensors.items():
         kind = kinds.get(name, qtype)
@@ -104,8 +135,8 @@ def quantize_tensors(tensors: dict, qtype: str) -> dict:
 
 
 def hf_mix_types(tensors: dict, mix: str) -> dict:
-    """{Hugging Face name: type} of a mix for a checkpoint's tensors: each name is translated as the GGUF writer
-    translates it (per-expert matrices as the stacked tensor they go into); the layer count is read off the
+    """{Hugging Face name: type} of a mix (or a type of 32-weight blocks, `block_32_type`) for a checkpoint's
+    tensors: each name is translated as the GGUF writer translates it (per-expert matrices as the stacked tensor they go into); the layer count is read off the
     names, and the head counts as tied when there is no lm_head.weight (a tied checkpoint that still carries
     a copy of it gets the untied types: Q4_K rather than Q6_K for the embedding)."""
     import gguf

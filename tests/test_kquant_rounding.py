@@ -32,8 +32,8 @@ gguf = pytest.importorskip("gguf")
 from phinano import PhinanoError  # noqa: E402
 from phinano.formats import kquant_rounding as kq  # noqa: E402
 from phinano.formats.gguf_write import encode_tensor, write_gguf  # noqa: E402
-from phinano.quantize import (TYPES, hf_mix_types, k_mix_type, matrix_type, q4_k_m_type,  # noqa: E402
-                              use_more_bits)
+from phinano.quantize import (TYPES, block_32_type, hf_mix_types, k_mix_type, matrix_type,  # noqa: E402
+                              q4_k_m_type, use_more_bits)
 
 K_TYPES = ["Q4_K", "Q5_K", "Q6_K"]
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -274,7 +274,8 @@ FILE_SHAPES = {
     "narrow": dict(hidden_size=96, intermediate_size=200, num_attention_heads=6, num_key_value_heads=2, layers=2),
 }
 LLAMA_FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-                "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+                "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+                "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0", "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 
 
 @pytest.fixture(scope="module")
@@ -338,8 +339,9 @@ def llama_quantize(source: Path, out: Path, ftype: str) -> Path:
 @pytest.mark.parametrize("shape", FILE_SHAPES)
 @pytest.mark.parametrize("type_name", LLAMA_FTYPES)
 def test_quantized_file_equals_llama_quantize(llama_lib_dir, tiny_f32, tmp_path, shape, type_name):
-    """`phinano quantize --type q4_k_m` (q5_k_m, q6_k) against llama.cpp's quantizer run on the same weights as
-    an F32 GGUF: the same tensors, each of the same type, with the same bytes."""
+    """`phinano quantize --type q4_k_m` (q5_k_m, q6_k, and the legacy types with their Q6_K head) against
+    llama.cpp's quantizer run on the same weights as an F32 GGUF: the same tensors, each of the same type,
+    with the same bytes."""
     from phinano.config import load_config
     from phinano.formats import read_tensors
     from phinano.quantize import write_quantized
@@ -437,6 +439,26 @@ def test_rows_that_256_does_not_divide_fall_back():
     assert k_mix_type("Q5_K_M", "blk.1.ffn_down.weight", (256, 200), 8) == "F16"  # nor 32
     with pytest.raises(PhinanoError, match="unknown type mix"):
         k_mix_type("Q3_K_M", "output.weight", (320, 256), 2)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_legacy_files_have_llama_cpps_q6_k_head(qtype):
+    """llama.cpp's quantizer stores the head of a 4- or 5-bit legacy file as Q6_K (Q8_0 where 256 does not
+    divide its rows), keeps the MoE router unrounded and rows that are not whole blocks in F16."""
+    assert block_32_type(qtype, "output.weight", (32064, 3072)) == "Q6_K"
+    assert block_32_type(qtype, "output.weight", (320, 96)) == "Q8_0"
+    assert block_32_type(qtype, "token_embd.weight", (32064, 3072)) == qtype
+    assert block_32_type(qtype, "token_embd.weight", (200064, 3072), tied_embeddings=True) == "Q6_K"
+    assert block_32_type(qtype, "blk.3.ffn_down.weight", (3072, 8192)) == qtype
+    assert block_32_type(qtype, "blk.3.ffn_down.weight", (256, 200)) == "F16"
+    assert block_32_type(qtype, "blk.3.ffn_gate_inp.weight", (16, 4096)) == "F32"
+    assert block_32_type(qtype, "blk.3.attn_norm.weight", (4096,)) == "F32"
+
+
+def test_q8_0_files_keep_a_q8_0_head():
+    assert block_32_type("Q8_0", "output.weight", (32064, 3072)) == "Q8_0"
+    assert block_32_type("Q8_0", "token_embd.weight", (200064, 3072), tied_embeddings=True) == "Q8_0"
+    assert block_32_type("Q8_0", "blk.3.ffn_gate_inp.weight", (16, 4096)) == "F32"
 
 
 def test_types_and_the_names_of_a_checkpoint():

@@ -460,7 +460,8 @@ def _sub_block_pair(builder, v, j):
 def _q6_k_quarter_bytes(builder, nibbles, pairs):
     """q - 32 as int8 bytes in 8 int32 lanes: the low nibble of each byte of `nibbles` with bits 4-5 of the
     same byte of `pairs` on top, minus 32 in every byte (bytewise: no borrow crosses into the next byte)."""
-    six = builder.or_(builder.and_(nibbles, _const(_INTS8, 0x0F0F0F0F)), builder.and_(pairs, _const(_INTS8, 0x30303030)))
+    six = builder.or_(builder.and_(nibbles, _const(_INTS8, 0x0F0F0F0F)),
+                      builder.and_(pairs, _const(_INTS8, 0x30303030)))
     bytes32 = ir.VectorType(_I8, 32)
     return builder.bitcast(builder.sub(builder.bitcast(six, bytes32), ir.Constant(bytes32, [32] * 32)), _INTS8)
 
@@ -490,12 +491,14 @@ def q6_k_block_dot(rows: int, prefetch: bool):
                 row_o = builder.add(starts[k], o)
                 d = _splat(builder, _f16(builder, base, _plus(builder, row_o, 208)))
                 for h in range(2):
-                    dsc = builder.fmul(d, builder.sitofp(_ints(builder, base, _plus(builder, row_o, 192 + 8 * h), signed=True), _FLOATS8))
+                    sc = _ints(builder, base, _plus(builder, row_o, 192 + 8 * h), signed=True)  # sc[8h .. 8h + 7]
+                    dsc = builder.fmul(d, builder.sitofp(sc, _FLOATS8))
                     first, second, high = (_load(builder, base, _plus(builder, row_o, at), _INTS8)
                                            for at in (64 * h, 64 * h + 32, 128 + 32 * h))
                     # quarter u: (the bytes with its low nibbles, the bytes with its bit pair in bits 4-5)
                     quarters = [(first, _shift(builder, high, 4)), (second, _shift(builder, high, 2)),
-                                (_shift(builder, first, -4), high), (_shift(builder, second, -4), _shift(builder, high, -2))]
+                                (_shift(builder, first, -4), high),
+                                (_shift(builder, second, -4), _shift(builder, high, -2))]
                     for u, (nibbles, pairs) in enumerate(quarters):
                         q = _q6_k_quarter_bytes(builder, nibbles, pairs)
                         s = None
@@ -503,7 +506,8 @@ def q6_k_block_dot(rows: int, prefetch: bool):
                             xv = _floats(builder, w.x, _plus(builder, c0, 128 * h + 32 * u + 8 * p))
                             qp = builder.sitofp(_signed_byte(builder, q, p), _FLOATS8)
                             s = builder.fmul(xv, qp, flags=_FAST) if s is None else _fma(builder, xv, qp, s)
-                        builder.store(_fma(builder, _sub_block_pair(builder, dsc, 2 * u), s, builder.load(acc[k])), acc[k])
+                        scale = _sub_block_pair(builder, dsc, 2 * u)  # sub-blocks 8h + 2u, 8h + 2u + 1
+                        builder.store(_fma(builder, scale, s, builder.load(acc[k])), acc[k])
 
     return _dot_intrinsic(rows, False, emit)
 
