@@ -125,12 +125,17 @@ def _vector_matmul(qtype: str):
 
 @njit(cache=True, nogil=True)
 def _q8_0_dequantize_rows(data, out):
-    """out[r, 32 b + j] = d[r, b] * q[r, b, j] (exact in float32)."""
+    """out[r, 32 b + j] = d[r, b] * q[r, b, j] (exact in float32).
+
+    The j loop runs to `block`, 32 read at run time, as in the legacy types' `widen_rows`: with a count it can
+    see, LLVM unrolls the 32 steps into scalar code instead of vectorising them (measured 1.7 against 6 G
+    weights/s per thread, AMD EPYC Zen 3)."""
+    block = min(32, out.shape[1])
     for r in range(data.shape[0]):
         row = data[r]
         for b in range(out.shape[1] // 32):
             d = _f16_at(row, 34 * b)
-            for j in range(32):
+            for j in range(block):
                 out[r, 32 * b + j] = d * _i8(row[34 * b + 2 + j])
 
 
