@@ -164,6 +164,31 @@ def test_linear_decodes_odd_row_counts(qtype, N):
     assert_linear_close(f32(rng, (1, 512)), random_kquant(rng, qtype, N, 512, "typical"))
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", *K_TYPES])
+def test_decode_rows_are_bit_for_bit_each_row_alone(qtype):
+    """Batched decode (Model.step_batch) keeps every sequence's tokens because the fused kernel sums each
+    token of a call exactly as it sums a token alone: the first token of a call runs the loop with the
+    prefetches, the others without, and both must add in the same order (x permuted the same way too)."""
+    from test_quantized import random_legacy, random_q8_0
+
+    rng = np.random.default_rng(7)
+    K, N = 768, 21
+    if qtype in K_TYPES:
+        w = random_kquant(rng, qtype, N, K, "typical")
+    elif qtype == "Q8_0":
+        w = random_q8_0(rng, N, K, "typical")
+    else:
+        w = random_legacy(rng, qtype, N, K, "typical", "typical")
+    matmul = KERNELS[qtype].matmul
+    x = activations(rng, (KERNELS[qtype].blas_min_tokens - 1, K), 1.0)
+    together = np.empty((len(x), N), np.float32)
+    matmul(x, w.data, together)
+    for t in range(len(x)):
+        alone = np.empty((1, N), np.float32)
+        matmul(x[t : t + 1], w.data, alone)
+        np.testing.assert_array_equal(together[t].view(np.uint32), alone[0].view(np.uint32))
+
+
 @pytest.mark.parametrize("qtype", K_TYPES)
 def test_linear_blas_path_spans_several_tiles(qtype, monkeypatch):
     monkeypatch.setattr(fast, "_TILE_ELEMENTS", 64 * 256)  # tiles of 64 rows of K = 256
