@@ -136,9 +136,10 @@ def quantize_tensors(tensors: dict, qtype: str) -> dict:
 
 def hf_mix_types(tensors: dict, mix: str) -> dict:
     """{Hugging Face name: type} of a mix (or a type of 32-weight blocks, `block_32_type`) for a checkpoint's
-    tensors: each name is translated as the GGUF writer translates it (per-expert matrices as the stacked tensor they go into); the layer count is read off the
-    names, and the head counts as tied when there is no lm_head.weight (a tied checkpoint that still carries
-    a copy of it gets the untied types: Q4_K rather than Q6_K for the embedding)."""
+    tensors: each name is translated as the GGUF writer translates it (per-expert matrices as the stacked
+    tensor they go into); the layer count is read off the names, and the head counts as tied when there is
+    no lm_head.weight (a tied checkpoint that still carries a copy of it gets the untied types: Q4_K rather
+    than Q6_K for the embedding)."""
     import gguf
 
     layers = [int(n.split(".")[2]) for n in tensors if n.startswith("model.layers.")]

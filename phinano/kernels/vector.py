@@ -447,14 +447,15 @@ def _q5_k_pair(builder, base, row_o, g):
 # is the vector of the 8 weights i = 4l + p, l = 0..7. That is not x's order, so the kernel takes x in
 # byte-lane order, as Q5_K's does (kquants.py makes it once per call: in every run of 32, x[4l + p] moved
 # to 8p + l). Per row, half h, quarter u:
-#     s    = sum over p of x_bl[32 (4h + u) + 8p : + 8] * (q - 32 of bytes p)     (8 lanes of 4, exact products)
+#     s    = sum over p of x_bl[32 (4h + u) + 8p : + 8] * (q - 32 of bytes p)   (8 lanes of 4, exact products)
 #     acc += (d sc[8h + 2u] in lanes 0-3, d sc[8h + 2u + 1] in lanes 4-7) * s
 # Lanes 0-3 hold i < 16 and lanes 4-7 i >= 16: the quarter's two sub-blocks of 16.
 
 
 def _sub_block_pair(builder, v, j):
     """Lane j of v in lanes 0-3, lane j + 1 in lanes 4-7."""
-    return builder.shuffle_vector(v, ir.Constant(_FLOATS8, ir.Undefined), ir.Constant(_INTS8, [j] * 4 + [j + 1] * 4))
+    lanes = ir.Constant(_INTS8, [j] * 4 + [j + 1] * 4)
+    return builder.shuffle_vector(v, ir.Constant(_FLOATS8, ir.Undefined), lanes)
 
 
 def _q6_k_quarter_bytes(builder, nibbles, pairs):
