@@ -152,6 +152,8 @@ def hf_mix_types(tensors: dict, mix: str) -> dict:
         gname = names.get_name(stacked, try_suffixes=(".weight", ".bias"))
         if gname is not None:
             kinds[name] = matrix_type(mix, gname, values, n_layers, "lm_head.weight" not in tensors)
+        elif values.ndim >= 2 and mix in BLOCK_32:  # a tensor llama.cpp's files lack (a vision tower's): as chosen
+            kinds[name] = mix
         elif values.ndim >= 2:
             raise PhinanoError(f"no GGUF name for tensor {name}, so no {mix} type for it")
     return kinds

@@ -455,6 +455,19 @@ def test_legacy_files_have_llama_cpps_q6_k_head(qtype):
     assert block_32_type(qtype, "blk.3.attn_norm.weight", (4096,)) == "F32"
 
 
+def test_tensors_without_a_gguf_name_keep_the_chosen_block_32_type():
+    """load(quantize="q8_0") of a vision checkpoint: llama.cpp's files have no image tower, so no rule picks
+    its matrices' types; they take the chosen one, as before the per-tensor rules. A mix cannot do that."""
+    fc1 = "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.0.mlp.fc1.weight"
+    tower = {fc1: np.zeros((256, 256)), "model.embed_tokens.weight": np.zeros((320, 256)),
+             "lm_head.weight": np.zeros((320, 256))}
+    kinds = hf_mix_types(tower, "Q4_0")
+    assert kinds[fc1] == "Q4_0"
+    assert kinds["lm_head.weight"] == "Q6_K" and kinds["model.embed_tokens.weight"] == "Q4_0"
+    with pytest.raises(PhinanoError, match="no GGUF name"):
+        hf_mix_types(tower, "Q4_K_M")
+
+
 def test_q8_0_files_keep_a_q8_0_head():
     assert block_32_type("Q8_0", "output.weight", (32064, 3072)) == "Q8_0"
     assert block_32_type("Q8_0", "token_embd.weight", (200064, 3072), tied_embeddings=True) == "Q8_0"
