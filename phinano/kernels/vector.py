@@ -313,7 +313,9 @@ def dot(kind, first, x, sums, data, r0):
 #     per pair of sub-blocks (2g, 2g + 1), whose q are the low and high nibbles of the same 32 bytes:
 #         s_low  = x . q over sub-block 2g, in 8 lanes of 4;  s_high the same for 2g + 1
 #         acc   += dsc[2g] s_low + dsc[2g + 1] s_high
-# Q5_K adds bit 2g (2g + 1) of qh[i] as the 16s bit of the low (high) nibble of byte i.
+# Q5_K adds bit 2g (2g + 1) of qh[i] as the 16s bit of the low (high) nibble of byte i. Q4_K widens its
+# bytes 8 at a time, in x's order (`_q4_k_pair`); Q5_K reads qs and qh 32 bytes at a time and takes x in
+# byte-lane order (`_q5_k_pair`, as the Q6_K section below explains).
 
 
 def _six_bit_scales(builder, row, o):
