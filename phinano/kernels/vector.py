@@ -51,7 +51,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .prefetch import _LINE, PREFETCH_AHEAD, emit_prefetch
+from .prefetch import prefetch_lines
 
 TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # the block types, in the order `kind` numbers them
 ROWS = 4  # rows per call: four rows share each x load (more would not fit AVX2's 16 vector registers)
@@ -235,7 +235,9 @@ def block_dot(qtype: str, rows: int, prefetch: bool):
     def emit(builder, w):
         base, starts, acc = w.packed, w.starts, w.acc
         # the m terms, one scalar per row (only the types that store m)
-        mins = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)] if m_at is not None else None
+        mins = None
+        if m_at is not None:
+            mins = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)]
 
         with cgutils.for_range(builder, builder.udiv(w.K, ir.Constant(_I64, 32))) as loop:
             b = loop.index
@@ -243,9 +245,8 @@ def block_dot(qtype: str, rows: int, prefetch: bool):
             c = builder.mul(b, ir.Constant(_I64, 32))  # the block's first column
             xv = [_floats(builder, w.x, _plus(builder, c, LANES * k)) for k in range(4)]
             block_sum = builder.load(builder.gep(w.sums, [b]))
-            if prefetch:  # the bytes PREFETCH_AHEAD beyond where the R rows are read, as prefetch_span
-                _prefetch_lines(builder, base, builder.add(starts[0], builder.mul(o, ir.Constant(_I64, rows))),
-                                rows * size, w.last_byte)
+            if prefetch:
+                _prefetch_ahead(builder, w, o, rows, size)
             share = _splat(builder, builder.fmul(block_sum, ir.Constant(_F32, -zero / 8))) if zero else None
             for k in range(rows):
                 row_o = builder.add(starts[k], o)
@@ -274,11 +275,12 @@ def _row_starts(builder, first, rows, N, L):
     return starts
 
 
-def _prefetch_lines(builder, base, start, nbytes, last_byte):
-    """One prefetcht1 per 64-byte line of [start, start + nbytes) + PREFETCH_AHEAD, clamped to the last byte."""
-    for p in range(0, nbytes, _LINE):
-        i = _plus(builder, start, PREFETCH_AHEAD + p)
-        emit_prefetch(builder, builder.gep(base, [builder.select(builder.icmp_signed("<", i, last_byte), i, last_byte)]))
+def _prefetch_ahead(builder, w, o, rows, size):
+    """The first token's hints (prefetch.py): the `rows` rows of the work item side by side are at flat byte
+    starts[0] + rows * o when each is at byte o, so ask for their next `rows` blocks of `size` bytes from
+    there, PREFETCH_AHEAD further on."""
+    start = builder.add(w.starts[0], builder.mul(o, ir.Constant(_I64, rows)))
+    prefetch_lines(builder, w.packed, start, rows * size, w.last_byte)
 
 
 _Q8_0, _Q8_0_FIRST = block_dot("Q8_0", ROWS, False), block_dot("Q8_0", ROWS, True)
@@ -374,8 +376,7 @@ def k_quant_block_dot(five: bool, rows: int, prefetch: bool):
             c0 = builder.mul(b, ir.Constant(_I64, 256))  # the super-block's first column
             sub_sums = _floats(builder, w.sums, builder.mul(b, ir.Constant(_I64, 8)))  # (8,) sums of x
             if prefetch:
-                _prefetch_lines(builder, base, builder.add(starts[0], builder.mul(o, ir.Constant(_I64, rows))),
-                                rows * size, w.last_byte)
+                _prefetch_ahead(builder, w, o, rows, size)
             dsc, minus_dm = [], []
             for k in range(rows):
                 row_o = builder.add(starts[k], o)
@@ -435,6 +436,21 @@ def _q5_k_pair(builder, base, row_o, g):
             [builder.sitofp(_byte(builder, high, p), _FLOATS8) for p in range(4)])
 
 
+_Q4_K, _Q4_K_FIRST = k_quant_block_dot(False, 2, False), k_quant_block_dot(False, 2, True)
+_Q5_K, _Q5_K_FIRST = k_quant_block_dot(True, 2, False), k_quant_block_dot(True, 2, True)
+
+
+@njit(inline="always")
+def k_quant_dot(five, first, x, sums, data, r0):
+    """The 2 dot products of rows r0, r0 + 1 of data (Q5_K if five, else Q4_K) with x (for Q5_K in byte-lane
+    order, `_q5_k_pair`); `first` as for `dot`.
+    Two rows, not four: the x of a pair of sub-blocks (8 vectors) then stays in registers (measured 17.9
+    against 16.3 G weights/s from memory for Q4_K, AMD EPYC Zen 3, 2 threads)."""
+    if five:
+        return _Q5_K_FIRST(x, sums, data, r0) if first else _Q5_K(x, sums, data, r0)
+    return _Q4_K_FIRST(x, sums, data, r0) if first else _Q4_K(x, sums, data, r0)
+
+
 # ---------------------------------------------------------------------------------- Q6_K: super-blocks of 256
 #
 # 128 bytes ql (low nibbles), 64 bytes qh (high bit pairs), 16 int8 scales sc, float16 d; 16 sub-blocks of 16
@@ -488,8 +504,7 @@ def q6_k_block_dot(rows: int, prefetch: bool):
             o = builder.mul(b, ir.Constant(_I64, size))
             c0 = builder.mul(b, ir.Constant(_I64, 256))
             if prefetch:
-                _prefetch_lines(builder, base, builder.add(starts[0], builder.mul(o, ir.Constant(_I64, rows))),
-                                rows * size, w.last_byte)
+                _prefetch_ahead(builder, w, o, rows, size)
             for k in range(rows):
                 row_o = builder.add(starts[k], o)
                 d = _splat(builder, _f16(builder, base, _plus(builder, row_o, 208)))
@@ -514,27 +529,13 @@ def q6_k_block_dot(rows: int, prefetch: bool):
 
     return _dot_intrinsic(rows, False, emit)
 
-_Q4_K, _Q4_K_FIRST = k_quant_block_dot(False, 2, False), k_quant_block_dot(False, 2, True)
-_Q5_K, _Q5_K_FIRST = k_quant_block_dot(True, 2, False), k_quant_block_dot(True, 2, True)
-
-
-@njit(inline="always")
-def k_quant_dot(five, first, x, sums, data, r0):
-    """The 2 dot products of rows r0, r0 + 1 of data (Q5_K if five, else Q4_K) with x (for Q5_K in byte-lane
-    order, `_q5_k_pair`); `first` as for `dot`.
-    Two rows, not four: the x of a pair of sub-blocks (8 vectors) then stays in registers (measured 17.9
-    against 16.3 G weights/s from memory for Q4_K, AMD EPYC Zen 3, 2 threads)."""
-    if five:
-        return _Q5_K_FIRST(x, sums, data, r0) if first else _Q5_K(x, sums, data, r0)
-    return _Q4_K_FIRST(x, sums, data, r0) if first else _Q4_K(x, sums, data, r0)
-
 
 _Q6_K, _Q6_K_FIRST = q6_k_block_dot(1, False), q6_k_block_dot(1, True)
 
 
 @njit(inline="always")
 def q6_k_dot(first, x_bl, data, r):
-    """The dot product of row r of Q6_K data with x, given in byte-lane order; `first` as for `dot`. One row per
-    call: with two, the loop ran out of vector registers (measured with the loop before this one: 8.9
-    against 11.1 G weights/s from memory, AMD EPYC Zen 3, 2 threads)."""
+    """The dot product of row r of Q6_K data with x, given in byte-lane order; `first` as for `dot`. One row
+    per call: two rows sharing each x load measured 9.6 against 10.3 G weights/s from memory (AMD EPYC Zen 3,
+    2 threads), as with the loop before this one (8.9 against 11.1)."""
     return (_Q6_K_FIRST(x_bl, data, r) if first else _Q6_K(x_bl, data, r))[0]
