@@ -406,12 +406,16 @@ def test_k_quant_gguf_matches_transformers(tiny_k, mix):
         assert np.abs(got - ref).max() <= LOGIT_RTOL * np.abs(ref).max(), backend
 
 
-def test_load_quantize_equals_the_written_file(tiny_k):
-    """load(folder, quantize="q4_k_m") holds exactly the blocks `phinano quantize` writes."""
-    path, folder = tiny_k("q4_k_m")
+@pytest.mark.parametrize("kind", ["q4_k_m", "q4_0"])
+def test_load_quantize_equals_the_written_file(tiny_k, kind):
+    """load(folder, quantize=KIND) holds exactly the blocks `phinano quantize` writes, with the same type per
+    tensor (q4_0: llama.cpp's Q6_K head, which the rows of 256 here allow)."""
+    path, folder = tiny_k(kind)
     ids = prompt(30)
-    np.testing.assert_array_equal(phinano.load(folder, quantize="q4_k_m", tokenizer=False).forward(ids),
-                                  phinano.load(path, tokenizer=False).forward(ids))
+    loaded = phinano.load(folder, quantize=kind, tokenizer=False)
+    if kind == "q4_0":
+        assert loaded.weights.lm_head.qtype == "Q6_K" and loaded.weights.layers[0].down.qtype == "Q4_0"
+    np.testing.assert_array_equal(loaded.forward(ids), phinano.load(path, tokenizer=False).forward(ids))
 
 
 def test_model_names_that_cannot_be_loaded(tiny, tmp_path, monkeypatch):

@@ -164,6 +164,16 @@ def test_linear_decodes_odd_row_counts(qtype, N):
     assert_linear_close(f32(rng, (1, 512)), random_kquant(rng, qtype, N, 512, "typical"))
 
 
+def test_byte_lane_order_is_each_run_of_32_read_as_8_by_4_and_transposed():
+    """The order the Q5_K and Q6_K loops take x in (kernels/vector.py): x[4l + p] at 8p + l in every run of 32."""
+    from phinano.kernels.kquants import _in_byte_lane_order
+
+    x = np.arange(3 * 256, dtype=np.float32).reshape(3, 256)
+    want = x.reshape(3, 8, 8, 4).transpose(0, 1, 3, 2).reshape(3, 256)
+    np.testing.assert_array_equal(_in_byte_lane_order(x), want)
+    assert _in_byte_lane_order(x)[0, 8 * 3 + 5] == x[0, 4 * 5 + 3]  # lane 5, byte 3
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", *K_TYPES])
 def test_decode_rows_are_bit_for_bit_each_row_alone(qtype):
     """Batched decode (Model.step_batch) keeps every sequence's tokens because the fused kernel sums each
