@@ -116,7 +116,7 @@ def test_fused_tiles_write_only_their_tokens(T, K):
     (bf16 read in pairs): tiles of 2 tokens, a one-token pass for the last of an odd T. Every token's row
     agrees with the reference, and a guard row after the T rows of y is never written."""
     rng = np.random.default_rng(T)
-    w = make_weight(rng, (11, K), "bf16")  # N % 4 = 3: the last rows go through the one-row loop
+    w = make_weight(rng, (11, K), "bf16")  # one part (fast.PART_ROWS): streams of 2 rows, 3 rows left over
     rows, kernels = fast._reader(w)
     assert kernels.matmul is (fast._bf16_matmul if K % 2 == 0 else fast._matmul_fused)
     x = f32(rng, (T, K))
@@ -125,6 +125,28 @@ def test_fused_tiles_write_only_their_tokens(T, K):
     exact = x.astype(np.float64) @ reference.widen(w).astype(np.float64).T
     np.testing.assert_allclose(out[:T], exact, rtol=0, atol=1e-5 * (np.abs(x) @ np.abs(reference.widen(w)).T).max())
     assert (out[T] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype,K", [("bf16", 38), ("bf16", 37), ("f16", 40)])
+def test_every_decode_row_is_summed_alike_wherever_it_falls(dtype, K):
+    """The decode kernels read a matrix in parts of about fast.PART_ROWS rows, each as four streams of
+    rows, with the rows left over in a part through the same four-row loop. So a row's sum cannot depend on
+    where the row falls: each row of a matrix of several parts (with rows left over) equals, bit for bit,
+    that row multiplied alone, and the result is the same with 1 thread as with all."""
+    rng = np.random.default_rng(K)
+    N = 3 * fast.PART_ROWS + 7
+    w = make_weight(rng, (N, K), dtype)
+    x = f32(rng, (1, K))
+    y = fast.linear(x, w)
+    for r in range(N):
+        assert np.array_equal(y[:, r], fast.linear(x, w[r : r + 1])[:, 0]), f"row {r}"
+    n = fast.set_threads()
+    try:
+        fast.set_threads(1)
+        assert np.array_equal(fast.linear(x, w), y)
+    finally:
+        fast.set_threads(n)
+    assert_linear_close(x, w)
 
 
 def test_bf16_pairs_read_unaligned_and_strided_rows(tmp_path):

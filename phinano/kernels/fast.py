@@ -32,7 +32,7 @@ import sys
 import numpy as np
 
 try:
-    import numba  # noqa: F401 - imported here first, for this clear message; runtime and widening need it
+    import numba  # imported here first, for this clear message; runtime and widening need it too
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         "the 'numba' kernel backend needs the numba package (pip install numba); "
@@ -87,107 +87,152 @@ _ATTENTION_CHUNK_BYTES = 8 << 20
 # ---------------------------------------------------------------------------------------------------------
 
 
+# Which rows are read together. The N rows are cut into parts of PART_ROWS rows or a few more (the last
+# N % PART_ROWS spread over them), Numba hands each thread a contiguous run of parts, and a part [a, b) is
+# read as four streams, its quarters front to back: rows a + j, a + q + j, a + 2q + j and a + 3q + j side
+# by side for j = 0 .. q - 1 (q = (b - a) // 4). Every x load is still shared by four rows, and each stream
+# runs on from one row into the next. Reading four *neighbouring* rows instead starts four new streams
+# every four rows, and a bf16 row of 3072 is only 6 KB: the hardware prefetcher spent part of every row
+# finding its stream again. Measured on AMD EPYC (Zen 3), 1 GiB of Phi-3-mini-shaped bf16 matrices in turn,
+# G bytes/s, neighbouring rows / four streams (medians of 6): 3072 x 3072 10.7 / 14.0 on 1 thread and
+# 18.2 / 22.2 on 2; 8192 x 3072 10.4 / 13.6 and 18.9 / 21.8; 3072 x 8192 12.0 / 13.2 and 21.1 / 21.3.
+# Parts of 64, 128 or 256 rows read as fast as one part per thread (docs/kernels.md). The rows left over in
+# a part ((b - a) % 4) go through the same four-row loop (`_rows`), so every row is summed by the same code
+# wherever it falls.
+PART_ROWS = 64
+
+
+@njit(inline="always")
+def _share(N, parts, p):
+    """(a, q, b, steps): part p of `parts` (`_parts`) covers rows [a, b), read as four streams of q rows
+    from a, a + q, a + 2q, a + 3q, and in one more step the rows left over (`_rows`)."""
+    a, b = N * p // parts, N * (p + 1) // parts
+    q = (b - a) // 4
+    return a, q, b, q + (1 if (b - a) % 4 else 0)
+
+
+@njit(inline="always")
+def _rows(a, q, b, j):
+    """The four rows read side by side at step j of part [a, b): one from each stream while j < q; at j = q
+    the rows left over, a + 4q .. b - 1, the last of them repeated (it is computed again and the same value
+    written again). The leftovers take the same call as the streams on purpose: a second call with rows the
+    compiler can see are equal let it fold the four sums into one and vectorise that differently, and the
+    row came out with other rounding."""
+    if j < q:
+        return a + j, a + q + j, a + 2 * q + j, a + 3 * q + j
+    c = a + 4 * q
+    return c, min(c + 1, b - 1), min(c + 2, b - 1), min(c + 3, b - 1)
+
+
+@njit(inline="always")
+def _parts(N):
+    """How many parts N rows are cut into: N // PART_ROWS, at least one."""
+    return max(1, N // PART_ROWS)
+
+
+@njit(inline="always")
+def _fused_tile(x, w, y, t0, t1, t2, t3, r0, r1, r2, r3):
+    """y[t, r] for tokens t0..t3 x rows r0..r3: 16 accumulators, each w and x load used four times."""
+    a00 = a01 = a02 = a03 = np.float32(0.0)
+    a10 = a11 = a12 = a13 = np.float32(0.0)
+    a20 = a21 = a22 = a23 = np.float32(0.0)
+    a30 = a31 = a32 = a33 = np.float32(0.0)
+    for c in range(x.shape[1]):
+        w0 = to_f32(w[r0, c])
+        w1 = to_f32(w[r1, c])
+        w2 = to_f32(w[r2, c])
+        w3 = to_f32(w[r3, c])
+        x0 = x[t0, c]
+        x1 = x[t1, c]
+        x2 = x[t2, c]
+        x3 = x[t3, c]
+        a00 += x0 * w0
+        a01 += x0 * w1
+        a02 += x0 * w2
+        a03 += x0 * w3
+        a10 += x1 * w0
+        a11 += x1 * w1
+        a12 += x1 * w2
+        a13 += x1 * w3
+        a20 += x2 * w0
+        a21 += x2 * w1
+        a22 += x2 * w2
+        a23 += x2 * w3
+        a30 += x3 * w0
+        a31 += x3 * w1
+        a32 += x3 * w2
+        a33 += x3 * w3
+    y[t0, r0], y[t0, r1], y[t0, r2], y[t0, r3] = a00, a01, a02, a03
+    y[t1, r0], y[t1, r1], y[t1, r2], y[t1, r3] = a10, a11, a12, a13
+    y[t2, r0], y[t2, r1], y[t2, r2], y[t2, r3] = a20, a21, a22, a23
+    y[t3, r0], y[t3, r1], y[t3, r2], y[t3, r3] = a30, a31, a32, a33
+
+
+@njit(inline="always")
+def _fused_one_token(x, w, y, t, r0, r1, r2, r3):
+    """y[t, r0..r3]: the x[t, c] load shared by four rows, four independent accumulators. Every decode row
+    goes through this loop, in `_matmul_fused` and `_matmul_rows` alike."""
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    for c in range(x.shape[1]):
+        xc = x[t, c]
+        a0 += xc * to_f32(w[r0, c])
+        a1 += xc * to_f32(w[r1, c])
+        a2 += xc * to_f32(w[r2, c])
+        a3 += xc * to_f32(w[r3, c])
+    y[t, r0], y[t, r1], y[t, r2], y[t, r3] = a0, a1, a2, a3
+
+
+@njit(inline="always")
+def _fused_rows(x, w, y, r0, r1, r2, r3):
+    """Every token of x times rows r0..r3: tiles of 4 tokens while 3 or more are left (a tile for 3 computes
+    its last token twice, and the repeat writes the same value again), then one token at a time."""
+    T = x.shape[0]
+    t = 0
+    while T - t >= 3:
+        _fused_tile(x, w, y, t, t + 1, t + 2, min(t + 3, T - 1), r0, r1, r2, r3)
+        t += 4
+    while t < T:
+        _fused_one_token(x, w, y, t, r0, r1, r2, r3)
+        t += 1
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _matmul_fused(x, w, y):
     """y[t, r] = sum_c x[t, c] * float32(w[r, c]) for x (T, K), w (N, K), y (T, N).
 
-    Parallel over blocks of 4 weight rows; each block is read from memory once and, while it sits in
-    cache, multiplied with every token: 4 tokens x 4 rows at a time (16 accumulators, each w and x load
-    used four times). Three tokens left also make a tile, its last token computed twice (the repeat writes
-    the same value again): one pass over the block instead of three one-token passes, which widen it again
-    each time (3 tokens, as a draft of 2 being checked: 1.5x the time of one token before, 1.3x with the
-    tile; with 2 tokens left a tile was no faster than two passes; AMD EPYC Zen 3, 8192 x 3072, measured on
-    bf16 before bf16 moved to `_bf16_matmul`; this kernel now serves float16, float32 and odd-K bf16). The
-    tokens left after that run 1 x 4 rows, as the decode case T = 1 does: the x[c] load is shared by four
-    rows, four independent accumulators, and widening in-register keeps the loop vectorised.
+    Parallel over parts of about PART_ROWS rows, each read as four streams (`_share`). Each group of 4 rows is
+    read from memory once and, while it sits in cache, multiplied with every token: 4 tokens x 4 rows at
+    a time (16 accumulators, each w and x load used four times), then one token at a time (`_fused_rows`).
+    Three tokens left also make a tile: one pass over the rows instead of three one-token passes, which
+    widen them again each time (3 tokens, as a draft of 2 being checked: 1.5x the time of one token before,
+    1.3x with the tile; with 2 tokens left a tile was no faster than two passes; AMD EPYC Zen 3, 8192 x
+    3072, measured on bf16 before bf16 moved to `_bf16_matmul`; this kernel now serves float16, float32 and
+    odd-K bf16). Widening in-register keeps the loops vectorised.
     """
-    T, K = x.shape
     N = w.shape[0]
-    blocks = N // 4
-    for b in prange(blocks):
-        r = 4 * b
-        t = 0
-        while T - t >= 3:  # 3 or more tokens left: a tile of 4 (t0..t3, at most T - 1)
-            t0, t1, t2, t3 = t, t + 1, t + 2, min(t + 3, T - 1)
-            a00 = a01 = a02 = a03 = np.float32(0.0)
-            a10 = a11 = a12 = a13 = np.float32(0.0)
-            a20 = a21 = a22 = a23 = np.float32(0.0)
-            a30 = a31 = a32 = a33 = np.float32(0.0)
-            for c in range(K):
-                w0 = to_f32(w[r, c])
-                w1 = to_f32(w[r + 1, c])
-                w2 = to_f32(w[r + 2, c])
-                w3 = to_f32(w[r + 3, c])
-                x0 = x[t0, c]
-                x1 = x[t1, c]
-                x2 = x[t2, c]
-                x3 = x[t3, c]
-                a00 += x0 * w0
-                a01 += x0 * w1
-                a02 += x0 * w2
-                a03 += x0 * w3
-                a10 += x1 * w0
-                a11 += x1 * w1
-                a12 += x1 * w2
-                a13 += x1 * w3
-                a20 += x2 * w0
-                a21 += x2 * w1
-                a22 += x2 * w2
-                a23 += x2 * w3
-                a30 += x3 * w0
-                a31 += x3 * w1
-                a32 += x3 * w2
-                a33 += x3 * w3
-            y[t0, r], y[t0, r + 1], y[t0, r + 2], y[t0, r + 3] = a00, a01, a02, a03
-            y[t1, r], y[t1, r + 1], y[t1, r + 2], y[t1, r + 3] = a10, a11, a12, a13
-            y[t2, r], y[t2, r + 1], y[t2, r + 2], y[t2, r + 3] = a20, a21, a22, a23
-            y[t3, r], y[t3, r + 1], y[t3, r + 2], y[t3, r + 3] = a30, a31, a32, a33
-            t += 4
-        while t < T:  # 1 or 2 tokens left (T = 1: decode), one at a time
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for c in range(K):
-                xc = x[t, c]
-                a0 += xc * to_f32(w[r, c])
-                a1 += xc * to_f32(w[r + 1, c])
-                a2 += xc * to_f32(w[r + 2, c])
-                a3 += xc * to_f32(w[r + 3, c])
-            y[t, r], y[t, r + 1], y[t, r + 2], y[t, r + 3] = a0, a1, a2, a3
-            t += 1
-    for r in range(4 * blocks, N):  # the last N % 4 rows (at most 3)
-        for t in range(T):
-            acc = np.float32(0.0)
-            for c in range(K):
-                acc += x[t, c] * to_f32(w[r, c])
-            y[t, r] = acc
+    parts = _parts(N)
+    for p in prange(parts):
+        a, q, b, steps = _share(N, parts, p)
+        for j in range(steps):
+            r0, r1, r2, r3 = _rows(a, q, b, j)
+            _fused_rows(x, w, y, r0, r1, r2, r3)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _matmul_rows(x, w, y):
     """y = x @ w.T like `_matmul_fused`, for a batch of decode rows (one per sequence): every row t is summed
-    by the very loop `_matmul_fused` runs for a single token (1 x 4 rows, then the last N % 4 rows one by
-    one), so each row of y is bit for bit what that row alone gives. The 4 x 4 tiles of `_matmul_fused`
-    would round differently. Each block of four weight rows is still read from memory once: the other
-    rows of x find it in cache (4 rows x K, 24 KB for bf16 at K = 3072)."""
-    T, K = x.shape
+    by the very loop `_matmul_fused` runs for a single token (`_fused_one_token`), so each row of y is bit for
+    bit what that row alone gives. The 4 x 4 tiles of `_matmul_fused` would round differently. Each group of
+    four weight rows is still read from memory once: the other rows of x find it in cache (4 rows x K, 24 KB
+    for bf16 at K = 3072)."""
     N = w.shape[0]
-    blocks = N // 4
-    for b in prange(blocks):
-        r = 4 * b
-        for t in range(T):
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for c in range(K):
-                xc = x[t, c]
-                a0 += xc * to_f32(w[r, c])
-                a1 += xc * to_f32(w[r + 1, c])
-                a2 += xc * to_f32(w[r + 2, c])
-                a3 += xc * to_f32(w[r + 3, c])
-            y[t, r], y[t, r + 1], y[t, r + 2], y[t, r + 3] = a0, a1, a2, a3
-    for r in range(4 * blocks, N):  # the last N % 4 rows (at most 3)
-        for t in range(T):
-            acc = np.float32(0.0)
-            for c in range(K):
-                acc += x[t, c] * to_f32(w[r, c])
-            y[t, r] = acc
+    parts = _parts(N)
+    for p in prange(parts):
+        a, q, b, steps = _share(N, parts, p)
+        for j in range(steps):
+            r0, r1, r2, r3 = _rows(a, q, b, j)
+            for t in range(x.shape[0]):
+                _fused_one_token(x, w, y, t, r0, r1, r2, r3)
 
 
 @njit(cache=True, nogil=True)
@@ -223,13 +268,12 @@ def _even_odd(x):
 
 
 @njit(inline="always")
-def _pairs_one_token(xe, xo, w, y, t, r):
-    """y[t, r .. r + 3] = token t times rows r .. r + 3: per row one sum over the even columns and one
-    over the odd (eight independent accumulators), added at the end. Every bf16 decode row goes through
-    this loop, in `_bf16_matmul` and in `_bf16_matmul_rows` alike, so a batched row is bit for bit the row
-    alone."""
+def _pairs_one_token(xe, xo, w, y, t, r0, r1, r2, r3):
+    """y[t, r0..r3] = token t times four rows: per row one sum over the even columns and one over the odd
+    (eight independent accumulators), added at the end. Every bf16 decode row goes through this loop, in
+    `_bf16_matmul` and in `_bf16_matmul_rows` alike, so a batched row is bit for bit the row alone."""
     e, o = xe[t], xo[t]  # (K / 2,) each: token t's even and odd columns
-    w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]  # (K / 2,) uint32 pairs each
+    w0, w1, w2, w3 = w[r0], w[r1], w[r2], w[r3]  # (K / 2,) uint32 pairs each
     e0 = e1 = e2 = e3 = o0 = o1 = o2 = o3 = np.float32(0.0)
     for c in range(w.shape[1]):
         u = w0[c]
@@ -244,27 +288,15 @@ def _pairs_one_token(xe, xo, w, y, t, r):
         u = w3[c]
         e3 += e[c] * bf16_low(u)
         o3 += o[c] * bf16_high(u)
-    y[t, r], y[t, r + 1], y[t, r + 2], y[t, r + 3] = e0 + o0, e1 + o1, e2 + o2, e3 + o3
+    y[t, r0], y[t, r1], y[t, r2], y[t, r3] = e0 + o0, e1 + o1, e2 + o2, e3 + o3
 
 
 @njit(inline="always")
-def _pairs_one_row(xe, xo, w, y, r):
-    """y[:, r] for one row and every token (the last N % 4 rows)."""
-    for t in range(xe.shape[0]):
-        e, o, wr = xe[t], xo[t], w[r]
-        acc_e = acc_o = np.float32(0.0)
-        for c in range(w.shape[1]):
-            acc_e += e[c] * bf16_low(wr[c])
-            acc_o += o[c] * bf16_high(wr[c])
-        y[t, r] = acc_e + acc_o
-
-
-@njit(inline="always")
-def _pairs_two_tokens(xe, xo, w, y, t, r):
-    """y[t .. t + 1, r .. r + 3]: 2 tokens x 4 rows, each pair widened once for both tokens (8 accumulators,
+def _pairs_two_tokens(xe, xo, w, y, t, r0, r1, r2, r3):
+    """y[t .. t + 1, r0..r3]: 2 tokens x 4 rows, each pair widened once for both tokens (8 accumulators,
     even and odd columns summed together)."""
     e0, e1, o0, o1 = xe[t], xe[t + 1], xo[t], xo[t + 1]
-    w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+    w0, w1, w2, w3 = w[r0], w[r1], w[r2], w[r3]
     a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)  # a: token t, b: token t + 1; digit: row
     for c in range(w.shape[1]):
         lo, hi = bf16_low(w0[c]), bf16_high(w0[c])
@@ -279,45 +311,51 @@ def _pairs_two_tokens(xe, xo, w, y, t, r):
         lo, hi = bf16_low(w3[c]), bf16_high(w3[c])
         a3 += e0[c] * lo + o0[c] * hi
         b3 += e1[c] * lo + o1[c] * hi
-    y[t, r], y[t, r + 1], y[t, r + 2], y[t, r + 3] = a0, a1, a2, a3
-    y[t + 1, r], y[t + 1, r + 1], y[t + 1, r + 2], y[t + 1, r + 3] = b0, b1, b2, b3
+    y[t, r0], y[t, r1], y[t, r2], y[t, r3] = a0, a1, a2, a3
+    y[t + 1, r0], y[t + 1, r1], y[t + 1, r2], y[t + 1, r3] = b0, b1, b2, b3
+
+
+@njit(inline="always")
+def _pairs_rows(xe, xo, w, y, r0, r1, r2, r3):
+    """Every token times rows r0..r3: two at a time, the last of an odd T (T = 1: decode) alone."""
+    T = xe.shape[0]
+    for t in range(0, T - 1, 2):
+        _pairs_two_tokens(xe, xo, w, y, t, r0, r1, r2, r3)
+    if T % 2 == 1:
+        _pairs_one_token(xe, xo, w, y, T - 1, r0, r1, r2, r3)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _bf16_matmul(x, w, y):
     """y = x @ float32(w).T for x (T, K), w (N, K / 2) uint32 bf16 pairs, y (T, N); few tokens.
 
-    Parallel over blocks of 4 weight rows, each read from memory once and, while it sits in cache,
-    multiplied with every token: two at a time (`_pairs_two_tokens`), the last of an odd T (T = 1: decode)
-    through `_pairs_one_token`.
+    Parallel over parts of about PART_ROWS rows, each read as four streams (`_share`); each group of 4 rows is
+    read from memory once and, while it sits in cache, multiplied with every token (`_pairs_rows`).
     """
     N = w.shape[0]
-    T = x.shape[0]
     xe, xo = _even_odd(x)  # (T, K / 2) each
-    blocks = N // 4
-    for b in prange(blocks):
-        r = 4 * b
-        for t in range(0, T - 1, 2):
-            _pairs_two_tokens(xe, xo, w, y, t, r)
-        if T % 2 == 1:
-            _pairs_one_token(xe, xo, w, y, T - 1, r)
-    for r in range(4 * blocks, N):
-        _pairs_one_row(xe, xo, w, y, r)
+    parts = _parts(N)
+    for p in prange(parts):
+        a, q, b, steps = _share(N, parts, p)
+        for j in range(steps):
+            r0, r1, r2, r3 = _rows(a, q, b, j)
+            _pairs_rows(xe, xo, w, y, r0, r1, r2, r3)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _bf16_matmul_rows(x, w, y):
     """`_bf16_matmul` for a batch of decode rows (one per sequence): every row through the one-token loop,
-    never the tiles, so each row of y is bit for bit that row alone. The block of 4 weight rows (24 KB
+    never the tiles, so each row of y is bit for bit that row alone. The group of 4 weight rows (24 KB
     at K = 3072) is read from memory once and found in cache by the other rows of x."""
     N = w.shape[0]
     xe, xo = _even_odd(x)
-    blocks = N // 4
-    for b in prange(blocks):
-        for t in range(x.shape[0]):
-            _pairs_one_token(xe, xo, w, y, t, 4 * b)
-    for r in range(4 * blocks, N):
-        _pairs_one_row(xe, xo, w, y, r)
+    parts = _parts(N)
+    for p in prange(parts):
+        a, q, b, steps = _share(N, parts, p)
+        for j in range(steps):
+            r0, r1, r2, r3 = _rows(a, q, b, j)
+            for t in range(x.shape[0]):
+                _pairs_one_token(xe, xo, w, y, t, r0, r1, r2, r3)
 
 
 def _bf16_widen_pairs(w, out):
