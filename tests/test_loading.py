@@ -187,3 +187,38 @@ def test_read_safetensors_rejects_bad_offsets(tmp_path):
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
     with pytest.raises(PhinanoError, match="dtype I64"):
         read_safetensors(path)
+
+
+def vm_flags_of(path: Path) -> list[set[str]]:
+    """The VmFlags of every memory map of `path` in this process (Linux /proc/self/smaps)."""
+    flags, current = [], None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        parts = line.split()
+        if parts and "-" in parts[0] and len(parts) >= 5:
+            current = parts[-1] if len(parts) >= 6 else None
+        elif parts and parts[0] == "VmFlags:" and current == str(path):
+            flags.append(set(parts[1:]))
+    return flags
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="no transparent huge pages (Linux only)")
+def test_weight_files_ask_for_huge_pages(checkpoint_dir, tmp_path):
+    """safetensors and GGUF maps carry MADV_HUGEPAGE ("hg" in VmFlags): pages read from disk afterwards come
+    in 2 MiB folios (phinano/formats/mapping.py)."""
+    import gguf
+
+    from phinano.formats.gguf import read_gguf
+
+    shard = sorted(checkpoint_dir("mini-4k", "bfloat16", True).glob("*.safetensors"))[0].resolve()
+    tensors = read_safetensors(shard)
+    assert vm_flags_of(shard) and all("hg" in f for f in vm_flags_of(shard))
+    path = (tmp_path / "one.gguf").resolve()
+    writer = gguf.GGUFWriter(path, "phi3")
+    writer.add_tensor("w", np.ones((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    f = read_gguf(path)
+    assert vm_flags_of(path) and all("hg" in flags for flags in vm_flags_of(path))
+    del tensors, f

@@ -8,6 +8,7 @@
     kquants.py      GGML's K-quants (Q4_K, Q5_K, Q6_K: super-blocks of 256), added to quantized.LAYOUTS here
     kquant_rounding.py  llama.cpp's rounding of floats into K-quant blocks (phinano quantize)
     ollama.py       Ollama's model store (manifests -> the GGUF blob)
+    mapping.py      memory maps of weight files: 2 MiB pages asked for
 
 `read_tensors(folder)` gives {checkpoint name: array} of a safetensors checkpoint; weights.py arranges them.
 """

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..config import Config, config_from_dict
 from ..errors import PhinanoError
+from .mapping import advise_huge_pages
 
 GGUF_ARCHITECTURES = {"phi3": "Phi3ForCausalLM", "phimoe": "PhimoeForCausalLM"}
 PLAIN_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16 kept as its uint16 bits
@@ -66,6 +67,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on a damaged file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PhinanoError(f"{path}: not a readable GGUF file ({reason})") from None
+    advise_huge_pages(reader.data)
 
     metadata = {}
     for name, field in reader.fields.items():

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PhinanoError
+from .mapping import advise_huge_pages
 
 # safetensors dtype -> the NumPy dtype phinano holds it in (bf16 as raw uint16 bits, see above)
 DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
@@ -49,6 +50,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 
     data_start = 8 + n
     buffer = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
+    advise_huge_pages(buffer)
     tensors = {}
     for name, info in header.items():
         try:
