@@ -5,7 +5,7 @@
     python scripts/kernel_bench.py --startup    # + compile time and cached start time, in fresh processes
 
 Decode: y = x @ w.T with w a 1 GiB bfloat16 matrix (32768 x 16384, uint16 bits) through
-`fast.linear`, against NumPy's float32 BLAS matrix-vector product on a 1 GiB float32 matrix (16384 x 16384)
+`fast.linear` (and 1 GiB of each Phi-3-mini matrix shape in turn, beside it), against NumPy's float32 BLAS matrix-vector product on a 1 GiB float32 matrix (16384 x 16384)
 timed in the same run: that product streams memory at the machine's read rate, so the ratio says how
 close the kernel gets to the bandwidth limit. GB/s counts weight bytes read once per call.
 Then bf16 against the quantized types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; `--types` picks some)
@@ -69,6 +69,17 @@ def bench_decode(fast, repeats: int) -> None:
     gbs = w.nbytes / 1e9
     print(f"linear bf16 decode, {N} x {K} ({w.nbytes / 2**30:.2f} GiB): {gbs / med:6.1f} GB/s median, {gbs / best:6.1f} best")
     del w
+    # A model's matrices are smaller, with shorter rows: 1 GiB of each Phi-3-mini shape, multiplied in turn
+    # (q/k/v/o, gate and up, down), against the one large product above. Short rows read slower when every
+    # work item starts new memory streams (fast.py, "Which rows are read together").
+    for n, k in ((3072, 3072), (8192, 3072), (3072, 8192)):
+        ws = [random_bf16(rng, (n, k)) for _ in range(2**30 // (2 * n * k))]
+        xk = rng.standard_normal((1, k), dtype=np.float32)
+        m, b = timed(lambda: [fast.linear(xk, one) for one in ws], repeats)
+        g = sum(one.nbytes for one in ws) / 1e9
+        print(f"  {len(ws)} bf16 matrices of {n} x {k} in turn: {g / m:6.1f} GB/s median, {g / b:6.1f} best"
+              f" ({g / m / (gbs / med):.0%} of the large product's median)")
+        del ws
 
     wf = rng.standard_normal((16384, 16384), dtype=np.float32)  # 1 GiB of float32
     xf = rng.standard_normal(16384, dtype=np.float32)
