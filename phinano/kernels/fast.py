@@ -88,7 +88,7 @@ _ATTENTION_CHUNK_BYTES = 8 << 20
 
 
 # Which rows are read together. The N rows are cut into parts of PART_ROWS rows or a few more (the last
-# N % PART_ROWS spread over them), Numba hands each thread a contiguous run of parts, and a part [a, b) is
+# N % PART_ROWS spread over them), Numba hands each thread a contiguous run of them, and a part [a, b) is
 # read as four streams, its quarters front to back: rows a + j, a + q + j, a + 2q + j and a + 3q + j side
 # by side for j = 0 .. q - 1 (q = (b - a) // 4). Every x load is still shared by four rows, and each stream
 # runs on from one row into the next. Reading four *neighbouring* rows instead starts four new streams
@@ -98,37 +98,36 @@ _ATTENTION_CHUNK_BYTES = 8 << 20
 # 18.2 / 22.2 on 2; 8192 x 3072 10.4 / 13.6 and 18.9 / 21.8; 3072 x 8192 12.0 / 13.2 and 21.1 / 21.3.
 # Parts of 64, 128 or 256 rows read as fast as one part per thread (docs/kernels.md); not yet measured on the
 # Intel (Sapphire Rapids) kind, where long streams should suit its prefetchers no worse. The rows left over in
-# a part ((b - a) % 4) go through the same four-row loop (`_rows`), so every row is summed by the same code
-# wherever it falls.
+# a part ((b - a) % 4) go through the same four-row loop (`_row_groups`), so every row is summed by the same
+# code wherever it falls.
 PART_ROWS = 64
 
 
-@njit(inline="always")
-def _share(N, parts, p):
-    """(a, q, b, steps): part p of `parts` (`_parts`) covers rows [a, b), read as four streams of q rows
-    from a, a + q, a + 2q, a + 3q, and in one more step the rows left over (`_rows`)."""
-    a, b = N * p // parts, N * (p + 1) // parts
-    q = (b - a) // 4
-    return a, q, b, q + (1 if (b - a) % 4 else 0)
-
-
-@njit(inline="always")
-def _rows(a, q, b, j):
-    """The four rows read side by side at step j of part [a, b): one from each stream while j < q; at j = q
-    the rows left over, a + 4q .. b - 1, the last of them repeated (it is computed again and the same value
-    written again). The leftovers take the same call as the streams on purpose: a second call with rows the
-    compiler can see are equal let it fold the four sums into one and vectorise that differently, and the
-    row came out with other rounding."""
-    if j < q:
-        return a + j, a + q + j, a + 2 * q + j, a + 3 * q + j
-    c = a + 4 * q
-    return c, min(c + 1, b - 1), min(c + 2, b - 1), min(c + 3, b - 1)
-
-
-@njit(inline="always")
-def _parts(N):
-    """How many parts N rows are cut into: N // PART_ROWS, at least one."""
-    return max(1, N // PART_ROWS)
+@njit(cache=True)
+def _row_groups(N):
+    """(G, 4) int64: the four rows each step reads side by side, part after part (see above). In a part
+    [a, b) of q = (b - a) // 4 rows a stream, step j reads rows a + j, a + q + j, a + 2q + j, a + 3q + j;
+    then one more step takes the rows left over, a + 4q .. b - 1, the last of them repeated (computed again,
+    the same value written again). Every step goes through the same call in the kernels: when the leftover
+    rows had a call of their own with four rows the compiler could see were equal, LLVM folded the four
+    sums into one, vectorised it differently, and the row came out rounded differently."""
+    parts = max(1, N // PART_ROWS)
+    G = 0
+    for p in range(parts):
+        G += (N * (p + 1) // parts - N * p // parts + 3) // 4
+    groups = np.empty((G, 4), np.int64)
+    g = 0
+    for p in range(parts):
+        a, b = N * p // parts, N * (p + 1) // parts
+        q = (b - a) // 4
+        for j in range(q):
+            groups[g, 0], groups[g, 1], groups[g, 2], groups[g, 3] = a + j, a + q + j, a + 2 * q + j, a + 3 * q + j
+            g += 1
+        if (b - a) % 4:
+            c = a + 4 * q
+            groups[g, 0], groups[g, 1], groups[g, 2], groups[g, 3] = c, min(c + 1, b - 1), min(c + 2, b - 1), b - 1
+            g += 1
+    return groups
 
 
 @njit(inline="always")
@@ -201,7 +200,8 @@ def _fused_rows(x, w, y, r0, r1, r2, r3):
 def _matmul_fused(x, w, y):
     """y[t, r] = sum_c x[t, c] * float32(w[r, c]) for x (T, K), w (N, K), y (T, N).
 
-    Parallel over parts of about PART_ROWS rows, each read as four streams (`_share`). Each group of 4 rows is
+    Parallel over the groups of 4 rows of `_row_groups` (parts of about PART_ROWS rows, each read as four
+    streams; Numba hands each thread a contiguous run of groups). Each group of 4 rows is
     read from memory once and, while it sits in cache, multiplied with every token: 4 tokens x 4 rows at
     a time (16 accumulators, each w and x load used four times), then one token at a time (`_fused_rows`).
     Three tokens left also make a tile: one pass over the rows instead of three one-token passes, which
@@ -210,13 +210,9 @@ def _matmul_fused(x, w, y):
     3072, measured on bf16 before bf16 moved to `_bf16_matmul`; this kernel now serves float16, float32 and
     odd-K bf16). Widening in-register keeps the loops vectorised.
     """
-    N = w.shape[0]
-    parts = _parts(N)
-    for p in prange(parts):
-        a, q, b, steps = _share(N, parts, p)
-        for j in range(steps):
-            r0, r1, r2, r3 = _rows(a, q, b, j)
-            _fused_rows(x, w, y, r0, r1, r2, r3)
+    groups = _row_groups(w.shape[0])  # (G, 4) rows read side by side
+    for g in prange(groups.shape[0]):
+        _fused_rows(x, w, y, groups[g, 0], groups[g, 1], groups[g, 2], groups[g, 3])
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -226,14 +222,10 @@ def _matmul_rows(x, w, y):
     bit what that row alone gives. The 4 x 4 tiles of `_matmul_fused` would round differently. Each group of
     four weight rows is still read from memory once: the other rows of x find it in cache (4 rows x K, 24 KB
     for bf16 at K = 3072)."""
-    N = w.shape[0]
-    parts = _parts(N)
-    for p in prange(parts):
-        a, q, b, steps = _share(N, parts, p)
-        for j in range(steps):
-            r0, r1, r2, r3 = _rows(a, q, b, j)
-            for t in range(x.shape[0]):
-                _fused_one_token(x, w, y, t, r0, r1, r2, r3)
+    groups = _row_groups(w.shape[0])  # (G, 4) rows read side by side
+    for g in prange(groups.shape[0]):
+        for t in range(x.shape[0]):
+            _fused_one_token(x, w, y, t, groups[g, 0], groups[g, 1], groups[g, 2], groups[g, 3])
 
 
 @njit(cache=True, nogil=True)
@@ -330,17 +322,14 @@ def _pairs_rows(xe, xo, w, y, r0, r1, r2, r3):
 def _bf16_matmul(x, w, y):
     """y = x @ float32(w).T for x (T, K), w (N, K / 2) uint32 bf16 pairs, y (T, N); few tokens.
 
-    Parallel over parts of about PART_ROWS rows, each read as four streams (`_share`); each group of 4 rows is
+    Parallel over the groups of 4 rows of `_row_groups` (parts of about PART_ROWS rows, each read as four
+    streams); each group of 4 rows is
     read from memory once and, while it sits in cache, multiplied with every token (`_pairs_rows`).
     """
-    N = w.shape[0]
     xe, xo = _even_odd(x)  # (T, K / 2) each
-    parts = _parts(N)
-    for p in prange(parts):
-        a, q, b, steps = _share(N, parts, p)
-        for j in range(steps):
-            r0, r1, r2, r3 = _rows(a, q, b, j)
-            _pairs_rows(xe, xo, w, y, r0, r1, r2, r3)
+    groups = _row_groups(w.shape[0])  # (G, 4) rows read side by side
+    for g in prange(groups.shape[0]):
+        _pairs_rows(xe, xo, w, y, groups[g, 0], groups[g, 1], groups[g, 2], groups[g, 3])
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -348,15 +337,11 @@ def _bf16_matmul_rows(x, w, y):
     """`_bf16_matmul` for a batch of decode rows (one per sequence): every row through the one-token loop,
     never the tiles, so each row of y is bit for bit that row alone. The group of 4 weight rows (24 KB
     at K = 3072) is read from memory once and found in cache by the other rows of x."""
-    N = w.shape[0]
     xe, xo = _even_odd(x)
-    parts = _parts(N)
-    for p in prange(parts):
-        a, q, b, steps = _share(N, parts, p)
-        for j in range(steps):
-            r0, r1, r2, r3 = _rows(a, q, b, j)
-            for t in range(x.shape[0]):
-                _pairs_one_token(xe, xo, w, y, t, r0, r1, r2, r3)
+    groups = _row_groups(w.shape[0])  # (G, 4) rows read side by side
+    for g in prange(groups.shape[0]):
+        for t in range(x.shape[0]):
+            _pairs_one_token(xe, xo, w, y, t, groups[g, 0], groups[g, 1], groups[g, 2], groups[g, 3])
 
 
 def _bf16_widen_pairs(w, out):
