@@ -127,6 +127,30 @@ def test_fused_tiles_write_only_their_tokens(T, K):
     assert (out[T] == 7.0).all()
 
 
+@pytest.mark.parametrize("N", [1, 3, 4, 63, 64, 65, 127, 128, 3 * 64 + 7, 3072])
+def test_row_groups_read_each_part_as_four_streams(N):
+    """`fast._row_groups`: every row in exactly one group (a repeated row only within its own group, the
+    leftovers' last); the parts follow each other in order, each a run of about PART_ROWS rows read as four
+    streams: step j of a part [a, b) reads a + j, a + q + j, a + 2q + j, a + 3q + j, q = (b - a) // 4."""
+    groups = fast._row_groups(N)
+    assert groups.shape[1] == 4 and groups.dtype == np.int64
+    firsts = [sorted(set(g.tolist())) for g in groups]
+    rows = [r for g in firsts for r in g]
+    assert sorted(rows) == list(range(N))  # each row once
+    parts = max(1, N // fast.PART_ROWS)
+    g = 0
+    for p in range(parts):
+        a, b = N * p // parts, N * (p + 1) // parts
+        q = (b - a) // 4
+        for j in range(q):
+            assert groups[g].tolist() == [a + j, a + q + j, a + 2 * q + j, a + 3 * q + j]
+            g += 1
+        if (b - a) % 4:
+            assert firsts[g] == list(range(a + 4 * q, b)) and groups[g, 3] == b - 1
+            g += 1
+    assert g == len(groups)
+
+
 @pytest.mark.parametrize("dtype,K", [("bf16", 38), ("bf16", 37), ("f16", 40)])
 def test_every_decode_row_is_summed_alike_wherever_it_falls(dtype, K):
     """The decode kernels read a matrix in parts of about fast.PART_ROWS rows, each as four streams of

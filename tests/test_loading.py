@@ -201,7 +201,8 @@ def vm_flags_of(path: Path) -> list[set[str]]:
     return flags
 
 
-@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="no transparent huge pages (Linux only)")
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(),
+                    reason="no transparent huge pages (Linux only)")
 def test_weight_files_ask_for_huge_pages(checkpoint_dir, tmp_path):
     """safetensors and GGUF maps carry MADV_HUGEPAGE ("hg" in VmFlags): pages read from disk afterwards come
     in 2 MiB folios (phinano/formats/mapping.py)."""

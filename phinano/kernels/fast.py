@@ -9,8 +9,9 @@ What makes them fast, in one place (docs/kernels.md has the measurements):
   are read (`widening.to_f32`; bf16 two at a time from a uint32 view, `bf16_low` / `bf16_high`), so no
   float32 copy of a weight matrix is ever made on the decode path.
 - A matrix-vector product is limited by memory bandwidth, not arithmetic: each loop iteration reads four
-  weight rows and shares every x[c] load between them, which gives four independent accumulators and
-  streams the weights at the machine's read rate.
+  weight rows and shares every x[c] load between them, which gives four independent accumulators, and the
+  four rows come from four long streams through the matrix (`_row_groups`), which the hardware prefetcher
+  follows at the machine's read rate.
 - Reductions use `fastmath={"reassoc", "contract"}` so LLVM may reorder and vectorise float32 sums (the
   only reason results differ from the reference at all); no kernel assumes "no inf / no nan".
 - Kernels are `parallel=True` over independent rows, heads or queries (small inputs run on the calling

@@ -5,11 +5,12 @@ A quantized matrix-vector product alternates between waiting for memory and unpa
 weights/s from L2 but 5.6 from memory, close to 1 / (1 / compute + 1 / memory), and the hardware prefetcher
 did not run far enough ahead to hide it. Asking for the bytes PREFETCH_AHEAD further on (`prefetch_lines`:
 one hint per 64-byte cache line, into L2, emitted into the loops of vector.py) made whole-model decode of a
-full-size Phi-3-mini 1.2x (Q8_0) to 1.45x (Q4_0) faster (docs/kernels.md, "Prefetching the packed bytes"). A hint never changes a result: the
-loaded values are the same.
+full-size Phi-3-mini 1.2x (Q8_0) to 1.45x (Q4_0) faster (docs/kernels.md, "Prefetching the packed bytes").
+A hint never changes a result: the loaded values are the same.
 
 The bf16 kernel does not use it: it does little work per byte, so the out-of-order core already keeps
-enough reads in flight. Measured on the model's own weights and in whole-model decode, a prefetch gave
+enough reads in flight, and it reads its rows as four long streams that the hardware prefetcher follows
+(fast.py, `_row_groups`). Measured on the model's own weights and in whole-model decode, a prefetch gave
 nothing at any distance (docs/kernels.md).
 """
 
