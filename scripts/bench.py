@@ -128,6 +128,73 @@ def measure_bandwidth(threads: int, gib: float = 1.0, runs: int = 7) -> tuple[fl
     return max(probes.values()), f"best of: {line} GB/s"
 
 
+def gemm_rates(threads: int, tokens: list[int], K: int = 3072, N: int = 8192, runs: int = 5) -> tuple[dict, str]:
+    """The machine's float32 matrix-product rate, GFLOP/s, for each prompt length T in `tokens`: a (T, K) x
+    (K, N) product shaped like Phi-3-mini's gate or up projection, the best of two ways of running it (each
+    printed): NumPy's BLAS on its own threads, and the N columns split into one part per thread, each a
+    single-threaded BLAS call (how phinano's prefill calls BLAS, `runtime.in_parts`). Short prompts get their
+    own rate: a 128-row product runs BLAS slower than a 512-row one, so a prefill is compared with the rate
+    of its own shape."""
+    import numpy as np
+
+    from phinano.kernels.runtime import in_parts
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((N, K), dtype=np.float32)  # (N, K) rows, as phinano's widened tiles are
+
+    def in_threads(x, y):
+        def part(i: int, parts: int) -> None:
+            a, b = N * i // parts, N * (i + 1) // parts
+            y[:, a:b] = x @ w[a:b].T
+        in_parts(part, threads)
+
+    rates, lines = {}, []
+    for T in tokens:
+        x = rng.standard_normal((T, K), dtype=np.float32)
+        y = np.empty((T, N), np.float32)
+        ways = {"NumPy BLAS": lambda: np.matmul(x, w.T, out=y), "one part per thread": lambda: in_threads(x, y)}
+        best = {}
+        for name, run in ways.items():
+            run()  # warm: threads started, w in cache as far as it fits
+            times = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t)
+            best[name] = 2 * T * K * N / min(times) / 1e9
+        rates[T] = max(best.values())
+        lines.append(f"T={T}: " + ", ".join(f"{name} {g:.0f}" for name, g in best.items()))
+    return rates, "; ".join(lines) + " GFLOP/s"
+
+
+def prefill_flops(folder: Path, n: int) -> float:
+    """Floating-point operations of an n-token prefill that keeps the last position's logits only: 2 per
+    weight a token multiplies (every layer matrix; PhiMoE's 2 routed experts of its E), the head once, and
+    causal attention's two products (2 x 2 x H x HD per visible key: n (n + 1) / 2 keys, or fewer within a
+    sliding window). Norms, rotary and activations are left out (under 1 % at these sizes)."""
+    from phinano.config import load_config
+    from phinano.formats import read_tensors
+
+    cfg = load_config(folder)
+    per_token, head = 0, 0
+    for name, t in read_tensors(folder).items():
+        if len(t.shape) != 2 or name == "model.embed_tokens.weight":
+            continue
+        params = t.shape[0] * t.shape[1]
+        if name == "lm_head.weight":
+            head = params
+        elif ".experts." in name:
+            per_token += params * cfg.num_experts_per_tok // cfg.num_local_experts
+        elif name.startswith("model.layers."):
+            per_token += params
+    if cfg.tie_word_embeddings and not head:
+        head = cfg.vocab_size * cfg.hidden_size
+    window = cfg.sliding_window or n
+    keys = sum(min(i + 1, window) for i in range(n))  # keys each position sees, summed
+    attention = 4 * cfg.num_attention_heads * cfg.head_dim * keys * cfg.num_hidden_layers
+    return 2.0 * (n * per_token + head) + attention
+
+
 def decode_turns(model, prompt: list[int], bytes_per_token: int, threads: int, rounds: int, gib: float = 1.0) -> dict:
     """Decode steps and the bandwidth probe taking turns in one process: each round times one decode step and
     then each streaming reader once, so the step and the best reader see the machine at the same moment (the
@@ -381,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     limit = bandwidth * 1e9 / bytes_per_token
     print(f"bandwidth {bandwidth:.1f} GB/s; {bytes_per_token / 1e9:.2f} GB read per token -> "
           f"decode limit {limit:.2f} tokens/s", flush=True)
+    print("measuring the float32 GEMM rate ...", flush=True)
+    args.gemm, args.gemm_line = gemm_rates(args.threads, args.prompt)
+    args.flops = {n: prefill_flops(folder, n) for n in args.prompt}
+    print(f"GEMM rate ({args.gemm_line})", flush=True)
 
     results: dict[str, dict | str] = {}
     for engine in args.engines.split(","):
@@ -533,13 +604,23 @@ def render(args, results, bandwidth, bytes_per_token, limit, checkpoint_gb) -> s
                 ratios.append(f"- phinano-numba vs {engine}: decode {base['decode'] / r['decode']:.2f}x, prefill "
                               f"{P[-1]} {_pf(base, P[-1]) / _pf(r, P[-1]):.2f}x")
         ratios += turns_line("phinano-numba", base)
+    for engine, r in results.items():
+        if isinstance(r, dict) and getattr(args, "gemm", None):
+            rates = [f"{n} tokens {_pf(r, n) * args.flops[n] / n / 1e9:.0f} GFLOP/s = "
+                     f"{100 * _pf(r, n) * args.flops[n] / n / 1e9 / args.gemm[n]:.0f} %" for n in P]
+            ratios.append(f"- {engine} prefill against the float32 GEMM rate of its prompt's shape: " + ", ".join(rates))
     date = datetime.date.today().isoformat()
     return "\n".join([
-        f"Command: `python scripts/bench.py --model {args.model} --threads {args.threads} --runs {args.runs}`  ",
+        f"Command: `python scripts/bench.py --model {args.model} --engines {args.engines} --threads {args.threads} "
+        f"--runs {args.runs} --prompt {','.join(map(str, P))} --new {args.new}`  ",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads; date {date}  ",
         f"Checkpoint: {checkpoint_gb:.2f} GB on disk; {bytes_per_token / 1e9:.2f} GB of weights read per decoded token  ",
         f"Memory bandwidth (1 GiB, same run; {args.probes}): {bandwidth:.1f} GB/s → decode limit "
         f"{limit:.2f} tokens/s  ",
+        *([f"float32 GEMM rate (same run; (T, 3072) x (3072, 8192), best of: {args.gemm_line}): "
+           + ", ".join(f"{args.gemm[n]:.0f} GFLOP/s at T = {n}" for n in P) + "; a prefill does "
+           + ", ".join(f"{args.flops[n] / 1e9:.0f} GFLOP at {n} tokens" for n in P) + "  "]
+          if getattr(args, "gemm", None) else []),
         f"Median of {args.runs} runs; decode = {args.new} new tokens after a {P[0]}-token prompt.",
         "",
         *lines,

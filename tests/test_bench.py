@@ -41,3 +41,22 @@ def test_decode_turns_pairs_each_step_with_the_best_reader_of_its_round(checkpoi
     line = bench.turns_line("phinano-numba", merged)[0]
     assert "9 rounds" in line and "70 % of the limit at the same moment" in line
     assert bench.turns_line("hf-bf16", {"decode": 1.0}) == []
+
+
+def test_prefill_flops_count_every_matrix_once_per_token_the_head_once_and_causal_attention(checkpoint_dir):
+    bench = load_bench()
+    folder = Path(checkpoint_dir("mini-4k"))
+    cfg = phinano.load(folder, tokenizer=False).config
+    D, F, q, kv, L = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size, cfg.num_hidden_layers
+    per_token = L * ((q + 2 * kv) * D + D * q + 2 * F * D + D * F)  # qkv, o, gate_up, down
+    for n in (1, 5, cfg.sliding_window + 3):
+        keys = sum(min(i + 1, cfg.sliding_window) for i in range(n))  # the window caps what a position sees
+        expected = 2 * (n * per_token + cfg.vocab_size * D) + 4 * cfg.num_attention_heads * cfg.head_dim * keys * L
+        assert bench.prefill_flops(folder, n) == expected
+
+
+def test_gemm_rates_name_both_ways_for_every_prompt_length():
+    bench = load_bench()
+    rates, line = bench.gemm_rates(threads=2, tokens=[3, 8], K=64, N=96, runs=2)
+    assert set(rates) == {3, 8} and all(r > 0 for r in rates.values())
+    assert line.count("NumPy BLAS") == 2 and line.count("one part per thread") == 2 and line.endswith("GFLOP/s")
