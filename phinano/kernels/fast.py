@@ -45,6 +45,7 @@ from ..formats.quantized import QuantizedTensor
 from .quantized import KERNELS, MatrixKernels
 from . import kquants  # noqa: F401 - adds the K-quant kernels (Q4_K, Q5_K, Q6_K) to KERNELS
 from .runtime import FASTMATH, in_parts, run, set_threads, threads
+from .expf import exp32
 from .widening import activation, bf16_high, bf16_low, stored, to_f32
 
 __all__ = ["set_threads", "widen", "embed", "linear", "linear_rows", "rmsnorm", "layernorm", "rope", "softmax", "swiglu",
@@ -79,8 +80,12 @@ ATTENTION_BLAS_MIN_ROWS = 10
 # kernel before the keys were split between threads: 9.2 -> 8.2 ms for 32 heads of 96, 5.7 -> 5.1 ms for
 # 24 query heads over 8 KV heads of 128).
 _VALUE_CHUNK = 16
-# attention(): bytes of one score block (G heads x a chunk of queries x S keys) in the BLAS path.
+# attention(): bytes of one score block (G heads x a chunk of queries x S keys) in the BLAS path, and at
+# most this many queries a chunk. A chunk's products stop at its last query's key, so smaller chunks skip
+# more of the causal mask's empty triangle: a 512-token prompt of Phi-3-mini's heads took 32 ms a layer in
+# chunks of 128 queries, 33 in chunks of 64 or 256, 42 in one chunk (AMD EPYC Zen 3, 2 threads, 2026-11-30).
 _ATTENTION_CHUNK_BYTES = 8 << 20
+ATTENTION_QUERY_CHUNK = 128
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -599,36 +604,40 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 @njit(fastmath=FASTMATH, inline="always")
-def _exp_below_max(x, out):
-    """out = exp(x - max(x)) for one row (1-D, n >= 1; out may be x itself). Returns (max(x), the float64
-    sum of out): the softmax before its division, which the decode attention kernel merges across parts."""
-    m = x[0]
-    for i in range(1, x.shape[0]):
-        m = max(m, x[i])
+def _exp_below_max(row):
+    """row = exp(row - max(row)) in place, for one row (1-D, n >= 1). Returns (max(row), the float64 sum of
+    the exponentials): the softmax before its division, which the decode attention kernel merges across parts.
+
+    In place on purpose: given a separate output that is the same array, LLVM's vectorised loop sees the
+    two overlap and falls back to its scalar copy, element by element (8x slower here)."""
+    m = row[0]
+    for i in range(1, row.shape[0]):
+        m = max(m, row[i])
+    for i in range(row.shape[0]):
+        row[i] = exp32(row[i] - m)
     total = 0.0
-    for i in range(x.shape[0]):
-        e = np.exp(x[i] - m)
-        out[i] = e
-        total += np.float64(e)
+    for i in range(row.shape[0]):  # a loop of its own: summed in the exponentials' loop, neither is vectorised
+        total += np.float64(row[i])
     return m, total
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _softmax_into(x, out):
-    """out = softmax(x) for one row (1-D, n >= 1; out may be x itself): max, exp(x - max) into out, a
-    float64 sum, divide. The one softmax of the compiled kernels: rows, the blocksparse and the BLAS
-    attention paths call it, and the decode attention kernel its first half (`_exp_below_max`)."""
-    _, total = _exp_below_max(x, out)
+def _softmax_in_place(row):
+    """row = softmax(row) for one row (1-D, n >= 1): max, exp(row - max), a float64 sum, divide. The one
+    softmax of the compiled kernels: rows, the blocksparse and the BLAS attention paths call it, and the
+    decode attention kernel its first half (`_exp_below_max`)."""
+    _, total = _exp_below_max(row)
     s = np.float32(total)
-    for i in range(x.shape[0]):
-        out[i] = out[i] / s
+    for i in range(row.shape[0]):
+        row[i] = row[i] / s
 
 
 @njit(parallel=True, cache=True)
 def _softmax_rows(x, out):
     """out[t] = softmax(x[t]) for every row, rows in parallel."""
     for t in prange(x.shape[0]):
-        _softmax_into(x[t], out[t])
+        out[t] = x[t]
+        _softmax_in_place(out[t])
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -646,11 +655,12 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 @njit(parallel=True, cache=True)
 def _swiglu_flat(gate, up, out):
-    """out = up * (gate / (1 + exp(-gate))), elementwise in float32 (exp overflow -> inf -> 0, as NumPy)."""
+    """out = up * (gate / (1 + exp(-gate))), elementwise in float32 (exp overflow -> inf -> 0, as NumPy);
+    `exp32`, so that the loop vectorises."""
     one = np.float32(1.0)
     for i in prange(gate.shape[0]):
         g = gate[i]
-        out[i] = up[i] * (g / (one + np.exp(-g)))
+        out[i] = up[i] * (g / (one + exp32(-g)))
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -708,7 +718,7 @@ def _attend_keys(q, k, v, lo, hi, a, b, top, total, acc):
                 top[t, h], total[t, h] = -np.inf, 0.0
                 continue
             row = scores[t, h, a_t - a : b_t - a]
-            m, sum_e = _exp_below_max(row, row)  # exp(score - top) in place, and its sum
+            m, sum_e = _exp_below_max(row)  # exp(score - top) in place, and its sum
             top[t, h], total[t, h] = m, np.float32(sum_e)
     for j0 in range(a, b, _VALUE_CHUNK):
         for kvh in range(KVH):
@@ -790,7 +800,7 @@ def _causal_softmax(scores, first, lo, window):
             if b <= a:
                 row[:] = np.nan
                 continue
-            _softmax_into(row[a:b], row[a:b])
+            _softmax_in_place(row[a:b])
             row[:a] = 0.0
             row[b:] = 0.0
 
@@ -805,7 +815,7 @@ def _attention_blas(q, k, v, start: int, window: int) -> np.ndarray:
     G = H // KVH
     out = np.empty((T, H, HD), np.float32)
     scale = np.float32(HD**-0.5)
-    chunk = max(1, min(T, _ATTENTION_CHUNK_BYTES // (4 * G * max(S, 1))))
+    chunk = max(1, min(T, ATTENTION_QUERY_CHUNK, _ATTENTION_CHUNK_BYTES // (4 * G * max(S, 1))))
 
     def part(p: int, parts: int) -> None:
         for t0 in range(0, T, chunk):
@@ -888,7 +898,7 @@ def _gegelu_rows(x, limit, clamp, out):
                     a = min(a, limit)
                 if not np.isinf(b):
                     b = min(max(b, -limit), limit)
-            out[t, c] = a / (one + np.exp(k * a)) * (b + one)
+            out[t, c] = a / (one + exp32(k * a)) * (b + one)
 
 
 def gegelu(x: np.ndarray, limit: float | None) -> np.ndarray:
@@ -951,7 +961,7 @@ def _blocksparse_rows(q, k, v, start, block, local_blocks, vert_stride, head_ste
                         s += q[t, h0 + hh, d] * k[j, kvh, d]
                     scores[hh, b * block + j - first] = s * scale
             n = n_vertical[hh] * block + n_band
-            _softmax_into(scores[hh, :n], scores[hh, :n])
+            _softmax_in_place(scores[hh, :n])
         acc = np.zeros((nh, HD), np.float32)
         for j in range(band, i + 1):
             for kvh in range(kv0, kv1):
@@ -1002,7 +1012,7 @@ def _quick_gelu_flat(x, out):
     """out = x / (1 + exp(-1.702 x)), elementwise in float32."""
     one, k = np.float32(1.0), np.float32(-1.702)
     for i in prange(x.shape[0]):
-        out[i] = x[i] / (one + np.exp(k * x[i]))
+        out[i] = x[i] / (one + exp32(k * x[i]))
 
 
 def quick_gelu(x: np.ndarray) -> np.ndarray:
@@ -1060,4 +1070,4 @@ def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray
 def _softmax_rows_serial(x):
     """x[t] = softmax(x[t]) in place for every row, on the calling thread (in_parts gives each its heads)."""
     for t in range(x.shape[0]):
-        _softmax_into(x[t], x[t])
+        _softmax_in_place(x[t])
