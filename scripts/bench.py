@@ -226,6 +226,28 @@ def decode_turns(model, prompt: list[int], bytes_per_token: int, threads: int, r
             "rounds": rounds}
 
 
+def prefill_turns(model, prompts: dict, flops: dict, threads: int, rounds: int, K: int = 3072, N: int = 8192) -> dict:
+    """Prefills and the GEMM probe taking turns in one process, as `decode_turns` does for decode: each round
+    times a prefill of every prompt length n and then the float32 product of its shape (`gemm_rates`), so
+    both see the machine at the same moment. Returns, per n, the medians over the rounds of the prefill's
+    GFLOP/s (flops[n] / time), of the probe's, and of their ratio."""
+    import numpy as np
+
+    out = {}
+    for n, ids in prompts.items():
+        done, probe = [], []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            model.step(model.new_cache(n), ids, last_only=True)
+            done.append(flops[n] / (time.perf_counter() - t) / 1e9)
+            rates, _ = gemm_rates(threads, [n], K, N, runs=3)
+            probe.append(rates[n])
+            time.sleep(0.3)  # NumPy's BLAS threads spin for a while after a call: let them settle first
+        out[n] = {"gflops": float(np.median(done)), "gemm": float(np.median(probe)),
+                  "share": float(np.median(np.array(done) / np.array(probe))), "rounds": rounds}
+    return out
+
+
 def gguf_bytes_per_token(path: Path) -> int:
     """Bytes of stored (packed) weights one decode step reads from a GGUF file: every tensor once, the embedding
     table only gathered unless there is no output.weight (a tied head reads it whole)."""
@@ -300,6 +322,9 @@ def run_phinano(args, backend: str) -> dict:
     out["peak_rss_gb"] = peak_rss_gb()  # the engine's own, before the probe's array below
     if backend == "numba" and args.bytes_per_token and available_gb() > 2.5:  # the probe's 1 GiB must fit too
         out["turns"] = decode_turns(model, ids[args.prompt[0]], args.bytes_per_token, args.threads, 3 * args.runs)
+    if backend == "numba" and not str(args.model).endswith(".gguf"):
+        flops = {n: prefill_flops(Path(args.model), n) for n in args.prompt}
+        out["prefill_turns"] = prefill_turns(model, ids, flops, args.threads, max(3, args.runs))
     return out
 
 
@@ -497,6 +522,11 @@ def merge_rounds(results: list) -> dict | str:
     merged = {"load_s": med(r["load_s"] for r in results), "ttft": med(r["ttft"] for r in results),
               "decode": med(r["decode"] for r in results), "peak_rss_gb": max(r["peak_rss_gb"] for r in results),
               "prefill": {n: med(r["prefill"][n] for r in results) for n in results[0]["prefill"]}}
+    if all("prefill_turns" in r for r in results):
+        merged["prefill_turns"] = {
+            n: {**{k: med(r["prefill_turns"][n][k] for r in results) for k in ("gflops", "gemm", "share")},
+                "rounds": sum(r["prefill_turns"][n].get("rounds", 0) for r in results)}
+            for n in results[0]["prefill_turns"]}
     if all("turns" in r for r in results):
         merged["turns"] = {k: med(r["turns"][k] for r in results) for k in ("step_gbps", "probe_gbps", "share")}
         merged["turns"]["rounds"] = sum(r["turns"]["rounds"] for r in results)
@@ -511,6 +541,17 @@ def turns_line(name: str, r: dict) -> list[str]:
     return [f"- {name}, decode steps and the probe taking turns ({t['rounds']} rounds in its process): a step "
             f"read {t['step_gbps']:.1f} GB/s of weights while the best reader read {t['probe_gbps']:.1f} GB/s "
             f"(medians); **{100 * t['share']:.0f} % of the limit at the same moment** (median of the rounds' ratios)"]
+
+
+def prefill_turns_line(name: str, r: dict) -> list[str]:
+    """The sentence on `prefill_turns` for an engine's result, if it has one."""
+    if not isinstance(r, dict) or "prefill_turns" not in r:
+        return []
+    parts = [f"{n} tokens {t['gflops']:.0f} GFLOP/s while the probe did {t['gemm']:.0f}: **{100 * t['share']:.0f} %**"
+             for n, t in r["prefill_turns"].items()]
+    rounds = next(iter(r["prefill_turns"].values())).get("rounds", "")
+    return [f"- {name}, prefills and the GEMM probe of their shape taking turns ({rounds} rounds in its process; "
+            "medians): " + "; ".join(parts) + " of the float32 GEMM rate at the same moment"]
 
 
 def main_quantized(args) -> int:
@@ -604,6 +645,7 @@ def render(args, results, bandwidth, bytes_per_token, limit, checkpoint_gb) -> s
                 ratios.append(f"- phinano-numba vs {engine}: decode {base['decode'] / r['decode']:.2f}x, prefill "
                               f"{P[-1]} {_pf(base, P[-1]) / _pf(r, P[-1]):.2f}x")
         ratios += turns_line("phinano-numba", base)
+        ratios += prefill_turns_line("phinano-numba", base)
     for engine, r in results.items():
         if isinstance(r, dict) and getattr(args, "gemm", None):
             rates = [f"{n} tokens {_pf(r, n) * args.flops[n] / n / 1e9:.0f} GFLOP/s = "

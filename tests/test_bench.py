@@ -60,3 +60,24 @@ def test_gemm_rates_name_both_ways_for_every_prompt_length():
     rates, line = bench.gemm_rates(threads=2, tokens=[3, 8], K=64, N=96, runs=2)
     assert set(rates) == {3, 8} and all(r > 0 for r in rates.values())
     assert line.count("NumPy BLAS") == 2 and line.count("one part per thread") == 2 and line.endswith("GFLOP/s")
+
+
+def test_prefill_turns_pair_each_prefill_with_the_gemm_probe_of_its_round(checkpoint_dir, monkeypatch):
+    bench = load_bench()
+    model = phinano.load(checkpoint_dir("mini-4k"), tokenizer=False)
+    clock = iter(np.arange(0.0, 1000.0, 0.5))  # every perf_counter() call: half a second later
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: float(next(clock)), sleep=lambda s: None))
+    probes = iter([10.0, 30.0, 20.0, 40.0, 40.0, 40.0])  # GFLOP/s of each round's probe, in order
+    monkeypatch.setattr(bench, "gemm_rates", lambda threads, tokens, K, N, runs: ({tokens[0]: next(probes)}, ""))
+    prompts = {3: [5, 6, 7], 4: [5, 6, 7, 8]}
+    turns = bench.prefill_turns(model, prompts, {3: 3e9, 4: 4e9}, threads=1, rounds=3)
+    # each prefill took 0.5 s: 6 and 8 GFLOP/s, against probes 10, 30, 20 and 40, 40, 40
+    assert turns[3]["gflops"] == pytest.approx(6.0) and turns[3]["gemm"] == pytest.approx(20.0)
+    assert turns[3]["share"] == pytest.approx(0.3)  # the median of 0.6, 0.2, 0.3
+    assert turns[4]["share"] == pytest.approx(0.2) and turns[4]["rounds"] == 3
+
+    merged = bench.merge_rounds([{"load_s": 1, "ttft": 1, "decode": 1, "peak_rss_gb": 1, "prefill": {"3": 1},
+                                  "prefill_turns": {"3": dict(turns[3], share=s)}} for s in (0.5, 0.9, 0.7)])
+    assert merged["prefill_turns"]["3"]["share"] == 0.7 and merged["prefill_turns"]["3"]["rounds"] == 9
+    line = bench.prefill_turns_line("phinano-numba", merged)[0]
+    assert "3 tokens 6 GFLOP/s while the probe did 20: **70 %**" in line and "9 rounds" in line
