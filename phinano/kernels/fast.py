@@ -609,7 +609,7 @@ def _exp_below_max(row):
     the exponentials): the softmax before its division, which the decode attention kernel merges across parts.
 
     In place on purpose: given a separate output that is the same array, LLVM's vectorised loop sees the
-    two overlap and falls back to its scalar copy, element by element (8x slower here)."""
+    two overlap and falls back to its scalar copy (a causal softmax of 512 x 512 took 4.5x as long)."""
     m = row[0]
     for i in range(1, row.shape[0]):
         m = max(m, row[i])
