@@ -339,6 +339,28 @@ def test_attention_rows_that_see_no_key_are_nan_like_the_reference(T):
     np.testing.assert_allclose(got[~blind], ref[~blind], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["bf16", "f16", "f32"])
+def test_blas_path_tiles_that_grow_with_the_tokens(kind, monkeypatch):
+    """Tiles of about TILE_ROWS_PER_TOKEN rows per token, at least 64: each thread's rows cut into several
+    tiles, the last one short, give the reference."""
+    tiled = []
+    real = fast._matmul_blas
+
+    def spy(x, rows, widen_rows):
+        def counting(r, out):
+            tiled.append(r.shape[0])
+            widen_rows(r, out)
+        return real(x, rows, counting)
+
+    monkeypatch.setattr(fast, "_matmul_blas", spy)
+    rng = np.random.default_rng(11)
+    T = fast.BLAS_MIN_TOKENS
+    N = 4 * fast.TILE_ROWS_PER_TOKEN * T + 37  # each of 1 or 2 parts: 2 or more tiles
+    w = make_weight(rng, (N, 24), kind)
+    assert_linear_close(f32(rng, (T, 24)), w)
+    if kind != "f32":  # float32 rows go to BLAS as they are, unwidened
+        assert max(tiled) == fast.TILE_ROWS_PER_TOKEN * T and len(tiled) >= 3 and sum(tiled) == N
+
 def test_set_threads():
     import numba
 

@@ -60,12 +60,21 @@ __all__ = ["set_threads", "widen", "embed", "linear", "linear_rows", "rmsnorm", 
 #   GFLOP/s at 64 tokens, 112 / 93 at 96, 119 / 105 at 128, 119 / 121 at 192, 125 / 135 at 256: the crossover
 #   lies near 160-192 (read one by one it lay near 48-64).
 # 128 is the highest value that stays at or below the Intel kind's crossover; the pairs kernel has not been
-# measured there yet (it should move that crossover up too). On the AMD, prompts of 128-191 tokens run a few
-# percent below the fused kernel's rate.
+# measured there yet (it should move that crossover up too). On the AMD, prompts of 128-191 tokens ran a few
+# percent below the fused kernel's rate. Since tiles grow with the tokens (TILE_ROWS_PER_TOKEN below), the
+# AMD's crossover lies near 96-128 (8192 x 3072, ms fused / tiles: 31.4 / 34.1 at 64 tokens, 54.2 / 51.0
+# and 45.0 / 47.4 at 96, 53.9 / 59.0 at 112, 70.9 / 64.6 at 128), so 128 stays.
 BLAS_MIN_TOKENS = 128
 # Elements of float32 weight tile widened per BLAS call (16 MB): large enough for BLAS to run at full
 # speed, small enough not to matter next to the model.
 _TILE_ELEMENTS = 4 << 20
+# ... and at most this many rows per token of x. Widening writes 4 bytes a weight whatever T is, while
+# BLAS does 2T operations a weight, so for short prompts the widening's share grows; a tile small enough to
+# stay in cache widens about twice as fast (bf16, 64-256 rows of 3072: 4.1-4.8 G weights/s, 16 MB: 2.1).
+# BLAS calls on fewer rows cost more each, so the tile grows with T. 8192 x 3072 bf16, 2 threads, AMD EPYC
+# Zen 3, 2026-11-30, GFLOP/s for tiles of 128 / 256 / 1365 rows: 110 / 105 / 97 at 128 tokens, all 116
+# at 256, 113 / 122 / 129 at 512.
+TILE_ROWS_PER_TOKEN = 2
 # attention(): from this many query rows per KV head on (queries x query heads per KV head, the rows of each
 # BLAS product), BLAS products per KV head; below, the compiled kernel (`_attention_parts`). Measured
 # 2026-11-30 on AMD EPYC (Zen 3), 2 threads, 1024 and 4096 cached keys: the compiled kernel is faster up to
@@ -379,7 +388,7 @@ def _matmul_blas(x: np.ndarray, rows: np.ndarray, widen_rows) -> np.ndarray:
     T, K = x.shape
     N = rows.shape[0]
     y = np.empty((T, N), np.float32)
-    tile_rows = max(64, _TILE_ELEMENTS // max(K, 1))
+    tile_rows = max(64, min(_TILE_ELEMENTS // max(K, 1), TILE_ROWS_PER_TOKEN * T))
 
     def part(i: int, parts: int) -> None:
         a, b = N * i // parts, N * (i + 1) // parts

@@ -161,11 +161,12 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
                         out[r, c + 32 + i] = d_high * q_high - m_high
 
     # The fused kernel unpacks every byte again for each token, a tile only once. Q4_K with the explicit
-    # vector loop, 16384 x 3072, 2 threads, ms fused / tiles + BLAS, medians of 5, two runs (AMD EPYC Zen 3,
-    # 2026-11-30): 16 tokens 47 / 49 and 39 / 46, 20 tokens 58 / 49 and 50 / 54, 24 tokens 59 / 54 and
-    # 60 / 55. Q5_K's switch (8) was measured with the plain loop before it (`scripts/kernel_bench.py
-    # --prefill`: tiles 4.8 against 3.5 GFLOP/s at 8 tokens).
-    return MatrixKernels(matmul, widen_rows, blas_min_tokens=8 if five else 20)
+    # vector loop and tiles that grow with the tokens (`fast.TILE_ROWS_PER_TOKEN`), 8192 x 3072 (3 matrices
+    # in turn), 2 threads, ms fused / tiles + BLAS, medians of 5-7 (AMD EPYC Zen 3, 2026-11-30): 12 tokens
+    # 15.5 / 16.1, 14 tokens 19.5 / 17.4, 16 tokens 20.7 / 16.8 and 19.7 / 19.4, 20 tokens 26.0 / 18.3 (with
+    # 16 MB tiles the switch lay at 20). Q5_K's switch (8) was measured with the plain loop before it
+    # (`scripts/kernel_bench.py --prefill`: tiles 4.8 against 3.5 GFLOP/s at 8 tokens).
+    return MatrixKernels(matmul, widen_rows, blas_min_tokens=8 if five else 16)
 
 
 # ---------------------------------------------------------------------------------------------------------

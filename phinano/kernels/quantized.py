@@ -221,19 +221,18 @@ def _legacy_kernels(qtype: str, has_min: bool, has_qh: bool, blas_min_tokens: in
 
 
 KERNELS: dict[str, MatrixKernels] = {
-    # BLAS from 40 tokens: the fused kernel unpacks the bytes again for every token, a tile only once. With
-    # the explicit vector loop, 16384 x 3072, 2 threads, ms fused / tiles + BLAS, medians of 5, two runs (AMD
-    # EPYC Zen 3, 2026-11-30): 32 tokens 62 / 66 and 104 / 103, 40 tokens 77 / 75 and 76 / 77, 48 tokens
-    # 92 / 78 and 96 / 88. (The plain loop before it was passed between 16 and 32 tokens.)
-    "Q8_0": MatrixKernels(_vector_matmul("Q8_0"), _q8_0_dequantize_rows, blas_min_tokens=40),
-    # The fused kernel unpacks the bytes again for every token, a tile only once. Q4_0 with the explicit
-    # vector loop, 16384 x 3072, 2 threads, ms fused / tiles + BLAS, medians of 5, two runs (AMD EPYC Zen 3,
-    # 2026-11-30): 20 tokens 43 / 53 and 42 / 53, 24 tokens 60 / 53 and 49 / 49, 32 tokens 72 / 61 and 65 / 56.
+    # BLAS from 16 tokens: the fused kernel unpacks the bytes again for every token, a tile only once. Since
+    # tiles grow with the tokens (`fast.TILE_ROWS_PER_TOKEN`), a short prompt's tiles stay in cache: Q8_0 and
+    # Q4_0, 8192 x 3072 (3 matrices in turn), 2 threads, ms fused / tiles + BLAS, medians of 5-7 (AMD EPYC
+    # Zen 3, 2026-11-30): Q8_0 12 tokens 12.1 / 14.5, 14 tokens 19.8 / 19.9, 16 tokens 20.6 / 17.3 and
+    # 17.6 / 15.5, 24 tokens 30.3 / 20.8; Q4_0 12 tokens 12.7 / 14.1, 14 tokens 19.7 / 19.7, 16 tokens
+    # 16.9 / 16.3 and 24.4 / 20.3, 24 tokens 25.3 / 19.0. (With 16 MB tiles the switches lay at 40 and 24.)
+    "Q8_0": MatrixKernels(_vector_matmul("Q8_0"), _q8_0_dequantize_rows, blas_min_tokens=16),
     # Q4_1 unpacks at about the same rate (docs/quantization.md) and takes the same switch. The 5-bit types'
     # switch was measured with the plain loops they had before (between 4 and 8 tokens, AMD EPYC guest, load
     # average 4-5 from other jobs; `scripts/kernel_bench.py --prefill`).
-    "Q4_0": _legacy_kernels("Q4_0", has_min=False, has_qh=False, blas_min_tokens=24),
-    "Q4_1": _legacy_kernels("Q4_1", has_min=True, has_qh=False, blas_min_tokens=24),
+    "Q4_0": _legacy_kernels("Q4_0", has_min=False, has_qh=False, blas_min_tokens=16),
+    "Q4_1": _legacy_kernels("Q4_1", has_min=True, has_qh=False, blas_min_tokens=16),
     "Q5_0": _legacy_kernels("Q5_0", has_min=False, has_qh=True, blas_min_tokens=8),
     "Q5_1": _legacy_kernels("Q5_1", has_min=True, has_qh=True, blas_min_tokens=8),
 }
