@@ -14,6 +14,11 @@ phinano-numba also measures its share at the same moment (`decode_turns`): in it
 the streaming readers take turns, and each round's step is compared with that round's best reader, so the
 share does not depend on how the machine's memory speed drifted between the probe and the engine's run.
 
+Prefill is set against the machine's float32 GEMM rate the same way: the parent times a float32 product of
+each prompt's shape (`gemm_rates`), every engine's prefill is printed in GFLOP/s (`prefill_flops` counts its
+work) and as a share of that rate, and phinano-numba's prefills take turns with the probe in its process
+(`prefill_turns`).
+
 Engines: phinano-numba, phinano-numpy, hf-bf16, hf-fp32 (Transformers, CPU, same thread count), and
 llama.cpp when llama-cpp-python is installed and --gguf names the same weights converted to GGUF.
 
