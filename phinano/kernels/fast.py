@@ -17,9 +17,12 @@ What makes them fast, in one place (docs/kernels.md has the measurements):
 - Kernels are `parallel=True` over independent rows, heads or queries (small inputs run on the calling
   thread alone: waking the other threads can cost more than the work, see `runtime.run`), and
   `cache=True`, so a second process loads the compiled code from __pycache__ instead of compiling again.
-- Long prefills (many tokens) are compute-bound: there `linear` widens weight tiles to float32 and lets
-  BLAS (NumPy's OpenBLAS) do the product, and `attention` uses BLAS products per KV head; the BLAS work
-  is split between threads by `runtime.in_parts`.
+- Long prefills (many tokens) are compute-bound: there `linear` widens weight tiles to float32 (about 2
+  rows a token, so a short prompt's tile stays in cache) and lets BLAS (NumPy's OpenBLAS) do the product,
+  and `attention` uses BLAS products per KV head and chunk of 128 queries; the BLAS work is split between
+  threads by `runtime.in_parts`.
+- Exponentials (softmax, SwiGLU, GEGELU, quick-GELU) go through `expf.exp32`, plain arithmetic that LLVM
+  vectorises, instead of one C library call per element.
 
 Shape letters as in reference.py: T tokens, S cached positions, H query heads, KVH key/value heads,
 HD head dim, R rotary dims, N output rows, K input width, D model width, F MLP width, V vocab.
@@ -65,15 +68,15 @@ __all__ = ["set_threads", "widen", "embed", "linear", "linear_rows", "rmsnorm", 
 # AMD's crossover lies near 96-128 (8192 x 3072, ms fused / tiles: 31.4 / 34.1 at 64 tokens, 54.2 / 51.0
 # and 45.0 / 47.4 at 96, 53.9 / 59.0 at 112, 70.9 / 64.6 at 128), so 128 stays.
 BLAS_MIN_TOKENS = 128
-# Elements of float32 weight tile widened per BLAS call (16 MB): large enough for BLAS to run at full
-# speed, small enough not to matter next to the model.
-_TILE_ELEMENTS = 4 << 20
-# ... and at most this many rows per token of x. Widening writes 4 bytes a weight whatever T is, while
-# BLAS does 2T operations a weight, so for short prompts the widening's share grows; a tile small enough to
-# stay in cache widens about twice as fast (bf16, 64-256 rows of 3072: 4.1-4.8 G weights/s, 16 MB: 2.1).
+# A float32 weight tile widened per BLAS call holds at most _TILE_ELEMENTS (16 MB: large enough for BLAS to
+# run at full speed, small enough not to matter next to the model) and about TILE_ROWS_PER_TOKEN rows per
+# token of x (at least 64). Widening writes 4 bytes a weight whatever T is, while BLAS does 2T operations a
+# weight, so for short prompts the widening's share grows; a tile small enough to stay in cache widens about
+# twice as fast (bf16, 64-256 rows of 3072: 4.1-4.8 G weights/s, 16 MB: 2.1).
 # BLAS calls on fewer rows cost more each, so the tile grows with T. 8192 x 3072 bf16, 2 threads, AMD EPYC
 # Zen 3, 2026-11-30, GFLOP/s for tiles of 128 / 256 / 1365 rows: 110 / 105 / 97 at 128 tokens, all 116
 # at 256, 113 / 122 / 129 at 512.
+_TILE_ELEMENTS = 4 << 20
 TILE_ROWS_PER_TOKEN = 2
 # attention(): from this many query rows per KV head on (queries x query heads per KV head, the rows of each
 # BLAS product), BLAS products per KV head; below, the compiled kernel (`_attention_parts`). Measured
@@ -216,9 +219,9 @@ def _matmul_fused(x, w, y):
     """y[t, r] = sum_c x[t, c] * float32(w[r, c]) for x (T, K), w (N, K), y (T, N).
 
     Parallel over the groups of 4 rows of `_row_groups` (parts of about PART_ROWS rows, each read as four
-    streams; Numba hands each thread a contiguous run of groups). Each group of 4 rows is
-    read from memory once and, while it sits in cache, multiplied with every token: 4 tokens x 4 rows at
-    a time (16 accumulators, each w and x load used four times), then one token at a time (`_fused_rows`).
+    streams; Numba hands each thread a contiguous run of groups). Each group of 4 rows is read from memory
+    once and, while it sits in cache, multiplied with every token: 4 tokens x 4 rows at a time (16
+    accumulators, each w and x load used four times), then one token at a time (`_fused_rows`).
     Three tokens left also make a tile: one pass over the rows instead of three one-token passes, which
     widen them again each time (3 tokens, as a draft of 2 being checked: 1.5x the time of one token before,
     1.3x with the tile; with 2 tokens left a tile was no faster than two passes; AMD EPYC Zen 3, 8192 x
@@ -338,8 +341,8 @@ def _bf16_matmul(x, w, y):
     """y = x @ float32(w).T for x (T, K), w (N, K / 2) uint32 bf16 pairs, y (T, N); few tokens.
 
     Parallel over the groups of 4 rows of `_row_groups` (parts of about PART_ROWS rows, each read as four
-    streams); each group of 4 rows is
-    read from memory once and, while it sits in cache, multiplied with every token (`_pairs_rows`).
+    streams); each group of 4 rows is read from memory once and, while it sits in cache, multiplied with
+    every token (`_pairs_rows`).
     """
     xe, xo = _even_odd(x)  # (T, K / 2) each
     groups = _row_groups(w.shape[0])  # (G, 4) rows read side by side
@@ -382,9 +385,10 @@ def _reader(w: np.ndarray | QuantizedTensor) -> tuple[np.ndarray, MatrixKernels]
 
 
 def _matmul_blas(x: np.ndarray, rows: np.ndarray, widen_rows) -> np.ndarray:
-    """x @ float32(w).T for many tokens. The N weight rows are split into one contiguous range per thread;
-    each thread widens a tile of its rows at a time into its own float32 buffer and multiplies it with
-    one single-threaded BLAS call (float32 weights: no widening)."""
+    """x @ float32(w).T for x (T, K) and many tokens. The N weight rows are split into one contiguous range
+    per thread; each thread widens a tile of its rows at a time (TILE_ROWS_PER_TOKEN x T rows, at least 64,
+    at most _TILE_ELEMENTS) into its own float32 buffer (tile_rows, K) and multiplies it with one
+    single-threaded BLAS call (float32 weights: no widening)."""
     T, K = x.shape
     N = rows.shape[0]
     y = np.empty((T, N), np.float32)
