@@ -269,16 +269,19 @@ def assert_attention_close(q, k, v, start, window):
 
 
 
-@pytest.mark.parametrize("path", ["compiled", "blas"])
+@pytest.mark.parametrize("path", ["compiled", "blas", "blas-query-chunks"])
 def test_attention_many_queries_and_views_of_a_larger_cache(path, monkeypatch):
     """Many queries through each path (compiled: the keys split into one range per thread, every query of
     the call over each range, and value rows summed in chunks of `_VALUE_CHUNK` keys, windows starting
-    inside a chunk; BLAS: several query chunks), with k, v views of a preallocated cache and q a
-    non-contiguous slice."""
+    inside a chunk; BLAS: several query chunks, cut by the score block's bytes or by ATTENTION_QUERY_CHUNK,
+    each chunk's products stopping at its last query's key), with k, v views of a preallocated cache and q
+    a non-contiguous slice."""
     if path == "compiled":
         monkeypatch.setattr(fast, "ATTENTION_BLAS_MIN_ROWS", 10**9)
-    else:
+    elif path == "blas":
         monkeypatch.setattr(fast, "_ATTENTION_CHUNK_BYTES", 4 * 3 * 60 * 10)  # chunks of 10 queries
+    else:
+        monkeypatch.setattr(fast, "ATTENTION_QUERY_CHUNK", 8)  # chunks of 8 queries, the last one of 5
     rng = np.random.default_rng(6)
     T, H, KVH, HD = 37, 12, 4, 64
     cache_k = f32(rng, (100, KVH, HD))
