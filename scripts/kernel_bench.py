@@ -5,7 +5,8 @@
     python scripts/kernel_bench.py --startup    # + compile time and cached start time, in fresh processes
 
 Decode: y = x @ w.T with w a 1 GiB bfloat16 matrix (32768 x 16384, uint16 bits) through
-`fast.linear` (and 1 GiB of each Phi-3-mini matrix shape in turn, beside it), against NumPy's float32 BLAS matrix-vector product on a 1 GiB float32 matrix (16384 x 16384)
+`fast.linear` (and 1 GiB of each Phi-3-mini matrix shape in turn, beside it), against NumPy's float32 BLAS
+matrix-vector product on a 1 GiB float32 matrix (16384 x 16384)
 timed in the same run: that product streams memory at the machine's read rate, so the ratio says how
 close the kernel gets to the bandwidth limit. GB/s counts weight bytes read once per call.
 Then bf16 against the quantized types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; `--types` picks some)
