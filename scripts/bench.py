@@ -20,7 +20,9 @@ work) and as a share of that rate, and phinano-numba's prefills take turns with 
 (`prefill_turns`).
 
 Engines: phinano-numba, phinano-numpy, hf-bf16, hf-fp32 (Transformers, CPU, same thread count), and
-llama.cpp when llama-cpp-python is installed and --gguf names the same weights converted to GGUF.
+llama.cpp when llama-cpp-python is installed and --gguf names the same weights converted to GGUF. On a CPU
+with AMX, phinano-numba-amx1 (prefill with plain bf16 activations) and phinano-numba-noamx (prefill through
+float32 BLAS) show what the tiles and the activation split each bring.
 
 Quantized rows: phinano against llama.cpp on the same GGUF files, in one run:
 
@@ -51,6 +53,10 @@ import time
 from pathlib import Path
 
 ENGINES = ("phinano-numba", "phinano-numpy", "hf-bf16", "hf-fp32", "llama.cpp")
+# Variants of phinano-numba for the CPUs with AMX (kernels/amx.py): prefill with plain bf16 activations (one
+# part instead of three), and without the tiles at all (float32 BLAS). Each runs in its own process with its
+# environment; the worker runs it as phinano-numba.
+VARIANTS = {"phinano-numba-amx1": {"PHINANO_AMX_PARTS": "1"}, "phinano-numba-noamx": {"PHINANO_AMX": "0"}}
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -505,8 +511,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_engine(engine: str, model: str, gguf_path: str | None, args, bytes_per_token: int = 0) -> dict | str:
     """One engine in its own process (so that its peak memory is its own): its RESULT dict, or why it failed."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads),
-           "NUMBA_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    cmd = [sys.executable, __file__, "--worker", engine, "--model", model, "--threads", str(args.threads),
+           "NUMBA_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), **VARIANTS.get(engine, {})}
+    cmd = [sys.executable, __file__, "--worker", "phinano-numba" if engine in VARIANTS else engine,
+           "--model", model, "--threads", str(args.threads),
            "--runs", str(args.runs), "--prompt", ",".join(map(str, args.prompt)), "--new", str(args.new),
            "--bytes-per-token", str(bytes_per_token)]
     if gguf_path:

@@ -260,23 +260,36 @@ def _part(left, last):
     return np.uint16(top >> np.uint32(16)), rest
 
 
+@njit(inline="always")
+def _row_part(left, out, last):
+    """One part of a row: out (K,) uint16 the bf16 bits, left (K,) float32 what remains (in place)."""
+    for k in range(left.shape[0]):
+        out[k], left[k] = _part(left[k], last)
+
+
 @njit(parallel=True, cache=True)
-def _split_parts(x, parts, xp):
-    """x (T, K) float32 -> xp (Mb, P, K / 2, 16, 2) uint16: the P bf16 parts of each activation, laid out as
-    AMX's B tiles (block of 16 tokens, part, column pair, token in block, column in pair); tokens T .. 16 Mb
-    are zeros. Every part but the last keeps the top 16 bits of what is left (truncation: the rest is then
-    exact); the last rounds to nearest even (for P = 3 it is exact already). Each block of 16 tokens is one
-    work item, which writes its parts front to back."""
+def _split_parts(x, parts, pairs):
+    """x (T, K) float32 -> pairs (Mb, P, K / 2, 16) uint32: the P bf16 parts of each activation, two columns
+    to a uint32 (column 2c in the low half), laid out as AMX's B tiles (block of 16 tokens, part, column
+    pair, token in block); tokens T .. 16 Mb are zeros. Every part but the last keeps the top 16 bits of
+    what is left (truncation: the rest is then exact); the last rounds to nearest even (for P = 3 it is
+    exact already). Each block of 16 tokens is one work item: its rows' parts first, row by row (loops
+    that vectorise), then turned into the tile layout, 64 bytes at a time."""
     T, K = x.shape
-    Mb = xp.shape[0]
+    Mb = pairs.shape[0]
     for b in prange(Mb):
-        for c in range(K // 2):
-            for i in range(16):
-                m = 16 * b + i
-                for j in range(2):
-                    left = x[m, 2 * c + j] if m < T else np.float32(0.0)
-                    for p in range(parts):
-                        xp[b, p, c, i, j], left = _part(left, p == parts - 1)
+        rows = np.zeros((parts, 16, K), np.uint16)  # (P, token in block, column)
+        left = np.empty(K, np.float32)  # (K,) what the parts so far leave of a token's x
+        for i in range(min(16, T - 16 * b)):
+            left[:] = x[16 * b + i]
+            for p in range(parts - 1):
+                _row_part(left, rows[p, i], False)
+            _row_part(left, rows[parts - 1, i], True)
+        row_pairs = rows.reshape(parts * 16 * K).view(np.uint32).reshape((parts, 16, K // 2))
+        for p in range(parts):
+            for c in range(K // 2):
+                for i in range(16):
+                    pairs[b, p, c, i] = row_pairs[p, i, c]
 
 
 @njit(parallel=True, cache=True)
@@ -343,7 +356,7 @@ def split_parts(x: np.ndarray, parts: int | None = None) -> np.ndarray:
     T, K = x.shape
     Mb = 2 * -(-T // 32)
     xp = np.empty((Mb, parts, K // 2, 16, 2), np.uint16)
-    _split_parts(x, parts, xp)
+    _split_parts(x, parts, xp.view(np.uint32).reshape(Mb, parts, K // 2, 16))
     return xp
 
 
