@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import statistics
 import sys
@@ -38,7 +39,7 @@ ENGINES = ("phinano", "phinano-amx1", "phinano-blas", "hf-bf16")
 
 
 def engines(model_dir: str, names: list[str], threads: int) -> dict:
-    """name -> a function prefill(ids) for each engine asked for."""
+    """name -> a function prefill(ids) for each engine asked for (all models loaded once, here)."""
     runs = {}
     if any(n.startswith("phinano") for n in names):
         import phinano
@@ -76,42 +77,25 @@ def engines(model_dir: str, names: list[str], threads: int) -> dict:
     return {n: runs[n] for n in names}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder (safetensors, as Transformers loads it)")
-    p.add_argument("--engines", default="phinano,phinano-amx1,phinano-blas,hf-bf16")
-    p.add_argument("--prompt", default="32,128,512", help="prompt lengths")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    args = p.parse_args()
-    names = args.engines.split(",")
-    unknown = [n for n in names if n not in ENGINES]
-    if unknown or args.rounds < 1:
-        p.error(f"unknown engine {unknown[0]!r} (choose from {', '.join(ENGINES)})" if unknown
-                else "--rounds must be at least 1")
-    lengths = [int(n) for n in args.prompt.split(",")]
-    runs = engines(args.model, names, args.threads)
-    ids = prompts(32064, lengths)
-    for run in runs.values():  # compile, fault the weights in
-        run(ids[lengths[0]][:16])
-        run(ids[lengths[0]])
-    seconds = {(n, T): [] for n in names for T in lengths}
-    for r in range(args.rounds):
-        for T in lengths:
-            order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
-            for n in order:
+def turns(runs: dict, ids: dict, rounds: int) -> dict:
+    """(engine, prompt length) -> seconds of each round's prefill; in each round and length every engine runs
+    once, the first of them rotating from round to round."""
+    names = list(runs)
+    seconds = {(n, T): [] for n in names for T in ids}
+    for r in range(rounds):
+        for T in ids:
+            for n in names[r % len(names):] + names[: r % len(names)]:
                 t = time.perf_counter()
                 runs[n](ids[T])
                 seconds[n, T].append(time.perf_counter() - t)
             print(f"round {r + 1}, {T} tokens: " + ", ".join(f"{n} {T / seconds[n, T][-1]:.1f}" for n in names),
                   flush=True)
-    base = "hf-bf16" if "hf-bf16" in names else None
-    lines = [f"Command: `python scripts/bench_prefill.py --model {args.model} --engines {args.engines} "
-             f"--prompt {args.prompt} --rounds {args.rounds} --threads {args.threads}`  ",
-             f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads; date "
-             f"{datetime.date.today().isoformat()}; medians over {args.rounds} rounds taking turns in one process",
-             "", "| engine | " + " | ".join(f"prefill {T} tok/s" for T in lengths) + " |",
-             "|---|" + "---|" * len(lengths)]
+    return seconds
+
+
+def table(seconds: dict, names: list[str], lengths: list[int], base: str | None) -> list[str]:
+    """Markdown rows: median tokens/s per engine and length, with the median per-round ratio to `base`."""
+    lines = ["| engine | " + " | ".join(f"prefill {T} tok/s" for T in lengths) + " |", "|---|" + "---|" * len(lengths)]
     for n in names:
         cells = []
         for T in lengths:
@@ -121,6 +105,36 @@ def main() -> int:
                 cell += f" ({ratio:.2f}x)"
             cells.append(cell)
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder (safetensors, as Transformers loads it)")
+    p.add_argument("--engines", default="phinano,phinano-amx1,phinano-blas,hf-bf16")
+    p.add_argument("--prompt", default="32,128,512", help="prompt lengths")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args(argv)
+    names = args.engines.split(",")
+    unknown = [n for n in names if n not in ENGINES]
+    if unknown or args.rounds < 1:
+        p.error(f"unknown engine {unknown[0]!r} (choose from {', '.join(ENGINES)})" if unknown
+                else "--rounds must be at least 1")
+    lengths = [int(n) for n in args.prompt.split(",")]
+    runs = engines(args.model, names, args.threads)
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    ids = prompts(vocab, lengths)
+    for run in runs.values():  # compile, fault the weights in
+        run(ids[lengths[0]][:16])
+        run(ids[lengths[0]])
+    seconds = turns(runs, ids, args.rounds)
+    base = "hf-bf16" if "hf-bf16" in names else None
+    lines = [f"Command: `python scripts/bench_prefill.py --model {args.model} --engines {args.engines} "
+             f"--prompt {args.prompt} --rounds {args.rounds} --threads {args.threads}`  ",
+             f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads; date "
+             f"{datetime.date.today().isoformat()}; medians over {args.rounds} rounds taking turns in one process",
+             "", *table(seconds, names, lengths, base)]
     if base:
         lines += ["", f"In brackets: the median over the rounds of the speed against {base} in the same round."]
     print("\n".join(lines))

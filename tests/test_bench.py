@@ -14,12 +14,17 @@ import pytest
 import phinano
 
 
-def load_bench():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("bench_script", path)
+def load_script(name: str):
+    """A script of scripts/ as a module (they are not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / name
+    spec = importlib.util.spec_from_file_location(name[:-3] + "_script", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_bench():
+    return load_script("bench.py")
 
 
 def test_decode_turns_pairs_each_step_with_the_best_reader_of_its_round(checkpoint_dir, monkeypatch):
@@ -81,3 +86,26 @@ def test_prefill_turns_pair_each_prefill_with_the_gemm_probe_of_its_round(checkp
     assert merged["prefill_turns"]["3"]["share"] == 0.7 and merged["prefill_turns"]["3"]["rounds"] == 9
     line = bench.prefill_turns_line("phinano-numba", merged)[0]
     assert "3 tokens 6 GFLOP/s while the probe did 20: **70 %**" in line and "9 rounds" in line
+
+
+def test_bench_prefill_rotates_who_goes_first_and_pairs_each_round(monkeypatch):
+    bench_prefill = load_script("bench_prefill.py")
+    calls = []
+    runs = {"phinano": lambda ids: calls.append(("phinano", len(ids))),
+            "hf-bf16": lambda ids: calls.append(("hf-bf16", len(ids)))}
+    # phinano's prefills take 1 s, 2 s, 4 s in rounds 1-3 and Transformers' always 2 s: fake the clock
+    clock = {"now": 0.0}
+    cost = {"phinano": iter([1.0, 2.0, 4.0]), "hf-bf16": iter([2.0, 2.0, 2.0])}
+
+    def step(ids, name, real):
+        real(ids)
+        clock["now"] += next(cost[name])
+
+    timed = {n: (lambda ids, n=n, real=r: step(ids, n, real)) for n, r in runs.items()}
+    monkeypatch.setattr(bench_prefill, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    seconds = bench_prefill.turns(timed, {8: list(range(8))}, rounds=3)
+    assert [n for n, _ in calls] == ["phinano", "hf-bf16", "hf-bf16", "phinano", "phinano", "hf-bf16"]
+    assert seconds["phinano", 8] == [1.0, 2.0, 4.0] and seconds["hf-bf16", 8] == [2.0, 2.0, 2.0]
+    rows = bench_prefill.table(seconds, ["phinano", "hf-bf16"], [8], "hf-bf16")
+    assert rows[2] == "| phinano | 4.0 (1.00x) |"  # median 2 s -> 4 tok/s; per-round ratios 2, 1, 0.5
+    assert rows[3] == "| hf-bf16 | 4.0 |"
