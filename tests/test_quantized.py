@@ -12,8 +12,8 @@ Tolerances, and why:
 - linear: |fast - ref| <= 1e-5 * (|x| @ |w|.T) + 1e-30, the bound of the bf16 kernels (tests/test_kernels.py)
   and for the same reason: both sides sum the same exact float32 products x[c] * w[r, c], only grouped
   differently. The reference lets BLAS sum all K; the fused kernel (kernels/vector.py) sums each block's
-  32 products x * q in 8 lanes of 4, scales each lane by d, adds the K / 32 blocks lane by lane and the 8
-  lanes at the end. The rounding error of either is at most (number of additions on the longest path) *
+  32 products x * q in 8 lanes of 4 (16 lanes of 2 with AVX-512), scales each lane by d, adds the K / 32
+  blocks lane by lane and the lanes at the end. The rounding error of either is at most (number of additions on the longest path) *
   2^-24 * sum |x||w|: for K <= 1024 that is at most (4 + 1 + 32 + 3) * 6e-8 = 2.4e-6 here and (K / 8) * 6e-8
   = 8e-6 for BLAS's eight-lane sums, under 1e-5 even in the worst case. The
   bound is against |x|.|w|, not |y|, because y may cancel to ~0. The BLAS path (many tokens) unpacks tiles
@@ -42,7 +42,7 @@ from phinano.formats.quantized import LAYOUTS, QuantizedTensor, dequantize, quan
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("numba")
 
-from phinano.kernels import fast, reference  # noqa: E402
+from phinano.kernels import fast, reference, vector  # noqa: E402
 from phinano.kernels.quantized import KERNELS  # noqa: E402
 from test_kernels import activations, assert_linear_close, assert_linear_within, f32  # noqa: E402
 
@@ -253,9 +253,10 @@ def test_embed_unpacks_only_the_gathered_rows(monkeypatch):
 # Tolerance of linear: |fast - ref| <= 1e-5 * (|x| @ (|w| + 2 |m|).T) + 1e-30, with m the block's min: the
 # stored one (Q4_1, Q5_1), or -8 d (Q4_0) and -16 d (Q5_0), for which w = d * q + m too. Why: the fused
 # kernel (kernels/vector.py) computes, per block, d * sum_j x_j q_j + m * sum_j x_j with q in 0..31 (exact
-# products x * q; the first sum in 8 lanes of 4 terms, the sum of x over the block of 32 terms), then adds
-# the K / 32 block terms (lane by lane, the 8 lanes at the end). For Q4_0 and Q5_0 the m term rides in the
-# lanes: each lane starts from -(zero / 8) * sum_j x_j, an exact scaling by 1 or 2, before d multiplies it.
+# products x * q; the first sum in 8 lanes of 4 terms (16 of 2 with AVX-512), the sum of x over the block of
+# 32 terms), then adds the K / 32 block terms (lane by lane, the lanes at the end). For Q4_0 and Q5_0 the m
+# term rides in the lanes: each lane starts from -(zero / n) * sum_j x_j (n lanes), an exact scaling by a
+# power of two, before d multiplies it.
 # Either way the rounding error is at most about (32 + 8 + K / 32) * 2^-24 * sum_c |x_c| (|d| q_c + |m|),
 # i.e. under 5e-6 of that scale for K <= 1024; and
 # |d| q = |w - m| <= |w| + |m|. The scale is wider than the |x|.|w| of Q8_0 because the two products are
@@ -427,3 +428,35 @@ def test_packed_decode_kernels_load_from_numbas_cache_in_a_new_process(tmp_path)
     for run in runs:
         assert run.returncode == 0, run.stderr
     assert json.loads(runs[1].stdout) == {"Q8_0": 1, "Q4_K": 1, "Q6_K": 1}
+
+
+# ------------------------------------------------------------------------ the other vector width
+
+_OTHER_WIDTH_PROBE = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_quantized as t
+from phinano.kernels import vector
+rng = np.random.default_rng(7)
+for qtype in t.LEGACY:
+    for d_kind, m_kind in (("typical", "typical"), ("huge", "subnormal"), ("subnormal", "huge")):
+        w = t.random_legacy(rng, qtype, 13, 96, d_kind, m_kind)
+        t.assert_legacy_linear_close(rng.standard_normal((3, 96)).astype(np.float32), w)
+w = t.random_q8_0(rng, 13, 96, "typical")
+x = rng.standard_normal((3, 96)).astype(np.float32)
+t.assert_linear_within(x, w, None, np.abs(t.reference.widen(w).astype(np.float64)), 1e-5)
+print(vector.WIDTH)
+"""
+
+
+def test_the_legacy_kernels_at_the_vector_width_this_cpu_does_not_pick(tmp_path):
+    """Q8_0 and the legacy types run in 16-lane vectors where the CPU has AVX-512 and in 8-lane ones
+    elsewhere (vector.WIDTH). The suite above runs the host's width; this runs the other one
+    (PHINANO_VECTOR_LANES, compiled afresh into an empty cache: LLVM splits 16 lanes into two 8-lane halves
+    on an AVX2 CPU) against the same bounds."""
+    other = 8 if vector.WIDTH == 16 else 16
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PHINANO_VECTOR_LANES": str(other)}
+    run = subprocess.run([sys.executable, "-c", _OTHER_WIDTH_PROBE, os.path.dirname(__file__)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == [str(other)]

@@ -1,6 +1,8 @@
-"""Block dot products of packed weights, written as explicit 8-lane vector loops: the decode kernels of Q8_0
+"""Block dot products of packed weights, written as explicit vector loops: the decode kernels of Q8_0
 and GGML's legacy types (Q4_0, Q4_1, Q5_0, Q5_1) in quantized.py call `dot`, those of the K-quants in
 kquants.py `k_quant_dot` (Q4_K, Q5_K) and `q6_k_dot` (Q6_K), whose sections below say how they differ.
+The legacy types' vectors have WIDTH float32 lanes: 16 (one AVX-512 register) where the CPU has AVX-512,
+else 8 (AVX2); the K-quants' have 8.
 
 Why explicit vectors. These products are bound by arithmetic on an AVX2 CPU: each weight is unpacked to
 float32 and multiplied, and the memory brings the bytes faster than the core unpacks them. So every
@@ -14,7 +16,8 @@ Here each kernel is the loop an AVX2 programmer would write with intrinsics, emi
 Numba's `intrinsic`: per block and row, four 8-lane vectors of the block's integers, four fused
 multiply-adds with x, one multiply-add by the block's scale into one 8-lane accumulator, no stores. Four
 rows share each x load. Measured on AMD EPYC (Zen 3, AVX2, 2026-11-30), the old and the new kernels taking
-turns: docs/kernels.md, "Explicit vector loops".
+turns: docs/kernels.md, "Explicit vector loops". With AVX-512 the same loop runs in two 16-lane vectors a
+block (half the instructions; 1.1-1.3x on the Intel Xeon kind, docs/kernels.md).
 
 What `dot(kind, first, x, sums, data, r0)` computes, for block type TYPES[kind] and R = ROWS rows:
     x     (K,) float32       one token's activations
@@ -23,15 +26,16 @@ What `dot(kind, first, x, sums, data, r0)` computes, for block type TYPES[kind] 
     r0                       the first of the R rows r0 .. r0 + R - 1 (each clamped to N - 1)
     ->    R float32          y[r] = sum over c of x[c] * w[r, c]
 
-Per block b of 32 weights and per row (weight = d * (q - zero) or d * q + m):
-    q0, q1, q2, q3 = the integers q[8k .. 8k + 7], k = 0..3, as float32 vectors     (per type, exact)
-    s    = x[32b : 32b + 8] q0 + x[32b + 8 : 32b + 16] q1 + ... - (zero / 8) sums[b]  (8 lanes)
-    acc += d s                                                                         (8 lanes)
+Per block b of 32 weights and per row (weight = d * (q - zero) or d * q + m), with n = WIDTH lanes:
+    q0, q1, ... = the integers q[n k .. n k + n - 1], k < 32 / n, as float32 vectors   (per type, exact)
+    s    = x[32b : 32b + n] q0 + x[32b + n : 32b + 2n] q1 + ... - (zero / n) sums[b]   (n lanes)
+    acc += d s                                                                         (n lanes)
     a   += m sums[b]                                              (only types with a stored minimum m)
-and y = (sum of acc's 8 lanes) + a. The zero point's share -(zero / 8) sums[b] sits in every lane, so the
-8 lanes together subtract zero * sums[b], the block's d * zero * sum of x once scaled by d; zero / 8 is 1
-or 2, an exact scaling. Results differ from the unpacked reference only in the order of float32 additions
-and in the rounding of that share (tests/test_quantized.py states the bound).
+and y = (sum of acc's n lanes) + a. The zero point's share -(zero / n) sums[b] sits in every lane, so the
+n lanes together subtract zero * sums[b], the block's d * zero * sum of x once scaled by d; zero / n is a
+power of two (1 or 2 for 8 lanes, 0.5 or 1 for 16), an exact scaling. Results differ from the unpacked
+reference only in the order of float32 additions and in the rounding of that share
+(tests/test_quantized.py states the bound).
 
 With `first` (the first token of a call, when the bytes come from memory) it also asks for the bytes
 PREFETCH_AHEAD beyond the blocks it reads (prefetch.py: one `prefetcht1` per 64-byte line of the R rows'
@@ -56,6 +60,27 @@ from .prefetch import prefetch_lines
 TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # the block types, in the order `kind` numbers them
 ROWS = 4  # rows per call: four rows share each x load (more would not fit AVX2's 16 vector registers)
 LANES = 8  # float32 lanes of an AVX2 register
+
+
+def _host_width() -> int:
+    """Float32 lanes of the widest vectors the legacy-type and Q4_K loops use here: 16 (one 512-bit
+    register) where the CPU has AVX-512 (F and BW, as LLVM sees the host), else 8. PHINANO_VECTOR_LANES
+    (8 or 16) overrides it, for tests of the other width."""
+    import os
+
+    from llvmlite import binding
+
+    asked = os.environ.get("PHINANO_VECTOR_LANES")
+    if asked in ("8", "16"):
+        return int(asked)
+    features = binding.get_host_cpu_features()
+    return 16 if features.get("avx512f") and features.get("avx512bw") else 8
+
+
+# LLVM turns an explicit 16-lane vector into one 512-bit instruction (its own loops stay at 256 bits on
+# these CPUs: "prefer-vector-width"), so on AVX-512 a block of 32 weights is 2 vectors, not 4: half the
+# instructions per weight in loops that are bound by instructions.
+WIDTH = _host_width()
 _I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _BYTES8, _INTS8, _FLOATS8 = ir.VectorType(_I8, LANES), ir.VectorType(_I32, LANES), ir.VectorType(_F32, LANES)
 _FAST = ("contract", "reassoc")  # a multiply and an add may fuse; sums may be regrouped (as FASTMATH allows)
@@ -64,14 +89,19 @@ _FAST = ("contract", "reassoc")  # a multiply and an add may fuse; sums may be r
 # --------------------------------------------------------------------------------- small vector operations
 
 
+def _vector(element, lanes):
+    return ir.VectorType(element, lanes)
+
+
 def _const(vector_type, value):
-    return ir.Constant(vector_type, [value] * LANES)
+    return ir.Constant(vector_type, [value] * vector_type.count)
 
 
 def _splat(builder, scalar, vector_type=_FLOATS8):
-    """scalar -> a vector of LANES copies."""
+    """scalar -> a vector of copies (as many as vector_type has lanes)."""
     one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), scalar, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), _const(_INTS8, 0))
+    mask = _const(_vector(_I32, vector_type.count), 0)
+    return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), mask)
 
 
 def _fma(builder, a, b, c):
@@ -85,20 +115,21 @@ def _load(builder, pointer, offset, element_type):
     return builder.load(builder.bitcast(at, element_type.as_pointer()), align=1)
 
 
-def _ints(builder, pointer, offset, signed=False):
-    """The 8 bytes at byte `offset` of an i8 pointer as 8 int32 lanes, zero- (or sign-) extended."""
-    raw = _load(builder, pointer, offset, _BYTES8)
-    return builder.sext(raw, _INTS8) if signed else builder.zext(raw, _INTS8)
+def _ints(builder, pointer, offset, signed=False, lanes=LANES):
+    """The `lanes` bytes at byte `offset` of an i8 pointer as int32 lanes, zero- (or sign-) extended."""
+    raw = _load(builder, pointer, offset, _vector(_I8, lanes))
+    return builder.sext(raw, _vector(_I32, lanes)) if signed else builder.zext(raw, _vector(_I32, lanes))
 
 
-def _floats(builder, pointer, index):
-    """The 8 float32 at element `index` (an i64) of a float pointer."""
-    return builder.load(builder.bitcast(builder.gep(pointer, [index]), _FLOATS8.as_pointer()), align=4)
+def _floats(builder, pointer, index, lanes=LANES):
+    """The `lanes` float32 at element `index` (an i64) of a float pointer."""
+    vector = _vector(_F32, lanes)
+    return builder.load(builder.bitcast(builder.gep(pointer, [index]), vector.as_pointer()), align=4)
 
 
 def _bit_to_16s(builder, ints, shift):
     """(ints >> shift & 1) << 4 lane by lane: one bit of each lane moved to the 16s place (shift: a vector)."""
-    return builder.shl(builder.and_(builder.lshr(ints, shift), _const(_INTS8, 1)), _const(_INTS8, 4))
+    return builder.shl(builder.and_(builder.lshr(ints, shift), _const(ints.type, 1)), _const(ints.type, 4))
 
 
 def _f16(builder, pointer, offset):
@@ -108,7 +139,7 @@ def _f16(builder, pointer, offset):
 
 def _lane_sum(builder, v):
     """The sum of a vector's lanes, as a tree."""
-    parts = [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(LANES)]
+    parts = [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(v.type.count)]
     while len(parts) > 1:
         parts = [builder.fadd(parts[i], parts[i + 1], flags=_FAST) for i in range(0, len(parts), 2)]
     return parts[0]
@@ -121,30 +152,35 @@ def _plus(builder, offset, n):
 # ------------------------------------------------------------------- a block's 32 integers, per block type
 
 
-def _q8_0_integers(builder, block):
-    """Q8_0 (d at 0, 32 int8 q at 2): q[8k .. 8k + 7] as float32, sign-extended from the bytes."""
+def _q8_0_integers(builder, block, lanes):
+    """Q8_0 (d at 0, 32 int8 q at 2): q[n k .. n k + n - 1] as float32 (n = lanes), sign-extended."""
     row, o = block
-    return [builder.sitofp(_ints(builder, row, _plus(builder, o, 2 + 8 * k), signed=True), _FLOATS8)
-            for k in range(4)]
+    return [builder.sitofp(_ints(builder, row, _plus(builder, o, 2 + lanes * k), True, lanes), _vector(_F32, lanes))
+            for k in range(32 // lanes)]
 
 
 def _nibble_integers(qs_at, qh_at):
     """The legacy types: 16 bytes of nibbles at qs_at (byte i: q[i] low, q[i + 16] high) and, if qh_at is not
     None, the uint32 of fifth bits at qh_at (bit j adds 16 to q[j])."""
 
-    def integers(builder, block):
+    def integers(builder, block, lanes):
         row, o = block
-        low8 = _ints(builder, row, _plus(builder, o, qs_at))  # bytes 0..7
-        high8 = _ints(builder, row, _plus(builder, o, qs_at + 8))  # bytes 8..15
-        fifteen, four = _const(_INTS8, 15), _const(_INTS8, 4)
-        q = [builder.and_(low8, fifteen), builder.and_(high8, fifteen),  # q[0..7], q[8..15]
-             builder.lshr(low8, four), builder.lshr(high8, four)]  # q[16..23], q[24..31]
+        ints = _vector(_I32, lanes)
+        fifteen, four = _const(ints, 15), _const(ints, 4)
+        if lanes == 16:
+            qs = _ints(builder, row, _plus(builder, o, qs_at), lanes=16)  # bytes 0..15
+            q = [builder.and_(qs, fifteen), builder.lshr(qs, four)]  # q[0..15], q[16..31]
+        else:
+            low8 = _ints(builder, row, _plus(builder, o, qs_at))  # bytes 0..7
+            high8 = _ints(builder, row, _plus(builder, o, qs_at + 8))  # bytes 8..15
+            q = [builder.and_(low8, fifteen), builder.and_(high8, fifteen),  # q[0..7], q[8..15]
+                 builder.lshr(low8, four), builder.lshr(high8, four)]  # q[16..23], q[24..31]
         if qh_at is not None:
-            qh = _splat(builder, _load(builder, row, _plus(builder, o, qh_at), _I32), _INTS8)
-            for k in range(4):  # lane i of q[k] takes bit 8k + i of qh, moved to the 16s place
-                bit = ir.Constant(_INTS8, [8 * k + i for i in range(LANES)])
+            qh = _splat(builder, _load(builder, row, _plus(builder, o, qh_at), _I32), ints)
+            for k in range(len(q)):  # lane i of q[k] takes bit n k + i of qh (n = lanes), moved to the 16s place
+                bit = ir.Constant(ints, [lanes * k + i for i in range(lanes)])
                 q[k] = builder.or_(q[k], _bit_to_16s(builder, qh, bit))
-        return [builder.sitofp(v, _FLOATS8) for v in q]
+        return [builder.sitofp(v, _vector(_F32, lanes)) for v in q]
 
     return integers
 
@@ -179,11 +215,11 @@ class _Start(NamedTuple):
     packed: object  # the packed matrix (N, L) as an i8 pointer
     K: object  # i64
     starts: list  # (R,) i64 byte offsets of the rows in packed (`_row_starts`)
-    acc: list  # (R,) one zeroed 8-lane float32 accumulator per row (allocas, kept in registers)
+    acc: list  # (R,) one zeroed float32 accumulator vector per row (allocas, kept in registers)
     last_byte: object  # N * L - 1, where prefetches are clamped
 
 
-def _start(context, builder, signature, args, rows):
+def _start(context, builder, signature, args, rows, lanes=LANES):
     """The arguments (x, [sums,] data, r0) of a dot intrinsic unpacked for its loop."""
     arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:-1], args[:-1])]
     xs, packed = arrays[0], arrays[-1]
@@ -192,17 +228,17 @@ def _start(context, builder, signature, args, rows):
     return _Start(x=xs.data, sums=arrays[1].data if len(arrays) == 3 else None,
                   packed=builder.bitcast(packed.data, _I8.as_pointer()), K=K,
                   starts=_row_starts(builder, args[-1], rows, N, L),
-                  acc=[cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)],
+                  acc=[cgutils.alloca_once_value(builder, _const(_vector(_F32, lanes), 0.0)) for _ in range(rows)],
                   last_byte=builder.sub(builder.mul(N, L), ir.Constant(_I64, 1)))
 
 
-def _dot_intrinsic(rows: int, with_sums: bool, emit):
+def _dot_intrinsic(rows: int, with_sums: bool, emit, lanes: int = LANES):
     """An intrinsic (x, [sums,] data, r0) -> UniTuple(float32, rows): the arguments checked and unpacked
     (`_start`), then `emit(builder, w)` writes one block type's loop into w.acc, and each row's result is
     the sum of its accumulator's lanes (plus the scalar that `emit` returns for it, if any)."""
 
     def codegen(context, builder, signature, args):
-        w = _start(context, builder, signature, args, rows)
+        w = _start(context, builder, signature, args, rows, lanes)
         extra = emit(builder, w)
         out = [_lane_sum(builder, builder.load(w.acc[k])) for k in range(rows)]
         if extra is not None:
@@ -228,9 +264,11 @@ def _dot_intrinsic(rows: int, with_sums: bool, emit):
     return dot_without_sums
 
 
-def block_dot(qtype: str, rows: int, prefetch: bool):
-    """The intrinsic (x, sums, data, r0) -> UniTuple(float32, rows) of one block type (module docstring)."""
+def block_dot(qtype: str, rows: int, prefetch: bool, lanes: int = WIDTH):
+    """The intrinsic (x, sums, data, r0) -> UniTuple(float32, rows) of one block type (module docstring),
+    in vectors of `lanes` float32 (8 or 16: 4 or 2 vectors a block)."""
     size, integers, m_at, zero = _BLOCKS[qtype]
+    floats, n = _vector(_F32, lanes), 32 // lanes
 
     def emit(builder, w):
         base, starts, acc = w.packed, w.starts, w.acc
@@ -243,25 +281,27 @@ def block_dot(qtype: str, rows: int, prefetch: bool):
             b = loop.index
             o = builder.mul(b, ir.Constant(_I64, size))  # the block's byte offset in a row
             c = builder.mul(b, ir.Constant(_I64, 32))  # the block's first column
-            xv = [_floats(builder, w.x, _plus(builder, c, LANES * k)) for k in range(4)]
+            xv = [_floats(builder, w.x, _plus(builder, c, lanes * k), lanes) for k in range(n)]
             block_sum = builder.load(builder.gep(w.sums, [b]))
             if prefetch:
                 _prefetch_ahead(builder, w, o, rows, size)
-            share = _splat(builder, builder.fmul(block_sum, ir.Constant(_F32, -zero / 8))) if zero else None
+            share = None  # zero * sums[b] spread over the lanes (zero / lanes: 0.5, 1 or 2, exact)
+            if zero:
+                share = _splat(builder, builder.fmul(block_sum, ir.Constant(_F32, -zero / lanes)), floats)
             for k in range(rows):
                 row_o = builder.add(starts[k], o)
-                q = integers(builder, (base, row_o))
+                q = integers(builder, (base, row_o), lanes)
                 s = share if share is not None else builder.fmul(xv[0], q[0], flags=_FAST)
-                for j in range(0 if share is not None else 1, 4):
+                for j in range(0 if share is not None else 1, n):
                     s = _fma(builder, xv[j], q[j], s)
-                d = _splat(builder, _f16(builder, base, row_o))
+                d = _splat(builder, _f16(builder, base, row_o), floats)
                 builder.store(_fma(builder, d, s, builder.load(acc[k])), acc[k])
                 if m_at is not None:
                     m = _f16(builder, base, _plus(builder, row_o, m_at))
                     builder.store(_fma(builder, m, block_sum, builder.load(mins[k])), mins[k])
         return mins  # added to each row's lane sum (None: nothing to add)
 
-    return _dot_intrinsic(rows, True, emit)
+    return _dot_intrinsic(rows, True, emit, lanes)
 
 
 def _row_starts(builder, first, rows, N, L):
