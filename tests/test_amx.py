@@ -118,7 +118,7 @@ def test_amx_blocks_and_token_chunks_cover_every_row_and_token(monkeypatch):
     whole = amx.matmul(x, w)
     monkeypatch.setattr(amx, "ROW_BLOCK", 32)
     monkeypatch.setattr(amx, "K_BLOCK", 64)
-    monkeypatch.setattr(amx, "SHORT_ROWS_TOKENS", 1)
+    monkeypatch.setattr(amx, "WIDE_ROWS", 32)
     monkeypatch.setattr(amx, "TOKEN_CHUNK", 48)
     cut = amx.matmul(x, w)
     exact = x.astype(np.float64) @ widen(w).astype(np.float64).T

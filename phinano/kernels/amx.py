@@ -24,7 +24,8 @@ How a product y = x @ w.T runs (`matmul`, x (T, K), w (N, K) bf16 bits):
                                    pairs (x[m, 2k], x[m, 2k + 1]) as AMX's B operand wants them (row k,
                                    column m); tokens padded with zeros to a multiple of 32
     _matmul_tiles(w, xp, y)        per block of ROW_BLOCK weight rows (one work item, in parallel):
-        per K_BLOCK columns, per pair of 16-token blocks, per 32 weight rows:
+        per pass over the columns (rows wider than WIDE_ROWS: K_BLOCK at a time), per pair of 16-token
+        blocks, per 32 weight rows:
             C0..C3 (2 x 2 tiles of 16 rows x 16 tokens, float32) = the sums so far (0 at first)
             per 32 columns: A4, A5 = 2 x 16 weight rows, straight from w (row stride 2K bytes)
                             per part: B6, B7 = the 2 token blocks' pairs; C0 += A4 B6, C1 += A4 B7,
@@ -61,15 +62,16 @@ from .runtime import threads
 # 8192 x 3072 and 3072 x 8192 bf16, 3 parts, GFLOP/s counted as one float32 product per weight and token.
 # - ROW_BLOCK: weight rows a work item owns. 32, 64, 128 and 256 ran within 10 % of each other; 128 keeps
 #   K_BLOCK columns of them (512 KB) in L2 and still makes 24 work items of a 3072-row matrix.
-# - K_BLOCK: columns per pass over a block; the block's sums go to a float32 buffer between passes. With
-#   many tokens the products are bound by arithmetic and passes of 2048 columns ran best (3072 x 8192, 512
-#   tokens: 503 GFLOP/s; 512 columns 492, all 8192 at once 399-436). With few tokens (32) they are bound
-#   by reading the weights, and the passes cut each weight row into short reads: 229 against 477 GFLOP/s
-#   for whole rows. So passes are used from SHORT_ROWS_TOKENS tokens on.
+# - K_BLOCK: rows wider than WIDE_ROWS are taken in passes of K_BLOCK columns; the block's sums go to a
+#   float32 buffer between passes. A pass's parts of x (32 tokens x 2048 columns x 3 parts x 2 bytes, 384
+#   KB) then stay in L2 while the block's rows stream past them. 8 matrices of 3072 x 8192 in turn (from
+#   memory), whole rows against passes of 2048 / 1024 / 512: 1.12 / 1.18 / 1.11x faster at 16 tokens, 1.18 /
+#   1.21 / 1.20x at 64, 1.14 / 1.16 / 1.17x at 256, 0.95 / 1.03 / 1.04x at 512. For 8192 x 3072 whole rows
+#   were as fast or faster (passes of 2048: 0.94x at 16 tokens, 0.98-1.03x from 64 on).
 # - TOKEN_CHUNK: tokens per kernel call (the sums buffer holds a block's rows x all its tokens).
 ROW_BLOCK = 128
 K_BLOCK = 2048
-SHORT_ROWS_TOKENS = 96
+WIDE_ROWS = 4096
 TOKEN_CHUNK = 512
 PARTS = 3  # bf16 parts per activation (3: float32-exact; 2: ~16 bits; 1: plain bf16); see `set_parts`
 _TILE_ROWS, _TILE_BYTES = 16, 64  # every tile here: 16 rows of 64 bytes (32 bf16, or 16 float32)
@@ -379,6 +381,6 @@ def matmul(x: np.ndarray, w: np.ndarray, parts: int | None = None) -> np.ndarray
     for t0 in range(0, T, TOKEN_CHUNK):
         x_chunk = x[t0 : t0 + TOKEN_CHUNK]  # (t, K)
         xp = split_parts(x_chunk, parts)  # (Mb, P, K / 2, 16, 2)
-        k_block = K_BLOCK if x_chunk.shape[0] >= SHORT_ROWS_TOKENS else K
+        k_block = K_BLOCK if K > WIDE_ROWS else K
         _matmul_tiles(w, xp, xp.shape[1], _CONFIG, row_block, k_block, y[t0 : t0 + TOKEN_CHUNK])
     return y
