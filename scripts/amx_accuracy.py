@@ -5,9 +5,11 @@
     python scripts/amx_accuracy.py --write docs/kernels.md           # replaces its "AMX accuracy" table
 
 On a CPU with AMX (kernels/amx.py), a prefill's bf16 products run on tiles with each float32 activation split
-into 3 bf16 parts (exact), 2 (about 16 bits) or 1 (plain bf16, rounded to nearest). Each model's logits over
-a prompt (held-out standard-library modules for the nano models, random ids for other checkpoints) are
-compared with the NumPy reference backend's (float32 BLAS products): the largest and mean |logit - reference|
+into 3 bf16 parts (exact), 2 (about 16 bits) or 1 (plain bf16, rounded to nearest); "off" is the numba
+backend without the tiles (float32 BLAS), to show how far two float32 engines drift apart. Each model's
+logits over prompts (held-out standard-library modules, the first --tokens tokens of each; random ids for a
+checkpoint without a tokenizer) are compared with the NumPy reference backend's (float32 BLAS products):
+the largest and mean |logit - reference|
 relative to the largest reference logit, how often the top token is the reference's, and the perplexity of
 the prompt's own next tokens.
 """
@@ -23,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import phinano  # noqa: E402
-from phinano.kernels import amx  # noqa: E402
+from phinano.kernels import amx, fast  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quant_accuracy import held_out_ids, log_softmax  # noqa: E402
@@ -42,8 +44,12 @@ def measure(name: str, tokens: int) -> list[tuple]:
     prompts = prompts_for(model, tokens)
     expected = [reference.forward(ids) for ids in prompts]
     rows = []
-    for parts in (3, 2, 1):
-        amx.set_parts(parts)
+    for parts in ("off", 3, 2, 1):  # off: the numba backend's float32 tiles and BLAS, for scale
+        amx_from = fast.AMX_MIN_TOKENS
+        if parts == "off":
+            fast.AMX_MIN_TOKENS = 1 << 62
+        else:
+            amx.set_parts(parts)
         nll, count, drift_max, drift_sum, same, total = 0.0, 0, 0.0, 0.0, 0, 0
         for ids, ref in zip(prompts, expected):
             logits = model.forward(ids)
@@ -54,6 +60,7 @@ def measure(name: str, tokens: int) -> list[tuple]:
             drift_max, drift_sum = max(drift_max, float(drift.max())), drift_sum + float(drift.mean()) * len(ids)
             same += int((logits.argmax(-1) == ref.argmax(-1)).sum())
             total += len(ids)
+        fast.AMX_MIN_TOKENS = amx_from
         ref_nll = -sum(log_softmax(r[:-1])[np.arange(len(i) - 1), i[1:]].sum() for i, r in zip(prompts, expected))
         rows.append((Path(name).name, parts, float(np.exp(nll / count)), float(np.exp(ref_nll / count)),
                      drift_max, drift_sum / total, same / total, total))
@@ -88,7 +95,8 @@ def main() -> int:
         head = "### AMX accuracy"
         start = text.index(head)
         end = text.find("\n#", start + len(head))
-        stamp = f"`python scripts/amx_accuracy.py` on {datetime.date.today().isoformat()}:"
+        command = " ".join(["python scripts/amx_accuracy.py", *sys.argv[1:]])
+        stamp = f"`{command}` on {datetime.date.today().isoformat()}:"
         text = text[:start] + f"{head}\n\n{stamp}\n\n{body}\n" + (text[end:] if end >= 0 else "")
         path.write_text(text)
     return 0
