@@ -13,8 +13,8 @@ Tolerances, and why:
   and for the same reason: both sides sum the same exact float32 products x[c] * w[r, c], only grouped
   differently. The reference lets BLAS sum all K; the fused kernel (kernels/vector.py) sums each block's
   32 products x * q in 8 lanes of 4 (16 lanes of 2 with AVX-512), scales each lane by d, adds the K / 32
-  blocks lane by lane and the lanes at the end. The rounding error of either is at most (number of additions on the longest path) *
-  2^-24 * sum |x||w|: for K <= 1024 that is at most (4 + 1 + 32 + 3) * 6e-8 = 2.4e-6 here and (K / 8) * 6e-8
+  blocks lane by lane and the lanes at the end. The rounding error of either is at most (number of
+  additions on the longest path) * 2^-24 * sum |x||w|: for K <= 1024 that is at most (4 + 1 + 32 + 3) * 6e-8 = 2.4e-6 here and (K / 8) * 6e-8
   = 8e-6 for BLAS's eight-lane sums, under 1e-5 even in the worst case. The
   bound is against |x|.|w|, not |y|, because y may cancel to ~0. The BLAS path (many tokens) unpacks tiles
   exactly, so it differs from the reference only in how BLAS blocks the sums.

@@ -8,16 +8,17 @@ bf16 already. The activations are float32, and rounding them to bf16 would cost 
 activation is split into three bf16 parts that add up to it exactly (`split_parts`):
 
     hi  = x with its low 16 bits cleared          (bf16: sign, exponent, top 8 significant bits)
-    mid = (x - hi) with its low 16 bits cleared   (x - hi is exact in float32: the next 16 bits)
+    mid = (x - hi) with its low 16 bits cleared   (x - hi is exact in float32; mid keeps its top 8 bits)
     lo  = x - hi - mid                            (the last 8 bits or fewer: exactly a bf16)
 
 and w x = w hi + w mid + w lo, each product of two bf16 exact in float32. Only the float32 sums round, as in a
 float32 BLAS: results are float32-exact products summed in another order (tests/test_amx.py bounds them). Three
-products instead of one still leave AMX about 5 times float32 FMA. Fewer parts are an option (`set_parts`):
+products instead of one cost about twice one here (loading the tiles, not the products, limits the unit;
+docs/kernels.md), and still run 2-4x the float32 BLAS path. Fewer parts are an option (`set_parts`):
 2 keeps about 16 bits of each activation, 1 is plain bf16 activations (rounded to nearest), faster and less
-exact; docs/kernels.md shows what each costs. Edges: a part below bf16's normal range (|x| < 2^-110 or so)
-is flushed to zero by the unit; an infinite or nan activation keeps only its `hi` part, so it spreads as it
-does in float32.
+exact; docs/kernels.md shows what each costs. Edges: a part below float32's normal range (bf16 has the same
+exponents; it happens for |x| < 2^-110 or so) is flushed to zero by the unit; an infinite or nan activation
+keeps only its `hi` part, so it spreads as it does in float32.
 
 How a product y = x @ w.T runs (`matmul`, x (T, K), w (N, K) bf16 bits):
     xp = split_parts(x)            (Mb, P, K / 2, 16, 2) uint16: for each block of 16 tokens and part p, the
