@@ -10,11 +10,16 @@ sum_k |x_k w_k| (u = 2^-24; the factor 2 leaves room for the unit rounding a pai
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from phinano.errors import PhinanoError
 from phinano.kernels import amx, fast, reference
 
 U = 2.0**-24
@@ -170,8 +175,24 @@ def test_phinano_amx_0_turns_the_tiles_off(monkeypatch):
 def test_parts_setting_is_checked(monkeypatch):
     monkeypatch.setattr(amx, "PARTS", 3)
     assert amx.set_parts(1) == 1 and amx.PARTS == 1
-    with pytest.raises(ValueError, match="1, 2 or 3"):
+    with pytest.raises(PhinanoError, match="1, 2 or 3"):
         amx.set_parts(4)
     monkeypatch.setenv("PHINANO_AMX_PARTS", "x")
-    with pytest.raises(ValueError, match="PHINANO_AMX_PARTS"):
+    with pytest.raises(PhinanoError, match="PHINANO_AMX_PARTS"):
         amx._parts_from_environment()
+    monkeypatch.setattr(amx, "_available", None)
+    monkeypatch.setenv("PHINANO_AMX", "yes")
+    with pytest.raises(PhinanoError, match="PHINANO_AMX must be 0"):
+        amx.available()
+
+
+@pytest.mark.parametrize("name, value", [("PHINANO_AMX_PARTS", "5"), ("PHINANO_AMX", "on"),
+                                         ("PHINANO_VECTOR_LANES", "32")])
+def test_a_bad_kernel_switch_is_one_line_from_the_command(name, value, tmp_path):
+    """The command turns a bad switch into one line naming it and exit status 1, not a traceback."""
+    env = {**os.environ, name: value, "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", "import sys; from phinano.cli import main; "
+                          "sys.exit(main(['generate', 'def f(x): return x + 1 # a prompt of 16 tokens or more', "
+                          "'--max-new-tokens', '1']))"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert len(run.stderr.strip().splitlines()) == 1 and name in run.stderr

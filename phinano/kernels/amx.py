@@ -57,6 +57,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..errors import PhinanoError
 from .runtime import threads
 
 # Blocking, measured on the 2-core Intel Xeon (Emerald Rapids) kind, 2026-11-30 (the only kind with AMX here):
@@ -100,14 +101,18 @@ def _request_tile_state() -> bool:
 
 def available() -> bool:
     """True when AMX products can run here: the CPU has AMX tiles with bf16 (as LLVM sees the host), the
-    kernel granted the tile state, and PHINANO_AMX is not "0". Decided once per process."""
+    kernel granted the tile state, and PHINANO_AMX is not "0" ("1", the default, or unset: use them where
+    they are). Decided once per process."""
     global _available
     if _available is None:
+        switch = os.environ.get("PHINANO_AMX", "1")
+        if switch not in ("0", "1"):
+            raise PhinanoError(f"PHINANO_AMX must be 0 (off) or 1 (on where the CPU has AMX), not {switch!r}")
         from llvmlite import binding
 
         features = binding.get_host_cpu_features()
         has_amx = bool(features.get("amx-tile")) and bool(features.get("amx-bf16"))
-        _available = os.environ.get("PHINANO_AMX", "1") != "0" and has_amx and _request_tile_state()
+        _available = switch == "1" and has_amx and _request_tile_state()
     return _available
 
 
@@ -116,7 +121,7 @@ def set_parts(parts: int) -> int:
     bf16 activations). The environment variable PHINANO_AMX_PARTS sets it at import. Returns the value."""
     global PARTS
     if parts not in (1, 2, 3):
-        raise ValueError(f"AMX activation parts must be 1, 2 or 3, not {parts!r}")
+        raise PhinanoError(f"AMX activation parts must be 1, 2 or 3, not {parts!r}")
     PARTS = parts
     return PARTS
 
@@ -124,10 +129,9 @@ def set_parts(parts: int) -> int:
 def _parts_from_environment() -> None:
     value = os.environ.get("PHINANO_AMX_PARTS")
     if value is not None:
-        try:
-            set_parts(int(value))
-        except ValueError:
-            raise ValueError(f"PHINANO_AMX_PARTS must be 1, 2 or 3, not {value!r}") from None
+        if value.strip() not in ("1", "2", "3"):
+            raise PhinanoError(f"PHINANO_AMX_PARTS must be 1, 2 or 3, not {value!r}")
+        set_parts(int(value))
 
 
 _parts_from_environment()

@@ -70,8 +70,12 @@ def _host_width() -> int:
 
     from llvmlite import binding
 
+    from ..errors import PhinanoError
+
     asked = os.environ.get("PHINANO_VECTOR_LANES")
-    if asked in ("8", "16"):
+    if asked is not None:
+        if asked not in ("8", "16"):
+            raise PhinanoError(f"PHINANO_VECTOR_LANES must be 8 or 16, not {asked!r}")
         return int(asked)
     features = binding.get_host_cpu_features()
     return 16 if features.get("avx512f") and features.get("avx512bw") else 8
