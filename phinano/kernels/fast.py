@@ -80,8 +80,10 @@ _TILE_ELEMENTS = 4 << 20
 TILE_ROWS_PER_TOKEN = 2
 # linear(): from this many tokens on, a bf16 product runs on AMX tiles where the CPU has them (amx.py: Intel
 # Xeon from Sapphire Rapids on; float32-exact by default). Measured on the 2-core Intel Xeon (Emerald Rapids)
-# kind, 2026-11-30, 2 threads, ms for the fused kernel / AMX with 3 parts: 8192 x 3072 at 16 tokens 7.6 /
-# 4.5, 3072 x 8192 8.7 / 5.1, 3072 x 3072 2.5 / 3.2 (AMX pads the tokens to 32, so below 16 it loses).
+# kind, 2026-11-30, 2 threads, 8 matrices in turn (from memory), the two taking turns, ms for the fused
+# kernel / AMX with 3 parts: 8192 x 3072 at 4 tokens 3.1 / 3.7, at 8 4.6 / 3.2, at 16 7.4 / 4.1; 3072 x 3072
+# 1.1 / 1.4, 1.7 / 1.2, 3.2 / 2.9; 3072 x 8192 4.0 / 8.8, 6.1 / 8.4, 11.1 / 9.2 (AMX pads the tokens to 32;
+# that shape has since gained 1.12x from passes over its columns). 16 is where AMX wins on all three.
 AMX_MIN_TOKENS = 16
 # attention(): from this many query rows per KV head on (queries x query heads per KV head, the rows of each
 # BLAS product), BLAS products per KV head; below, the compiled kernel (`_attention_parts`). Measured
