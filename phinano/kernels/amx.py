@@ -59,6 +59,7 @@ from numba.extending import intrinsic
 
 from ..errors import PhinanoError
 from .runtime import threads
+from .widening import f32_bits, f32_from_bits
 
 # Blocking, measured on the 2-core Intel Xeon (Emerald Rapids) kind, 2026-11-30 (the only kind with AMX here):
 # 8192 x 3072 and 3072 x 8192 bf16, 3 parts, GFLOP/s counted as one float32 product per weight and token.
@@ -238,31 +239,15 @@ _CONFIG = _tile_config()
 # -------------------------------------------------------------------------------------------- the kernels
 
 
-@intrinsic
-def _bits(typingctx, value):
-    """float32 -> its uint32 bit pattern (a bit-cast, in registers)."""
-    if value != types.float32:
-        return None
-    return types.uint32(value), lambda context, builder, signature, args: builder.bitcast(args[0], ir.IntType(32))
-
-
-@intrinsic
-def _float(typingctx, value):
-    """uint32 bit pattern -> the float32 it encodes."""
-    if value != types.uint32:
-        return None
-    return types.float32(value), lambda context, builder, signature, args: builder.bitcast(args[0], ir.FloatType())
-
-
 @njit(inline="always")
 def _part(left, last):
     """(bf16 bits of the next part, what is left after it) for a float32 `left`: its top 16 bits, rounded to
     nearest even when `last`; an inf or nan leaves 0 (so it does not turn into nan in the later parts)."""
-    bits = _bits(left)
+    bits = f32_bits(left)
     if last and left == left:
         bits = np.uint32(bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
     top = np.uint32(bits & np.uint32(0xFFFF0000))
-    kept = _float(top)
+    kept = f32_from_bits(top)
     rest = left - kept if np.isfinite(kept) else np.float32(0.0)
     return np.uint16(top >> np.uint32(16)), rest
 

@@ -26,9 +26,9 @@ change here.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
+
+from .widening import f32_from_bits
 
 LOG2E = np.float32(1.44269504088896341)  # 1 / ln 2
 LN2_HI = np.float32(0.693359375)  # ln 2 rounded to 9 significant bits: k ln2_hi is exact for |k| < 2^15
@@ -39,22 +39,10 @@ HIGHEST = np.float32(89.0)  # e^89 overflows float32: inf
 LOWEST = np.float32(-104.0)  # e^-104 rounds to 0
 
 
-@intrinsic
-def _float_from_bits(typingctx, bits):
-    """The float32 whose bits are the int32 `bits` (a reinterpretation, no conversion)."""
-    if bits != types.int32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(bits), codegen
-
-
 @njit(inline="always")
 def _power_of_two(k):
     """2^k as a float32, for an int32 k in -126 .. 127: k + 127 in the exponent bits, the rest 0."""
-    return _float_from_bits(np.int32((k + 127) << 23))
+    return f32_from_bits(np.int32((k + 127) << 23))
 
 
 @njit(cache=True)

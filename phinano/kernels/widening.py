@@ -3,6 +3,8 @@
 - `to_f32(value)`: one stored element -> float32, in registers (usable only inside @njit code).
 - `bf16_low(pair)`, `bf16_high(pair)`: the two bf16 weights of a uint32 (a bf16 row read two at a time)
   -> float32, in registers (@njit code only).
+- `f32_bits(x)`, `f32_from_bits(bits)`: a float32 and its 32 bits, reinterpreted both ways (@njit code only;
+  the exponentials of expf.py and the bf16 parts of amx.py build floats from bits).
 - `stored(w)`: a weight as the kernels read it (float16 as int16 bits, everything else as it is).
 - `activation(x)`: activations as the kernels want them (float32, C-contiguous).
 
@@ -76,6 +78,22 @@ def bf16_high(typingctx, pair):
     if pair != types.uint32:
         return None
     return types.float32(pair), _pair_codegen(lambda b, u: b.and_(u, ir.Constant(ir.IntType(32), 0xFFFF0000)))
+
+
+@intrinsic
+def f32_bits(typingctx, value):
+    """The uint32 bit pattern of a float32 (a reinterpretation, no conversion)."""
+    if value != types.float32:
+        return None
+    return types.uint32(value), lambda context, builder, signature, args: builder.bitcast(args[0], ir.IntType(32))
+
+
+@intrinsic
+def f32_from_bits(typingctx, bits):
+    """The float32 whose bits are the int32 or uint32 `bits` (a reinterpretation, no conversion)."""
+    if bits not in (types.int32, types.uint32):
+        return None
+    return types.float32(bits), lambda context, builder, signature, args: builder.bitcast(args[0], ir.FloatType())
 
 
 def stored(w: np.ndarray) -> np.ndarray:
