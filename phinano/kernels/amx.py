@@ -284,6 +284,25 @@ def _split_parts(x, parts, pairs):
                     pairs[b, p, c, i] = row_pairs[p, i, c]
 
 
+@njit(inline="always")
+def _weights_at(row, c, K):
+    """Byte offset of w[row, c] in w (N, K) bf16: an A tile is 16 such rows of 32 columns, 2K bytes apart."""
+    return (row * K + c) * 2
+
+
+@njit(inline="always")
+def _parts_at(b, p, c, parts, half):
+    """Byte offset of the B tile of token block b, part p, columns c .. c + 31 in xp (Mb, P, K / 2, 16, 2):
+    16 column pairs x 16 tokens x 4 bytes, one contiguous KB (rows 64 bytes apart)."""
+    return ((b * parts + p) * half + c // 2) * 64
+
+
+@njit(inline="always")
+def _sums_at(t, b, Mb):
+    """Byte offset of the 16 x 16 float32 tile sums[t, b] in sums (row tiles, Mb, 16, 16): 1 KB each."""
+    return (t * Mb + b) * 1024
+
+
 @njit(parallel=True, cache=True)
 def _matmul_tiles(w, xp, parts, config, row_block, k_block, y):
     """y[:, :N32] = x @ w[:N32].T from x's parts xp (see `_split_parts`), N32 = N // 32 * 32.
@@ -304,31 +323,31 @@ def _matmul_tiles(w, xp, parts, config, row_block, k_block, y):
             k1 = min(K, k0 + k_block)
             for mp in range(0, Mb, 2):
                 for r in range(0, rows, 32):  # weight rows n0 + r .. n0 + r + 31
-                    t = r // 16
+                    t = r // 16  # their two row tiles in sums: t, t + 1
                     if k0 == 0:
                         _zero_c0()
                         _zero_c1()
                         _zero_c2()
                         _zero_c3()
                     else:
-                        _load_c0(sums, ((t * Mb + mp) * 256) * 4, 64)
-                        _load_c1(sums, ((t * Mb + mp + 1) * 256) * 4, 64)
-                        _load_c2(sums, (((t + 1) * Mb + mp) * 256) * 4, 64)
-                        _load_c3(sums, (((t + 1) * Mb + mp + 1) * 256) * 4, 64)
+                        _load_c0(sums, _sums_at(t, mp, Mb), 64)
+                        _load_c1(sums, _sums_at(t, mp + 1, Mb), 64)
+                        _load_c2(sums, _sums_at(t + 1, mp, Mb), 64)
+                        _load_c3(sums, _sums_at(t + 1, mp + 1, Mb), 64)
                     for c in range(k0, k1, 32):
-                        _load_a4(w, ((n0 + r) * K + c) * 2, K * 2)
-                        _load_a5(w, ((n0 + r + 16) * K + c) * 2, K * 2)
+                        _load_a4(w, _weights_at(n0 + r, c, K), K * 2)  # rows n0 + r .. + 15, columns c .. c + 31
+                        _load_a5(w, _weights_at(n0 + r + 16, c, K), K * 2)  # the next 16 rows
                         for p in range(parts):
-                            _load_b6(xp, (((mp * parts + p) * half + c // 2) * 16) * 4, 64)
-                            _load_b7(xp, ((((mp + 1) * parts + p) * half + c // 2) * 16) * 4, 64)
+                            _load_b6(xp, _parts_at(mp, p, c, parts, half), 64)  # tokens of block mp, part p
+                            _load_b7(xp, _parts_at(mp + 1, p, c, parts, half), 64)  # block mp + 1
                             _dot_c0()
                             _dot_c1()
                             _dot_c2()
                             _dot_c3()
-                    _store_c0(sums, ((t * Mb + mp) * 256) * 4, 64)
-                    _store_c1(sums, ((t * Mb + mp + 1) * 256) * 4, 64)
-                    _store_c2(sums, (((t + 1) * Mb + mp) * 256) * 4, 64)
-                    _store_c3(sums, (((t + 1) * Mb + mp + 1) * 256) * 4, 64)
+                    _store_c0(sums, _sums_at(t, mp, Mb), 64)
+                    _store_c1(sums, _sums_at(t, mp + 1, Mb), 64)
+                    _store_c2(sums, _sums_at(t + 1, mp, Mb), 64)
+                    _store_c3(sums, _sums_at(t + 1, mp + 1, Mb), 64)
         _release()
         for m in range(T):  # sums[row tile, token block, row, token] -> y[token, row]
             b, j = m // 16, m % 16
