@@ -109,3 +109,25 @@ def test_bench_prefill_rotates_who_goes_first_and_pairs_each_round(monkeypatch):
     rows = bench_prefill.table(seconds, ["phinano", "hf-bf16"], [8], "hf-bf16")
     assert rows[2] == "| phinano | 4.0 (1.00x) |"  # median 2 s -> 4 tok/s; per-round ratios 2, 1, 0.5
     assert rows[3] == "| hf-bf16 | 4.0 |"
+
+
+@pytest.mark.parametrize("engine, switch", [("phinano-numba-amx1", {"PHINANO_AMX_PARTS": "1"}),
+                                            ("phinano-numba-noamx", {"PHINANO_AMX": "0"}),
+                                            ("phinano-numba", {})])
+def test_engine_variants_run_phinano_numba_with_their_switch(engine, switch, monkeypatch):
+    """A variant is phinano-numba in a process whose environment carries its switch, and only its own."""
+    bench = load_bench()
+    seen = {}
+
+    def run(cmd, capture_output, text, env):
+        seen["cmd"], seen["env"] = cmd, env
+        return SimpleNamespace(returncode=0, stdout='RESULT {"decode": 1}\n', stderr="")
+
+    monkeypatch.delenv("PHINANO_AMX", raising=False)
+    monkeypatch.delenv("PHINANO_AMX_PARTS", raising=False)
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    args = SimpleNamespace(threads=2, runs=1, prompt=[8], new=2)
+    assert bench.run_engine(engine, "/model", None, args) == {"decode": 1}
+    assert seen["cmd"][seen["cmd"].index("--worker") + 1] == "phinano-numba"
+    assert {k: seen["env"].get(k) for k in ("PHINANO_AMX", "PHINANO_AMX_PARTS")} == {
+        k: switch.get(k) for k in ("PHINANO_AMX", "PHINANO_AMX_PARTS")}
