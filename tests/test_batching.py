@@ -73,14 +73,18 @@ def test_linear_rows_equals_each_row_alone_on_quantized_weights(qtype, seed, B, 
 
 
 def test_linear_of_several_tokens_rounds_differently_which_is_why_rows_exist():
-    """The reason for linear_rows: `linear` sums 2 tokens at a time in tiles (bf16), in another order. If this ever
-    stops failing, linear_rows could be linear; until then the test pins the difference."""
+    """The reason for linear_rows. The bf16 decode kernel sums each token alone whatever the count
+    (vector.py, "bf16 pairs"), so a few bf16 tokens through `linear` already equal each token alone; but from
+    the BLAS (or AMX) threshold on `linear` takes tiles, and float16 / float32 weights use 4 x 4 tiles even
+    for a few tokens: those sum in another order. linear_rows never does. The test pins both."""
     rng = np.random.default_rng(0)
-    w = stored(rng.standard_normal((64, 3072)).astype(np.float32), "bf16")
-    x = rng.standard_normal((4, 3072)).astype(np.float32)
-    alone = np.concatenate([fast.linear(x[t : t + 1], w) for t in range(4)])
-    assert not np.array_equal(fast.linear(x, w), alone)
-    assert np.array_equal(fast.linear_rows(x, w), alone)
+    bf16 = stored(rng.standard_normal((64, 3072)).astype(np.float32), "bf16")
+    f16 = rng.standard_normal((64, 3072)).astype(np.float16)
+    for w, T, linear_is_alone in ((bf16, 4, True), (bf16, fast.BLAS_MIN_TOKENS, False), (f16, 4, False)):
+        x = rng.standard_normal((T, 3072)).astype(np.float32)
+        alone = np.concatenate([fast.linear(x[t : t + 1], w) for t in range(T)])
+        assert np.array_equal(fast.linear(x, w), alone) == linear_is_alone, (w.dtype, T)
+        assert np.array_equal(fast.linear_rows(x, w), alone)
 
 
 def test_linear_rows_refuses_what_does_not_fit():

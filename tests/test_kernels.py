@@ -14,6 +14,8 @@ import inspect
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("numba")
 
@@ -113,8 +115,8 @@ def assert_linear_close(x, w, b=None):
 def test_fused_tiles_write_only_their_tokens(T, K):
     """The few-token kernels. K = 37: `_matmul_fused` (bf16 read one by one): tiles of 4 tokens, a tile for 3
     tokens left (its last token computed twice), one-token passes for 1 or 2 left. K = 38: `_bf16_matmul`
-    (bf16 read in pairs): tiles of 2 tokens, a one-token pass for the last of an odd T. Every token's row
-    agrees with the reference, and a guard row after the T rows of y is never written."""
+    (bf16 read in pairs): tiles of vector.BF16_TOKENS tokens, a smaller tile for those left. Every token's
+    row agrees with the reference, and a guard row after the T rows of y is never written."""
     rng = np.random.default_rng(T)
     w = make_weight(rng, (11, K), "bf16")  # one part (fast.PART_ROWS): streams of 2 rows, 3 rows left over
     rows, kernels = fast._reader(w)
@@ -125,6 +127,30 @@ def test_fused_tiles_write_only_their_tokens(T, K):
     exact = x.astype(np.float64) @ reference.widen(w).astype(np.float64).T
     np.testing.assert_allclose(out[:T], exact, rtol=0, atol=1e-5 * (np.abs(x) @ np.abs(reference.widen(w)).T).max())
     assert (out[T] == 7.0).all()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), T=st.integers(1, 15), N=st.integers(1, 80), pairs=st.integers(1, 70),
+       step=st.sampled_from([1, 2]))
+def test_bf16_tokens_are_each_summed_as_alone(seed, T, N, pairs, step):
+    """`_bf16_matmul` sums each token by the same instructions whatever the tile it falls in (vector.py, "bf16
+    pairs"): every row of a few-token product is bit for bit that token alone, for any K / 2 (the pairs left
+    after the vectors go through the scalar tail), rows contiguous or every other one, and within the bound
+    of the reference."""
+    rng = np.random.default_rng(seed)
+    K = 2 * pairs
+    w = make_weight(rng, (N * step, K), "bf16")[::step]  # every other row: a row stride of 2 K bytes
+    rows, kernels = fast._reader(w)
+    assert kernels.matmul is fast._bf16_matmul
+    x = f32(rng, (T, K))
+    y = np.empty((T, N), np.float32)
+    fast._bf16_matmul(x, rows, y)
+    one = np.empty((1, N), np.float32)
+    for t in range(T):
+        fast._bf16_matmul(x[t : t + 1], rows, one)
+        assert np.array_equal(y[t], one[0]), f"token {t} of {T}"
+    exact = x.astype(np.float64) @ reference.widen(w).astype(np.float64).T
+    np.testing.assert_allclose(y, exact, rtol=0, atol=1e-5 * (np.abs(x) @ np.abs(reference.widen(w)).T).max())
 
 
 @pytest.mark.parametrize("N", [1, 3, 4, 63, 64, 65, 127, 128, 3 * 64 + 7, 3072])

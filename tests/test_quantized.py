@@ -407,6 +407,7 @@ _CACHE_PROBE = """
 import json, numpy as np
 from phinano.formats.quantized import QuantizedTensor
 from phinano.kernels import fast
+from phinano.testing.strategies import make_weight
 from phinano.kernels.quantized import KERNELS
 hits = {}
 for qtype, block_bytes, block in (("Q8_0", 34, 32), ("Q4_K", 144, 256), ("Q6_K", 210, 256)):
@@ -445,13 +446,22 @@ for qtype in t.LEGACY:
 w = t.random_q8_0(rng, 13, 96, "typical")
 x = rng.standard_normal((3, 96)).astype(np.float32)
 t.assert_linear_within(x, w, None, np.abs(t.reference.widen(w).astype(np.float64)), 1e-5)
-print(vector.WIDTH)
+from phinano.kernels import fast
+from phinano.testing.strategies import make_weight
+for K in (34, 96):  # bf16 pairs a row: 17 (vectors and a scalar tail left) and 48
+    w = make_weight(rng, (13, K), "bf16")
+    x = rng.standard_normal((7, K)).astype(np.float32)
+    y = fast.linear(x, w)
+    for i in range(7):  # tiles of vector.BF16_TOKENS and the tokens left: each token as alone
+        assert np.array_equal(y[i], fast.linear(x[i : i + 1], w)[0]), (K, i)
+    t.assert_linear_within(x, w, None, np.abs(t.reference.widen(w).astype(np.float64)), 1e-5)
+print(vector.WIDTH, vector.BF16_TOKENS)
 """
 
 
-def test_the_legacy_kernels_at_the_vector_width_this_cpu_does_not_pick(tmp_path):
-    """Q8_0 and the legacy types run in 16-lane vectors where the CPU has AVX-512 and in 8-lane ones
-    elsewhere (vector.WIDTH). The suite above runs the host's width; this runs the other one
+def test_the_vector_kernels_at_the_vector_width_this_cpu_does_not_pick(tmp_path):
+    """Q8_0, the legacy types and bf16 pairs run in 16-lane vectors where the CPU has AVX-512 and in 8-lane
+    ones elsewhere (vector.WIDTH; bf16 in tiles of 4 tokens, else 2). The suite runs the host's width; this runs the other one
     (PHINANO_VECTOR_LANES, compiled afresh into an empty cache: LLVM splits 16 lanes into two 8-lane halves
     on an AVX2 CPU) against the same bounds."""
     other = 8 if vector.WIDTH == 16 else 16
@@ -459,4 +469,4 @@ def test_the_legacy_kernels_at_the_vector_width_this_cpu_does_not_pick(tmp_path)
     run = subprocess.run([sys.executable, "-c", _OTHER_WIDTH_PROBE, os.path.dirname(__file__)],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == [str(other)]
+    assert run.stdout.split() == [str(other), str(4 if other == 16 else 2)]

@@ -6,8 +6,9 @@ prepare arguments (float32, C-contiguous activations; weights untouched) and cal
 
 What makes them fast, in one place (docs/kernels.md has the measurements):
 - Weights stay as stored (bf16 as uint16 bits, float16, float32) and are widened *in a register* as they
-  are read (`widening.to_f32`; bf16 two at a time from a uint32 view, `bf16_low` / `bf16_high`), so no
-  float32 copy of a weight matrix is ever made on the decode path.
+  are read (`widening.to_f32`; bf16 two at a time from a uint32 view, in explicit vectors that serve
+  several tokens at once, `vector.bf16_tile`), so no float32 copy of a weight matrix is ever made on the
+  decode path.
 - A matrix-vector product is limited by memory bandwidth, not arithmetic: each loop iteration reads four
   weight rows and shares every x[c] load between them, which gives four independent accumulators, and the
   four rows come from four long streams through the matrix (`_row_groups`), which the hardware prefetcher
@@ -49,7 +50,8 @@ from .quantized import KERNELS, MatrixKernels
 from . import amx, kquants  # kquants adds the K-quant kernels (Q4_K, Q5_K, Q6_K) to KERNELS
 from .runtime import FASTMATH, in_parts, run, set_threads, threads
 from .expf import exp32
-from .widening import activation, bf16_high, bf16_low, stored, to_f32
+from .vector import BF16_TOKENS, bf16_tile
+from .widening import activation, stored, to_f32
 
 __all__ = ["set_threads", "widen", "embed", "linear", "linear_rows", "rmsnorm", "layernorm", "rope", "softmax", "swiglu",
            "attention", "attention_weights", "gegelu", "blocksparse_visible", "blocksparse_attention_weights",
@@ -266,12 +268,12 @@ def _widen_rows(w, out):
 _ARRAY_KERNELS = MatrixKernels(_matmul_fused, _widen_rows, BLAS_MIN_TOKENS, _matmul_rows)  # f16, f32 (and odd-K bf16)
 
 
-# bf16 rows read two weights at a time. Viewed as uint32, a bf16 row (N, K) becomes (N, K / 2) pairs: the
-# low half of pair c is weight 2c, the high half weight 2c + 1 (little-endian). `bf16_low` widens the first
-# with a shift, `bf16_high` the second with an AND; widening each uint16 on its own (`to_f32`) takes a
-# zero-extending shuffle and a shift per weight, and those two ran on the same few vector units, which
-# capped the one-token loop at about 13 G weights/s per core (AMD EPYC Zen 3, L2-resident rows). x is split
-# once per call into its even and odd columns, so each half of a pair meets a contiguous run of x.
+# bf16 rows read two weights at a time, as explicit vectors (vector.py, "bf16 pairs"). Viewed as uint32, a
+# bf16 row (N, K) becomes (N, K / 2) pairs: the low half of pair c is weight 2c, the high half weight 2c + 1
+# (little-endian); a shift and an AND make them float32, where widening each uint16 on its own (`to_f32`)
+# takes a shuffle and a shift per weight. x is split once per call into its even and odd columns, so each
+# half of a pair meets a contiguous run of x. Tiles of up to vector.BF16_TOKENS tokens x 4 rows share each
+# widened vector between the tokens, and every (token, row) sum runs the same instructions in every tile.
 
 
 @njit(cache=True)
@@ -287,88 +289,21 @@ def _even_odd(x):
     return xe, xo
 
 
-@njit(inline="always")
-def _pairs_one_token(xe, xo, w, y, t, r0, r1, r2, r3):
-    """y[t, r0..r3] = token t times four rows: per row one sum over the even columns and one over the odd
-    (eight independent accumulators), added at the end. Every bf16 decode row goes through this loop, in
-    `_bf16_matmul` and in `_bf16_matmul_rows` alike, so a batched row is bit for bit the row alone."""
-    e, o = xe[t], xo[t]  # (K / 2,) each: token t's even and odd columns
-    w0, w1, w2, w3 = w[r0], w[r1], w[r2], w[r3]  # (K / 2,) uint32 pairs each
-    e0 = e1 = e2 = e3 = o0 = o1 = o2 = o3 = np.float32(0.0)
-    for c in range(w.shape[1]):
-        u = w0[c]
-        e0 += e[c] * bf16_low(u)
-        o0 += o[c] * bf16_high(u)
-        u = w1[c]
-        e1 += e[c] * bf16_low(u)
-        o1 += o[c] * bf16_high(u)
-        u = w2[c]
-        e2 += e[c] * bf16_low(u)
-        o2 += o[c] * bf16_high(u)
-        u = w3[c]
-        e3 += e[c] * bf16_low(u)
-        o3 += o[c] * bf16_high(u)
-    y[t, r0], y[t, r1], y[t, r2], y[t, r3] = e0 + o0, e1 + o1, e2 + o2, e3 + o3
-
-
-@njit(inline="always")
-def _pairs_two_tokens(xe, xo, w, y, t, r0, r1, r2, r3):
-    """y[t .. t + 1, r0..r3]: 2 tokens x 4 rows, each pair widened once for both tokens (8 accumulators,
-    even and odd columns summed together)."""
-    e0, e1, o0, o1 = xe[t], xe[t + 1], xo[t], xo[t + 1]
-    w0, w1, w2, w3 = w[r0], w[r1], w[r2], w[r3]
-    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)  # a: token t, b: token t + 1; digit: row
-    for c in range(w.shape[1]):
-        lo, hi = bf16_low(w0[c]), bf16_high(w0[c])
-        a0 += e0[c] * lo + o0[c] * hi
-        b0 += e1[c] * lo + o1[c] * hi
-        lo, hi = bf16_low(w1[c]), bf16_high(w1[c])
-        a1 += e0[c] * lo + o0[c] * hi
-        b1 += e1[c] * lo + o1[c] * hi
-        lo, hi = bf16_low(w2[c]), bf16_high(w2[c])
-        a2 += e0[c] * lo + o0[c] * hi
-        b2 += e1[c] * lo + o1[c] * hi
-        lo, hi = bf16_low(w3[c]), bf16_high(w3[c])
-        a3 += e0[c] * lo + o0[c] * hi
-        b3 += e1[c] * lo + o1[c] * hi
-    y[t, r0], y[t, r1], y[t, r2], y[t, r3] = a0, a1, a2, a3
-    y[t + 1, r0], y[t + 1, r1], y[t + 1, r2], y[t + 1, r3] = b0, b1, b2, b3
-
-
-@njit(inline="always")
-def _pairs_rows(xe, xo, w, y, r0, r1, r2, r3):
-    """Every token times rows r0..r3: two at a time, the last of an odd T (T = 1: decode) alone."""
-    T = xe.shape[0]
-    for t in range(0, T - 1, 2):
-        _pairs_two_tokens(xe, xo, w, y, t, r0, r1, r2, r3)
-    if T % 2 == 1:
-        _pairs_one_token(xe, xo, w, y, T - 1, r0, r1, r2, r3)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(parallel=True, cache=True)
 def _bf16_matmul(x, w, y):
-    """y = x @ float32(w).T for x (T, K), w (N, K / 2) uint32 bf16 pairs, y (T, N); few tokens.
+    """y = x @ float32(w).T for x (T, K), w (N, K / 2) uint32 bf16 pairs, y (T, N); decode and few tokens.
 
     Parallel over the groups of 4 rows of `_row_groups` (parts of about PART_ROWS rows, each read as four
     streams); each group of 4 rows is read from memory once and, while it sits in cache, multiplied with
-    every token (`_pairs_rows`).
+    the tokens, BF16_TOKENS at a time (`vector.bf16_tile`). Row t of y is bit for bit what x[t] alone
+    gives, whatever T: a batch of decode rows (one per sequence, `linear_rows`) runs this same kernel, and
+    so do the positions of a speculative step.
     """
     xe, xo = _even_odd(x)  # (T, K / 2) each
     groups = _row_groups(w.shape[0])  # (G, 4) rows read side by side
     for g in prange(groups.shape[0]):
-        _pairs_rows(xe, xo, w, y, groups[g, 0], groups[g, 1], groups[g, 2], groups[g, 3])
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _bf16_matmul_rows(x, w, y):
-    """`_bf16_matmul` for a batch of decode rows (one per sequence): every row through the one-token loop,
-    never the tiles, so each row of y is bit for bit that row alone. The group of 4 weight rows (24 KB
-    at K = 3072) is read from memory once and found in cache by the other rows of x."""
-    xe, xo = _even_odd(x)
-    groups = _row_groups(w.shape[0])  # (G, 4) rows read side by side
-    for g in prange(groups.shape[0]):
-        for t in range(x.shape[0]):
-            _pairs_one_token(xe, xo, w, y, t, groups[g, 0], groups[g, 1], groups[g, 2], groups[g, 3])
+        for t in range(0, x.shape[0], BF16_TOKENS):
+            bf16_tile(xe, xo, w, y, t, groups[g, 0], groups[g, 1], groups[g, 2], groups[g, 3])
 
 
 def _bf16_widen_pairs(w, out):
@@ -378,7 +313,7 @@ def _bf16_widen_pairs(w, out):
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"  # the pair layout above; elsewhere bf16 rows are read one by one
-_BF16_KERNELS = MatrixKernels(_bf16_matmul, _bf16_widen_pairs, BLAS_MIN_TOKENS, _bf16_matmul_rows)
+_BF16_KERNELS = MatrixKernels(_bf16_matmul, _bf16_widen_pairs, BLAS_MIN_TOKENS)
 
 
 def _reader(w: np.ndarray | QuantizedTensor) -> tuple[np.ndarray, MatrixKernels]:

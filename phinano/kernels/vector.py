@@ -583,3 +583,135 @@ def q6_k_dot(first, x_bl, data, r):
     per call: two rows sharing each x load measured 9.6 against 10.3 G weights/s from memory (AMD EPYC Zen 3,
     2 threads), as with the loop before this one (8.9 against 11.1)."""
     return (_Q6_K_FIRST(x_bl, data, r) if first else _Q6_K(x_bl, data, r))[0]
+
+
+# ------------------------------------------------------------------ bf16 pairs: several tokens per widened row
+#
+# A bf16 row viewed as uint32 is a row of pairs (fast.py, `_reader`): the low half of pair c is weight 2c,
+# the high half weight 2c + 1. A shift left by 16 makes the low one a float32, an AND that clears the low
+# 16 bits the high one. x comes split into its even and odd columns (xe, xo), so each half meets a
+# contiguous run of x. Per step of n = WIDTH pairs, for rows r0..r3 and tokens t0 .. t0 + m - 1:
+#     lo, hi       = the 2n weights of row r as two float32 vectors       (one load, a shift, an AND)
+#     acc[t][r]    = fma(xo[t, c:c+n], hi, fma(xe[t, c:c+n], lo, acc[t][r]))       (n lanes)
+# and y[t, r] = (the lanes of acc[t][r] added as a fixed tree) + (the K/2 mod n pairs left, in scalars).
+#
+# Each widened vector serves every token of the tile: m tokens cost m x 2 multiply-adds a step, not m times
+# the whole loop. That is what batched decode (one row per sequence) and short prompts pay for each token
+# beyond the first. The IR carries no fast-math flags and every multiply-add is `llvm.fma`, so LLVM may not
+# regroup anything: row r of token t is summed by the same instructions in the same order whatever m is
+# and wherever t falls in a tile, and a batched row is bit for bit the row alone by construction.
+# Tiles are up to BF16_TOKENS tokens x 4 rows: 16 accumulators fit AVX-512's 32 vector registers with the
+# widened rows and x beside them; AVX2 has 16 registers, so 2 tokens (8 accumulators) there.
+
+BF16_TOKENS = 4 if WIDTH == 16 else 2
+_BF16_ROWS = 4
+
+
+def _llvm_fma(builder, a, b, c):
+    """a * b + c, rounded once (`llvm.fma`: one vfmadd on CPUs with FMA)."""
+    name = f"llvm.fma.v{a.type.count}f32" if isinstance(a.type, ir.VectorType) else "llvm.fma.f32"
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3), name)
+    return builder.call(fma, [a, b, c])
+
+
+def _ordered_lane_sum(builder, v):
+    """The sum of a vector's lanes as a fixed tree (pairs of neighbours, then pairs of those, ...)."""
+    parts = [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(v.type.count)]
+    while len(parts) > 1:
+        parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def bf16_pairs_dot(tokens: int, lanes: int = WIDTH):
+    """The intrinsic (xe, xo, w, t0, r0, r1, r2, r3) -> UniTuple(float32, 4 tokens): y[t0 + i, r_k] at
+    position 4 i + k, for xe, xo (T, K/2) float32 C-contiguous (x's even and odd columns), w (N, K/2) uint32
+    bf16 pairs, rows of any stride but contiguous within (as `fast._reader` makes them), tokens
+    t0 .. t0 + tokens - 1 (< T) and rows r0..r3 (< N)."""
+    floats, ints = _vector(_F32, lanes), _vector(_I32, lanes)
+
+    def codegen(context, builder, signature, args):
+        xe, xo, w = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:3], args[:3]))
+        _, K2 = cgutils.unpack_tuple(builder, xe.shape, 2)
+        row_stride = cgutils.unpack_tuple(builder, w.strides, 2)[0]  # bytes
+        base = builder.bitcast(w.data, _I8.as_pointer())
+        t = [builder.add(args[3], ir.Constant(_I64, i)) for i in range(tokens)]
+        x_rows = [[builder.gep(a.data, [builder.mul(ti, K2)]) for ti in t] for a in (xe, xo)]  # float*
+        w_rows = [builder.bitcast(builder.gep(base, [builder.mul(r, row_stride)]), _I32.as_pointer())
+                  for r in args[4:8]]  # i32*
+        acc = [[cgutils.alloca_once_value(builder, _const(floats, 0.0)) for _ in w_rows] for _ in t]
+        left = [[cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in w_rows] for _ in t]
+
+        def vector_at(pointer, c, vector_type, align):
+            return builder.load(builder.bitcast(builder.gep(pointer, [c]), vector_type.as_pointer()), align=align)
+
+        def widen(u, shift, high_mask):  # a pair (or n pairs) -> its low and its high bf16 as float32
+            return (builder.bitcast(builder.shl(u, shift), floats if u.type == ints else _F32),
+                    builder.bitcast(builder.and_(u, high_mask), floats if u.type == ints else _F32))
+
+        steps = builder.udiv(K2, ir.Constant(_I64, lanes))
+        with cgutils.for_range(builder, steps) as loop:
+            c = builder.mul(loop.index, ir.Constant(_I64, lanes))
+            e = [vector_at(p, c, floats, 4) for p in x_rows[0]]
+            o = [vector_at(p, c, floats, 4) for p in x_rows[1]]
+            for k, row in enumerate(w_rows):
+                lo, hi = widen(vector_at(row, c, ints, 1), _const(ints, 16), _const(ints, -65536))
+                for i in range(tokens):
+                    a = _llvm_fma(builder, e[i], lo, builder.load(acc[i][k]))
+                    builder.store(_llvm_fma(builder, o[i], hi, a), acc[i][k])
+        done = builder.mul(steps, ir.Constant(_I64, lanes))
+        with cgutils.for_range(builder, builder.sub(K2, done)) as loop:  # the last K/2 mod n pairs
+            c = builder.add(done, loop.index)
+            for k, row in enumerate(w_rows):
+                u = builder.load(builder.gep(row, [c]), align=1)
+                lo, hi = widen(u, ir.Constant(_I32, 16), ir.Constant(_I32, -65536))
+                for i in range(tokens):
+                    ev = builder.load(builder.gep(x_rows[0][i], [c]))
+                    ov = builder.load(builder.gep(x_rows[1][i], [c]))
+                    a = _llvm_fma(builder, ev, lo, builder.load(left[i][k]))
+                    builder.store(_llvm_fma(builder, ov, hi, a), left[i][k])
+        out = [builder.fadd(_ordered_lane_sum(builder, builder.load(acc[i][k])), builder.load(left[i][k]))
+               for i in range(tokens) for k in range(len(w_rows))]
+        return context.make_tuple(builder, signature.return_type, out)
+
+    @intrinsic
+    def dot(typingctx, xe, xo, w, t0, r0, r1, r2, r3):
+        def floats_c(a):
+            return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 and a.layout == "C"
+
+        pairs = isinstance(w, types.Array) and w.dtype == types.uint32 and w.ndim == 2
+        indices = all(isinstance(i, types.Integer) for i in (t0, r0, r1, r2, r3))
+        if floats_c(xe) and floats_c(xo) and pairs and indices:
+            int64 = types.int64
+            return types.UniTuple(types.float32, _BF16_ROWS * tokens)(xe, xo, w, int64, int64, int64, int64, int64), codegen
+        return None
+
+    return dot
+
+
+_BF16_1, _BF16_2, _BF16_3, _BF16_4 = (bf16_pairs_dot(m) for m in (1, 2, 3, 4))
+
+
+@njit(inline="always")
+def bf16_tile(xe, xo, w, y, t, r0, r1, r2, r3):
+    """y[t .. t + m - 1, r0..r3] for m = min(BF16_TOKENS, T - t) tokens, through the intrinsic of m tokens
+    (module globals, as for `dot`). Rows may repeat (the leftover rows of `fast._row_groups`): the repeat
+    writes the same value again."""
+    m = min(BF16_TOKENS, y.shape[0] - t)
+    if m == 1:
+        s = _BF16_1(xe, xo, w, t, r0, r1, r2, r3)
+        y[t, r0], y[t, r1], y[t, r2], y[t, r3] = s
+    elif m == 2:
+        s = _BF16_2(xe, xo, w, t, r0, r1, r2, r3)
+        y[t, r0], y[t, r1], y[t, r2], y[t, r3] = s[0], s[1], s[2], s[3]
+        y[t + 1, r0], y[t + 1, r1], y[t + 1, r2], y[t + 1, r3] = s[4], s[5], s[6], s[7]
+    elif m == 3:
+        s = _BF16_3(xe, xo, w, t, r0, r1, r2, r3)
+        y[t, r0], y[t, r1], y[t, r2], y[t, r3] = s[0], s[1], s[2], s[3]
+        y[t + 1, r0], y[t + 1, r1], y[t + 1, r2], y[t + 1, r3] = s[4], s[5], s[6], s[7]
+        y[t + 2, r0], y[t + 2, r1], y[t + 2, r2], y[t + 2, r3] = s[8], s[9], s[10], s[11]
+    else:
+        s = _BF16_4(xe, xo, w, t, r0, r1, r2, r3)
+        y[t, r0], y[t, r1], y[t, r2], y[t, r3] = s[0], s[1], s[2], s[3]
+        y[t + 1, r0], y[t + 1, r1], y[t + 1, r2], y[t + 1, r3] = s[4], s[5], s[6], s[7]
+        y[t + 2, r0], y[t + 2, r1], y[t + 2, r2], y[t + 2, r3] = s[8], s[9], s[10], s[11]
+        y[t + 3, r0], y[t + 3, r1], y[t + 3, r2], y[t + 3, r3] = s[12], s[13], s[14], s[15]

@@ -1,8 +1,6 @@
 """Widening stored numbers to float32 inside compiled loops, and the array forms the kernels accept.
 
 - `to_f32(value)`: one stored element -> float32, in registers (usable only inside @njit code).
-- `bf16_low(pair)`, `bf16_high(pair)`: the two bf16 weights of a uint32 (a bf16 row read two at a time)
-  -> float32, in registers (@njit code only).
 - `f32_bits(x)`, `f32_from_bits(bits)`: a float32 and its 32 bits, reinterpreted both ways (@njit code only;
   the exponentials of expf.py and the bf16 parts of amx.py build floats from bits).
 - `stored(w)`: a weight as the kernels read it (float16 as int16 bits, everything else as it is).
@@ -51,33 +49,6 @@ def to_f32(typingctx, value):
 
         return types.float32(value), codegen
     return None
-
-
-def _pair_codegen(split):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(split(builder, args[0]), ir.FloatType())
-
-    return codegen
-
-
-@intrinsic
-def bf16_low(typingctx, pair):
-    """float32 of the bf16 in the low half of a uint32 (the first of two neighbouring bf16 weights, on a
-    little-endian machine): shift left 16 and reinterpret; exact."""
-    if pair != types.uint32:
-        return None
-    return types.float32(pair), _pair_codegen(lambda b, u: b.shl(u, ir.Constant(ir.IntType(32), 16)))
-
-
-@intrinsic
-def bf16_high(typingctx, pair):
-    """float32 of the bf16 in the high half of a uint32 (the second of the two weights): it already sits
-    where a float32 keeps its sign, exponent and top mantissa bits, so clearing the low 16 bits is all it
-    takes (an AND, which any vector unit runs, where widening one uint16 needs a shuffle and a shift);
-    exact."""
-    if pair != types.uint32:
-        return None
-    return types.float32(pair), _pair_codegen(lambda b, u: b.and_(u, ir.Constant(ir.IntType(32), 0xFFFF0000)))
 
 
 @intrinsic
