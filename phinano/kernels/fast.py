@@ -86,6 +86,9 @@ TILE_ROWS_PER_TOKEN = 2
 # kernel / AMX with 3 parts: 8192 x 3072 at 4 tokens 3.1 / 3.7, at 8 4.6 / 3.2, at 16 7.4 / 4.1; 3072 x 3072
 # 1.1 / 1.4, 1.7 / 1.2, 3.2 / 2.9; 3072 x 8192 4.0 / 8.8, 6.1 / 8.4, 11.1 / 9.2 (AMX pads the tokens to 32;
 # that shape has since gained 1.12x from passes over its columns). 16 is where AMX wins on all three.
+# Again after the bf16 kernel's tiles of 4 tokens (vector.py), 2026-12-01, same machine, ms kernel / AMX:
+# 8192 x 3072 at 8 / 12 / 16 tokens 2.9 / 2.1, 3.3 / 2.6, 4.0 / 2.5; 3072 x 3072 1.2 / 1.7, 1.3 / 0.9,
+# 1.6 / 1.0; 3072 x 8192 3.3 / 5.3, 3.6 / 3.3, 4.1 / 3.1. Still 16.
 AMX_MIN_TOKENS = 16
 # attention(): from this many query rows per KV head on (queries x query heads per KV head, the rows of each
 # BLAS product), BLAS products per KV head; below, the compiled kernel (`_attention_parts`). Measured
