@@ -455,13 +455,19 @@ for K in (34, 96):  # bf16 pairs a row: 17 (vectors and a scalar tail left) and 
     for i in range(7):  # tiles of vector.BF16_TOKENS and the tokens left: each token as alone
         assert np.array_equal(y[i], fast.linear(x[i : i + 1], w)[0]), (K, i)
     t.assert_linear_within(x, w, None, np.abs(t.reference.widen(w).astype(np.float64)), 1e-5)
+from phinano.formats.gguf_write import encode_tensor
+from phinano.formats.quantized import QuantizedTensor
+for seed in range(3):  # Q4_K: by table in 16 lanes on AVX-512, else 8 lanes
+    w = QuantizedTensor("Q4_K", (13, 512), encode_tensor(rng.standard_normal((13, 512)).astype(np.float32), "Q4_K"))
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    t.assert_linear_within(x, w, None, np.abs(t.reference.widen(w).astype(np.float64)), 1e-5)
 print(vector.WIDTH, vector.BF16_TOKENS)
 """
 
 
 def test_the_vector_kernels_at_the_vector_width_this_cpu_does_not_pick(tmp_path):
-    """Q8_0, the legacy types and bf16 pairs run in 16-lane vectors where the CPU has AVX-512 and in 8-lane
-    ones elsewhere (vector.WIDTH; bf16 in tiles of 4 tokens, else 2). The suite runs the host's width; this runs the other one
+    """Q8_0, the legacy types, Q4_K and bf16 pairs run in 16-lane vectors where the CPU has AVX-512 and in
+    8-lane ones elsewhere (vector.WIDTH; bf16 in tiles of 4 tokens, else 2). The suite runs the host's width; this runs the other one
     (PHINANO_VECTOR_LANES, compiled afresh into an empty cache: LLVM splits 16 lanes into two 8-lane halves
     on an AVX2 CPU) against the same bounds."""
     other = 8 if vector.WIDTH == 16 else 16
