@@ -78,22 +78,12 @@ def _sums_of_32(x):
     return sums
 
 
-@njit(inline="always")
-def _four_rows(data, item):
-    """The rows (r0, r1, r2, r3) of work item `item` in the four-row kernels: 4 item .. 4 item + 3, each at
-    most N - 1 (the last item repeats row N - 1 where N is not a multiple of 4: it computes that row more
-    than once and writes the same value)."""
-    N = data.shape[0]
-    r0 = 4 * item
-    return r0, min(r0 + 1, N - 1), min(r0 + 2, N - 1), min(r0 + 3, N - 1)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The fused decode product of every block type of 32 weights (Q8_0 and the legacy types)
 # ---------------------------------------------------------------------------------------------------------
 
 
-assert vector.ROWS == 4  # `vector.dot` answers for the rows `_four_rows` names
+assert vector.ROWS == 4  # a work item of the kernel below is 4 rows, r0 = 4 item
 
 
 def _vector_matmul(qtype: str):
@@ -104,16 +94,23 @@ def _vector_matmul(qtype: str):
     def matmul(x, data, y):
         """y[t, r] = sum_c x[t, c] w[r, c] for x (T, K), packed rows data (N, L), y (T, N).
 
-        One work item = four rows (`_four_rows`). Per token, one `vector.dot` walks the four rows' blocks
-        side by side: each packed byte is read once, each x load serves the four rows, and each row keeps
-        one 8-lane accumulator. The first token also prefetches the bytes ahead (the later tokens find them
-        in cache). Every token is summed by the same code, whatever T.
+        One work item = four rows r0 .. r0 + 3. `vector.dot_tile` walks their blocks side by side for
+        vector.BLOCK_TOKENS tokens at once (4 on AVX-512): each block's integers and scale are unpacked once
+        and serve all of them, each x load serves the four rows, and each (token, row) keeps one accumulator
+        of WIDTH lanes. A single token (decode) goes through `vector.dot`. The first call also prefetches the
+        bytes ahead (the later tokens find them in cache). Every token is summed by the same instructions,
+        whatever T and wherever it falls in a tile: bit for bit what it gives alone (`linear_rows`).
         """
         sums = _sums_of_32(x)  # (T, K // 32): the sum of x over each block, the same for every row
+        T = x.shape[0]
         for item in prange((data.shape[0] + 3) // 4):
-            r0, r1, r2, r3 = _four_rows(data, item)
-            for t in range(x.shape[0]):
-                y[t, r0], y[t, r1], y[t, r2], y[t, r3] = vector.dot(kind, t == 0, x[t], sums[t], data, r0)
+            r0, t = 4 * item, 0
+            while vector.BLOCK_TOKENS > 1 and T - t >= 2:  # tiles; the last may repeat the last token
+                vector.dot_tile(kind, t == 0, x, sums, data, y, r0, t)
+                t += vector.BLOCK_TOKENS
+            while t < T:
+                vector.dot(kind, t == 0, x, sums, data, y, r0, t)
+                t += 1
 
     return matmul
 
@@ -220,6 +217,12 @@ def _legacy_kernels(qtype: str, has_min: bool, has_qh: bool, blas_min_tokens: in
     return MatrixKernels(_vector_matmul(qtype), widen_rows, blas_min_tokens)
 
 
+def _tiled(with_tiles: int, without: int) -> int:
+    """A type's BLAS switch: `with_tiles` where the fused kernel runs tiles of several tokens
+    (vector.BLOCK_TOKENS > 1), else `without`."""
+    return with_tiles if vector.BLOCK_TOKENS > 1 else without
+
+
 KERNELS: dict[str, MatrixKernels] = {
     # BLAS from 16 tokens: the fused kernel unpacks the bytes again for every token, a tile only once. Since
     # tiles grow with the tokens (`fast.TILE_ROWS_PER_TOKEN`), a short prompt's tiles stay in cache: Q8_0 and
@@ -227,12 +230,16 @@ KERNELS: dict[str, MatrixKernels] = {
     # Zen 3, 2026-11-30): Q8_0 12 tokens 12.1 / 14.5, 14 tokens 19.8 / 19.9, 16 tokens 20.6 / 17.3 and
     # 17.6 / 15.5, 24 tokens 30.3 / 20.8; Q4_0 12 tokens 12.7 / 14.1, 14 tokens 19.7 / 19.7, 16 tokens
     # 16.9 / 16.3 and 24.4 / 20.3, 24 tokens 25.3 / 19.0. (With 16 MB tiles the switches lay at 40 and 24.)
-    "Q8_0": MatrixKernels(_vector_matmul("Q8_0"), _q8_0_dequantize_rows, blas_min_tokens=16),
+    # Where the fused kernel unpacks once for several tokens (vector.BLOCK_TOKENS > 1: AVX-512), BLAS pays
+    # off later. Intel Xeon (Emerald Rapids), 2026-12-01, 8192 x 3072, 2 threads, matrices in turn, ms fused /
+    # tiles + BLAS: Q8_0 32 tokens 12.3 / 17.3, 48 tokens 19.6 / 21.8; Q4_0 32 12.3 / 16.7, 48 19.6 / 19.0;
+    # Q4_1 32 14.1 / 16.9, 48 21.1 / 18.4; Q5_0 32 14.9 / 17.7, 48 23.2 / 19.1; Q5_1 32 17.0 / 17.1.
+    "Q8_0": MatrixKernels(_vector_matmul("Q8_0"), _q8_0_dequantize_rows, blas_min_tokens=_tiled(48, 16)),
     # Q4_1 unpacks at about the same rate (docs/quantization.md) and takes the same switch. The 5-bit types'
     # switch was measured with the plain loops they had before (between 4 and 8 tokens, AMD EPYC guest, load
     # average 4-5 from other jobs; `scripts/kernel_bench.py --prefill`).
-    "Q4_0": _legacy_kernels("Q4_0", has_min=False, has_qh=False, blas_min_tokens=16),
-    "Q4_1": _legacy_kernels("Q4_1", has_min=True, has_qh=False, blas_min_tokens=16),
-    "Q5_0": _legacy_kernels("Q5_0", has_min=False, has_qh=True, blas_min_tokens=8),
-    "Q5_1": _legacy_kernels("Q5_1", has_min=True, has_qh=True, blas_min_tokens=8),
+    "Q4_0": _legacy_kernels("Q4_0", has_min=False, has_qh=False, blas_min_tokens=_tiled(48, 16)),
+    "Q4_1": _legacy_kernels("Q4_1", has_min=True, has_qh=False, blas_min_tokens=_tiled(40, 16)),
+    "Q5_0": _legacy_kernels("Q5_0", has_min=False, has_qh=True, blas_min_tokens=_tiled(40, 8)),
+    "Q5_1": _legacy_kernels("Q5_1", has_min=True, has_qh=True, blas_min_tokens=_tiled(32, 8)),
 }

@@ -126,6 +126,21 @@ def _fma(builder, a, b, c):
     return builder.fadd(builder.fmul(a, b, flags=_FAST), c, flags=_FAST)
 
 
+def _llvm_fma(builder, a, b, c):
+    """a * b + c, rounded once (`llvm.fma`: one vfmadd on CPUs with FMA)."""
+    name = f"llvm.fma.v{a.type.count}f32" if isinstance(a.type, ir.VectorType) else "llvm.fma.f32"
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3), name)
+    return builder.call(fma, [a, b, c])
+
+
+def _ordered_lane_sum(builder, v):
+    """The sum of a vector's lanes as a fixed tree (pairs of neighbours, then pairs of those, ...)."""
+    parts = [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(v.type.count)]
+    while len(parts) > 1:
+        parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
 def _load(builder, pointer, offset, element_type):
     """The value of element_type at byte `offset` (an i64) of an i8 pointer, unaligned."""
     at = builder.gep(pointer, [offset])
@@ -295,44 +310,84 @@ def _dot_intrinsic(rows: int, with_sums: bool, emit, lanes: int = LANES):
     return dot_without_sums
 
 
-def block_dot(qtype: str, rows: int, prefetch: bool, lanes: int = WIDTH):
-    """The intrinsic (x, sums, data, r0) -> UniTuple(float32, rows) of one block type (module docstring),
-    in vectors of `lanes` float32 (8 or 16: 4 or 2 vectors a block)."""
+def block_dot(qtype: str, rows: int, prefetch: bool, lanes: int = WIDTH, tokens: int = 1):
+    """The intrinsic (x, sums, data, y, r0, t0) of one block type (module docstring), in vectors of `lanes`
+    float32 (8 or 16: 4 or 2 vectors a block), for `tokens` tokens at once: it writes y[t, r] for the rows
+    r0 .. r0 + rows - 1 and tokens t0 .. t0 + tokens - 1, each clamped to N - 1 and T - 1 (a repeat computes
+    the same value again). x (T, K), sums (T, K // 32) and y (T, N) are C-contiguous float32.
+
+    Each block's integers and scale are unpacked once per row and serve every token of the tile. The IR
+    carries no fast-math flags and every multiply-add is `llvm.fma`, so a token's sum is the same
+    instructions in the same order whatever `tokens` is: a token of a tile is bit for bit that token alone."""
     size, integers, m_at, zero = _BLOCKS[qtype]
     floats, n = _vector(_F32, lanes), 32 // lanes
 
-    def emit(builder, w):
-        base, starts, acc = w.packed, w.starts, w.acc
-        # the m terms, one scalar per row (only the types that store m)
-        mins = None
-        if m_at is not None:
-            mins = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)]
+    def codegen(context, builder, signature, args):
+        xs, sums, data = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:3], args[:3]))
+        T, K = cgutils.unpack_tuple(builder, xs.shape, 2)
+        blocks = cgutils.unpack_tuple(builder, sums.shape, 2)[1]  # K // 32
+        N, L = cgutils.unpack_tuple(builder, data.shape, 2)
+        base = builder.bitcast(data.data, _I8.as_pointer())
+        w = _Start(x=None, sums=None, packed=base, K=K, starts=_row_starts(builder, args[4], rows, N, L), acc=None,
+                   last_byte=builder.sub(builder.mul(N, L), ir.Constant(_I64, 1)))
+        last_token = builder.sub(T, ir.Constant(_I64, 1))
+        t = []
+        for i in range(tokens):
+            ti = _plus(builder, args[5], i)
+            t.append(builder.select(builder.icmp_signed("<", ti, T), ti, last_token))
+        x_rows = [builder.gep(xs.data, [builder.mul(ti, K)]) for ti in t]  # float* each
+        sum_rows = [builder.gep(sums.data, [builder.mul(ti, blocks)]) for ti in t]
+        acc = [[cgutils.alloca_once_value(builder, _const(floats, 0.0)) for _ in range(rows)] for _ in t]
+        mins = [[cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)] for _ in t]
 
-        with cgutils.for_range(builder, builder.udiv(w.K, ir.Constant(_I64, 32))) as loop:
+        with cgutils.for_range(builder, blocks) as loop:
             b = loop.index
             o = builder.mul(b, ir.Constant(_I64, size))  # the block's byte offset in a row
             c = builder.mul(b, ir.Constant(_I64, 32))  # the block's first column
-            xv = [_floats(builder, w.x, _plus(builder, c, lanes * k), lanes) for k in range(n)]
-            block_sum = builder.load(builder.gep(w.sums, [b]))
+            xv = [[_floats(builder, x_row, _plus(builder, c, lanes * j), lanes) for j in range(n)] for x_row in x_rows]
+            block_sum = [builder.load(builder.gep(sum_row, [b])) for sum_row in sum_rows]
             if prefetch:
                 _prefetch_ahead(builder, w, o, rows, size)
-            share = None  # zero * sums[b] spread over the lanes (zero / lanes: 0.5, 1 or 2, exact)
+            share = None  # per token: zero * sums[b] spread over the lanes (zero / lanes: 0.5, 1 or 2, exact)
             if zero:
-                share = _splat(builder, builder.fmul(block_sum, ir.Constant(_F32, -zero / lanes)), floats)
+                share = [_splat(builder, builder.fmul(bs, ir.Constant(_F32, -zero / lanes)), floats) for bs in block_sum]
             for k in range(rows):
-                row_o = builder.add(starts[k], o)
-                q = integers(builder, (base, row_o), lanes)
-                s = share if share is not None else builder.fmul(xv[0], q[0], flags=_FAST)
-                for j in range(0 if share is not None else 1, n):
-                    s = _fma(builder, xv[j], q[j], s)
+                row_o = builder.add(w.starts[k], o)
+                q = integers(builder, (base, row_o), lanes)  # unpacked once for all the tokens
                 d = _splat(builder, _f16(builder, base, row_o), floats)
-                builder.store(_fma(builder, d, s, builder.load(acc[k])), acc[k])
+                m = _f16(builder, base, _plus(builder, row_o, m_at)) if m_at is not None else None
+                for i in range(tokens):
+                    s = share[i] if share is not None else builder.fmul(xv[i][0], q[0])
+                    for j in range(0 if share is not None else 1, n):
+                        s = _llvm_fma(builder, xv[i][j], q[j], s)
+                    builder.store(_llvm_fma(builder, d, s, builder.load(acc[i][k])), acc[i][k])
+                    if m is not None:
+                        builder.store(_llvm_fma(builder, m, block_sum[i], builder.load(mins[i][k])), mins[i][k])
+        y = context.make_array(signature.args[3])(context, builder, args[3])
+        last_row = builder.sub(N, ir.Constant(_I64, 1))
+        for k in range(rows):
+            r = _plus(builder, args[4], k)
+            r = builder.select(builder.icmp_signed("<", r, N), r, last_row)
+            for i, ti in enumerate(t):
+                v = _ordered_lane_sum(builder, builder.load(acc[i][k]))
                 if m_at is not None:
-                    m = _f16(builder, base, _plus(builder, row_o, m_at))
-                    builder.store(_fma(builder, m, block_sum, builder.load(mins[k])), mins[k])
-        return mins  # added to each row's lane sum (None: nothing to add)
+                    v = builder.fadd(v, builder.load(mins[i][k]))
+                builder.store(v, builder.gep(y.data, [builder.add(builder.mul(ti, N), r)]))
+        return context.get_dummy_value()
 
-    return _dot_intrinsic(rows, True, emit, lanes)
+    @intrinsic
+    def dot(typingctx, x, sums, data, y, r0, t0):
+        def floats_c(a):
+            return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 and a.layout == "C"
+
+        packed = isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C" and data.dtype == types.uint8
+        if (floats_c(x) and floats_c(sums) and floats_c(y) and packed and isinstance(r0, types.Integer)
+                and isinstance(t0, types.Integer)):
+            int64 = types.int64
+            return types.void(x, sums, data, y, int64, int64), codegen
+        return None
+
+    return dot
 
 
 def _row_starts(builder, first, rows, N, L):
@@ -354,27 +409,53 @@ def _prefetch_ahead(builder, w, o, rows, size):
     prefetch_lines(builder, w.packed, start, rows * size, w.last_byte)
 
 
+# Tokens per tile of the block types' kernels: 16 accumulators (4 rows x 4 tokens) and the tokens' x fit
+# AVX-512's 32 vector registers; AVX2's 16 hold one token's 4 rows and its x only.
+BLOCK_TOKENS = 4 if WIDTH == 16 else 1
+
 _Q8_0, _Q8_0_FIRST = block_dot("Q8_0", ROWS, False), block_dot("Q8_0", ROWS, True)
 _Q4_0, _Q4_0_FIRST = block_dot("Q4_0", ROWS, False), block_dot("Q4_0", ROWS, True)
 _Q4_1, _Q4_1_FIRST = block_dot("Q4_1", ROWS, False), block_dot("Q4_1", ROWS, True)
 _Q5_0, _Q5_0_FIRST = block_dot("Q5_0", ROWS, False), block_dot("Q5_0", ROWS, True)
 _Q5_1, _Q5_1_FIRST = block_dot("Q5_1", ROWS, False), block_dot("Q5_1", ROWS, True)
+_Q8_0_T, _Q8_0_T_FIRST = (block_dot("Q8_0", ROWS, f, WIDTH, BLOCK_TOKENS) for f in (False, True))
+_Q4_0_T, _Q4_0_T_FIRST = (block_dot("Q4_0", ROWS, f, WIDTH, BLOCK_TOKENS) for f in (False, True))
+_Q4_1_T, _Q4_1_T_FIRST = (block_dot("Q4_1", ROWS, f, WIDTH, BLOCK_TOKENS) for f in (False, True))
+_Q5_0_T, _Q5_0_T_FIRST = (block_dot("Q5_0", ROWS, f, WIDTH, BLOCK_TOKENS) for f in (False, True))
+_Q5_1_T, _Q5_1_T_FIRST = (block_dot("Q5_1", ROWS, f, WIDTH, BLOCK_TOKENS) for f in (False, True))
 
 
 @njit(inline="always")
-def dot(kind, first, x, sums, data, r0):
-    """The ROWS dot products of rows r0 .. r0 + ROWS - 1 of data (block type TYPES[kind]) with x (module
+def dot(kind, first, x, sums, data, y, r0, t):
+    """y[t, r0 .. r0 + ROWS - 1] = rows r0 .. of data (block type TYPES[kind]) times token t of x (module
     docstring). The intrinsics are module globals, not values captured by each kernel: Numba's cache keys a
     closure on its captured values, and an intrinsic pickles differently in every process."""
     if kind == 0:
-        return _Q8_0_FIRST(x, sums, data, r0) if first else _Q8_0(x, sums, data, r0)
-    if kind == 1:
-        return _Q4_0_FIRST(x, sums, data, r0) if first else _Q4_0(x, sums, data, r0)
-    if kind == 2:
-        return _Q4_1_FIRST(x, sums, data, r0) if first else _Q4_1(x, sums, data, r0)
-    if kind == 3:
-        return _Q5_0_FIRST(x, sums, data, r0) if first else _Q5_0(x, sums, data, r0)
-    return _Q5_1_FIRST(x, sums, data, r0) if first else _Q5_1(x, sums, data, r0)
+        _Q8_0_FIRST(x, sums, data, y, r0, t) if first else _Q8_0(x, sums, data, y, r0, t)
+    elif kind == 1:
+        _Q4_0_FIRST(x, sums, data, y, r0, t) if first else _Q4_0(x, sums, data, y, r0, t)
+    elif kind == 2:
+        _Q4_1_FIRST(x, sums, data, y, r0, t) if first else _Q4_1(x, sums, data, y, r0, t)
+    elif kind == 3:
+        _Q5_0_FIRST(x, sums, data, y, r0, t) if first else _Q5_0(x, sums, data, y, r0, t)
+    else:
+        _Q5_1_FIRST(x, sums, data, y, r0, t) if first else _Q5_1(x, sums, data, y, r0, t)
+
+
+@njit(inline="always")
+def dot_tile(kind, first, x, sums, data, y, r0, t):
+    """`dot` for BLOCK_TOKENS tokens t, t + 1, ... at once (those past the end repeat the last token), each
+    bit for bit what `dot` gives for that token alone."""
+    if kind == 0:
+        _Q8_0_T_FIRST(x, sums, data, y, r0, t) if first else _Q8_0_T(x, sums, data, y, r0, t)
+    elif kind == 1:
+        _Q4_0_T_FIRST(x, sums, data, y, r0, t) if first else _Q4_0_T(x, sums, data, y, r0, t)
+    elif kind == 2:
+        _Q4_1_T_FIRST(x, sums, data, y, r0, t) if first else _Q4_1_T(x, sums, data, y, r0, t)
+    elif kind == 3:
+        _Q5_0_T_FIRST(x, sums, data, y, r0, t) if first else _Q5_0_T(x, sums, data, y, r0, t)
+    else:
+        _Q5_1_T_FIRST(x, sums, data, y, r0, t) if first else _Q5_1_T(x, sums, data, y, r0, t)
 
 
 # --------------------------------------------------------------------- Q4_K and Q5_K: super-blocks of 256
@@ -686,21 +767,6 @@ def q6_k_dot(first, x_bl, data, r):
 
 BF16_TOKENS = 4 if WIDTH == 16 else 2
 _BF16_ROWS = 4
-
-
-def _llvm_fma(builder, a, b, c):
-    """a * b + c, rounded once (`llvm.fma`: one vfmadd on CPUs with FMA)."""
-    name = f"llvm.fma.v{a.type.count}f32" if isinstance(a.type, ir.VectorType) else "llvm.fma.f32"
-    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3), name)
-    return builder.call(fma, [a, b, c])
-
-
-def _ordered_lane_sum(builder, v):
-    """The sum of a vector's lanes as a fixed tree (pairs of neighbours, then pairs of those, ...)."""
-    parts = [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(v.type.count)]
-    while len(parts) > 1:
-        parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
-    return parts[0]
 
 
 def bf16_pairs_dot(tokens: int, lanes: int = WIDTH):
