@@ -135,11 +135,22 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
         each x load shared by the two rows. The first token also prefetches the bytes ahead.
         """
         sums = _sums_of_32(x)  # (T, K // 32): the sum of x over each sub-block, shared by all rows
-        x_in = _in_byte_lane_order(x) if five else x  # the order the Q5_K loop unpacks in (vector.py)
-        for item in prange((data.shape[0] + 1) // 2):
-            r0, r1 = _two_rows(data, item)
-            for t in range(x.shape[0]):
-                y[t, r0], y[t, r1] = vector.k_quant_dot(five, t == 0, x_in[t], sums[t], data, r0)
+        T = x.shape[0]
+        if not five and vector.Q4_K_TOKENS > 0:  # Q4_K on AVX-512: 16 lanes, tiles of tokens
+            for item in prange((data.shape[0] + 1) // 2):
+                r0, t = 2 * item, 0
+                while T - t >= 2:  # tiles; the last may repeat the last token
+                    vector.q4_k_tile(t == 0, x, sums, data, y, r0, t)
+                    t += vector.Q4_K_TOKENS
+                while t < T:
+                    vector.q4_k_dot(t == 0, x, sums, data, y, r0, t)
+                    t += 1
+        else:
+            x_in = _in_byte_lane_order(x) if five else x  # the order the Q5_K loop unpacks in (vector.py)
+            for item in prange((data.shape[0] + 1) // 2):
+                r0, r1 = _two_rows(data, item)
+                for t in range(T):
+                    y[t, r0], y[t, r1] = vector.k_quant_dot(five, t == 0, x_in[t], sums[t], data, r0)
 
     @njit(cache=True, nogil=True)
     def widen_rows(data, out):
@@ -165,8 +176,10 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
     # in turn), 2 threads, ms fused / tiles + BLAS, medians of 5-7 (AMD EPYC Zen 3, 2026-11-30): 12 tokens
     # 15.5 / 16.1, 14 tokens 19.5 / 17.4, 16 tokens 20.7 / 16.8 and 19.7 / 19.4, 20 tokens 26.0 / 18.3 (with
     # 16 MB tiles the switch lay at 20). Q5_K's switch (8) was measured with the plain loop before it
-    # (`scripts/kernel_bench.py --prefill`: tiles 4.8 against 3.5 GFLOP/s at 8 tokens).
-    return MatrixKernels(matmul, widen_rows, blas_min_tokens=8 if five else 16)
+    # (`scripts/kernel_bench.py --prefill`: tiles 4.8 against 3.5 GFLOP/s at 8 tokens). Q4_K's tiles of
+    # tokens on AVX-512 move its switch: Intel Xeon (Emerald Rapids), 2026-12-01, same shape, ms fused /
+    # BLAS: 16 tokens 7.2 / 11.9, 32 14.7 / 15.7, 48 24.3 / 18.9.
+    return MatrixKernels(matmul, widen_rows, blas_min_tokens=8 if five else 40 if vector.Q4_K_TOKENS else 16)
 
 
 # ---------------------------------------------------------------------------------------------------------

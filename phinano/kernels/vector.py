@@ -2,7 +2,7 @@
 and GGML's legacy types (Q4_0, Q4_1, Q5_0, Q5_1) in quantized.py call `dot`, those of the K-quants in
 kquants.py `k_quant_dot` (Q4_K, Q5_K) and `q6_k_dot` (Q6_K), whose sections below say how they differ.
 The legacy types' vectors have WIDTH float32 lanes: 16 (one AVX-512 register) where the CPU has AVX-512,
-else 8 (AVX2); Q4_K's too (`q4_k_tables_block_dot`), Q5_K's and Q6_K's have 8. On AVX-512 the 4-bit
+else 8 (AVX2); Q4_K's too (`q4_k_tile_dot`), Q5_K's and Q6_K's have 8. On AVX-512 the 4-bit
 types turn nibbles into float32 by a table lookup (`_nibbles_as_floats`). The bf16 decode loop lives here
 too (section "bf16 pairs"), written out for a different reason: each token summed alike in every tile.
 
@@ -588,68 +588,126 @@ def _q5_k_pair(builder, base, row_o, g):
             [builder.sitofp(_byte(builder, high, p), _FLOATS8) for p in range(4)])
 
 
-def q4_k_tables_block_dot(rows: int, prefetch: bool):
-    """Q4_K in 16-lane vectors on AVX-512, the nibbles widened by table (`_nibbles_as_floats`): the intrinsic
-    of `k_quant_block_dot(False, ...)`, the same arguments and sums regrouped. Per pair of sub-blocks and row,
-    two 16-byte loads zero-extended into int32 lanes give, by table, the two vectors of sub-block 2g (low
-    nibbles) and of 2g + 1 (high nibbles); the scales d sc[j] multiply them into one 16-lane accumulator,
-    and the minimums -dmin m[j] sums[j] go into an 8-lane one, added at the end. Measured on the Intel Xeon
-    (Emerald Rapids), 2 threads, 8192 x 3072, against the 8-lane loop taking turns: 15.9-16.8 against
-    13.9-14.6 GB/s from memory, 12.9-15.1 against 11.5-13.7 G weights/s in L2 on one core."""
-    size, sixteen_lanes = 144, _vector(_I32, 16)
+def q4_k_tile_dot(rows: int, prefetch: bool, tokens: int):
+    """Q4_K in 16-lane vectors for `tokens` tokens at once: the intrinsic (x, sums, data, y, r0, t0) with the
+    arguments of `block_dot` (it writes y), on AVX-512 (`Q4_K_TOKENS`). Per super-block and row the scales
+    are unpacked once; per pair of sub-blocks and row, two 16-byte loads zero-extended into int32 lanes give
+    the two vectors of sub-block 2g (low nibbles, by table: `_nibbles_as_floats`) and of 2g + 1 (high
+    nibbles), and serve every token: d sc[j] multiplies each token's sums into its 16-lane accumulator, the
+    minimums -dmin m[j] sums[j] go into an 8-lane one, added at the end. Strict IR (`llvm.fma`, no
+    fast-math flags), so each token is summed alike in every tile, as in `block_dot`. Measured on the Intel
+    Xeon (Emerald Rapids), 2 threads, 8192 x 3072, against the 8-lane loop taking turns: 15.9-16.8 against
+    13.9-14.6 GB/s from memory for one token (docs/kernels.md)."""
+    size, sixteen_lanes, floats = 144, _vector(_I32, 16), _vector(_F32, 16)
 
-    def emit(builder, w):
-        base, starts, acc = w.packed, w.starts, w.acc
+    def codegen(context, builder, signature, args):
+        xs, sums, data, y = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:4], args[:4]))
+        T, K = cgutils.unpack_tuple(builder, xs.shape, 2)
+        blocks = cgutils.unpack_tuple(builder, sums.shape, 2)[1]  # K // 32
+        N, L = cgutils.unpack_tuple(builder, data.shape, 2)
+        base = builder.bitcast(data.data, _I8.as_pointer())
+        w = _Start(x=None, sums=None, packed=base, K=K, starts=_row_starts(builder, args[4], rows, N, L), acc=None,
+                   last_byte=builder.sub(builder.mul(N, L), ir.Constant(_I64, 1)))
+        last_token = builder.sub(T, ir.Constant(_I64, 1))
+        t = []
+        for i in range(tokens):
+            ti = _plus(builder, args[5], i)
+            t.append(builder.select(builder.icmp_signed("<", ti, T), ti, last_token))
+        x_rows = [builder.gep(xs.data, [builder.mul(ti, K)]) for ti in t]
+        sum_rows = [builder.gep(sums.data, [builder.mul(ti, blocks)]) for ti in t]
+        acc = [[cgutils.alloca_once_value(builder, _const(floats, 0.0)) for _ in range(rows)] for _ in t]
+        mins = [[cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)] for _ in t]
         four = _const(sixteen_lanes, 4)
-        mins = [cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)]
 
         def scale(v, j):  # lane j of the 8-lane v in all 16 lanes
             return builder.shuffle_vector(v, ir.Constant(_FLOATS8, ir.Undefined), _const(sixteen_lanes, j))
 
-        with cgutils.for_range(builder, builder.udiv(w.K, ir.Constant(_I64, 256))) as loop:
+        def nibbles(q):
+            if AVX512:
+                return _nibbles_as_floats(builder, q)
+            return builder.sitofp(builder.and_(q, _const(sixteen_lanes, 15)), floats)
+
+        with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 256))) as loop:
             b = loop.index
             o = builder.mul(b, ir.Constant(_I64, size))
             c0 = builder.mul(b, ir.Constant(_I64, 256))  # the super-block's first column
-            sub_sums = _floats(builder, w.sums, builder.mul(b, ir.Constant(_I64, 8)))  # (8,) sums of x
+            sub_sums = [_floats(builder, sum_row, builder.mul(b, ir.Constant(_I64, 8))) for sum_row in sum_rows]
             if prefetch:
                 _prefetch_ahead(builder, w, o, rows, size)
             dsc = []
             for k in range(rows):
-                row_o = builder.add(starts[k], o)
+                row_o = builder.add(w.starts[k], o)
                 sc, m = _six_bit_scales(builder, base, row_o)
                 d, dmin = _f16(builder, base, row_o), _f16(builder, base, _plus(builder, row_o, 2))
                 dsc.append(builder.fmul(_splat(builder, d), sc))
                 minus_dm = builder.fmul(_splat(builder, builder.fneg(dmin)), m)
-                builder.store(_fma(builder, minus_dm, sub_sums, builder.load(mins[k])), mins[k])
+                for i in range(tokens):
+                    builder.store(_llvm_fma(builder, minus_dm, sub_sums[i], builder.load(mins[i][k])), mins[i][k])
             for g in range(4):
                 col = _plus(builder, c0, 64 * g)
-                x_low = [_floats(builder, w.x, _plus(builder, col, 16 * i), 16) for i in range(2)]  # sub-block 2g
-                x_high = [_floats(builder, w.x, _plus(builder, col, 32 + 16 * i), 16) for i in range(2)]  # 2g + 1
                 for k in range(rows):
-                    row_o = builder.add(starts[k], o)
-                    qs = [_ints(builder, base, _plus(builder, row_o, 16 + 32 * g + 16 * i), lanes=16) for i in range(2)]
-                    low = [_nibbles_as_floats(builder, q) for q in qs]
-                    high = [_nibbles_as_floats(builder, builder.lshr(q, four)) for q in qs]
-                    s_low = _fma(builder, x_low[1], low[1], builder.fmul(x_low[0], low[0], flags=_FAST))
-                    s_high = _fma(builder, x_high[1], high[1], builder.fmul(x_high[0], high[0], flags=_FAST))
-                    a = _fma(builder, scale(dsc[k], 2 * g), s_low, builder.load(acc[k]))
-                    builder.store(_fma(builder, scale(dsc[k], 2 * g + 1), s_high, a), acc[k])
-        return [cgutils.alloca_once_value(builder, _lane_sum(builder, builder.load(v))) for v in mins]
+                    row_o = builder.add(w.starts[k], o)
+                    qs = [_ints(builder, base, _plus(builder, row_o, 16 + 32 * g + 16 * h), lanes=16) for h in range(2)]
+                    low = [nibbles(q) for q in qs]  # sub-block 2g
+                    high = [nibbles(builder.lshr(q, four)) for q in qs]  # sub-block 2g + 1
+                    for i in range(tokens):
+                        x_low = [_floats(builder, x_rows[i], _plus(builder, col, 16 * h), 16) for h in range(2)]
+                        x_high = [_floats(builder, x_rows[i], _plus(builder, col, 32 + 16 * h), 16) for h in range(2)]
+                        s_low = _llvm_fma(builder, x_low[1], low[1], builder.fmul(x_low[0], low[0]))
+                        s_high = _llvm_fma(builder, x_high[1], high[1], builder.fmul(x_high[0], high[0]))
+                        a = _llvm_fma(builder, scale(dsc[k], 2 * g), s_low, builder.load(acc[i][k]))
+                        builder.store(_llvm_fma(builder, scale(dsc[k], 2 * g + 1), s_high, a), acc[i][k])
+        last_row = builder.sub(N, ir.Constant(_I64, 1))
+        for k in range(rows):
+            r = _plus(builder, args[4], k)
+            r = builder.select(builder.icmp_signed("<", r, N), r, last_row)
+            for i, ti in enumerate(t):
+                v = builder.fadd(_ordered_lane_sum(builder, builder.load(acc[i][k])),
+                                 _ordered_lane_sum(builder, builder.load(mins[i][k])))
+                builder.store(v, builder.gep(y.data, [builder.add(builder.mul(ti, N), r)]))
+        return context.get_dummy_value()
 
-    return _dot_intrinsic(rows, True, emit, 16)
+    @intrinsic
+    def dot(typingctx, x, sums, data, y, r0, t0):
+        def floats_c(a):
+            return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 and a.layout == "C"
+
+        packed = isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C" and data.dtype == types.uint8
+        if (floats_c(x) and floats_c(sums) and floats_c(y) and packed and isinstance(r0, types.Integer)
+                and isinstance(t0, types.Integer)):
+            return types.void(x, sums, data, y, types.int64, types.int64), codegen
+        return None
+
+    return dot
 
 
-if AVX512 and WIDTH == 16:
-    _Q4_K, _Q4_K_FIRST = q4_k_tables_block_dot(2, False), q4_k_tables_block_dot(2, True)
-else:
-    _Q4_K, _Q4_K_FIRST = k_quant_block_dot(False, 2, False), k_quant_block_dot(False, 2, True)
+# Q4_K's tiles (AVX-512 only: the nibble table needs it, and 2 rows x 4 tokens of 16-lane accumulators need
+# its 32 registers). 0 elsewhere: Q4_K then runs the 8-lane loop above, one token at a time.
+Q4_K_TOKENS = 4 if AVX512 and WIDTH == 16 else 0
+_Q4_K_1, _Q4_K_1_FIRST = q4_k_tile_dot(2, False, 1), q4_k_tile_dot(2, True, 1)
+_Q4_K_T, _Q4_K_T_FIRST = (q4_k_tile_dot(2, f, max(Q4_K_TOKENS, 1)) for f in (False, True))
+
+
+@njit(inline="always")
+def q4_k_dot(first, x, sums, data, y, r0, t):
+    """y[t, r0], y[t, r0 + 1] = rows r0, r0 + 1 of Q4_K data times token t of x, by `q4_k_tile_dot`."""
+    _Q4_K_1_FIRST(x, sums, data, y, r0, t) if first else _Q4_K_1(x, sums, data, y, r0, t)
+
+
+@njit(inline="always")
+def q4_k_tile(first, x, sums, data, y, r0, t):
+    """`q4_k_dot` for Q4_K_TOKENS tokens t, t + 1, ... (those past the end repeat the last token)."""
+    _Q4_K_T_FIRST(x, sums, data, y, r0, t) if first else _Q4_K_T(x, sums, data, y, r0, t)
+
+
+_Q4_K, _Q4_K_FIRST = k_quant_block_dot(False, 2, False), k_quant_block_dot(False, 2, True)
 _Q5_K, _Q5_K_FIRST = k_quant_block_dot(True, 2, False), k_quant_block_dot(True, 2, True)
 
 
 @njit(inline="always")
 def k_quant_dot(five, first, x, sums, data, r0):
-    """The 2 dot products of rows r0, r0 + 1 of data (Q5_K if five, else Q4_K: by table in 16 lanes on
-    AVX-512) with x (for Q5_K in byte-lane order, `_q5_k_pair`); `first` as for `dot`.
+    """The 2 dot products of rows r0, r0 + 1 of data (Q5_K if five, else Q4_K: on AVX-512 Q4_K runs
+    `q4_k_tile_dot` instead) with x (for Q5_K in byte-lane order, `_q5_k_pair`); `first` as for `dot`.
     Two rows, not four: the x of a pair of sub-blocks (8 vectors) then stays in registers (measured 17.9
     against 16.3 G weights/s from memory for Q4_K, AMD EPYC Zen 3, 2 threads)."""
     if five:
