@@ -457,9 +457,12 @@ for K in (34, 96):  # bf16 pairs a row: 17 (vectors and a scalar tail left) and 
     t.assert_linear_within(x, w, None, np.abs(t.reference.widen(w).astype(np.float64)), 1e-5)
 from phinano.formats.gguf_write import encode_tensor
 from phinano.formats.quantized import QuantizedTensor
-for seed in range(3):  # Q4_K: by table in 16 lanes on AVX-512, else 8 lanes
-    w = QuantizedTensor("Q4_K", (13, 512), encode_tensor(rng.standard_normal((13, 512)).astype(np.float32), "Q4_K"))
-    x = rng.standard_normal((3, 512)).astype(np.float32)
+for qtype in ("Q4_K", "Q6_K"):  # tiles of tokens on AVX-512 at 16 lanes, one token a pass at 8
+    w = QuantizedTensor(qtype, (13, 512), encode_tensor(rng.standard_normal((13, 512)).astype(np.float32), qtype))
+    x = rng.standard_normal((7, 512)).astype(np.float32)
+    y = fast.linear(x, w)
+    for i in range(7):
+        assert np.array_equal(y[i], fast.linear(x[i : i + 1], w)[0]), (qtype, i)
     t.assert_linear_within(x, w, None, np.abs(t.reference.widen(w).astype(np.float64)), 1e-5)
 print(vector.WIDTH, vector.BF16_TOKENS)
 """
@@ -467,7 +470,8 @@ print(vector.WIDTH, vector.BF16_TOKENS)
 
 def test_the_vector_kernels_at_the_vector_width_this_cpu_does_not_pick(tmp_path):
     """Q8_0, the legacy types, Q4_K and bf16 pairs run in 16-lane vectors where the CPU has AVX-512 and in
-    8-lane ones elsewhere (vector.WIDTH; bf16 in tiles of 4 tokens, else 2). The suite runs the host's width; this runs the other one
+    8-lane ones elsewhere (vector.WIDTH; bf16 in tiles of 4 tokens, else 2; the block types, Q4_K and Q6_K
+    in tiles of 4 tokens, else one token a pass). The suite runs the host's width; this runs the other one
     (PHINANO_VECTOR_LANES, compiled afresh into an empty cache: LLVM splits 16 lanes into two 8-lane halves
     on an AVX2 CPU) against the same bounds."""
     other = 8 if vector.WIDTH == 16 else 16

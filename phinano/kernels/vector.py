@@ -797,6 +797,90 @@ def q6_k_block_dot(rows: int, prefetch: bool):
 _Q6_K, _Q6_K_FIRST = q6_k_block_dot(1, False), q6_k_block_dot(1, True)
 
 
+def q6_k_tile_dot(prefetch: bool, tokens: int):
+    """Q6_K for `tokens` tokens at once: the intrinsic (x_bl, data, y, r, t0), x_bl (T, K) in byte-lane order,
+    writing y[t, r] for tokens t0 .. t0 + tokens - 1 (clamped to T - 1). The loop of `q6_k_block_dot` with
+    each quarter's 32 numbers q - 32 unpacked once for all the tokens, in strict IR (`llvm.fma`, no
+    fast-math flags): each token is summed alike in every tile, as in `block_dot`."""
+    size = 210
+
+    def codegen(context, builder, signature, args):
+        xs, data, y = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:3], args[:3]))
+        T, K = cgutils.unpack_tuple(builder, xs.shape, 2)
+        N, L = cgutils.unpack_tuple(builder, data.shape, 2)
+        base = builder.bitcast(data.data, _I8.as_pointer())
+        w = _Start(x=None, sums=None, packed=base, K=K, starts=_row_starts(builder, args[3], 1, N, L), acc=None,
+                   last_byte=builder.sub(builder.mul(N, L), ir.Constant(_I64, 1)))
+        last_token = builder.sub(T, ir.Constant(_I64, 1))
+        t = []
+        for i in range(tokens):
+            ti = _plus(builder, args[4], i)
+            t.append(builder.select(builder.icmp_signed("<", ti, T), ti, last_token))
+        x_rows = [builder.gep(xs.data, [builder.mul(ti, K)]) for ti in t]
+        acc = [cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in t]
+
+        with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 256))) as loop:
+            b = loop.index
+            o = builder.mul(b, ir.Constant(_I64, size))
+            c0 = builder.mul(b, ir.Constant(_I64, 256))
+            if prefetch:
+                _prefetch_ahead(builder, w, o, 1, size)
+            row_o = builder.add(w.starts[0], o)
+            d = _splat(builder, _f16(builder, base, _plus(builder, row_o, 208)))
+            for h in range(2):
+                sc = _ints(builder, base, _plus(builder, row_o, 192 + 8 * h), signed=True)  # sc[8h .. 8h + 7]
+                dsc = builder.fmul(d, builder.sitofp(sc, _FLOATS8))
+                first, second, high = (_load(builder, base, _plus(builder, row_o, at), _INTS8)
+                                       for at in (64 * h, 64 * h + 32, 128 + 32 * h))
+                quarters = [(first, _shift(builder, high, 4)), (second, _shift(builder, high, 2)),
+                            (_shift(builder, first, -4), high),
+                            (_shift(builder, second, -4), _shift(builder, high, -2))]
+                for u, (nibbles, pairs) in enumerate(quarters):
+                    q = _q6_k_quarter_bytes(builder, nibbles, pairs)
+                    qp = [builder.sitofp(_signed_byte(builder, q, p), _FLOATS8) for p in range(4)]
+                    scale = _sub_block_pair(builder, dsc, 2 * u)  # sub-blocks 8h + 2u, 8h + 2u + 1
+                    for i in range(tokens):
+                        s = None
+                        for p in range(4):
+                            xv = _floats(builder, x_rows[i], _plus(builder, c0, 128 * h + 32 * u + 8 * p))
+                            s = builder.fmul(xv, qp[p]) if s is None else _llvm_fma(builder, xv, qp[p], s)
+                        builder.store(_llvm_fma(builder, scale, s, builder.load(acc[i])), acc[i])
+        last_row = builder.sub(N, ir.Constant(_I64, 1))
+        r = builder.select(builder.icmp_signed("<", args[3], N), args[3], last_row)
+        for i, ti in enumerate(t):
+            v = _ordered_lane_sum(builder, builder.load(acc[i]))
+            builder.store(v, builder.gep(y.data, [builder.add(builder.mul(ti, N), r)]))
+        return context.get_dummy_value()
+
+    @intrinsic
+    def dot(typingctx, x_bl, data, y, r, t0):
+        def floats_c(a):
+            return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 and a.layout == "C"
+
+        packed = isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C" and data.dtype == types.uint8
+        if floats_c(x_bl) and floats_c(y) and packed and isinstance(r, types.Integer) and isinstance(t0, types.Integer):
+            return types.void(x_bl, data, y, types.int64, types.int64), codegen
+        return None
+
+    return dot
+
+
+# Q6_K's tiles, where Q4_K has them (AVX-512: 32 registers; AVX2 keeps one token a pass).
+Q6_K_TOKENS = Q4_K_TOKENS
+_Q6_K_1, _Q6_K_1_FIRST = q6_k_tile_dot(False, 1), q6_k_tile_dot(True, 1)
+_Q6_K_T, _Q6_K_T_FIRST = (q6_k_tile_dot(f, max(Q6_K_TOKENS, 1)) for f in (False, True))
+
+
+@njit(inline="always")
+def q6_k_tile(first, many, x_bl, data, y, r, t):
+    """y[t, r] (many: y[t .. t + Q6_K_TOKENS - 1, r], the last token repeated past the end) by
+    `q6_k_tile_dot`."""
+    if many:
+        _Q6_K_T_FIRST(x_bl, data, y, r, t) if first else _Q6_K_T(x_bl, data, y, r, t)
+    else:
+        _Q6_K_1_FIRST(x_bl, data, y, r, t) if first else _Q6_K_1(x_bl, data, y, r, t)
+
+
 @njit(inline="always")
 def q6_k_dot(first, x_bl, data, r):
     """The dot product of row r of Q6_K data with x, given in byte-lane order; `first` as for `dot`. One row
