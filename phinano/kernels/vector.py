@@ -21,18 +21,22 @@ rows share each x load. Measured on AMD EPYC (Zen 3, AVX2, 2026-11-30), the old 
 turns: docs/kernels.md, "Explicit vector loops". With AVX-512 the same loop runs in two 16-lane vectors a
 block (half the instructions; 1.1-1.3x on the Intel Xeon kind, docs/kernels.md).
 
-What `dot(kind, first, x, sums, data, r0)` computes, for block type TYPES[kind] and R = ROWS rows:
-    x     (K,) float32       one token's activations
-    sums  (K // 32,) float32 the sum of x over each block of 32 (made once per token, shared by all rows)
-    data  (N, L) uint8       the packed matrix, L = K // 32 * block bytes, C-contiguous
-    r0                       the first of the R rows r0 .. r0 + R - 1 (each clamped to N - 1)
-    ->    R float32          y[r] = sum over c of x[c] * w[r, c]
+What `dot(kind, first, x, sums, data, y, r0, t)` computes, for block type TYPES[kind] and R = ROWS rows:
+    x     (T, K) float32       the tokens' activations
+    sums  (T, K // 32) float32 the sum of x over each block of 32 (made once per call, shared by all rows)
+    data  (N, L) uint8         the packed matrix, L = K // 32 * block bytes, C-contiguous
+    y     (T, N) float32       written: y[t, r] = sum over c of x[t, c] * w[r, c] for the R rows
+    r0, t                      the rows r0 .. r0 + R - 1 (each clamped to N - 1), the token t
+`dot_tile` does the same for BLOCK_TOKENS tokens t, t + 1, ... at once (4 on AVX-512, each block's integers
+unpacked once for all of them; tokens past T - 1 repeat the last one). Their IR is strict (`llvm.fma`, no
+fast-math flags): a token's sum is the same instructions in the same order in either, so a token of a
+tile is bit for bit that token alone (what batched decode, `linear_rows`, relies on).
 
 Per block b of 32 weights and per row (weight = d * (q - zero) or d * q + m), with n = WIDTH lanes:
     q0, q1, ... = the integers q[n k .. n k + n - 1], k < 32 / n, as float32 vectors   (per type, exact)
-    s    = x[32b : 32b + n] q0 + x[32b + n : 32b + 2n] q1 + ... - (zero / n) sums[b]   (n lanes)
-    acc += d s                                                                         (n lanes)
-    a   += m sums[b]                                              (only types with a stored minimum m)
+    s    = x[t, 32b : 32b + n] q0 + x[t, 32b + n : 32b + 2n] q1 + ... - (zero / n) sums[t, b]  (n lanes)
+    acc += d s                                                                          (n lanes)
+    a   += m sums[t, b]                                            (only types with a stored minimum m)
 and y = (sum of acc's n lanes) + a. The zero point's share -(zero / n) sums[b] sits in every lane, so the
 n lanes together subtract zero * sums[b], the block's d * zero * sum of x once scaled by d; zero / n is a
 power of two (1 or 2 for 8 lanes, 0.5 or 1 for 16), an exact scaling. Results differ from the unpacked
