@@ -314,6 +314,83 @@ def _dot_intrinsic(rows: int, with_sums: bool, emit, lanes: int = LANES):
     return dot_without_sums
 
 
+class _Tile(NamedTuple):
+    """What the tile intrinsics (`block_dot`, `q4_k_tile_dot`, `q6_k_tile_dot`) start from (`_tile_start`)."""
+
+    K: object  # i64
+    N: object  # i64
+    blocks: object  # K // 32 (i64), or None without sums
+    w: _Start  # packed matrix, row starts and last byte, for the loops and `_prefetch_ahead`
+    x_rows: list  # per token of the tile: the float pointer of its row of x
+    sum_rows: list  # the same of sums, or None
+    tokens: list  # per token of the tile: its index, clamped to T - 1 (i64)
+    y: object  # the output array (T, N)
+    r0: object  # the first row (i64)
+
+
+def _tile_start(context, builder, signature, args, rows, tokens, with_sums) -> _Tile:
+    """The arguments (x, [sums,] data, y, r0, t0) of a tile intrinsic unpacked for its loop."""
+    arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:-2], args[:-2])]
+    xs, data, y = arrays[0], arrays[-2], arrays[-1]
+    sums = arrays[1] if with_sums else None
+    r0, t0 = args[-2], args[-1]
+    T, K = cgutils.unpack_tuple(builder, xs.shape, 2)
+    N, L = cgutils.unpack_tuple(builder, data.shape, 2)
+    base = builder.bitcast(data.data, _I8.as_pointer())
+    w = _Start(x=None, sums=None, packed=base, K=K, starts=_row_starts(builder, r0, rows, N, L), acc=None,
+               last_byte=builder.sub(builder.mul(N, L), ir.Constant(_I64, 1)))
+    last_token = builder.sub(T, ir.Constant(_I64, 1))
+    t = []
+    for i in range(tokens):
+        ti = _plus(builder, t0, i)
+        t.append(builder.select(builder.icmp_signed("<", ti, T), ti, last_token))
+    blocks = cgutils.unpack_tuple(builder, sums.shape, 2)[1] if with_sums else None
+    return _Tile(K=K, N=N, blocks=blocks, w=w, x_rows=[builder.gep(xs.data, [builder.mul(ti, K)]) for ti in t],
+                 sum_rows=[builder.gep(sums.data, [builder.mul(ti, blocks)]) for ti in t] if with_sums else None,
+                 tokens=t, y=y, r0=r0)
+
+
+def _tile_store(builder, tile, sums):
+    """y[t, r] = sums[i][k] for token i and row k of the tile (row r0 + k clamped to N - 1)."""
+    last_row = builder.sub(tile.N, ir.Constant(_I64, 1))
+    for k in range(len(sums[0])):
+        r = _plus(builder, tile.r0, k)
+        r = builder.select(builder.icmp_signed("<", r, tile.N), r, last_row)
+        for i, ti in enumerate(tile.tokens):
+            builder.store(sums[i][k], builder.gep(tile.y.data, [builder.add(builder.mul(ti, tile.N), r)]))
+
+
+def _tile_intrinsic(with_sums: bool, codegen):
+    """The intrinsic (x, [sums,] data, y, r0, t0) -> None of a tile codegen: x, sums and y 2-D C float32,
+    data 2-D C uint8, r0 and t0 integers (taken as int64)."""
+
+    def floats_c(a):
+        return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 and a.layout == "C"
+
+    def ok(x, sums, data, y, r0, t0):
+        packed = isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C" and data.dtype == types.uint8
+        return (floats_c(x) and (sums is None or floats_c(sums)) and floats_c(y) and packed
+                and isinstance(r0, types.Integer) and isinstance(t0, types.Integer))
+
+    if with_sums:
+
+        @intrinsic
+        def tile(typingctx, x, sums, data, y, r0, t0):
+            if ok(x, sums, data, y, r0, t0):
+                return types.void(x, sums, data, y, types.int64, types.int64), codegen
+            return None
+
+        return tile
+
+    @intrinsic
+    def tile_without_sums(typingctx, x, data, y, r0, t0):
+        if ok(x, None, data, y, r0, t0):
+            return types.void(x, data, y, types.int64, types.int64), codegen
+        return None
+
+    return tile_without_sums
+
+
 def block_dot(qtype: str, rows: int, prefetch: bool, lanes: int = WIDTH, tokens: int = 1):
     """The intrinsic (x, sums, data, y, r0, t0) of one block type (module docstring), in vectors of `lanes`
     float32 (8 or 16: 4 or 2 vectors a block), for `tokens` tokens at once: it writes y[t, r] for the rows
@@ -327,22 +404,10 @@ def block_dot(qtype: str, rows: int, prefetch: bool, lanes: int = WIDTH, tokens:
     floats, n = _vector(_F32, lanes), 32 // lanes
 
     def codegen(context, builder, signature, args):
-        xs, sums, data = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:3], args[:3]))
-        T, K = cgutils.unpack_tuple(builder, xs.shape, 2)
-        blocks = cgutils.unpack_tuple(builder, sums.shape, 2)[1]  # K // 32
-        N, L = cgutils.unpack_tuple(builder, data.shape, 2)
-        base = builder.bitcast(data.data, _I8.as_pointer())
-        w = _Start(x=None, sums=None, packed=base, K=K, starts=_row_starts(builder, args[4], rows, N, L), acc=None,
-                   last_byte=builder.sub(builder.mul(N, L), ir.Constant(_I64, 1)))
-        last_token = builder.sub(T, ir.Constant(_I64, 1))
-        t = []
-        for i in range(tokens):
-            ti = _plus(builder, args[5], i)
-            t.append(builder.select(builder.icmp_signed("<", ti, T), ti, last_token))
-        x_rows = [builder.gep(xs.data, [builder.mul(ti, K)]) for ti in t]  # float* each
-        sum_rows = [builder.gep(sums.data, [builder.mul(ti, blocks)]) for ti in t]
-        acc = [[cgutils.alloca_once_value(builder, _const(floats, 0.0)) for _ in range(rows)] for _ in t]
-        mins = [[cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)] for _ in t]
+        tile = _tile_start(context, builder, signature, args, rows, tokens, True)
+        w, x_rows, sum_rows, base, blocks = tile.w, tile.x_rows, tile.sum_rows, tile.w.packed, tile.blocks
+        acc = [[cgutils.alloca_once_value(builder, _const(floats, 0.0)) for _ in range(rows)] for _ in x_rows]
+        mins = [[cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)] for _ in x_rows]
 
         with cgutils.for_range(builder, blocks) as loop:
             b = loop.index
@@ -367,31 +432,13 @@ def block_dot(qtype: str, rows: int, prefetch: bool, lanes: int = WIDTH, tokens:
                     builder.store(_llvm_fma(builder, d, s, builder.load(acc[i][k])), acc[i][k])
                     if m is not None:
                         builder.store(_llvm_fma(builder, m, block_sum[i], builder.load(mins[i][k])), mins[i][k])
-        y = context.make_array(signature.args[3])(context, builder, args[3])
-        last_row = builder.sub(N, ir.Constant(_I64, 1))
-        for k in range(rows):
-            r = _plus(builder, args[4], k)
-            r = builder.select(builder.icmp_signed("<", r, N), r, last_row)
-            for i, ti in enumerate(t):
-                v = _ordered_lane_sum(builder, builder.load(acc[i][k]))
-                if m_at is not None:
-                    v = builder.fadd(v, builder.load(mins[i][k]))
-                builder.store(v, builder.gep(y.data, [builder.add(builder.mul(ti, N), r)]))
+        out = [[_ordered_lane_sum(builder, builder.load(a)) for a in row] for row in acc]
+        if m_at is not None:
+            out = [[builder.fadd(v, builder.load(m)) for v, m in zip(o, ms)] for o, ms in zip(out, mins)]
+        _tile_store(builder, tile, out)
         return context.get_dummy_value()
 
-    @intrinsic
-    def dot(typingctx, x, sums, data, y, r0, t0):
-        def floats_c(a):
-            return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 and a.layout == "C"
-
-        packed = isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C" and data.dtype == types.uint8
-        if (floats_c(x) and floats_c(sums) and floats_c(y) and packed and isinstance(r0, types.Integer)
-                and isinstance(t0, types.Integer)):
-            int64 = types.int64
-            return types.void(x, sums, data, y, int64, int64), codegen
-        return None
-
-    return dot
+    return _tile_intrinsic(True, codegen)
 
 
 def _row_starts(builder, first, rows, N, L):
@@ -605,22 +652,10 @@ def q4_k_tile_dot(rows: int, prefetch: bool, tokens: int):
     size, sixteen_lanes, floats = 144, _vector(_I32, 16), _vector(_F32, 16)
 
     def codegen(context, builder, signature, args):
-        xs, sums, data, y = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:4], args[:4]))
-        T, K = cgutils.unpack_tuple(builder, xs.shape, 2)
-        blocks = cgutils.unpack_tuple(builder, sums.shape, 2)[1]  # K // 32
-        N, L = cgutils.unpack_tuple(builder, data.shape, 2)
-        base = builder.bitcast(data.data, _I8.as_pointer())
-        w = _Start(x=None, sums=None, packed=base, K=K, starts=_row_starts(builder, args[4], rows, N, L), acc=None,
-                   last_byte=builder.sub(builder.mul(N, L), ir.Constant(_I64, 1)))
-        last_token = builder.sub(T, ir.Constant(_I64, 1))
-        t = []
-        for i in range(tokens):
-            ti = _plus(builder, args[5], i)
-            t.append(builder.select(builder.icmp_signed("<", ti, T), ti, last_token))
-        x_rows = [builder.gep(xs.data, [builder.mul(ti, K)]) for ti in t]
-        sum_rows = [builder.gep(sums.data, [builder.mul(ti, blocks)]) for ti in t]
-        acc = [[cgutils.alloca_once_value(builder, _const(floats, 0.0)) for _ in range(rows)] for _ in t]
-        mins = [[cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)] for _ in t]
+        tile = _tile_start(context, builder, signature, args, rows, tokens, True)
+        w, x_rows, sum_rows, base, K = tile.w, tile.x_rows, tile.sum_rows, tile.w.packed, tile.K
+        acc = [[cgutils.alloca_once_value(builder, _const(floats, 0.0)) for _ in range(rows)] for _ in x_rows]
+        mins = [[cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)] for _ in x_rows]
         four = _const(sixteen_lanes, 4)
 
         def scale(v, j):  # lane j of the 8-lane v in all 16 lanes
@@ -661,28 +696,12 @@ def q4_k_tile_dot(rows: int, prefetch: bool, tokens: int):
                         s_high = _llvm_fma(builder, x_high[1], high[1], builder.fmul(x_high[0], high[0]))
                         a = _llvm_fma(builder, scale(dsc[k], 2 * g), s_low, builder.load(acc[i][k]))
                         builder.store(_llvm_fma(builder, scale(dsc[k], 2 * g + 1), s_high, a), acc[i][k])
-        last_row = builder.sub(N, ir.Constant(_I64, 1))
-        for k in range(rows):
-            r = _plus(builder, args[4], k)
-            r = builder.select(builder.icmp_signed("<", r, N), r, last_row)
-            for i, ti in enumerate(t):
-                v = builder.fadd(_ordered_lane_sum(builder, builder.load(acc[i][k])),
-                                 _ordered_lane_sum(builder, builder.load(mins[i][k])))
-                builder.store(v, builder.gep(y.data, [builder.add(builder.mul(ti, N), r)]))
+        _tile_store(builder, tile, [[builder.fadd(_ordered_lane_sum(builder, builder.load(a)),
+                                                  _ordered_lane_sum(builder, builder.load(m)))
+                                     for a, m in zip(a_row, m_row)] for a_row, m_row in zip(acc, mins)])
         return context.get_dummy_value()
 
-    @intrinsic
-    def dot(typingctx, x, sums, data, y, r0, t0):
-        def floats_c(a):
-            return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 and a.layout == "C"
-
-        packed = isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C" and data.dtype == types.uint8
-        if (floats_c(x) and floats_c(sums) and floats_c(y) and packed and isinstance(r0, types.Integer)
-                and isinstance(t0, types.Integer)):
-            return types.void(x, sums, data, y, types.int64, types.int64), codegen
-        return None
-
-    return dot
+    return _tile_intrinsic(True, codegen)
 
 
 # Q4_K's tiles (AVX-512 only: the nibble table needs it, and 2 rows x 4 tokens of 16-lane accumulators need
@@ -809,19 +828,9 @@ def q6_k_tile_dot(prefetch: bool, tokens: int):
     size = 210
 
     def codegen(context, builder, signature, args):
-        xs, data, y = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:3], args[:3]))
-        T, K = cgutils.unpack_tuple(builder, xs.shape, 2)
-        N, L = cgutils.unpack_tuple(builder, data.shape, 2)
-        base = builder.bitcast(data.data, _I8.as_pointer())
-        w = _Start(x=None, sums=None, packed=base, K=K, starts=_row_starts(builder, args[3], 1, N, L), acc=None,
-                   last_byte=builder.sub(builder.mul(N, L), ir.Constant(_I64, 1)))
-        last_token = builder.sub(T, ir.Constant(_I64, 1))
-        t = []
-        for i in range(tokens):
-            ti = _plus(builder, args[4], i)
-            t.append(builder.select(builder.icmp_signed("<", ti, T), ti, last_token))
-        x_rows = [builder.gep(xs.data, [builder.mul(ti, K)]) for ti in t]
-        acc = [cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in t]
+        tile = _tile_start(context, builder, signature, args, 1, tokens, False)
+        w, x_rows, base, K = tile.w, tile.x_rows, tile.w.packed, tile.K
+        acc = [cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in x_rows]
 
         with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 256))) as loop:
             b = loop.index
@@ -849,24 +858,10 @@ def q6_k_tile_dot(prefetch: bool, tokens: int):
                             xv = _floats(builder, x_rows[i], _plus(builder, c0, 128 * h + 32 * u + 8 * p))
                             s = builder.fmul(xv, qp[p]) if s is None else _llvm_fma(builder, xv, qp[p], s)
                         builder.store(_llvm_fma(builder, scale, s, builder.load(acc[i])), acc[i])
-        last_row = builder.sub(N, ir.Constant(_I64, 1))
-        r = builder.select(builder.icmp_signed("<", args[3], N), args[3], last_row)
-        for i, ti in enumerate(t):
-            v = _ordered_lane_sum(builder, builder.load(acc[i]))
-            builder.store(v, builder.gep(y.data, [builder.add(builder.mul(ti, N), r)]))
+        _tile_store(builder, tile, [[_ordered_lane_sum(builder, builder.load(a))] for a in acc])
         return context.get_dummy_value()
 
-    @intrinsic
-    def dot(typingctx, x_bl, data, y, r, t0):
-        def floats_c(a):
-            return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 and a.layout == "C"
-
-        packed = isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C" and data.dtype == types.uint8
-        if floats_c(x_bl) and floats_c(y) and packed and isinstance(r, types.Integer) and isinstance(t0, types.Integer):
-            return types.void(x_bl, data, y, types.int64, types.int64), codegen
-        return None
-
-    return dot
+    return _tile_intrinsic(False, codegen)
 
 
 # Q6_K's tiles, where Q4_K has them (AVX-512: 32 registers; AVX2 keeps one token a pass).
