@@ -24,6 +24,9 @@ AMD EPYC (Zen 3, AVX2) machine, each kernel against the Q8_0 kernel in the same 
   of 4, scaled by d * sc of its two sub-blocks into the row's one accumulator, one row per work item. The
   plain loop before it made the weight d * sc * (q - 32) in a register and multiplied it with x; the first
   vector loop ran 1.4-1.5x faster.
+- On AVX-512, Q4_K runs 16 lanes with its nibbles by table, and Q4_K and Q6_K run tiles of 4 tokens
+  (`vector.q4_k_tile_dot`, `vector.q6_k_tile_dot`): each super-block unpacked once for all of them, each
+  token summed as it is alone (strict IR), for batched decode and short prompts.
 - Q5_K and Q6_K read their packed bytes 32 at a time and take byte p of every 4-byte lane as one vector,
   so x comes permuted to match (`_in_byte_lane_order`, once per call): 1.2-1.5x over widening 8 bytes at
   a time (docs/kernels.md).
