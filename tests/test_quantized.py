@@ -468,6 +468,38 @@ print(vector.WIDTH, vector.BF16_TOKENS)
 """
 
 
+_OTHER_TARGET_PROBE = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_quantized as t
+from phinano.kernels import fast, vector
+from phinano.formats.gguf_write import encode_tensor
+from phinano.formats.quantized import QuantizedTensor
+assert not vector.AVX512  # compiling for Haswell: no AVX-512 intrinsics may be emitted
+rng = np.random.default_rng(3)
+for qtype in ("Q4_0", "Q4_K", "Q6_K"):
+    w = QuantizedTensor(qtype, (13, 512), encode_tensor(rng.standard_normal((13, 512)).astype(np.float32), qtype))
+    x = rng.standard_normal((5, 512)).astype(np.float32)
+    t.assert_linear_within(x, w, None, np.abs(t.reference.widen(w).astype(np.float64)), 1e-5)
+print("ok")
+"""
+
+
+def test_compiling_for_another_cpu_emits_no_avx512_intrinsics(tmp_path):
+    """Numba can be told to compile for another CPU (NUMBA_CPU_NAME), e.g. for a cache shared between
+    machines. The nibble tables use an AVX-512 intrinsic, which LLVM cannot select for a CPU without it:
+    vector.AVX512 must follow Numba's target, not the host, and the kernels must still be right."""
+    from llvmlite import binding
+
+    if not binding.get_host_cpu_features().get("avx2"):
+        pytest.skip("this CPU cannot run code compiled for Haswell (AVX2)")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_CPU_NAME": "haswell"}
+    run = subprocess.run([sys.executable, "-c", _OTHER_TARGET_PROBE, os.path.dirname(__file__)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["ok"]
+
+
 def test_the_vector_kernels_at_the_vector_width_this_cpu_does_not_pick(tmp_path):
     """Q8_0, the legacy types, Q4_K and bf16 pairs run in 16-lane vectors where the CPU has AVX-512 and in
     8-lane ones elsewhere (vector.WIDTH; bf16 in tiles of 4 tokens, else 2; the block types, Q4_K and Q6_K

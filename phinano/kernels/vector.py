@@ -94,10 +94,17 @@ WIDTH = _host_width()
 
 
 def _host_has_avx512() -> bool:
-    """Whether LLVM sees AVX-512F on this CPU: the x86 intrinsics of 16-lane table lookups need it (16 lanes
-    alone do not: PHINANO_VECTOR_LANES=16 on an AVX2 CPU runs them as pairs of 8-lane halves)."""
+    """Whether the code Numba compiles may use AVX-512F: the x86 intrinsics of 16-lane table lookups need it
+    (16 lanes alone do not: PHINANO_VECTOR_LANES=16 on an AVX2 CPU runs them as pairs of 8-lane halves).
+    Where Numba is told to compile for another CPU (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES, e.g. for a cache
+    shared between machines), only an explicit +avx512f counts."""
     from llvmlite import binding
+    from numba.core import config
 
+    if config.CPU_FEATURES:
+        return "+avx512f" in config.CPU_FEATURES.split(",")
+    if config.CPU_NAME not in (None, "host"):
+        return False
     return bool(binding.get_host_cpu_features().get("avx512f"))
 
 
