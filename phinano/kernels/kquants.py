@@ -14,13 +14,13 @@ AMD EPYC (Zen 3, AVX2) machine, each kernel against the Q8_0 kernel in the same 
 - `_bits` does the shifts and masks in 32-bit lanes (an LLVM intrinsic). Numba's own integer arithmetic
   widens bytes to 64 bits, and the Q4_K loop ran 1.2 to 1.5 times slower with it.
 - Q4_K, Q5_K: the fused product is written as explicit 8-lane vector code (vector.py,
-  `k_quant_block_dot`): per row and sub-block of 32, x * q summed in 8 lanes of 4, scaled by d * sc into
+  `k_quant_tile_dot`): per row and sub-block of 32, x * q summed in 8 lanes of 4, scaled by d * sc into
   one accumulator; the minimums add -dmin * m[j] * (sum of x over sub-block j) to lane j, and those sums
   of x are the same for every row: `_sums_of_32` makes them once per call. The 16 six-bit scales and
   minimums come out of three 32-bit words with four masks (`_scales_and_mins` here for the row unpacking,
   `_six_bit_scales` there); unpacked one by one into a scratch array they took 30 % of the time. The
   plain Numba loop this replaced ran 1.5-1.7x slower (docs/kernels.md, "Explicit vector loops").
-- Q6_K: explicit vector code too (`q6_k_block_dot`): per quarter of 32 weights, x . (q - 32) in 8 lanes
+- Q6_K: explicit vector code too (`q6_k_tile_dot`): per quarter of 32 weights, x . (q - 32) in 8 lanes
   of 4, scaled by d * sc of its two sub-blocks into the row's one accumulator, one row per work item. The
   plain loop before it made the weight d * sc * (q - 32) in a register and multiplied it with x; the first
   vector loop ran 1.4-1.5x faster.
@@ -133,9 +133,13 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
         """y[t, r] = sum over super-blocks of d * sum_j sc[j] * (x . q over sub-block j)
                                            - dmin * sum_j m[j] * (sum of x over sub-block j).
 
-        One work item = two rows (`_two_rows`). Per token, one `vector.k_quant_dot` walks both rows'
-        super-blocks side by side in 8-lane vectors (vector.py draws the loop): each packed byte read once,
-        each x load shared by the two rows. The first token also prefetches the bytes ahead.
+        One work item = two rows r0, r0 + 1. Tiles of tokens walk both rows' super-blocks side by side
+        (vector.py draws the loops): each packed byte read once and unpacked once for the tile's tokens,
+        each x load shared by the two rows; a token past the end repeats the last one, and a single token
+        (decode) takes a tile of one. Q4_K on AVX-512 runs 16 lanes with its nibbles by table
+        (`vector.q4_k_tile_dot`, Q4_K_TOKENS tokens a tile); otherwise 8 lanes (`vector.k_quant_tile_dot`,
+        K_TOKENS tokens: 4 on AVX-512, 1 elsewhere). Every token is summed by the same instructions whatever
+        the tile: bit for bit what it gives alone. The first tile also prefetches the bytes ahead.
         """
         sums = _sums_of_32(x)  # (T, K // 32): the sum of x over each sub-block, shared by all rows
         T = x.shape[0]
@@ -151,9 +155,13 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
         else:
             x_in = _in_byte_lane_order(x) if five else x  # the order the Q5_K loop unpacks in (vector.py)
             for item in prange((data.shape[0] + 1) // 2):
-                r0, r1 = _two_rows(data, item)
-                for t in range(T):
-                    y[t, r0], y[t, r1] = vector.k_quant_dot(five, t == 0, x_in[t], sums[t], data, r0)
+                r0, t = 2 * item, 0
+                while vector.K_TOKENS > 1 and T - t >= 2:
+                    vector.k_quant_tile(five, t == 0, True, x_in, sums, data, y, r0, t)
+                    t += vector.K_TOKENS
+                while t < T:
+                    vector.k_quant_tile(five, t == 0, False, x_in, sums, data, y, r0, t)
+                    t += 1
 
     @njit(cache=True, nogil=True)
     def widen_rows(data, out):
@@ -181,8 +189,11 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
     # 16 MB tiles the switch lay at 20). Q5_K's switch (8) was measured with the plain loop before it
     # (`scripts/kernel_bench.py --prefill`: tiles 4.8 against 3.5 GFLOP/s at 8 tokens). Q4_K's tiles of
     # tokens on AVX-512 move its switch: Intel Xeon (Emerald Rapids), 2026-12-01, same shape, ms fused /
-    # BLAS: 16 tokens 7.2 / 11.9, 32 14.7 / 15.7, 48 24.3 / 18.9.
-    return MatrixKernels(matmul, widen_rows, blas_min_tokens=8 if five else 40 if vector.Q4_K_TOKENS else 16)
+    # BLAS: 16 tokens 7.2 / 11.9, 32 14.7 / 15.7, 48 24.3 / 18.9. Q5_K's there: 16 tokens 8.9 / 13.2,
+    # 24 13.8 / 15.1, 32 18.5 / 17.7.
+    if five:
+        return MatrixKernels(matmul, widen_rows, blas_min_tokens=28 if vector.K_TOKENS > 1 else 8)
+    return MatrixKernels(matmul, widen_rows, blas_min_tokens=40 if vector.Q4_K_TOKENS else 16)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,27 +226,22 @@ def _q6_k_scales(row, o, h, k):
 def _q6_k_matmul(x, data, y):
     """y[t, r] = sum over sub-blocks j of (d * sc[j]) * (x . (q - 32) over sub-block j).
 
-    One work item = one row. Per token, one `vector.q6_k_dot` walks the row's super-blocks in 8-lane vectors
-    (vector.py draws the loop: per quarter of 32 weights, q - 32 from one 32-byte load each of ql and qh,
-    byte p of every 4-byte lane times x in the same order, scaled by d * sc into one accumulator). The
-    first token prefetches the bytes ahead. On AVX-512 the same loop runs tiles of Q6_K_TOKENS tokens,
-    each quarter unpacked once for all of them (`vector.q6_k_tile_dot`).
+    One work item = one row. `vector.q6_k_tile_dot` walks the row's super-blocks in 8-lane vectors (per
+    quarter of 32 weights, q - 32 from one 32-byte load each of ql and qh, byte p of every 4-byte lane times
+    x in the same order, scaled by d * sc into one accumulator per token), for tiles of Q6_K_TOKENS tokens
+    on AVX-512 (each quarter unpacked once for all of them) and one token a pass elsewhere. The first tile
+    prefetches the bytes ahead.
     """
     x_bl = _in_byte_lane_order(x)  # (T, K), made once: the same for every row
     T = x.shape[0]
-    if vector.Q6_K_TOKENS > 0:  # AVX-512: tiles of tokens, each token summed as alone (vector.q6_k_tile_dot)
-        for r in prange(data.shape[0]):
-            t = 0
-            while T - t >= 2:  # tiles; the last may repeat the last token
-                vector.q6_k_tile(t == 0, True, x_bl, data, y, r, t)
-                t += vector.Q6_K_TOKENS
-            while t < T:
-                vector.q6_k_tile(t == 0, False, x_bl, data, y, r, t)
-                t += 1
-    else:
-        for r in prange(data.shape[0]):
-            for t in range(T):
-                y[t, r] = vector.q6_k_dot(t == 0, x_bl[t], data, r)
+    for r in prange(data.shape[0]):
+        t = 0
+        while vector.Q6_K_TOKENS > 1 and T - t >= 2:  # tiles; the last may repeat the last token
+            vector.q6_k_tile(t == 0, True, x_bl, data, y, r, t)
+            t += vector.Q6_K_TOKENS
+        while t < T:
+            vector.q6_k_tile(t == 0, False, x_bl, data, y, r, t)
+            t += 1
 
 
 @njit(cache=True, nogil=True)

@@ -1,6 +1,8 @@
 """Block dot products of packed weights, written as explicit vector loops: the decode kernels of Q8_0
-and GGML's legacy types (Q4_0, Q4_1, Q5_0, Q5_1) in quantized.py call `dot`, those of the K-quants in
-kquants.py `k_quant_dot` (Q4_K, Q5_K) and `q6_k_dot` (Q6_K), whose sections below say how they differ.
+and GGML's legacy types (Q4_0, Q4_1, Q5_0, Q5_1) in quantized.py call `dot` and `dot_tile`, those of the
+K-quants in kquants.py `k_quant_tile` (Q4_K, Q5_K), `q4_k_tile` / `q4_k_dot` (Q4_K on AVX-512) and
+`q6_k_tile` (Q6_K), whose sections below say how they differ. Every loop takes a tile of tokens (one
+token, or several that share each unpacked block) and writes y itself.
 The legacy types' vectors have WIDTH float32 lanes: 16 (one AVX-512 register) where the CPU has AVX-512,
 else 8 (AVX2); Q4_K's too (`q4_k_tile_dot`), Q5_K's and Q6_K's have 8. On AVX-512 the 4-bit
 types turn nibbles into float32 by a table lookup (`_nibbles_as_floats`). The bf16 decode loop lives here
@@ -111,7 +113,6 @@ def _host_has_avx512() -> bool:
 AVX512 = _host_has_avx512()
 _I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _BYTES8, _INTS8, _FLOATS8 = ir.VectorType(_I8, LANES), ir.VectorType(_I32, LANES), ir.VectorType(_F32, LANES)
-_FAST = ("contract", "reassoc")  # a multiply and an add may fuse; sums may be regrouped (as FASTMATH allows)
 
 
 # --------------------------------------------------------------------------------- small vector operations
@@ -130,11 +131,6 @@ def _splat(builder, scalar, vector_type=_FLOATS8):
     one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), scalar, ir.Constant(_I32, 0))
     mask = _const(_vector(_I32, vector_type.count), 0)
     return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), mask)
-
-
-def _fma(builder, a, b, c):
-    """a * b + c (one fused instruction where the CPU has FMA)."""
-    return builder.fadd(builder.fmul(a, b, flags=_FAST), c, flags=_FAST)
 
 
 def _llvm_fma(builder, a, b, c):
@@ -178,14 +174,6 @@ def _bit_to_16s(builder, ints, shift):
 def _f16(builder, pointer, offset):
     """The little-endian float16 at byte `offset`, as float32 (exact; vcvtph2ps with F16C)."""
     return builder.fpext(_load(builder, pointer, offset, ir.HalfType()), _F32)
-
-
-def _lane_sum(builder, v):
-    """The sum of a vector's lanes, as a tree."""
-    parts = [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(v.type.count)]
-    while len(parts) > 1:
-        parts = [builder.fadd(parts[i], parts[i + 1], flags=_FAST) for i in range(0, len(parts), 2)]
-    return parts[0]
 
 
 def _plus(builder, offset, n):
@@ -255,79 +243,22 @@ _BLOCKS = {
 # ------------------------------------------------------------------------------------------- the dot product
 
 
-def _arguments_ok(x, data, r0, sums=None) -> bool:
-    """What every dot intrinsic accepts: x and sums 1-D C float32, data 2-D C uint8, r0 an integer."""
-    def floats(a):
-        return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 and a.layout == "C"
+class _Packed(NamedTuple):
+    """The packed matrix as the loops read it."""
 
-    packed = isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C" and data.dtype == types.uint8
-    return floats(x) and (sums is None or floats(sums)) and packed and isinstance(r0, types.Integer)
-
-
-class _Start(NamedTuple):
-    """What every dot loop starts from (`_start`)."""
-
-    x: object  # the float pointer of x (K,)
-    sums: object  # that of sums (K // 32,), or None (Q6_K's intrinsic takes no sums)
     packed: object  # the packed matrix (N, L) as an i8 pointer
-    K: object  # i64
-    starts: list  # (R,) i64 byte offsets of the rows in packed (`_row_starts`)
-    acc: list  # (R,) one zeroed float32 accumulator vector per row (allocas, kept in registers)
+    starts: list  # (R,) i64 byte offsets of the tile's rows in packed (`_row_starts`)
     last_byte: object  # N * L - 1, where prefetches are clamped
 
 
-def _start(context, builder, signature, args, rows, lanes=LANES):
-    """The arguments (x, [sums,] data, r0) of a dot intrinsic unpacked for its loop."""
-    arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:-1], args[:-1])]
-    xs, packed = arrays[0], arrays[-1]
-    (K,) = cgutils.unpack_tuple(builder, xs.shape, 1)
-    N, L = cgutils.unpack_tuple(builder, packed.shape, 2)
-    return _Start(x=xs.data, sums=arrays[1].data if len(arrays) == 3 else None,
-                  packed=builder.bitcast(packed.data, _I8.as_pointer()), K=K,
-                  starts=_row_starts(builder, args[-1], rows, N, L),
-                  acc=[cgutils.alloca_once_value(builder, _const(_vector(_F32, lanes), 0.0)) for _ in range(rows)],
-                  last_byte=builder.sub(builder.mul(N, L), ir.Constant(_I64, 1)))
-
-
-def _dot_intrinsic(rows: int, with_sums: bool, emit, lanes: int = LANES):
-    """An intrinsic (x, [sums,] data, r0) -> UniTuple(float32, rows): the arguments checked and unpacked
-    (`_start`), then `emit(builder, w)` writes one block type's loop into w.acc, and each row's result is
-    the sum of its accumulator's lanes (plus the scalar that `emit` returns for it, if any)."""
-
-    def codegen(context, builder, signature, args):
-        w = _start(context, builder, signature, args, rows, lanes)
-        extra = emit(builder, w)
-        out = [_lane_sum(builder, builder.load(w.acc[k])) for k in range(rows)]
-        if extra is not None:
-            out = [builder.fadd(o, builder.load(e), flags=_FAST) for o, e in zip(out, extra)]
-        return context.make_tuple(builder, signature.return_type, out)
-
-    if with_sums:
-
-        @intrinsic
-        def dot(typingctx, x, sums, data, r0):
-            if _arguments_ok(x, data, r0, sums):
-                return types.UniTuple(types.float32, rows)(x, sums, data, r0), codegen
-            return None
-
-        return dot
-
-    @intrinsic
-    def dot_without_sums(typingctx, x, data, r0):
-        if _arguments_ok(x, data, r0):
-            return types.UniTuple(types.float32, rows)(x, data, r0), codegen
-        return None
-
-    return dot_without_sums
-
-
 class _Tile(NamedTuple):
-    """What the tile intrinsics (`block_dot`, `q4_k_tile_dot`, `q6_k_tile_dot`) start from (`_tile_start`)."""
+    """What the tile intrinsics (`block_dot`, `k_quant_tile_dot`, `q4_k_tile_dot`, `q6_k_tile_dot`) start from
+    (`_tile_start`)."""
 
     K: object  # i64
     N: object  # i64
     blocks: object  # K // 32 (i64), or None without sums
-    w: _Start  # packed matrix, row starts and last byte, for the loops and `_prefetch_ahead`
+    w: _Packed  # packed matrix, row starts and last byte, for the loops and `_prefetch_ahead`
     x_rows: list  # per token of the tile: the float pointer of its row of x
     sum_rows: list  # the same of sums, or None
     tokens: list  # per token of the tile: its index, clamped to T - 1 (i64)
@@ -344,8 +275,8 @@ def _tile_start(context, builder, signature, args, rows, tokens, with_sums) -> _
     T, K = cgutils.unpack_tuple(builder, xs.shape, 2)
     N, L = cgutils.unpack_tuple(builder, data.shape, 2)
     base = builder.bitcast(data.data, _I8.as_pointer())
-    w = _Start(x=None, sums=None, packed=base, K=K, starts=_row_starts(builder, r0, rows, N, L), acc=None,
-               last_byte=builder.sub(builder.mul(N, L), ir.Constant(_I64, 1)))
+    w = _Packed(packed=base, starts=_row_starts(builder, r0, rows, N, L),
+                last_byte=builder.sub(builder.mul(N, L), ir.Constant(_I64, 1)))
     last_token = builder.sub(T, ir.Constant(_I64, 1))
     t = []
     for i in range(tokens):
@@ -571,52 +502,56 @@ def _shift(builder, v, n):
     return builder.shl(v, _const(_INTS8, n)) if n > 0 else builder.lshr(v, _const(_INTS8, -n)) if n < 0 else v
 
 
-def k_quant_block_dot(five: bool, rows: int, prefetch: bool):
-    """The intrinsic (x, sums, data, r0) -> UniTuple(float32, rows) of Q4_K (five=False) or Q5_K (five=True),
-    with the arguments of `block_dot`; for Q5_K, x in byte-lane order (`_q5_k_pair`)."""
-    size, qs_at = (176, 48) if five else (144, 16)
+def k_quant_tile_dot(five: bool, rows: int, prefetch: bool, tokens: int):
+    """Q4_K (five=False) or Q5_K (five=True) in 8-lane vectors for `tokens` tokens at once: the intrinsic
+    (x, sums, data, y, r0, t0) with the arguments of `block_dot` (it writes y); for Q5_K, x in byte-lane
+    order (`_q5_k_pair`). Each super-block's scales and each pair of sub-blocks' integers are unpacked once
+    per row and serve every token; strict IR, so each token is summed alike in every tile."""
+    size = 176 if five else 144
 
-    def emit(builder, w):
-        base, starts, acc = w.packed, w.starts, w.acc
+    def codegen(context, builder, signature, args):
+        tile = _tile_start(context, builder, signature, args, rows, tokens, True)
+        w, x_rows, sum_rows, base = tile.w, tile.x_rows, tile.sum_rows, tile.w.packed
+        acc = [[cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)] for _ in x_rows]
         fifteen, four = _const(_INTS8, 15), _const(_INTS8, 4)
 
-        with cgutils.for_range(builder, builder.udiv(w.K, ir.Constant(_I64, 256))) as loop:
+        with cgutils.for_range(builder, builder.udiv(tile.K, ir.Constant(_I64, 256))) as loop:
             b = loop.index
             o = builder.mul(b, ir.Constant(_I64, size))
             c0 = builder.mul(b, ir.Constant(_I64, 256))  # the super-block's first column
-            sub_sums = _floats(builder, w.sums, builder.mul(b, ir.Constant(_I64, 8)))  # (8,) sums of x
+            sub_sums = [_floats(builder, sum_row, builder.mul(b, ir.Constant(_I64, 8))) for sum_row in sum_rows]
             if prefetch:
                 _prefetch_ahead(builder, w, o, rows, size)
-            dsc, minus_dm = [], []
+            dsc = []
             for k in range(rows):
-                row_o = builder.add(starts[k], o)
+                row_o = builder.add(w.starts[k], o)
                 sc, m = _six_bit_scales(builder, base, row_o)
                 d, dmin = _f16(builder, base, row_o), _f16(builder, base, _plus(builder, row_o, 2))
                 dsc.append(builder.fmul(_splat(builder, d), sc))
-                minus_dm.append(builder.fmul(_splat(builder, builder.fneg(dmin)), m))
-                builder.store(_fma(builder, minus_dm[k], sub_sums, builder.load(acc[k])), acc[k])
+                minus_dm = builder.fmul(_splat(builder, builder.fneg(dmin)), m)
+                for i in range(tokens):  # lane j: sub-block j's minimum times its sum of x
+                    builder.store(_llvm_fma(builder, minus_dm, sub_sums[i], builder.load(acc[i][k])), acc[i][k])
             for g in range(4):
                 col = _plus(builder, c0, 64 * g)
-                x_low = [_floats(builder, w.x, _plus(builder, col, 8 * i)) for i in range(4)]  # sub-block 2g
-                x_high = [_floats(builder, w.x, _plus(builder, col, 32 + 8 * i)) for i in range(4)]  # 2g + 1
                 for k in range(rows):
-                    row_o = builder.add(starts[k], o)
+                    row_o = builder.add(w.starts[k], o)
                     if five:
                         low, high = _q5_k_pair(builder, base, row_o, g)
                     else:
                         low, high = _q4_k_pair(builder, base, row_o, g, fifteen, four)
-                    s_low = s_high = None
-                    for i in range(4):
-                        if i == 0:
-                            s_low = builder.fmul(x_low[0], low[0], flags=_FAST)
-                            s_high = builder.fmul(x_high[0], high[0], flags=_FAST)
-                        else:
-                            s_low = _fma(builder, x_low[i], low[i], s_low)
-                            s_high = _fma(builder, x_high[i], high[i], s_high)
-                    a = _fma(builder, _lane(builder, dsc[k], 2 * g), s_low, builder.load(acc[k]))
-                    builder.store(_fma(builder, _lane(builder, dsc[k], 2 * g + 1), s_high, a), acc[k])
+                    for i in range(tokens):
+                        x_low = [_floats(builder, x_rows[i], _plus(builder, col, 8 * h)) for h in range(4)]  # 2g
+                        x_high = [_floats(builder, x_rows[i], _plus(builder, col, 32 + 8 * h)) for h in range(4)]
+                        s_low, s_high = builder.fmul(x_low[0], low[0]), builder.fmul(x_high[0], high[0])
+                        for h in range(1, 4):
+                            s_low = _llvm_fma(builder, x_low[h], low[h], s_low)
+                            s_high = _llvm_fma(builder, x_high[h], high[h], s_high)
+                        a = _llvm_fma(builder, _lane(builder, dsc[k], 2 * g), s_low, builder.load(acc[i][k]))
+                        builder.store(_llvm_fma(builder, _lane(builder, dsc[k], 2 * g + 1), s_high, a), acc[i][k])
+        _tile_store(builder, tile, [[_ordered_lane_sum(builder, builder.load(a)) for a in row] for row in acc])
+        return context.get_dummy_value()
 
-    return _dot_intrinsic(rows, True, emit)
+    return _tile_intrinsic(True, codegen)
 
 
 def _q4_k_pair(builder, base, row_o, g, fifteen, four):
@@ -730,19 +665,28 @@ def q4_k_tile(first, x, sums, data, y, r0, t):
     _Q4_K_T_FIRST(x, sums, data, y, r0, t) if first else _Q4_K_T(x, sums, data, y, r0, t)
 
 
-_Q4_K, _Q4_K_FIRST = k_quant_block_dot(False, 2, False), k_quant_block_dot(False, 2, True)
-_Q5_K, _Q5_K_FIRST = k_quant_block_dot(True, 2, False), k_quant_block_dot(True, 2, True)
+# Tokens per tile of the 8-lane K-quant loops (Q5_K everywhere, Q4_K on AVX2): 4 where AVX-512's 32 registers
+# hold 2 rows x 4 tokens of accumulators with the unpacked integers, else one token a pass.
+K_TOKENS = 4 if AVX512 and WIDTH == 16 else 1
+_Q4_K8_1, _Q4_K8_1_FIRST = k_quant_tile_dot(False, 2, False, 1), k_quant_tile_dot(False, 2, True, 1)
+_Q4_K8_T, _Q4_K8_T_FIRST = (k_quant_tile_dot(False, 2, f, K_TOKENS) for f in (False, True))
+_Q5_K_1, _Q5_K_1_FIRST = k_quant_tile_dot(True, 2, False, 1), k_quant_tile_dot(True, 2, True, 1)
+_Q5_K_T, _Q5_K_T_FIRST = (k_quant_tile_dot(True, 2, f, K_TOKENS) for f in (False, True))
 
 
 @njit(inline="always")
-def k_quant_dot(five, first, x, sums, data, r0):
-    """The 2 dot products of rows r0, r0 + 1 of data (Q5_K if five, else Q4_K: on AVX-512 Q4_K runs
-    `q4_k_tile_dot` instead) with x (for Q5_K in byte-lane order, `_q5_k_pair`); `first` as for `dot`.
-    Two rows, not four: the x of a pair of sub-blocks (8 vectors) then stays in registers (measured 17.9
-    against 16.3 G weights/s from memory for Q4_K, AMD EPYC Zen 3, 2 threads)."""
+def k_quant_tile(five, first, many, x, sums, data, y, r0, t):
+    """y[t, r0], y[t, r0 + 1] (many: for K_TOKENS tokens t, t + 1, ..., the last repeated past the end) of
+    Q5_K data (five) or Q4_K data in 8 lanes, by `k_quant_tile_dot`; for Q5_K, x in byte-lane order."""
     if five:
-        return _Q5_K_FIRST(x, sums, data, r0) if first else _Q5_K(x, sums, data, r0)
-    return _Q4_K_FIRST(x, sums, data, r0) if first else _Q4_K(x, sums, data, r0)
+        if many:
+            _Q5_K_T_FIRST(x, sums, data, y, r0, t) if first else _Q5_K_T(x, sums, data, y, r0, t)
+        else:
+            _Q5_K_1_FIRST(x, sums, data, y, r0, t) if first else _Q5_K_1(x, sums, data, y, r0, t)
+    elif many:
+        _Q4_K8_T_FIRST(x, sums, data, y, r0, t) if first else _Q4_K8_T(x, sums, data, y, r0, t)
+    else:
+        _Q4_K8_1_FIRST(x, sums, data, y, r0, t) if first else _Q4_K8_1(x, sums, data, y, r0, t)
 
 
 # ---------------------------------------------------------------------------------- Q6_K: super-blocks of 256
@@ -785,53 +729,14 @@ def _signed_byte(builder, lanes, p):
     return builder.ashr(top, _const(_INTS8, 24))
 
 
-def q6_k_block_dot(rows: int, prefetch: bool):
-    """The intrinsic (x_bl, data, r0) -> UniTuple(float32, rows) of Q6_K: the arguments of `block_dot`
-    but sums (Q6_K has no minimums), and x in byte-lane order (above)."""
-    size = 210
-
-    def emit(builder, w):
-        base, starts, acc = w.packed, w.starts, w.acc
-
-        with cgutils.for_range(builder, builder.udiv(w.K, ir.Constant(_I64, 256))) as loop:
-            b = loop.index
-            o = builder.mul(b, ir.Constant(_I64, size))
-            c0 = builder.mul(b, ir.Constant(_I64, 256))
-            if prefetch:
-                _prefetch_ahead(builder, w, o, rows, size)
-            for k in range(rows):
-                row_o = builder.add(starts[k], o)
-                d = _splat(builder, _f16(builder, base, _plus(builder, row_o, 208)))
-                for h in range(2):
-                    sc = _ints(builder, base, _plus(builder, row_o, 192 + 8 * h), signed=True)  # sc[8h .. 8h + 7]
-                    dsc = builder.fmul(d, builder.sitofp(sc, _FLOATS8))
-                    first, second, high = (_load(builder, base, _plus(builder, row_o, at), _INTS8)
-                                           for at in (64 * h, 64 * h + 32, 128 + 32 * h))
-                    # quarter u: (the bytes with its low nibbles, the bytes with its bit pair in bits 4-5)
-                    quarters = [(first, _shift(builder, high, 4)), (second, _shift(builder, high, 2)),
-                                (_shift(builder, first, -4), high),
-                                (_shift(builder, second, -4), _shift(builder, high, -2))]
-                    for u, (nibbles, pairs) in enumerate(quarters):
-                        q = _q6_k_quarter_bytes(builder, nibbles, pairs)
-                        s = None
-                        for p in range(4):
-                            xv = _floats(builder, w.x, _plus(builder, c0, 128 * h + 32 * u + 8 * p))
-                            qp = builder.sitofp(_signed_byte(builder, q, p), _FLOATS8)
-                            s = builder.fmul(xv, qp, flags=_FAST) if s is None else _fma(builder, xv, qp, s)
-                        scale = _sub_block_pair(builder, dsc, 2 * u)  # sub-blocks 8h + 2u, 8h + 2u + 1
-                        builder.store(_fma(builder, scale, s, builder.load(acc[k])), acc[k])
-
-    return _dot_intrinsic(rows, False, emit)
-
-
-_Q6_K, _Q6_K_FIRST = q6_k_block_dot(1, False), q6_k_block_dot(1, True)
-
-
 def q6_k_tile_dot(prefetch: bool, tokens: int):
     """Q6_K for `tokens` tokens at once: the intrinsic (x_bl, data, y, r, t0), x_bl (T, K) in byte-lane order,
-    writing y[t, r] for tokens t0 .. t0 + tokens - 1 (clamped to T - 1). The loop of `q6_k_block_dot` with
-    each quarter's 32 numbers q - 32 unpacked once for all the tokens, in strict IR (`llvm.fma`, no
-    fast-math flags): each token is summed alike in every tile, as in `block_dot`."""
+    writing y[t, r] for tokens t0 .. t0 + tokens - 1 (clamped to T - 1). Per super-block and half, the 8
+    scales once; per quarter of 32 weights, the 32 numbers q - 32 unpacked once for all the tokens (section
+    above), then per token x . (q - 32) in 8 lanes of 4 and d sc of the quarter's two sub-blocks into its
+    accumulator. Strict IR (`llvm.fma`, no fast-math flags): each token is summed alike in every tile. One
+    row per call: two rows sharing each x load measured 9.6 against 10.3 G weights/s from memory (AMD EPYC
+    Zen 3, 2 threads), as with the loop before this one (8.9 against 11.1)."""
     size = 210
 
     def codegen(context, builder, signature, args):
@@ -871,8 +776,8 @@ def q6_k_tile_dot(prefetch: bool, tokens: int):
     return _tile_intrinsic(False, codegen)
 
 
-# Q6_K's tiles, where Q4_K has them (AVX-512: 32 registers; AVX2 keeps one token a pass).
-Q6_K_TOKENS = Q4_K_TOKENS
+# Q6_K's tiles: 4 tokens on AVX-512 (32 registers), one token a pass elsewhere.
+Q6_K_TOKENS = K_TOKENS
 _Q6_K_1, _Q6_K_1_FIRST = q6_k_tile_dot(False, 1), q6_k_tile_dot(True, 1)
 _Q6_K_T, _Q6_K_T_FIRST = (q6_k_tile_dot(f, max(Q6_K_TOKENS, 1)) for f in (False, True))
 
@@ -885,14 +790,6 @@ def q6_k_tile(first, many, x_bl, data, y, r, t):
         _Q6_K_T_FIRST(x_bl, data, y, r, t) if first else _Q6_K_T(x_bl, data, y, r, t)
     else:
         _Q6_K_1_FIRST(x_bl, data, y, r, t) if first else _Q6_K_1(x_bl, data, y, r, t)
-
-
-@njit(inline="always")
-def q6_k_dot(first, x_bl, data, r):
-    """The dot product of row r of Q6_K data with x, given in byte-lane order; `first` as for `dot`. One row
-    per call: two rows sharing each x load measured 9.6 against 10.3 G weights/s from memory (AMD EPYC Zen 3,
-    2 threads), as with the loop before this one (8.9 against 11.1)."""
-    return (_Q6_K_FIRST(x_bl, data, r) if first else _Q6_K(x_bl, data, r))[0]
 
 
 # ------------------------------------------------------------------ bf16 pairs: several tokens per widened row
