@@ -502,6 +502,26 @@ def _shift(builder, v, n):
     return builder.shl(v, _const(_INTS8, n)) if n > 0 else builder.lshr(v, _const(_INTS8, -n)) if n < 0 else v
 
 
+def _super_block_scales(builder, tile, b, o, size, prefetch, mins):
+    """Q4_K/Q5_K super-block b (at byte o of each row) of a tile: per row k, the 8 lanes d sc[j] (returned);
+    -dmin m[j] times the sum of x over sub-block j added to lane j of mins[i][k] (8 lanes) for each token i.
+    With `prefetch`, the hints for the bytes ahead first."""
+    w, base = tile.w, tile.w.packed
+    sub_sums = [_floats(builder, sum_row, builder.mul(b, ir.Constant(_I64, 8))) for sum_row in tile.sum_rows]
+    if prefetch:
+        _prefetch_ahead(builder, w, o, len(w.starts), size)
+    dsc = []
+    for k, start in enumerate(w.starts):
+        row_o = builder.add(start, o)
+        sc, m = _six_bit_scales(builder, base, row_o)
+        d, dmin = _f16(builder, base, row_o), _f16(builder, base, _plus(builder, row_o, 2))
+        dsc.append(builder.fmul(_splat(builder, d), sc))
+        minus_dm = builder.fmul(_splat(builder, builder.fneg(dmin)), m)
+        for i, token_mins in enumerate(mins):
+            builder.store(_llvm_fma(builder, minus_dm, sub_sums[i], builder.load(token_mins[k])), token_mins[k])
+    return dsc
+
+
 def k_quant_tile_dot(five: bool, rows: int, prefetch: bool, tokens: int):
     """Q4_K (five=False) or Q5_K (five=True) in 8-lane vectors for `tokens` tokens at once: the intrinsic
     (x, sums, data, y, r0, t0) with the arguments of `block_dot` (it writes y); for Q5_K, x in byte-lane
@@ -511,7 +531,7 @@ def k_quant_tile_dot(five: bool, rows: int, prefetch: bool, tokens: int):
 
     def codegen(context, builder, signature, args):
         tile = _tile_start(context, builder, signature, args, rows, tokens, True)
-        w, x_rows, sum_rows, base = tile.w, tile.x_rows, tile.sum_rows, tile.w.packed
+        w, x_rows, base = tile.w, tile.x_rows, tile.w.packed
         acc = [[cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)] for _ in x_rows]
         fifteen, four = _const(_INTS8, 15), _const(_INTS8, 4)
 
@@ -519,18 +539,7 @@ def k_quant_tile_dot(five: bool, rows: int, prefetch: bool, tokens: int):
             b = loop.index
             o = builder.mul(b, ir.Constant(_I64, size))
             c0 = builder.mul(b, ir.Constant(_I64, 256))  # the super-block's first column
-            sub_sums = [_floats(builder, sum_row, builder.mul(b, ir.Constant(_I64, 8))) for sum_row in sum_rows]
-            if prefetch:
-                _prefetch_ahead(builder, w, o, rows, size)
-            dsc = []
-            for k in range(rows):
-                row_o = builder.add(w.starts[k], o)
-                sc, m = _six_bit_scales(builder, base, row_o)
-                d, dmin = _f16(builder, base, row_o), _f16(builder, base, _plus(builder, row_o, 2))
-                dsc.append(builder.fmul(_splat(builder, d), sc))
-                minus_dm = builder.fmul(_splat(builder, builder.fneg(dmin)), m)
-                for i in range(tokens):  # lane j: sub-block j's minimum times its sum of x
-                    builder.store(_llvm_fma(builder, minus_dm, sub_sums[i], builder.load(acc[i][k])), acc[i][k])
+            dsc = _super_block_scales(builder, tile, b, o, size, prefetch, acc)  # minimums into lanes j of acc
             for g in range(4):
                 col = _plus(builder, c0, 64 * g)
                 for k in range(rows):
@@ -595,7 +604,7 @@ def q4_k_tile_dot(rows: int, prefetch: bool, tokens: int):
 
     def codegen(context, builder, signature, args):
         tile = _tile_start(context, builder, signature, args, rows, tokens, True)
-        w, x_rows, sum_rows, base, K = tile.w, tile.x_rows, tile.sum_rows, tile.w.packed, tile.K
+        w, x_rows, base, K = tile.w, tile.x_rows, tile.w.packed, tile.K
         acc = [[cgutils.alloca_once_value(builder, _const(floats, 0.0)) for _ in range(rows)] for _ in x_rows]
         mins = [[cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)] for _ in x_rows]
         four = _const(sixteen_lanes, 4)
@@ -612,18 +621,7 @@ def q4_k_tile_dot(rows: int, prefetch: bool, tokens: int):
             b = loop.index
             o = builder.mul(b, ir.Constant(_I64, size))
             c0 = builder.mul(b, ir.Constant(_I64, 256))  # the super-block's first column
-            sub_sums = [_floats(builder, sum_row, builder.mul(b, ir.Constant(_I64, 8))) for sum_row in sum_rows]
-            if prefetch:
-                _prefetch_ahead(builder, w, o, rows, size)
-            dsc = []
-            for k in range(rows):
-                row_o = builder.add(w.starts[k], o)
-                sc, m = _six_bit_scales(builder, base, row_o)
-                d, dmin = _f16(builder, base, row_o), _f16(builder, base, _plus(builder, row_o, 2))
-                dsc.append(builder.fmul(_splat(builder, d), sc))
-                minus_dm = builder.fmul(_splat(builder, builder.fneg(dmin)), m)
-                for i in range(tokens):
-                    builder.store(_llvm_fma(builder, minus_dm, sub_sums[i], builder.load(mins[i][k])), mins[i][k])
+            dsc = _super_block_scales(builder, tile, b, o, size, prefetch, mins)
             for g in range(4):
                 col = _plus(builder, c0, 64 * g)
                 for k in range(rows):
