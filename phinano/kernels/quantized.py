@@ -94,10 +94,10 @@ def _vector_matmul(qtype: str):
     def matmul(x, data, y):
         """y[t, r] = sum_c x[t, c] w[r, c] for x (T, K), packed rows data (N, L), y (T, N).
 
-        One work item = four rows r0 .. r0 + 3. `vector.dot_tile` walks their blocks side by side for
+        One work item = four rows r0 .. r0 + 3. `vector.dot` walks their blocks side by side for
         vector.BLOCK_TOKENS tokens at once (4 on AVX-512): each block's integers and scale are unpacked once
         and serve all of them, each x load serves the four rows, and each (token, row) keeps one accumulator
-        of WIDTH lanes. A single token (decode) goes through `vector.dot`. The first call also prefetches the
+        of WIDTH lanes. A single token (decode) takes a tile of one. The first call also prefetches the
         bytes ahead (the later tokens find them in cache). Every token is summed by the same instructions,
         whatever T and wherever it falls in a tile: bit for bit what it gives alone (`linear_rows`).
         """
@@ -106,10 +106,10 @@ def _vector_matmul(qtype: str):
         for item in prange((data.shape[0] + 3) // 4):
             r0, t = 4 * item, 0
             while vector.BLOCK_TOKENS > 1 and T - t >= 2:  # tiles; the last may repeat the last token
-                vector.dot_tile(kind, t == 0, x, sums, data, y, r0, t)
+                vector.dot(kind, t == 0, True, x, sums, data, y, r0, t)
                 t += vector.BLOCK_TOKENS
             while t < T:
-                vector.dot(kind, t == 0, x, sums, data, y, r0, t)
+                vector.dot(kind, t == 0, False, x, sums, data, y, r0, t)
                 t += 1
 
     return matmul

@@ -1,5 +1,5 @@
 """Block dot products of packed weights, written as explicit vector loops: the decode kernels of Q8_0
-and GGML's legacy types (Q4_0, Q4_1, Q5_0, Q5_1) in quantized.py call `dot` and `dot_tile`, those of the
+and GGML's legacy types (Q4_0, Q4_1, Q5_0, Q5_1) in quantized.py call `dot`, those of the
 K-quants in kquants.py `k_quant_tile` (Q4_K, Q5_K), `q4_k_tile` / `q4_k_dot` (Q4_K on AVX-512) and
 `q6_k_tile` (Q6_K), whose sections below say how they differ. Every loop takes a tile of tokens (one
 token, or several that share each unpacked block) and writes y itself.
@@ -29,8 +29,8 @@ What `dot(kind, first, x, sums, data, y, r0, t)` computes, for block type TYPES[
     data  (N, L) uint8         the packed matrix, L = K // 32 * block bytes, C-contiguous
     y     (T, N) float32       written: y[t, r] = sum over c of x[t, c] * w[r, c] for the R rows
     r0, t                      the rows r0 .. r0 + R - 1 (each clamped to N - 1), the token t
-`dot_tile` does the same for BLOCK_TOKENS tokens t, t + 1, ... at once (4 on AVX-512, each block's integers
-unpacked once for all of them; tokens past T - 1 repeat the last one). Their IR is strict (`llvm.fma`, no
+`dot(..., many=True, ...)` does the same for BLOCK_TOKENS tokens t, t + 1, ... at once (4 on AVX-512, each
+block's integers unpacked once for all of them; tokens past T - 1 repeat the last one). Their IR is strict (`llvm.fma`, no
 fast-math flags): a token's sum is the same instructions in the same order in either, so a token of a
 tile is bit for bit that token alone (what batched decode, `linear_rows`, relies on).
 
@@ -415,36 +415,36 @@ _Q5_1_T, _Q5_1_T_FIRST = (block_dot("Q5_1", ROWS, f, WIDTH, BLOCK_TOKENS) for f 
 
 
 @njit(inline="always")
-def dot(kind, first, x, sums, data, y, r0, t):
+def dot(kind, first, many, x, sums, data, y, r0, t):
     """y[t, r0 .. r0 + ROWS - 1] = rows r0 .. of data (block type TYPES[kind]) times token t of x (module
-    docstring). The intrinsics are module globals, not values captured by each kernel: Numba's cache keys a
-    closure on its captured values, and an intrinsic pickles differently in every process."""
+    docstring); with `many`, for BLOCK_TOKENS tokens t, t + 1, ... at once (those past the end repeat the
+    last token), each bit for bit what it gives alone. The intrinsics are module globals, not values
+    captured by each kernel: Numba's cache keys a closure on its captured values, and an intrinsic pickles
+    differently in every process."""
     if kind == 0:
-        _Q8_0_FIRST(x, sums, data, y, r0, t) if first else _Q8_0(x, sums, data, y, r0, t)
+        if many:
+            _Q8_0_T_FIRST(x, sums, data, y, r0, t) if first else _Q8_0_T(x, sums, data, y, r0, t)
+        else:
+            _Q8_0_FIRST(x, sums, data, y, r0, t) if first else _Q8_0(x, sums, data, y, r0, t)
     elif kind == 1:
-        _Q4_0_FIRST(x, sums, data, y, r0, t) if first else _Q4_0(x, sums, data, y, r0, t)
+        if many:
+            _Q4_0_T_FIRST(x, sums, data, y, r0, t) if first else _Q4_0_T(x, sums, data, y, r0, t)
+        else:
+            _Q4_0_FIRST(x, sums, data, y, r0, t) if first else _Q4_0(x, sums, data, y, r0, t)
     elif kind == 2:
-        _Q4_1_FIRST(x, sums, data, y, r0, t) if first else _Q4_1(x, sums, data, y, r0, t)
+        if many:
+            _Q4_1_T_FIRST(x, sums, data, y, r0, t) if first else _Q4_1_T(x, sums, data, y, r0, t)
+        else:
+            _Q4_1_FIRST(x, sums, data, y, r0, t) if first else _Q4_1(x, sums, data, y, r0, t)
     elif kind == 3:
-        _Q5_0_FIRST(x, sums, data, y, r0, t) if first else _Q5_0(x, sums, data, y, r0, t)
+        if many:
+            _Q5_0_T_FIRST(x, sums, data, y, r0, t) if first else _Q5_0_T(x, sums, data, y, r0, t)
+        else:
+            _Q5_0_FIRST(x, sums, data, y, r0, t) if first else _Q5_0(x, sums, data, y, r0, t)
+    elif many:
+        _Q5_1_T_FIRST(x, sums, data, y, r0, t) if first else _Q5_1_T(x, sums, data, y, r0, t)
     else:
         _Q5_1_FIRST(x, sums, data, y, r0, t) if first else _Q5_1(x, sums, data, y, r0, t)
-
-
-@njit(inline="always")
-def dot_tile(kind, first, x, sums, data, y, r0, t):
-    """`dot` for BLOCK_TOKENS tokens t, t + 1, ... at once (those past the end repeat the last token), each
-    bit for bit what `dot` gives for that token alone."""
-    if kind == 0:
-        _Q8_0_T_FIRST(x, sums, data, y, r0, t) if first else _Q8_0_T(x, sums, data, y, r0, t)
-    elif kind == 1:
-        _Q4_0_T_FIRST(x, sums, data, y, r0, t) if first else _Q4_0_T(x, sums, data, y, r0, t)
-    elif kind == 2:
-        _Q4_1_T_FIRST(x, sums, data, y, r0, t) if first else _Q4_1_T(x, sums, data, y, r0, t)
-    elif kind == 3:
-        _Q5_0_T_FIRST(x, sums, data, y, r0, t) if first else _Q5_0_T(x, sums, data, y, r0, t)
-    else:
-        _Q5_1_T_FIRST(x, sums, data, y, r0, t) if first else _Q5_1_T(x, sums, data, y, r0, t)
 
 
 # --------------------------------------------------------------------- Q4_K and Q5_K: super-blocks of 256
