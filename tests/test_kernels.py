@@ -322,13 +322,33 @@ def test_attention_many_queries_and_views_of_a_larger_cache(path, monkeypatch):
     assert_attention_close(q_view, cache_k[:S], cache_v[:S], start, 5)
 
 
-@pytest.mark.parametrize("parts", [1, 2, 3, 7])
-def test_decode_attention_merges_any_split_of_the_keys(parts, monkeypatch):
-    """The compiled decode kernel cuts the visible keys into one range per thread and merges the ranges'
-    softmaxes. Any number of ranges gives the reference: more ranges than keys (empty ones), windows that
-    end inside a range, queries of one call that see different keys, and queries that see none (nan), also
-    far past the cache's end (a range over keys that do not exist would not fit in memory there)."""
-    monkeypatch.setattr(fast, "threads", lambda: parts)
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # the same patches each time
+@given(seed=st.integers(0, 2**32 - 1), T=st.integers(2, 5), S=st.integers(5, 700), block=st.sampled_from([3, 64, 256]),
+       window=st.sampled_from([None, 1, 4, 100]))
+def test_decode_attention_gives_each_query_what_it_gives_alone(seed, T, S, block, window, monkeypatch):
+    """The blocks of keys sit at fixed positions, so a query's sums do not depend on the other queries of its
+    call: each row of a few-query call is bit for bit that query's call alone (over the cache as it stood
+    for it). That makes a speculative step's attention the single steps' (docs/speculation.md)."""
+    monkeypatch.setattr(fast, "ATTENTION_KEY_BLOCK", block)
+    monkeypatch.setattr(fast, "ATTENTION_BLAS_MIN_ROWS", 10**9)  # the compiled kernel, whatever T
+    rng = np.random.default_rng(seed)
+    H, KVH, HD = 6, 2, 32
+    start = S - T
+    q, k, v = f32(rng, (T, H, HD)), f32(rng, (S, KVH, HD)), f32(rng, (S, KVH, HD))
+    together = fast.attention(q, k, v, start, window)
+    for t in range(T):
+        alone = fast.attention(q[t : t + 1], k[: start + t + 1], v[: start + t + 1], start + t, window)
+        assert np.array_equal(together[t], alone[0]), f"query {t} of {T}"
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 256])
+def test_decode_attention_merges_any_split_of_the_keys(block, monkeypatch):
+    """The compiled decode kernel cuts the visible keys into blocks at fixed positions and merges the blocks'
+    softmaxes. Any block size gives the reference: blocks of one key, windows that start or end inside a
+    block, queries of one call that see different keys, and queries that see none (nan), also far past the
+    cache's end (a block over keys that do not exist would not fit in memory there)."""
+    monkeypatch.setattr(fast, "ATTENTION_KEY_BLOCK", block)
     monkeypatch.setattr(fast, "ATTENTION_BLAS_MIN_ROWS", 10**9)  # the compiled kernel, whatever T
     rng = np.random.default_rng(9)
     H, KVH, HD = 6, 2, 32

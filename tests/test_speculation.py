@@ -142,6 +142,27 @@ def test_a_multi_token_step_gives_the_single_steps_logits(checkpoint_dir):
         np.testing.assert_allclose(many.feed([ids[22]]), singles[2], atol=1e-5 * np.abs(singles).max())
 
 
+def test_a_short_step_of_a_bf16_model_is_bit_for_bit_the_single_steps(checkpoint_dir):
+    """Numba backend, bf16 weights: the linears sum each position as it would be alone (vector.py, tiles of
+    tokens), and decode attention cuts the keys at fixed positions (fast._attention_parts), so a step of T
+    positions gives exactly the logits of T single steps, while T stays below the AMX and BLAS switches and
+    T x (query heads per KV head) below ATTENTION_BLAS_MIN_ROWS. A draft that short then returns greedy's
+    tokens exactly, near-ties included (docs/speculation.md)."""
+    from phinano.kernels import fast
+
+    model = phinano.load(checkpoint_dir("medium", "bfloat16"), backend="numba")
+    cfg = model.config
+    T = min(4, (fast.ATTENTION_BLAS_MIN_ROWS - 1) // (cfg.num_attention_heads // cfg.num_key_value_heads))
+    assert T >= 2
+    ids = repetitive_prompt(4)
+    one, many = Sequence(model, 60), Sequence(model, 60)
+    one.feed(ids[:20])
+    many.feed(ids[:20])
+    singles = np.stack([one.feed([t]) for t in ids[20 : 20 + T]])  # (T, V)
+    together = many.feed_rows(ids[20 : 20 + T], T)  # (T, V)
+    assert np.array_equal(together, singles)
+
+
 def test_nano_phi3_on_an_input_grounded_prompt():
     """A code file, then its first lines again: the continuation copies the file in part, many drafts are kept, and
     the tokens are plain greedy's (64 new tokens, 8-token drafts). (scripts/bench_speculation.py measures the

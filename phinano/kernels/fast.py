@@ -98,6 +98,10 @@ AMX_MIN_TOKENS = 16
 # queries, 12.7 vs 10.5 at 3). So a speculative draft being checked (a few queries) stays compiled for a
 # model without grouped heads.
 ATTENTION_BLAS_MIN_ROWS = 10
+# attention(), the compiled kernel: keys per block. The blocks sit at fixed positions (0 .. B - 1, B .. 2B - 1,
+# ...), so a query's sums are the same whichever other queries share its call (a speculative step's rows are
+# bit for bit single steps'), and the threads take contiguous runs of blocks.
+ATTENTION_KEY_BLOCK = 256
 # _attend_keys (decode attention): value rows summed per head in chunks of this many keys, each chunk kept
 # in cache while every query and head takes its share. The same additions in the same order as one key at
 # a time (bit for bit), 8-11 % faster at 4096 cached keys (AMD EPYC Zen 3, 2026-11-30, measured in the
@@ -709,15 +713,18 @@ def _attend_keys(q, k, v, lo, hi, a, b, top, total, acc):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _attention_parts(q, k, v, start, window, parts, out):
-    """Decode attention (a few queries), split over the keys: the keys any query sees are cut into `parts`
-    contiguous ranges, one work item each (`_attend_keys`: every query over that range). Query t at
-    position i = start + t sees keys j <= i, and i - j < window when window > 0. The parts then merge as
-    one softmax would: with m the largest top, out = sum_p exp(top_p - m) acc_p / sum_p exp(top_p - m) total_p.
+def _attention_parts(q, k, v, start, window, block, out):
+    """Decode attention (a few queries), split over the keys: the keys any query sees are cut into blocks
+    at fixed positions (keys block * p .. block * (p + 1) - 1), one work item each (`_attend_keys`: every
+    query over that block). Query t at position i = start + t sees keys j <= i, and i - j < window when
+    window > 0. The blocks then merge in order as one softmax would: with m the largest top,
+    out = sum_p exp(top_p - m) acc_p / sum_p exp(top_p - m) total_p.
 
     Split this way, each thread streams whole contiguous cache rows (every KV head of a key, the layout
     being (S, KVH, HD)), which read faster than each thread taking its share of the heads from every row,
-    and the queries of one call (a speculative draft being checked) share each row they read.
+    and the queries of one call (a speculative draft being checked) share each row they read. Because the
+    blocks sit at fixed positions, a query's sums do not depend on the other queries of its call: each row
+    of out is bit for bit what that query gives alone (blocks it does not see add exact zeros).
     A query that sees no key gets nan, as the reference's softmax of all -inf does.
     """
     T, H, HD = q.shape
@@ -732,30 +739,39 @@ def _attention_parts(q, k, v, start, window, parts, out):
         first, last = min(first, lo[t]), max(last, hi[t])
     last = min(last, S)  # a windowed query past the cache's end has lo = hi > S: it sees nothing
     first = min(first, last)
-    top = np.empty((parts, T, H), np.float32)  # (P, T, H): each part's largest score
-    total = np.empty((parts, T, H), np.float32)  # (P, T, H): each part's sum of exp(score - top)
-    acc = np.empty((parts, T, H, HD), np.float32)  # (P, T, H, HD): each part's sum of exp(score - top) * v
+    b0 = first // block  # the first block any query sees
+    parts = max(1, -(-last // block) - b0)  # blocks b0 .. b0 + parts - 1 (one, maybe empty, if none)
+    top = np.empty((parts, T, H), np.float32)  # (P, T, H): each block's largest score
+    total = np.empty((parts, T, H), np.float32)  # (P, T, H): each block's sum of exp(score - top)
+    acc = np.empty((parts, T, H, HD), np.float32)  # (P, T, H, HD): each block's sum of exp(score - top) * v
     for p in prange(parts):
-        a, b = first + (last - first) * p // parts, first + (last - first) * (p + 1) // parts
-        _attend_keys(q, k, v, lo, hi, a, b, top[p], total[p], acc[p])
+        a, b = max(first, (b0 + p) * block), min(last, (b0 + p + 1) * block)
+        _attend_keys(q, k, v, lo, hi, a, max(a, b), top[p], total[p], acc[p])
     for t in range(T):  # the merge
         for h in range(H):
-            m = top[0, t, h]
-            for p in range(1, parts):
-                m = max(m, top[p, t, h])
-            if m == -np.inf:  # the query sees no key
-                for d in range(HD):
-                    out[t, h, d] = np.nan
-                continue
-            s = np.float32(0.0)
-            for p in range(parts):
-                s += np.exp(top[p, t, h] - m) * total[p, t, h]
-            for d in range(HD):
-                out[t, h, d] = 0.0
-            for p in range(parts):
-                f = np.exp(top[p, t, h] - m) / s
-                for d in range(HD):
-                    out[t, h, d] += f * acc[p, t, h, d]
+            _merge_blocks(top[:, t, h], total[:, t, h], acc[:, t, h], out[t, h])
+
+
+@njit(cache=True)
+def _merge_blocks(top, total, acc, out):
+    """out (HD,) = sum_p exp(top_p - m) acc_p / sum_p exp(top_p - m) total_p over the blocks p in order, m the
+    largest top; nan if every top is -inf (the query sees no key). Compiled without fast-math, so that the
+    sums over blocks are not regrouped into vector lanes, which would group them by the count of blocks: a
+    query then gets the same sums whether or not its call also has blocks only later queries see."""
+    m = top[0]
+    for p in range(1, top.shape[0]):
+        m = max(m, top[p])
+    if m == -np.inf:
+        out[:] = np.nan
+        return
+    s = np.float32(0.0)
+    for p in range(top.shape[0]):
+        s += np.exp(top[p] - m) * total[p]
+    out[:] = 0.0
+    for p in range(top.shape[0]):
+        f = np.exp(top[p] - m) / s
+        for d in range(out.shape[0]):
+            out[d] += f * acc[p, d]
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -824,7 +840,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
 
     Decode (fewer than ATTENTION_BLAS_MIN_ROWS query rows per KV head): `_attention_parts`, which touches
     only the visible keys, reads each cache row once for all the queries and query heads that use it, and
-    splits the keys between threads (the cache is streamed, memory-bound). Prefill: `_attention_blas`,
+    splits the keys between threads in blocks at fixed positions (the cache is streamed, memory-bound; each
+    query's row of the result is bit for bit what it gives alone). Prefill: `_attention_blas`,
     BLAS products per KV head and chunk of queries (compute-bound; about 5x faster per thread than the
     compiled loops, measured).
     k and v may be views of a larger preallocated cache (k_cache[:S]): used in place when float32 and
@@ -844,7 +861,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
         return _attention_blas(q, k, v, int(start), w)
     out = np.empty_like(q)
     if T:  # one range of keys per thread
-        run(_attention_parts, 2 * T * S * KVH * HD, q, k, v, int(start), w, threads(), out)
+        run(_attention_parts, 2 * T * S * KVH * HD, q, k, v, int(start), w, ATTENTION_KEY_BLOCK, out)
     return out
 
 
