@@ -860,7 +860,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
     if T * (H // KVH) >= ATTENTION_BLAS_MIN_ROWS:
         return _attention_blas(q, k, v, int(start), w)
     out = np.empty_like(q)
-    if T:  # one range of keys per thread
+    if T:  # blocks of keys at fixed positions, the threads taking runs of them
         run(_attention_parts, 2 * T * S * KVH * HD, q, k, v, int(start), w, ATTENTION_KEY_BLOCK, out)
     return out
 

@@ -147,10 +147,10 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
             for item in prange((data.shape[0] + 1) // 2):
                 r0, t = 2 * item, 0
                 while T - t >= 2:  # tiles; the last may repeat the last token
-                    vector.q4_k_tile(t == 0, x, sums, data, y, r0, t)
+                    vector.q4_k_tile(t == 0, True, x, sums, data, y, r0, t)
                     t += vector.Q4_K_TOKENS
                 while t < T:
-                    vector.q4_k_dot(t == 0, x, sums, data, y, r0, t)
+                    vector.q4_k_tile(t == 0, False, x, sums, data, y, r0, t)
                     t += 1
         else:
             x_in = _in_byte_lane_order(x) if five else x  # the order the Q5_K loop unpacks in (vector.py)

@@ -1,6 +1,6 @@
 """Block dot products of packed weights, written as explicit vector loops: the decode kernels of Q8_0
 and GGML's legacy types (Q4_0, Q4_1, Q5_0, Q5_1) in quantized.py call `dot`, those of the
-K-quants in kquants.py `k_quant_tile` (Q4_K, Q5_K), `q4_k_tile` / `q4_k_dot` (Q4_K on AVX-512) and
+K-quants in kquants.py `k_quant_tile` (Q4_K, Q5_K), `q4_k_tile` (Q4_K on AVX-512) and
 `q6_k_tile` (Q6_K), whose sections below say how they differ. Every loop takes a tile of tokens (one
 token, or several that share each unpacked block) and writes y itself.
 The legacy types' vectors have WIDTH float32 lanes: 16 (one AVX-512 register) where the CPU has AVX-512,
@@ -23,16 +23,16 @@ rows share each x load. Measured on AMD EPYC (Zen 3, AVX2, 2026-11-30), the old 
 turns: docs/kernels.md, "Explicit vector loops". With AVX-512 the same loop runs in two 16-lane vectors a
 block (half the instructions; 1.1-1.3x on the Intel Xeon kind, docs/kernels.md).
 
-What `dot(kind, first, x, sums, data, y, r0, t)` computes, for block type TYPES[kind] and R = ROWS rows:
+What `dot(kind, first, False, x, sums, data, y, r0, t)` computes, for block type TYPES[kind] and R = ROWS rows:
     x     (T, K) float32       the tokens' activations
     sums  (T, K // 32) float32 the sum of x over each block of 32 (made once per call, shared by all rows)
     data  (N, L) uint8         the packed matrix, L = K // 32 * block bytes, C-contiguous
     y     (T, N) float32       written: y[t, r] = sum over c of x[t, c] * w[r, c] for the R rows
     r0, t                      the rows r0 .. r0 + R - 1 (each clamped to N - 1), the token t
-`dot(..., many=True, ...)` does the same for BLOCK_TOKENS tokens t, t + 1, ... at once (4 on AVX-512, each
-block's integers unpacked once for all of them; tokens past T - 1 repeat the last one). Their IR is strict (`llvm.fma`, no
-fast-math flags): a token's sum is the same instructions in the same order in either, so a token of a
-tile is bit for bit that token alone (what batched decode, `linear_rows`, relies on).
+`dot(kind, first, True, ...)` does the same for BLOCK_TOKENS tokens t, t + 1, ... at once (4 on AVX-512,
+each block's integers unpacked once for all of them; tokens past T - 1 repeat the last one). Their IR is
+strict (`llvm.fma`, no fast-math flags): a token's sum is the same instructions in the same order in
+either, so a token of a tile is bit for bit that token alone (what batched decode, `linear_rows`, relies on).
 
 Per block b of 32 weights and per row (weight = d * (q - zero) or d * q + m), with n = WIDTH lanes:
     q0, q1, ... = the integers q[n k .. n k + n - 1], k < 32 / n, as float32 vectors   (per type, exact)
@@ -45,9 +45,10 @@ power of two (1 or 2 for 8 lanes, 0.5 or 1 for 16), an exact scaling. Results di
 reference only in the order of float32 additions and in the rounding of that share
 (tests/test_quantized.py states the bound).
 
-With `first` (the first token of a call, when the bytes come from memory) it also asks for the bytes
-PREFETCH_AHEAD beyond the blocks it reads (prefetch.py: one `prefetcht1` per 64-byte line of the R rows'
-blocks). `kind` is a constant where the kernels call it, so the other types' branches compile away.
+With `first` (the first tile of a call, when the bytes come from memory; a run-time flag of every
+intrinsic) it also asks for the bytes PREFETCH_AHEAD beyond the blocks it reads (prefetch.py: one
+`prefetcht1` per 64-byte line of the R rows' blocks). `kind` is a constant where the kernels call it, so
+the other types' branches compile away.
 
 Editing this file: Numba's on-disk cache keys each compiled kernel on the file that defines it
 (quantized.py, kquants.py), not on the files its helpers come from. After a change here, touch those two
@@ -222,7 +223,7 @@ def _nibbles_as_floats(builder, ints):
     """float32(ints & 15) lane by lane, for 16 int32 lanes: one `vpermps` (AVX-512F) picks lane (ints & 15)
     of the table 0.0 .. 15.0 (the instruction reads only the low 4 bits of each index). It replaces an AND
     and an int-to-float conversion, which share AVX-512's two vector ports with the rest of the loop: Q4_0
-    and Q4_1 read 1.22-1.27x faster (Intel Xeon, Emerald Rapids; docs/kernels.md). The integers are the same
+    and Q4_1 read 1.1-1.26x faster (Intel Xeon, Emerald Rapids; docs/kernels.md). The integers are the same
     exactly. AVX2's `vpermps` has 8 table lanes, too few for 16 nibble values."""
     table = ir.Constant(_vector(_F32, 16), [float(i) for i in range(16)])
     permute = cgutils.get_or_insert_function(
@@ -264,14 +265,15 @@ class _Tile(NamedTuple):
     tokens: list  # per token of the tile: its index, clamped to T - 1 (i64)
     y: object  # the output array (T, N)
     r0: object  # the first row (i64)
+    first: object  # i1: the first tile of a call, which asks for the bytes ahead (`_prefetch_ahead`)
 
 
 def _tile_start(context, builder, signature, args, rows, tokens, with_sums) -> _Tile:
-    """The arguments (x, [sums,] data, y, r0, t0) of a tile intrinsic unpacked for its loop."""
-    arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:-2], args[:-2])]
+    """The arguments (x, [sums,] data, y, r0, t0, first) of a tile intrinsic unpacked for its loop."""
+    arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:-3], args[:-3])]
     xs, data, y = arrays[0], arrays[-2], arrays[-1]
     sums = arrays[1] if with_sums else None
-    r0, t0 = args[-2], args[-1]
+    r0, t0, first = args[-3:]
     T, K = cgutils.unpack_tuple(builder, xs.shape, 2)
     N, L = cgutils.unpack_tuple(builder, data.shape, 2)
     base = builder.bitcast(data.data, _I8.as_pointer())
@@ -285,7 +287,7 @@ def _tile_start(context, builder, signature, args, rows, tokens, with_sums) -> _
     blocks = cgutils.unpack_tuple(builder, sums.shape, 2)[1] if with_sums else None
     return _Tile(K=K, N=N, blocks=blocks, w=w, x_rows=[builder.gep(xs.data, [builder.mul(ti, K)]) for ti in t],
                  sum_rows=[builder.gep(sums.data, [builder.mul(ti, blocks)]) for ti in t] if with_sums else None,
-                 tokens=t, y=y, r0=r0)
+                 tokens=t, y=y, r0=r0, first=cgutils.as_bool_bit(builder, first))
 
 
 def _tile_store(builder, tile, sums):
@@ -299,38 +301,38 @@ def _tile_store(builder, tile, sums):
 
 
 def _tile_intrinsic(with_sums: bool, codegen):
-    """The intrinsic (x, [sums,] data, y, r0, t0) -> None of a tile codegen: x, sums and y 2-D C float32,
-    data 2-D C uint8, r0 and t0 integers (taken as int64)."""
+    """The intrinsic (x, [sums,] data, y, r0, t0, first) -> None of a tile codegen: x, sums and y 2-D C
+    float32, data 2-D C uint8, r0 and t0 integers (taken as int64), first a boolean."""
 
     def floats_c(a):
         return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 and a.layout == "C"
 
-    def ok(x, sums, data, y, r0, t0):
+    def ok(x, sums, data, y, r0, t0, first):
         packed = isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C" and data.dtype == types.uint8
         return (floats_c(x) and (sums is None or floats_c(sums)) and floats_c(y) and packed
-                and isinstance(r0, types.Integer) and isinstance(t0, types.Integer))
+                and isinstance(r0, types.Integer) and isinstance(t0, types.Integer) and isinstance(first, types.Boolean))
 
     if with_sums:
 
         @intrinsic
-        def tile(typingctx, x, sums, data, y, r0, t0):
-            if ok(x, sums, data, y, r0, t0):
-                return types.void(x, sums, data, y, types.int64, types.int64), codegen
+        def tile(typingctx, x, sums, data, y, r0, t0, first):
+            if ok(x, sums, data, y, r0, t0, first):
+                return types.void(x, sums, data, y, types.int64, types.int64, first), codegen
             return None
 
         return tile
 
     @intrinsic
-    def tile_without_sums(typingctx, x, data, y, r0, t0):
-        if ok(x, None, data, y, r0, t0):
-            return types.void(x, data, y, types.int64, types.int64), codegen
+    def tile_without_sums(typingctx, x, data, y, r0, t0, first):
+        if ok(x, None, data, y, r0, t0, first):
+            return types.void(x, data, y, types.int64, types.int64, first), codegen
         return None
 
     return tile_without_sums
 
 
-def block_dot(qtype: str, rows: int, prefetch: bool, lanes: int = WIDTH, tokens: int = 1):
-    """The intrinsic (x, sums, data, y, r0, t0) of one block type (module docstring), in vectors of `lanes`
+def block_dot(qtype: str, rows: int, lanes: int = WIDTH, tokens: int = 1):
+    """The intrinsic (x, sums, data, y, r0, t0, first) of one block type (module docstring), in vectors of `lanes`
     float32 (8 or 16: 4 or 2 vectors a block), for `tokens` tokens at once: it writes y[t, r] for the rows
     r0 .. r0 + rows - 1 and tokens t0 .. t0 + tokens - 1, each clamped to N - 1 and T - 1 (a repeat computes
     the same value again). x (T, K), sums (T, K // 32) and y (T, N) are C-contiguous float32.
@@ -353,8 +355,7 @@ def block_dot(qtype: str, rows: int, prefetch: bool, lanes: int = WIDTH, tokens:
             c = builder.mul(b, ir.Constant(_I64, 32))  # the block's first column
             xv = [[_floats(builder, x_row, _plus(builder, c, lanes * j), lanes) for j in range(n)] for x_row in x_rows]
             block_sum = [builder.load(builder.gep(sum_row, [b])) for sum_row in sum_rows]
-            if prefetch:
-                _prefetch_ahead(builder, w, o, rows, size)
+            _prefetch_ahead(builder, tile, o, size)
             share = None  # per token: zero * sums[b] spread over the lanes (zero / lanes: 0.5, 1 or 2, exact)
             if zero:
                 share = [_splat(builder, builder.fmul(bs, ir.Constant(_F32, -zero / lanes)), floats) for bs in block_sum]
@@ -390,28 +391,25 @@ def _row_starts(builder, first, rows, N, L):
     return starts
 
 
-def _prefetch_ahead(builder, w, o, rows, size):
-    """The first token's hints (prefetch.py): the `rows` rows of the work item side by side are at flat byte
-    starts[0] + rows * o when each is at byte o, so ask for their next `rows` blocks of `size` bytes from
-    there, PREFETCH_AHEAD further on."""
-    start = builder.add(w.starts[0], builder.mul(o, ir.Constant(_I64, rows)))
-    prefetch_lines(builder, w.packed, start, rows * size, w.last_byte)
+def _prefetch_ahead(builder, tile, o, size):
+    """The first tile's hints (prefetch.py), emitted under `if tile.first` (later tiles of a call find the
+    bytes in cache): the R rows of the work item side by side are at flat byte starts[0] + R o when each is
+    at byte o, so ask for their next R blocks of `size` bytes from there, PREFETCH_AHEAD further on."""
+    w, rows = tile.w, len(tile.w.starts)
+    with builder.if_then(tile.first):
+        start = builder.add(w.starts[0], builder.mul(o, ir.Constant(_I64, rows)))
+        prefetch_lines(builder, w.packed, start, rows * size, w.last_byte)
 
 
 # Tokens per tile of the block types' kernels: 16 accumulators (4 rows x 4 tokens) and the tokens' x fit
 # AVX-512's 32 vector registers; AVX2's 16 hold one token's 4 rows and its x only.
 BLOCK_TOKENS = 4 if WIDTH == 16 else 1
 
-_Q8_0, _Q8_0_FIRST = block_dot("Q8_0", ROWS, False), block_dot("Q8_0", ROWS, True)
-_Q4_0, _Q4_0_FIRST = block_dot("Q4_0", ROWS, False), block_dot("Q4_0", ROWS, True)
-_Q4_1, _Q4_1_FIRST = block_dot("Q4_1", ROWS, False), block_dot("Q4_1", ROWS, True)
-_Q5_0, _Q5_0_FIRST = block_dot("Q5_0", ROWS, False), block_dot("Q5_0", ROWS, True)
-_Q5_1, _Q5_1_FIRST = block_dot("Q5_1", ROWS, False), block_dot("Q5_1", ROWS, True)
-_Q8_0_T, _Q8_0_T_FIRST = (block_dot("Q8_0", ROWS, f, WIDTH, BLOCK_TOKENS) for f in (False, True))
-_Q4_0_T, _Q4_0_T_FIRST = (block_dot("Q4_0", ROWS, f, WIDTH, BLOCK_TOKENS) for f in (False, True))
-_Q4_1_T, _Q4_1_T_FIRST = (block_dot("Q4_1", ROWS, f, WIDTH, BLOCK_TOKENS) for f in (False, True))
-_Q5_0_T, _Q5_0_T_FIRST = (block_dot("Q5_0", ROWS, f, WIDTH, BLOCK_TOKENS) for f in (False, True))
-_Q5_1_T, _Q5_1_T_FIRST = (block_dot("Q5_1", ROWS, f, WIDTH, BLOCK_TOKENS) for f in (False, True))
+_Q8_0, _Q8_0_T = block_dot("Q8_0", ROWS), block_dot("Q8_0", ROWS, WIDTH, BLOCK_TOKENS)
+_Q4_0, _Q4_0_T = block_dot("Q4_0", ROWS), block_dot("Q4_0", ROWS, WIDTH, BLOCK_TOKENS)
+_Q4_1, _Q4_1_T = block_dot("Q4_1", ROWS), block_dot("Q4_1", ROWS, WIDTH, BLOCK_TOKENS)
+_Q5_0, _Q5_0_T = block_dot("Q5_0", ROWS), block_dot("Q5_0", ROWS, WIDTH, BLOCK_TOKENS)
+_Q5_1, _Q5_1_T = block_dot("Q5_1", ROWS), block_dot("Q5_1", ROWS, WIDTH, BLOCK_TOKENS)
 
 
 @njit(inline="always")
@@ -422,29 +420,15 @@ def dot(kind, first, many, x, sums, data, y, r0, t):
     captured by each kernel: Numba's cache keys a closure on its captured values, and an intrinsic pickles
     differently in every process."""
     if kind == 0:
-        if many:
-            _Q8_0_T_FIRST(x, sums, data, y, r0, t) if first else _Q8_0_T(x, sums, data, y, r0, t)
-        else:
-            _Q8_0_FIRST(x, sums, data, y, r0, t) if first else _Q8_0(x, sums, data, y, r0, t)
+        _Q8_0_T(x, sums, data, y, r0, t, first) if many else _Q8_0(x, sums, data, y, r0, t, first)
     elif kind == 1:
-        if many:
-            _Q4_0_T_FIRST(x, sums, data, y, r0, t) if first else _Q4_0_T(x, sums, data, y, r0, t)
-        else:
-            _Q4_0_FIRST(x, sums, data, y, r0, t) if first else _Q4_0(x, sums, data, y, r0, t)
+        _Q4_0_T(x, sums, data, y, r0, t, first) if many else _Q4_0(x, sums, data, y, r0, t, first)
     elif kind == 2:
-        if many:
-            _Q4_1_T_FIRST(x, sums, data, y, r0, t) if first else _Q4_1_T(x, sums, data, y, r0, t)
-        else:
-            _Q4_1_FIRST(x, sums, data, y, r0, t) if first else _Q4_1(x, sums, data, y, r0, t)
+        _Q4_1_T(x, sums, data, y, r0, t, first) if many else _Q4_1(x, sums, data, y, r0, t, first)
     elif kind == 3:
-        if many:
-            _Q5_0_T_FIRST(x, sums, data, y, r0, t) if first else _Q5_0_T(x, sums, data, y, r0, t)
-        else:
-            _Q5_0_FIRST(x, sums, data, y, r0, t) if first else _Q5_0(x, sums, data, y, r0, t)
-    elif many:
-        _Q5_1_T_FIRST(x, sums, data, y, r0, t) if first else _Q5_1_T(x, sums, data, y, r0, t)
+        _Q5_0_T(x, sums, data, y, r0, t, first) if many else _Q5_0(x, sums, data, y, r0, t, first)
     else:
-        _Q5_1_FIRST(x, sums, data, y, r0, t) if first else _Q5_1(x, sums, data, y, r0, t)
+        _Q5_1_T(x, sums, data, y, r0, t, first) if many else _Q5_1(x, sums, data, y, r0, t, first)
 
 
 # --------------------------------------------------------------------- Q4_K and Q5_K: super-blocks of 256
@@ -502,14 +486,13 @@ def _shift(builder, v, n):
     return builder.shl(v, _const(_INTS8, n)) if n > 0 else builder.lshr(v, _const(_INTS8, -n)) if n < 0 else v
 
 
-def _super_block_scales(builder, tile, b, o, size, prefetch, mins):
+def _super_block_scales(builder, tile, b, o, size, mins):
     """Q4_K/Q5_K super-block b (at byte o of each row) of a tile: per row k, the 8 lanes d sc[j] (returned);
     -dmin m[j] times the sum of x over sub-block j added to lane j of mins[i][k] (8 lanes) for each token i.
-    With `prefetch`, the hints for the bytes ahead first."""
+    On the first tile of a call, the hints for the bytes ahead first."""
     w, base = tile.w, tile.w.packed
     sub_sums = [_floats(builder, sum_row, builder.mul(b, ir.Constant(_I64, 8))) for sum_row in tile.sum_rows]
-    if prefetch:
-        _prefetch_ahead(builder, w, o, len(w.starts), size)
+    _prefetch_ahead(builder, tile, o, size)
     dsc = []
     for k, start in enumerate(w.starts):
         row_o = builder.add(start, o)
@@ -522,9 +505,9 @@ def _super_block_scales(builder, tile, b, o, size, prefetch, mins):
     return dsc
 
 
-def k_quant_tile_dot(five: bool, rows: int, prefetch: bool, tokens: int):
+def k_quant_tile_dot(five: bool, rows: int, tokens: int):
     """Q4_K (five=False) or Q5_K (five=True) in 8-lane vectors for `tokens` tokens at once: the intrinsic
-    (x, sums, data, y, r0, t0) with the arguments of `block_dot` (it writes y); for Q5_K, x in byte-lane
+    (x, sums, data, y, r0, t0, first) with the arguments of `block_dot` (it writes y); for Q5_K, x in byte-lane
     order (`_q5_k_pair`). Each super-block's scales and each pair of sub-blocks' integers are unpacked once
     per row and serve every token; strict IR, so each token is summed alike in every tile."""
     size = 176 if five else 144
@@ -539,7 +522,7 @@ def k_quant_tile_dot(five: bool, rows: int, prefetch: bool, tokens: int):
             b = loop.index
             o = builder.mul(b, ir.Constant(_I64, size))
             c0 = builder.mul(b, ir.Constant(_I64, 256))  # the super-block's first column
-            dsc = _super_block_scales(builder, tile, b, o, size, prefetch, acc)  # minimums into lanes j of acc
+            dsc = _super_block_scales(builder, tile, b, o, size, acc)  # minimums into lanes j of acc
             for g in range(4):
                 col = _plus(builder, c0, 64 * g)
                 for k in range(rows):
@@ -590,7 +573,7 @@ def _q5_k_pair(builder, base, row_o, g):
             [builder.sitofp(_byte(builder, high, p), _FLOATS8) for p in range(4)])
 
 
-def q4_k_tile_dot(rows: int, prefetch: bool, tokens: int):
+def q4_k_tile_dot(rows: int, tokens: int):
     """Q4_K in 16-lane vectors for `tokens` tokens at once: the intrinsic (x, sums, data, y, r0, t0) with the
     arguments of `block_dot` (it writes y), on AVX-512 (`Q4_K_TOKENS`). Per super-block and row the scales
     are unpacked once; per pair of sub-blocks and row, two 16-byte loads zero-extended into int32 lanes give
@@ -621,7 +604,7 @@ def q4_k_tile_dot(rows: int, prefetch: bool, tokens: int):
             b = loop.index
             o = builder.mul(b, ir.Constant(_I64, size))
             c0 = builder.mul(b, ir.Constant(_I64, 256))  # the super-block's first column
-            dsc = _super_block_scales(builder, tile, b, o, size, prefetch, mins)
+            dsc = _super_block_scales(builder, tile, b, o, size, mins)
             for g in range(4):
                 col = _plus(builder, c0, 64 * g)
                 for k in range(rows):
@@ -647,29 +630,21 @@ def q4_k_tile_dot(rows: int, prefetch: bool, tokens: int):
 # Q4_K's tiles (AVX-512 only: the nibble table needs it, and 2 rows x 4 tokens of 16-lane accumulators need
 # its 32 registers). 0 elsewhere: Q4_K then runs the 8-lane loop above, one token at a time.
 Q4_K_TOKENS = 4 if AVX512 and WIDTH == 16 else 0
-_Q4_K_1, _Q4_K_1_FIRST = q4_k_tile_dot(2, False, 1), q4_k_tile_dot(2, True, 1)
-_Q4_K_T, _Q4_K_T_FIRST = (q4_k_tile_dot(2, f, max(Q4_K_TOKENS, 1)) for f in (False, True))
+_Q4_K_1, _Q4_K_T = q4_k_tile_dot(2, 1), q4_k_tile_dot(2, max(Q4_K_TOKENS, 1))
 
 
 @njit(inline="always")
-def q4_k_dot(first, x, sums, data, y, r0, t):
-    """y[t, r0], y[t, r0 + 1] = rows r0, r0 + 1 of Q4_K data times token t of x, by `q4_k_tile_dot`."""
-    _Q4_K_1_FIRST(x, sums, data, y, r0, t) if first else _Q4_K_1(x, sums, data, y, r0, t)
-
-
-@njit(inline="always")
-def q4_k_tile(first, x, sums, data, y, r0, t):
-    """`q4_k_dot` for Q4_K_TOKENS tokens t, t + 1, ... (those past the end repeat the last token)."""
-    _Q4_K_T_FIRST(x, sums, data, y, r0, t) if first else _Q4_K_T(x, sums, data, y, r0, t)
+def q4_k_tile(first, many, x, sums, data, y, r0, t):
+    """y[t, r0], y[t, r0 + 1] = rows r0, r0 + 1 of Q4_K data times token t of x (many: for Q4_K_TOKENS tokens
+    t, t + 1, ..., the last repeated past the end), by `q4_k_tile_dot`."""
+    _Q4_K_T(x, sums, data, y, r0, t, first) if many else _Q4_K_1(x, sums, data, y, r0, t, first)
 
 
 # Tokens per tile of the 8-lane K-quant loops (Q5_K everywhere, Q4_K on AVX2): 4 where AVX-512's 32 registers
 # hold 2 rows x 4 tokens of accumulators with the unpacked integers, else one token a pass.
 K_TOKENS = 4 if AVX512 and WIDTH == 16 else 1
-_Q4_K8_1, _Q4_K8_1_FIRST = k_quant_tile_dot(False, 2, False, 1), k_quant_tile_dot(False, 2, True, 1)
-_Q4_K8_T, _Q4_K8_T_FIRST = (k_quant_tile_dot(False, 2, f, K_TOKENS) for f in (False, True))
-_Q5_K_1, _Q5_K_1_FIRST = k_quant_tile_dot(True, 2, False, 1), k_quant_tile_dot(True, 2, True, 1)
-_Q5_K_T, _Q5_K_T_FIRST = (k_quant_tile_dot(True, 2, f, K_TOKENS) for f in (False, True))
+_Q4_K8_1, _Q4_K8_T = k_quant_tile_dot(False, 2, 1), k_quant_tile_dot(False, 2, K_TOKENS)
+_Q5_K_1, _Q5_K_T = k_quant_tile_dot(True, 2, 1), k_quant_tile_dot(True, 2, K_TOKENS)
 
 
 @njit(inline="always")
@@ -677,14 +652,9 @@ def k_quant_tile(five, first, many, x, sums, data, y, r0, t):
     """y[t, r0], y[t, r0 + 1] (many: for K_TOKENS tokens t, t + 1, ..., the last repeated past the end) of
     Q5_K data (five) or Q4_K data in 8 lanes, by `k_quant_tile_dot`; for Q5_K, x in byte-lane order."""
     if five:
-        if many:
-            _Q5_K_T_FIRST(x, sums, data, y, r0, t) if first else _Q5_K_T(x, sums, data, y, r0, t)
-        else:
-            _Q5_K_1_FIRST(x, sums, data, y, r0, t) if first else _Q5_K_1(x, sums, data, y, r0, t)
-    elif many:
-        _Q4_K8_T_FIRST(x, sums, data, y, r0, t) if first else _Q4_K8_T(x, sums, data, y, r0, t)
+        _Q5_K_T(x, sums, data, y, r0, t, first) if many else _Q5_K_1(x, sums, data, y, r0, t, first)
     else:
-        _Q4_K8_1_FIRST(x, sums, data, y, r0, t) if first else _Q4_K8_1(x, sums, data, y, r0, t)
+        _Q4_K8_T(x, sums, data, y, r0, t, first) if many else _Q4_K8_1(x, sums, data, y, r0, t, first)
 
 
 # ---------------------------------------------------------------------------------- Q6_K: super-blocks of 256
@@ -727,7 +697,7 @@ def _signed_byte(builder, lanes, p):
     return builder.ashr(top, _const(_INTS8, 24))
 
 
-def q6_k_tile_dot(prefetch: bool, tokens: int):
+def q6_k_tile_dot(tokens: int):
     """Q6_K for `tokens` tokens at once: the intrinsic (x_bl, data, y, r, t0), x_bl (T, K) in byte-lane order,
     writing y[t, r] for tokens t0 .. t0 + tokens - 1 (clamped to T - 1). Per super-block and half, the 8
     scales once; per quarter of 32 weights, the 32 numbers q - 32 unpacked once for all the tokens (section
@@ -746,8 +716,7 @@ def q6_k_tile_dot(prefetch: bool, tokens: int):
             b = loop.index
             o = builder.mul(b, ir.Constant(_I64, size))
             c0 = builder.mul(b, ir.Constant(_I64, 256))
-            if prefetch:
-                _prefetch_ahead(builder, w, o, 1, size)
+            _prefetch_ahead(builder, tile, o, size)
             row_o = builder.add(w.starts[0], o)
             d = _splat(builder, _f16(builder, base, _plus(builder, row_o, 208)))
             for h in range(2):
@@ -776,18 +745,14 @@ def q6_k_tile_dot(prefetch: bool, tokens: int):
 
 # Q6_K's tiles: 4 tokens on AVX-512 (32 registers), one token a pass elsewhere.
 Q6_K_TOKENS = K_TOKENS
-_Q6_K_1, _Q6_K_1_FIRST = q6_k_tile_dot(False, 1), q6_k_tile_dot(True, 1)
-_Q6_K_T, _Q6_K_T_FIRST = (q6_k_tile_dot(f, max(Q6_K_TOKENS, 1)) for f in (False, True))
+_Q6_K_1, _Q6_K_T = q6_k_tile_dot(1), q6_k_tile_dot(max(Q6_K_TOKENS, 1))
 
 
 @njit(inline="always")
 def q6_k_tile(first, many, x_bl, data, y, r, t):
     """y[t, r] (many: y[t .. t + Q6_K_TOKENS - 1, r], the last token repeated past the end) by
     `q6_k_tile_dot`."""
-    if many:
-        _Q6_K_T_FIRST(x_bl, data, y, r, t) if first else _Q6_K_T(x_bl, data, y, r, t)
-    else:
-        _Q6_K_1_FIRST(x_bl, data, y, r, t) if first else _Q6_K_1(x_bl, data, y, r, t)
+    _Q6_K_T(x_bl, data, y, r, t, first) if many else _Q6_K_1(x_bl, data, y, r, t, first)
 
 
 # ------------------------------------------------------------------ bf16 pairs: several tokens per widened row
