@@ -297,8 +297,8 @@ def assert_attention_close(q, k, v, start, window):
 
 @pytest.mark.parametrize("path", ["compiled", "blas", "blas-query-chunks"])
 def test_attention_many_queries_and_views_of_a_larger_cache(path, monkeypatch):
-    """Many queries through each path (compiled: the keys split into one range per thread, every query of
-    the call over each range, and value rows summed in chunks of `_VALUE_CHUNK` keys, windows starting
+    """Many queries through each path (compiled: the keys cut into blocks at fixed positions, every query of
+    the call over each block, and value rows summed in chunks of `_VALUE_CHUNK` keys, windows starting
     inside a chunk; BLAS: several query chunks, cut by the score block's bytes or by ATTENTION_QUERY_CHUNK,
     each chunk's products stopping at its last query's key), with k, v views of a preallocated cache and q
     a non-contiguous slice."""

@@ -13,8 +13,10 @@ What makes them fast, in one place (docs/kernels.md has the measurements):
   weight rows and shares every x[c] load between them, which gives four independent accumulators, and the
   four rows come from four long streams through the matrix (`_row_groups`), which the hardware prefetcher
   follows at the machine's read rate.
-- Reductions use `fastmath={"reassoc", "contract"}` so LLVM may reorder and vectorise float32 sums (the
-  only reason results differ from the reference at all); no kernel assumes "no inf / no nan".
+- Reductions use `fastmath={"reassoc", "contract"}` so LLVM may reorder and vectorise float32 sums, except
+  the decode products (vector.py's explicit loops, which fix their own order so that a token sums alike in
+  any batch) and the attention merge; the order of float32 additions is the only reason results differ
+  from the reference at all. No kernel assumes "no inf / no nan".
 - Kernels are `parallel=True` over independent rows, heads or queries (small inputs run on the calling
   thread alone: waking the other threads can cost more than the work, see `runtime.run`), and
   `cache=True`, so a second process loads the compiled code from __pycache__ instead of compiling again.
