@@ -59,7 +59,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from llvmlite import ir
+import numpy as np
+from llvmlite import binding, ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -172,9 +173,28 @@ def _bit_to_16s(builder, ints, shift):
     return builder.shl(builder.and_(builder.lshr(ints, shift), _const(ints.type, 1)), _const(ints.type, 4))
 
 
+# Every float16 as float32, indexed by its 16 bits: the blocks' scales d (and mins m) are read through it.
+# A load from this table, then a broadcast straight from memory, is work for the load ports alone, where the
+# conversion instruction (`vcvtph2ps`) and a register broadcast took two vector instructions per block and
+# row from the two vector ports that bind these loops on AVX-512: Q8_0 and Q4_0 ran 1.1-1.2x faster with it
+# (Intel Xeon, Emerald Rapids, 2026-12-01; docs/kernels.md, "Scales from a table"). GGML keeps the same
+# table for CPUs without F16C. The compiled loops find it by the symbol name F16_TABLE_SYMBOL (registered
+# with LLVM below, as Numba registers its own C helpers), so it is not baked into every cached kernel.
+F16_AS_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)  # (65536,) 256 KiB
+F16_TABLE_SYMBOL = "phinano_f16_as_f32"
+binding.add_symbol(F16_TABLE_SYMBOL, F16_AS_F32.ctypes.data)
+
+
 def _f16(builder, pointer, offset):
-    """The little-endian float16 at byte `offset`, as float32 (exact; vcvtph2ps with F16C)."""
-    return builder.fpext(_load(builder, pointer, offset, ir.HalfType()), _F32)
+    """The little-endian float16 at byte `offset`, as float32: F16_AS_F32[its bits] (exact)."""
+    module = builder.module
+    try:
+        table = module.get_global(F16_TABLE_SYMBOL)
+    except KeyError:
+        table = ir.GlobalVariable(module, ir.ArrayType(_F32, 1 << 16), F16_TABLE_SYMBOL)
+        table.linkage, table.global_constant = "external", True
+    bits = builder.zext(_load(builder, pointer, offset, ir.IntType(16)), _I64)
+    return builder.load(builder.gep(table, [ir.Constant(_I64, 0), bits]))
 
 
 def _plus(builder, offset, n):
@@ -184,7 +204,7 @@ def _plus(builder, offset, n):
 # ------------------------------------------------------------------- a block's 32 integers, per block type
 
 
-def _q8_0_integers(builder, block, lanes):
+def _q8_0_integers(builder, block, lanes, zero=0):
     """Q8_0 (d at 0, 32 int8 q at 2): q[n k .. n k + n - 1] as float32 (n = lanes), sign-extended."""
     row, o = block
     return [builder.sitofp(_ints(builder, row, _plus(builder, o, 2 + lanes * k), True, lanes), _vector(_F32, lanes))
@@ -193,16 +213,17 @@ def _q8_0_integers(builder, block, lanes):
 
 def _nibble_integers(qs_at, qh_at):
     """The legacy types: 16 bytes of nibbles at qs_at (byte i: q[i] low, q[i + 16] high) and, if qh_at is not
-    None, the uint32 of fifth bits at qh_at (bit j adds 16 to q[j])."""
+    None, the uint32 of fifth bits at qh_at (bit j adds 16 to q[j]). With `zero` (only where
+    `_zero_in_table`), q - zero."""
 
-    def integers(builder, block, lanes):
+    def integers(builder, block, lanes, zero=0):
         row, o = block
         ints = _vector(_I32, lanes)
         fifteen, four = _const(ints, 15), _const(ints, 4)
         if lanes == 16:
             qs = _ints(builder, row, _plus(builder, o, qs_at), lanes=16)  # bytes 0..15
             if qh_at is None and AVX512:  # the nibbles as float32 straight from a table (see `_nibbles_as_floats`)
-                return [_nibbles_as_floats(builder, qs), _nibbles_as_floats(builder, builder.lshr(qs, four))]
+                return [_nibbles_as_floats(builder, qs, zero), _nibbles_as_floats(builder, builder.lshr(qs, four), zero)]
             q = [builder.and_(qs, fifteen), builder.lshr(qs, four)]  # q[0..15], q[16..31]
         else:
             low8 = _ints(builder, row, _plus(builder, o, qs_at))  # bytes 0..7
@@ -219,13 +240,14 @@ def _nibble_integers(qs_at, qh_at):
     return integers
 
 
-def _nibbles_as_floats(builder, ints):
-    """float32(ints & 15) lane by lane, for 16 int32 lanes: one `vpermps` (AVX-512F) picks lane (ints & 15)
-    of the table 0.0 .. 15.0 (the instruction reads only the low 4 bits of each index). It replaces an AND
-    and an int-to-float conversion, which share AVX-512's two vector ports with the rest of the loop: Q4_0
-    and Q4_1 read 1.1-1.26x faster (Intel Xeon, Emerald Rapids; docs/kernels.md). The integers are the same
-    exactly. AVX2's `vpermps` has 8 table lanes, too few for 16 nibble values."""
-    table = ir.Constant(_vector(_F32, 16), [float(i) for i in range(16)])
+def _nibbles_as_floats(builder, ints, zero=0):
+    """float32((ints & 15) - zero) lane by lane, for 16 int32 lanes: one `vpermps` (AVX-512F) picks lane
+    (ints & 15) of the table -zero .. 15 - zero (the instruction reads only the low 4 bits of each index). It
+    replaces an AND and an int-to-float conversion, which share AVX-512's two vector ports with the rest of
+    the loop: Q4_0 and Q4_1 read 1.1-1.26x faster (Intel Xeon, Emerald Rapids; docs/kernels.md), and Q4_0's
+    zero point 8 costs nothing more. The values are the same exactly. AVX2's `vpermps` has 8 table lanes,
+    too few for 16 nibble values."""
+    table = ir.Constant(_vector(_F32, 16), [float(i - zero) for i in range(16)])
     permute = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(table.type, [table.type, ints.type]), "llvm.x86.avx512.permvar.sf.512")
     return builder.call(permute, [table, ints])
@@ -239,6 +261,14 @@ _BLOCKS = {
     "Q5_0": (22, _nibble_integers(6, 2), None, 16),
     "Q5_1": (24, _nibble_integers(8, 4), 2, 0),
 }
+
+
+
+
+def _zero_in_table(qtype: str, lanes: int) -> bool:
+    """Whether a type's nibble table (`_nibbles_as_floats`) subtracts its zero point itself: Q4_0 in 16 lanes
+    on AVX-512 (Q5_0's fifth bit comes after the nibbles, so its table holds nibbles only)."""
+    return qtype == "Q4_0" and lanes == 16 and AVX512
 
 
 # ------------------------------------------------------------------------------------------- the dot product
@@ -342,6 +372,8 @@ def block_dot(qtype: str, rows: int, lanes: int = WIDTH, tokens: int = 1):
     instructions in the same order whatever `tokens` is: a token of a tile is bit for bit that token alone."""
     size, integers, m_at, zero = _BLOCKS[qtype]
     floats, n = _vector(_F32, lanes), 32 // lanes
+    in_table = zero if _zero_in_table(qtype, lanes) else 0  # subtracted by the nibble table, not by a share
+    zero -= in_table
 
     def codegen(context, builder, signature, args):
         tile = _tile_start(context, builder, signature, args, rows, tokens, True)
@@ -361,7 +393,7 @@ def block_dot(qtype: str, rows: int, lanes: int = WIDTH, tokens: int = 1):
                 share = [_splat(builder, builder.fmul(bs, ir.Constant(_F32, -zero / lanes)), floats) for bs in block_sum]
             for k in range(rows):
                 row_o = builder.add(w.starts[k], o)
-                q = integers(builder, (base, row_o), lanes)  # unpacked once for all the tokens
+                q = integers(builder, (base, row_o), lanes, in_table)  # unpacked once for all the tokens
                 d = _splat(builder, _f16(builder, base, row_o), floats)
                 m = _f16(builder, base, _plus(builder, row_o, m_at)) if m_at is not None else None
                 for i in range(tokens):
