@@ -29,7 +29,8 @@ AMD EPYC (Zen 3, AVX2) machine, each kernel against the Q8_0 kernel in the same 
   token summed as it is alone (strict IR), for batched decode and short prompts.
 - Q5_K and Q6_K read their packed bytes 32 at a time and take byte p of every 4-byte lane as one vector,
   so x comes permuted to match (`_in_byte_lane_order`, once per call): 1.2-1.5x over widening 8 bytes at
-  a time (docs/kernels.md).
+  a time (docs/kernels.md). On AVX-512, Q6_K runs in 16 lanes in x's own order instead
+  (`vector.q6_k_wide_tile_dot`: 64 bytes of numbers q - 32 at a time, 1.2-1.35x).
 Unpacking each super-block once into a buffer of small integers and then multiplying (amortised over
 tokens) was also tried: slower for Q4_K and Q5_K at one token, faster only for Q6_K.
 """
@@ -232,7 +233,7 @@ def _q6_k_matmul(x, data, y):
     on AVX-512 (each quarter unpacked once for all of them) and one token a pass elsewhere. The first tile
     prefetches the bytes ahead.
     """
-    x_bl = _in_byte_lane_order(x)  # (T, K), made once: the same for every row
+    x_bl = x if vector.Q6_K_WIDE else _in_byte_lane_order(x)  # (T, K), made once: the same for every row
     T = x.shape[0]
     for r in prange(data.shape[0]):
         t = 0

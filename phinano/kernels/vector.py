@@ -197,6 +197,14 @@ def _f16(builder, pointer, offset):
     return builder.load(builder.gep(table, [ir.Constant(_I64, 0), bits]))
 
 
+def _keep_in_memory(builder, pointer):
+    """An empty inline-assembly statement that may have written any memory `pointer` leads to: LLVM must then
+    load those values from memory again instead of keeping them in registers (so a scalar used in 16
+    lanes becomes a broadcast load, work for the load ports, and not a shuffle). It emits no instruction."""
+    barrier = ir.FunctionType(ir.VoidType(), [pointer.type])
+    builder.asm(barrier, "", "r,~{memory}", [pointer], True)
+
+
 def _plus(builder, offset, n):
     return builder.add(offset, ir.Constant(_I64, n))
 
@@ -624,8 +632,11 @@ def q4_k_tile_dot(rows: int, tokens: int):
         mins = [[cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)] for _ in x_rows]
         four = _const(sixteen_lanes, 4)
 
-        def scale(v, j):  # lane j of the 8-lane v in all 16 lanes
-            return builder.shuffle_vector(v, ir.Constant(_FLOATS8, ir.Undefined), _const(sixteen_lanes, j))
+        slots = [cgutils.alloca_once(builder, _FLOATS8) for _ in range(rows)]
+
+        def scale(k, j):  # lane j of row k's d sc, in all 16 lanes: a broadcast from memory
+            at = builder.gep(builder.bitcast(slots[k], _F32.as_pointer()), [ir.Constant(_I32, j)])
+            return _splat(builder, builder.load(at), floats)
 
         def nibbles(q):
             if AVX512:
@@ -637,6 +648,9 @@ def q4_k_tile_dot(rows: int, tokens: int):
             o = builder.mul(b, ir.Constant(_I64, size))
             c0 = builder.mul(b, ir.Constant(_I64, 256))  # the super-block's first column
             dsc = _super_block_scales(builder, tile, b, o, size, mins)
+            for k in range(rows):
+                builder.store(dsc[k], slots[k])
+                _keep_in_memory(builder, slots[k])
             for g in range(4):
                 col = _plus(builder, c0, 64 * g)
                 for k in range(rows):
@@ -649,8 +663,8 @@ def q4_k_tile_dot(rows: int, tokens: int):
                         x_high = [_floats(builder, x_rows[i], _plus(builder, col, 32 + 16 * h), 16) for h in range(2)]
                         s_low = _llvm_fma(builder, x_low[1], low[1], builder.fmul(x_low[0], low[0]))
                         s_high = _llvm_fma(builder, x_high[1], high[1], builder.fmul(x_high[0], high[0]))
-                        a = _llvm_fma(builder, scale(dsc[k], 2 * g), s_low, builder.load(acc[i][k]))
-                        builder.store(_llvm_fma(builder, scale(dsc[k], 2 * g + 1), s_high, a), acc[i][k])
+                        a = _llvm_fma(builder, scale(k, 2 * g), s_low, builder.load(acc[i][k]))
+                        builder.store(_llvm_fma(builder, scale(k, 2 * g + 1), s_high, a), acc[i][k])
         _tile_store(builder, tile, [[builder.fadd(_ordered_lane_sum(builder, builder.load(a)),
                                                   _ordered_lane_sum(builder, builder.load(m)))
                                      for a, m in zip(a_row, m_row)] for a_row, m_row in zip(acc, mins)])
@@ -775,9 +789,87 @@ def q6_k_tile_dot(tokens: int):
     return _tile_intrinsic(False, codegen)
 
 
+# On AVX-512, Q6_K runs in 16 lanes and in x's own order instead (`q6_k_wide_tile_dot`). Per half h of a
+# super-block (128 weights), in 512-bit byte arithmetic (64 bytes at a time, as 32 words for the shifts):
+#     A = (ql[64h .. +63] & 15)      | (qh[32h .. +31] << 4 | << 2) & 0x30     quarters 0, 1: weights 0 .. 63
+#     B = (ql[64h .. +63] >> 4 & 15) | (qh[32h .. +31] >> 0 | >> 2) & 0x30     quarters 2, 3: weights 64 .. 127
+# (qh's 32 bytes sit in both halves of one register, shifted by the first amount in the low half and by
+# the second in the high one), minus 32 in every byte: the half's 128 numbers q - 32, in order. Each
+# sub-block j of 16 is then 16 of those bytes, sign-extended:
+#     w            = float(q - 32 of sub-block j) * (d sc[j])     (16 lanes: the dequantized weights, exactly)
+#     acc[t][j % 4] += x[t, 16 j : 16 j + 16] * w                 per token t of the tile
+# Four accumulators a token keep four multiply-adds in flight (one would wait for the last at every
+# sub-block); they are added as (a0 + a1) + (a2 + a3) at the end. d sc[j] comes as a broadcast from memory
+# (`_keep_in_memory`), like Q4_K's. Per 32 weights about 12 vector instructions, against about 22 of the
+# 8-lane loop above in 256-bit registers: 1.2-1.35x (docs/kernels.md, "Q6_K in 16 lanes").
+Q6_K_WIDE = AVX512 and WIDTH == 16
+
+
+def q6_k_wide_tile_dot(tokens: int):
+    """Q6_K in 16 lanes for `tokens` tokens at once (AVX-512; the section above): the intrinsic
+    (x, data, y, r, t0, first), x (T, K) in its own order, writing y[t, r] for tokens t0 .. t0 + tokens - 1
+    (clamped to T - 1). Each half super-block's numbers q - 32 are unpacked once for all the tokens. Strict
+    IR (`llvm.fma`, no fast-math flags): each token is summed alike in every tile."""
+    size, floats, ints = 210, _vector(_F32, 16), _vector(_I32, 16)
+    bytes16, bytes32, bytes64, words = _vector(_I8, 16), _vector(_I8, 32), _vector(_I8, 64), _vector(ir.IntType(16), 32)
+
+    def halves(low, high):  # 32 words: `low` in the low 256 bits, `high` in the high ones
+        return ir.Constant(words, [low] * 16 + [high] * 16)
+
+    def codegen(context, builder, signature, args):
+        tile = _tile_start(context, builder, signature, args, 1, tokens, False)
+        w, x_rows, base, K = tile.w, tile.x_rows, tile.w.packed, tile.K
+        acc = [[cgutils.alloca_once_value(builder, _const(floats, 0.0)) for _ in range(4)] for _ in x_rows]
+        scales = cgutils.alloca_once(builder, floats)  # d sc[0 .. 15] of the super-block
+        nibbles, pairs = halves(0x0F0F, 0x0F0F), halves(0x3030, 0x3030)
+
+        def load(at, vector_type):  # the bytes at offset `at` of the packed matrix
+            return builder.load(builder.bitcast(builder.gep(base, [at]), vector_type.as_pointer()), align=1)
+
+        with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 256))) as loop:
+            b = loop.index
+            o = builder.mul(b, ir.Constant(_I64, size))
+            c0 = builder.mul(b, ir.Constant(_I64, 256))
+            _prefetch_ahead(builder, tile, o, size)
+            row_o = builder.add(w.starts[0], o)
+            d = _splat(builder, _f16(builder, base, _plus(builder, row_o, 208)), floats)
+            sc = builder.sext(load(_plus(builder, row_o, 192), bytes16), ints)  # sc[0 .. 15]
+            builder.store(builder.fmul(d, builder.sitofp(sc, floats)), scales)
+            _keep_in_memory(builder, scales)
+            for h in range(2):
+                ql = builder.bitcast(load(_plus(builder, row_o, 64 * h), bytes64), words)
+                qh32 = load(_plus(builder, row_o, 128 + 32 * h), bytes32)
+                qh = builder.bitcast(builder.shuffle_vector(qh32, qh32, ir.Constant(_vector(_I32, 64), list(range(32)) * 2)),
+                                     words)
+                six = [builder.or_(builder.and_(ql, nibbles), builder.and_(builder.shl(qh, halves(4, 2)), pairs)),
+                       builder.or_(builder.and_(builder.lshr(ql, _const(words, 4)), nibbles),
+                                   builder.and_(builder.lshr(qh, halves(0, 2)), pairs))]
+                q = [builder.sub(builder.bitcast(v, bytes64), _const(bytes64, 32)) for v in six]  # weights 0-63, 64-127
+                for j in range(8):  # sub-block 8h + j: weights 128h + 16j .. + 15
+                    part = ir.Constant(_vector(_I32, 16), list(range(16 * (j % 4), 16 * (j % 4) + 16)))
+                    numbers = builder.sext(builder.shuffle_vector(q[j // 4], q[j // 4], part), ints)
+                    dsc = builder.load(builder.gep(builder.bitcast(scales, _F32.as_pointer()), [ir.Constant(_I32, 8 * h + j)]))
+                    weights = builder.fmul(builder.sitofp(numbers, floats), _splat(builder, dsc, floats))
+                    col = _plus(builder, c0, 128 * h + 16 * j)
+                    for i in range(tokens):
+                        a = acc[i][j % 4]
+                        builder.store(_llvm_fma(builder, _floats(builder, x_rows[i], col, 16), weights, builder.load(a)), a)
+        sums = []
+        for a in acc:  # (a0 + a1) + (a2 + a3), then the lanes
+            v = [builder.load(p) for p in a]
+            sums.append([_ordered_lane_sum(builder, builder.fadd(builder.fadd(v[0], v[1]), builder.fadd(v[2], v[3])))])
+        _tile_store(builder, tile, sums)
+        return context.get_dummy_value()
+
+    return _tile_intrinsic(False, codegen)
+
+
 # Q6_K's tiles: 4 tokens on AVX-512 (32 registers), one token a pass elsewhere.
 Q6_K_TOKENS = K_TOKENS
-_Q6_K_1, _Q6_K_T = q6_k_tile_dot(1), q6_k_tile_dot(max(Q6_K_TOKENS, 1))
+if Q6_K_WIDE:
+    _Q6_K_1, _Q6_K_T = q6_k_wide_tile_dot(1), q6_k_wide_tile_dot(max(Q6_K_TOKENS, 1))
+else:
+    _Q6_K_1, _Q6_K_T = q6_k_tile_dot(1), q6_k_tile_dot(max(Q6_K_TOKENS, 1))
 
 
 @njit(inline="always")
