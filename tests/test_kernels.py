@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -453,18 +454,31 @@ def test_reference_set_threads_limits_blas_through_threadpoolctl(monkeypatch):
 # ----------------------------------------------------------------------------------------------------- runtime
 
 
-def test_run_puts_small_work_on_the_calling_thread_and_restores_the_thread_count():
-    before = runtime.threads()
-    seen = []
-    runtime.run(lambda: seen.append(runtime.threads()), runtime.PARALLEL_MIN_WORK - 1)
-    runtime.run(lambda: seen.append(runtime.threads()), runtime.PARALLEL_MIN_WORK)
-    assert seen == [1, before] and runtime.threads() == before
+@numba.njit(parallel=True, cache=True)
+def _which_threads(out):
+    """out[i] = the id of the pool thread that ran iteration i (0: the calling thread)."""
+    for i in numba.prange(out.shape[0]):
+        out[i] = numba.get_thread_id()
 
-    def fails():
+
+def test_run_puts_small_work_on_a_serial_twin_and_large_work_on_the_threads():
+    before = runtime.threads()
+    small, large = np.full(64, -1), np.full(64, -1)
+    runtime.run(_which_threads, runtime.PARALLEL_MIN_WORK - 1, small)
+    runtime.run(_which_threads, runtime.PARALLEL_MIN_WORK, large)
+    assert set(small) == {0}  # every iteration on the calling thread
+    assert set(large) == set(range(before)) if before > 1 else {0}
+    assert runtime.threads() == before
+    twin = runtime.serial_twin(_which_threads)  # what run() made and keeps for it
+    assert not twin.targetoptions.get("parallel") and twin.py_func.__qualname__ == "_which_threads_serial"
+    assert runtime.serial_twin(twin) is twin  # a serial kernel is its own twin
+
+    @numba.njit(parallel=True)
+    def fails(x):
         raise RuntimeError("kernel failed")
 
     with pytest.raises(RuntimeError, match="kernel failed"):
-        runtime.run(fails, 1)
+        runtime.run(fails, 1, small)
     assert runtime.threads() == before
 
 
