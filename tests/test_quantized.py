@@ -409,11 +409,14 @@ from phinano.formats.quantized import QuantizedTensor
 from phinano.kernels import fast
 from phinano.testing.strategies import make_weight
 from phinano.kernels.quantized import KERNELS
+from phinano.kernels.runtime import PARALLEL_MIN_WORK, serial_twin
 hits = {}
 for qtype, block_bytes, block in (("Q8_0", 34, 32), ("Q4_K", 144, 256), ("Q6_K", 210, 256)):
-    w = QuantizedTensor(qtype, (4, 256), np.zeros((4, 256 // block * block_bytes), np.uint8))
-    fast.linear(np.ones((1, 256), np.float32), w)
-    hits[qtype] = sum(KERNELS[qtype].matmul.stats.cache_hits.values())
+    for N in (4, PARALLEL_MIN_WORK // 256):  # the serial twin (small work), then the parallel kernel
+        w = QuantizedTensor(qtype, (N, 256), np.zeros((N, 256 // block * block_bytes), np.uint8))
+        fast.linear(np.ones((1, 256), np.float32), w)
+    kernel = KERNELS[qtype].matmul
+    hits[qtype] = [sum(k.stats.cache_hits.values()) for k in (serial_twin(kernel), kernel)]
 print(json.dumps(hits))
 """
 
@@ -422,13 +425,14 @@ def test_packed_decode_kernels_load_from_numbas_cache_in_a_new_process(tmp_path)
     """The fused kernels of the three families (a closure per type number, one per Q4_K/Q5_K flag, a module
     function) reach their loops through intrinsics that vector.py keeps as module globals. A kernel that
     captured an intrinsic instead would never hit Numba's cache (an intrinsic pickles differently in every
-    process) and would be compiled again at every start: the second process must find all three cached."""
+    process) and would be compiled again at every start: the second process must find all three cached, and
+    their serial twins (runtime.serial_twin: small work) too."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     runs = [subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True, env=env, timeout=600)
             for _ in range(2)]
     for run in runs:
         assert run.returncode == 0, run.stderr
-    assert json.loads(runs[1].stdout) == {"Q8_0": 1, "Q4_K": 1, "Q6_K": 1}
+    assert json.loads(runs[1].stdout) == {"Q8_0": [1, 1], "Q4_K": [1, 1], "Q6_K": [1, 1]}
 
 
 # ------------------------------------------------------------------------ the other vector width

@@ -32,6 +32,7 @@ class AttentionWeights:
     k_bias: np.ndarray | None = None  # (KVH*HD,)
     v_bias: np.ndarray | None = None  # (KVH*HD,)
     o_bias: np.ndarray | None = None  # (D,)
+    qkv: np.ndarray | None = None  # (H*HD + 2*KVH*HD, D): q, k, v stacked, where the checkpoint stores them so
 
 
 @dataclass
@@ -67,9 +68,14 @@ def self_attention(ops, cfg, w: AttentionWeights, x: np.ndarray, step: Step | li
     are consecutive rows of x, in order, and each sequence rotates, caches and attends within its own
     cache. The projections run once over all rows; only the attention itself is per sequence."""
     T = x.shape[0]
-    q = ops.linear(x, w.q, w.q_bias).reshape(T, cfg.num_attention_heads, cfg.head_dim)  # (T, H, HD)
-    k = ops.linear(x, w.k, w.k_bias).reshape(T, cfg.num_key_value_heads, cfg.head_dim)  # (T, KVH, HD)
-    v = ops.linear(x, w.v, w.v_bias).reshape(T, cfg.num_key_value_heads, cfg.head_dim)  # (T, KVH, HD)
+    if w.qkv is not None:  # one product over the fused matrix, then its columns split Q | K | V
+        qkv = ops.linear(x, w.qkv)  # (T, q_size + 2 kv_size)
+        q, k, v = qkv[:, : cfg.q_size], qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size], qkv[:, cfg.q_size + cfg.kv_size :]
+    else:
+        q, k, v = ops.linear(x, w.q, w.q_bias), ops.linear(x, w.k, w.k_bias), ops.linear(x, w.v, w.v_bias)
+    q = q.reshape(T, cfg.num_attention_heads, cfg.head_dim)  # (T, H, HD)
+    k = k.reshape(T, cfg.num_key_value_heads, cfg.head_dim)  # (T, KVH, HD)
+    v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)  # (T, KVH, HD)
 
     def attend(s: Step, q, keys, values):  # (n, H, HD) over the sequence's (S, KVH, HD) cache
         if wants(s, "attention", layer):  # only computed when asked for: (H, n, S) is large

@@ -56,16 +56,10 @@ def threads() -> int:
 def run(kernel, work: int, *args) -> None:
     """kernel(*args), or its serial twin (`serial_twin`) on the calling thread when `work` is below
     PARALLEL_MIN_WORK elements."""
-    if work >= PARALLEL_MIN_WORK:
-        kernel(*args)
-        return
-    twin = _twins.get(kernel)
-    if twin is None:
-        twin = _twins[kernel] = serial_twin(kernel)
-    twin(*args)
+    (kernel if work >= PARALLEL_MIN_WORK else serial_twin(kernel))(*args)
 
 
-_twins: dict = {}
+_twins: dict = {}  # kernel -> its serial twin, made at the first call that needs it
 
 
 def serial_twin(kernel):
@@ -79,12 +73,16 @@ def serial_twin(kernel):
     against 6 us for the same loop compiled serial (Intel Xeon, Emerald Rapids, 2026-12-01; 8 us and
     1.6 us warm). The twin's function gets its own name (`<name>_serial`), so Numba's on-disk cache,
     which files compiled code by function name, keeps the two apart."""
+    twin = _twins.get(kernel)
+    if twin is not None:
+        return twin
     if not getattr(kernel, "targetoptions", {}).get("parallel"):
         return kernel
     f = kernel.py_func
     body = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
     body.__qualname__, body.__module__ = f.__qualname__ + "_serial", f.__module__
-    return numba.njit(cache=True, fastmath=kernel.targetoptions.get("fastmath", False))(body)
+    twin = _twins[kernel] = numba.njit(cache=True, fastmath=kernel.targetoptions.get("fastmath", False))(body)
+    return twin
 
 
 # BLAS work (prefill) is split by us into one independent part per thread, each run on a worker thread
