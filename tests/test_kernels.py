@@ -482,6 +482,57 @@ def test_run_puts_small_work_on_a_serial_twin_and_large_work_on_the_threads():
     assert runtime.threads() == before
 
 
+def _every_op_on_small_inputs(rng):
+    """(name, thunk) for each op whose kernel `runtime.run` may give to the serial twin: products of every
+    stored weight type over 1, 3 and 5 tokens and batched rows, norms, rotary, activations, attention."""
+    from phinano.formats.gguf_write import encode_tensor
+    from phinano.formats.quantized import QuantizedTensor
+
+    def x(*shape):
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    weights = [make_weight(rng, (37, 512), dtype) for dtype in ("bf16", "float16", "float32")]
+    weights += [QuantizedTensor(q, (37, 512), encode_tensor(x(37, 512), q))
+                for q in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")]
+    ops = []
+    for w in weights:
+        name = getattr(w, "qtype", None) or str(w.dtype)
+        for T in (1, 3, 5):
+            xs = x(T, 512)
+            ops += [(f"linear {name} T={T}", lambda w=w, xs=xs: fast.linear(xs, w)),
+                    (f"linear_rows {name} B={T}", lambda w=w, xs=xs: fast.linear_rows(xs, w))]
+        ops.append((f"widen {name}", lambda w=w: fast.widen(w)))
+    h, g = x(3, 3072), x(3, 2 * 4096)
+    ops += [("rmsnorm", lambda: fast.rmsnorm(h, h[0], 1e-5)),
+            ("layernorm", lambda: fast.layernorm(h, h[0], h[1], 1e-5)),
+            ("rope", lambda: fast.rope(h.reshape(3, 32, 96), h[:, :96], h[:, 96:192])),
+            ("softmax", lambda: fast.softmax(h)),
+            ("swiglu", lambda: fast.swiglu(g[:, :4096], g[:, 4096:])),
+            ("gegelu", lambda: fast.gegelu(g, 7.0)),
+            ("gelu", lambda: fast.gelu(h)),
+            ("quick_gelu", lambda: fast.quick_gelu(h))]
+    for S, T in ((5, 1), (300, 3), (700, 1)):
+        q, k, v = x(T, 32, 96), x(S, 8, 96), x(S, 8, 96)
+        ops.append((f"attention S={S} T={T}", lambda q=q, k=k, v=v, S=S, T=T: fast.attention(q, k, v, S - T, None)))
+    q, k, v = x(2, 8, 64), x(70, 2, 64), x(70, 2, 64)
+    ops.append(("blocksparse_attention", lambda: fast.blocksparse_attention(q, k, v, 68, 16, 2, 2, 1)))
+    return ops
+
+
+def test_small_work_on_the_serial_twins_gives_bit_for_bit_what_the_threads_give(monkeypatch):
+    """`runtime.run` hands small work to a kernel's serial twin (the same source compiled without threads).
+    Batched rows, short speculative steps and the single steps they must equal fall on either side of the
+    switch, so the two compiled forms must round alike: every op here, all on the threads, then all on
+    the twins."""
+    ops = _every_op_on_small_inputs(np.random.default_rng(11))
+    monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0)  # everything on the parallel kernels
+    threaded = [op() for _, op in ops]
+    monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 1 << 62)  # everything on the twins
+    for (name, op), want in zip(ops, threaded):
+        got = op()
+        assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8)), name
+
+
 @pytest.mark.parametrize("thread_local_blas", [True, False])  # False: OpenBLAS without the thread-local setting
 def test_in_parts_runs_every_part_once_and_propagates_errors(thread_local_blas, monkeypatch):
     if not thread_local_blas:
