@@ -4,9 +4,10 @@ K-quants in kquants.py `k_quant_tile` (Q4_K, Q5_K), `q4_k_tile` (Q4_K on AVX-512
 `q6_k_tile` (Q6_K), whose sections below say how they differ. Every loop takes a tile of tokens (one
 token, or several that share each unpacked block) and writes y itself.
 The legacy types' vectors have WIDTH float32 lanes: 16 (one AVX-512 register) where the CPU has AVX-512,
-else 8 (AVX2); Q4_K's too (`q4_k_tile_dot`), Q5_K's and Q6_K's have 8. On AVX-512 the 4-bit
-types turn nibbles into float32 by a table lookup (`_nibbles_as_floats`). The bf16 decode loop lives here
-too (section "bf16 pairs"), written out for a different reason: each token summed alike in every tile.
+else 8 (AVX2); Q4_K's too (`q4_k_tile_dot`), Q5_K's have 8. On AVX-512 the 4-bit types turn nibbles
+into float32 by a table lookup (`_nibbles_as_floats`), Q4_0 and Q4_1 straight into their dequantized
+weights (`nibble_table_dot`), and Q6_K runs in 16 lanes (`q6_k_wide_tile_dot`). The bf16 decode loop lives
+here too (section "bf16 pairs"), written out for a different reason: each token summed alike in every tile.
 
 Why explicit vectors. These products are bound by arithmetic on an AVX2 CPU: each weight is unpacked to
 float32 and multiplied, and the memory brings the bytes faster than the core unpacks them. So every
@@ -39,7 +40,7 @@ Per block b of 32 weights and per row (weight = d * (q - zero) or d * q + m), wi
     s    = x[t, 32b : 32b + n] q0 + x[t, 32b + n : 32b + 2n] q1 + ... - (zero / n) sums[t, b]  (n lanes)
     acc += d s                                                                          (n lanes)
     a   += m sums[t, b]                                            (only types with a stored minimum m)
-and y = (sum of acc's n lanes) + a. The zero point's share -(zero / n) sums[b] sits in every lane, so the
+and y = (sum of acc's n lanes) + a (`block_dot`; Q4_0 and Q4_1 on AVX-512 differ, `nibble_table_dot`). The zero point's share -(zero / n) sums[b] sits in every lane, so the
 n lanes together subtract zero * sums[b], the block's d * zero * sum of x once scaled by d; zero / n is a
 power of two (1 or 2 for 8 lanes, 0.5 or 1 for 16), an exact scaling. Results differ from the unpacked
 reference only in the order of float32 additions and in the rounding of that share
@@ -212,7 +213,7 @@ def _plus(builder, offset, n):
 # ------------------------------------------------------------------- a block's 32 integers, per block type
 
 
-def _q8_0_integers(builder, block, lanes, zero=0):
+def _q8_0_integers(builder, block, lanes):
     """Q8_0 (d at 0, 32 int8 q at 2): q[n k .. n k + n - 1] as float32 (n = lanes), sign-extended."""
     row, o = block
     return [builder.sitofp(_ints(builder, row, _plus(builder, o, 2 + lanes * k), True, lanes), _vector(_F32, lanes))
@@ -221,17 +222,16 @@ def _q8_0_integers(builder, block, lanes, zero=0):
 
 def _nibble_integers(qs_at, qh_at):
     """The legacy types: 16 bytes of nibbles at qs_at (byte i: q[i] low, q[i + 16] high) and, if qh_at is not
-    None, the uint32 of fifth bits at qh_at (bit j adds 16 to q[j]). With `zero` (only where
-    `_zero_in_table`), q - zero."""
+    None, the uint32 of fifth bits at qh_at (bit j adds 16 to q[j])."""
 
-    def integers(builder, block, lanes, zero=0):
+    def integers(builder, block, lanes):
         row, o = block
         ints = _vector(_I32, lanes)
         fifteen, four = _const(ints, 15), _const(ints, 4)
         if lanes == 16:
             qs = _ints(builder, row, _plus(builder, o, qs_at), lanes=16)  # bytes 0..15
             if qh_at is None and AVX512:  # the nibbles as float32 straight from a table (see `_nibbles_as_floats`)
-                return [_nibbles_as_floats(builder, qs, zero), _nibbles_as_floats(builder, builder.lshr(qs, four), zero)]
+                return [_nibbles_as_floats(builder, qs), _nibbles_as_floats(builder, builder.lshr(qs, four))]
             q = [builder.and_(qs, fifteen), builder.lshr(qs, four)]  # q[0..15], q[16..31]
         else:
             low8 = _ints(builder, row, _plus(builder, o, qs_at))  # bytes 0..7
@@ -248,17 +248,23 @@ def _nibble_integers(qs_at, qh_at):
     return integers
 
 
-def _nibbles_as_floats(builder, ints, zero=0):
-    """float32((ints & 15) - zero) lane by lane, for 16 int32 lanes: one `vpermps` (AVX-512F) picks lane
-    (ints & 15) of the table -zero .. 15 - zero (the instruction reads only the low 4 bits of each index). It
-    replaces an AND and an int-to-float conversion, which share AVX-512's two vector ports with the rest of
-    the loop: Q4_0 and Q4_1 read 1.1-1.26x faster (Intel Xeon, Emerald Rapids; docs/kernels.md), and Q4_0's
-    zero point 8 costs nothing more. The values are the same exactly. AVX2's `vpermps` has 8 table lanes,
-    too few for 16 nibble values."""
-    table = ir.Constant(_vector(_F32, 16), [float(i - zero) for i in range(16)])
+def _lookup(builder, table, ints):
+    """table[ints & 15] lane by lane, for a 16-lane float32 table and 16 int32 lanes: one `vpermps`
+    (AVX-512F), which reads only the low 4 bits of each index lane."""
     permute = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(table.type, [table.type, ints.type]), "llvm.x86.avx512.permvar.sf.512")
     return builder.call(permute, [table, ints])
+
+
+_NIBBLES = ir.Constant(_vector(_F32, 16), [float(i) for i in range(16)])  # 0.0 .. 15.0
+
+
+def _nibbles_as_floats(builder, ints):
+    """float32(ints & 15) lane by lane, for 16 int32 lanes: a lookup in the table 0.0 .. 15.0 (`_lookup`).
+    It replaces an AND and an int-to-float conversion, which share AVX-512's two vector ports with the rest
+    of the loop: the 4-bit loops read 1.1-1.26x faster (Intel Xeon, Emerald Rapids; docs/kernels.md). The
+    integers are the same exactly. AVX2's `vpermps` has 8 table lanes, too few for 16 nibble values."""
+    return _lookup(builder, _NIBBLES, ints)
 
 
 # (bytes per block, its integers, where m is or None, zero point or 0) per type
@@ -271,12 +277,6 @@ _BLOCKS = {
 }
 
 
-
-
-def _zero_in_table(qtype: str, lanes: int) -> bool:
-    """Whether a type's nibble table (`_nibbles_as_floats`) subtracts its zero point itself: Q4_0 in 16 lanes
-    on AVX-512 (Q5_0's fifth bit comes after the nibbles, so its table holds nibbles only)."""
-    return qtype == "Q4_0" and lanes == 16 and AVX512
 
 
 # ------------------------------------------------------------------------------------------- the dot product
@@ -380,8 +380,6 @@ def block_dot(qtype: str, rows: int, lanes: int = WIDTH, tokens: int = 1):
     instructions in the same order whatever `tokens` is: a token of a tile is bit for bit that token alone."""
     size, integers, m_at, zero = _BLOCKS[qtype]
     floats, n = _vector(_F32, lanes), 32 // lanes
-    in_table = zero if _zero_in_table(qtype, lanes) else 0  # subtracted by the nibble table, not by a share
-    zero -= in_table
 
     def codegen(context, builder, signature, args):
         tile = _tile_start(context, builder, signature, args, rows, tokens, True)
@@ -401,7 +399,7 @@ def block_dot(qtype: str, rows: int, lanes: int = WIDTH, tokens: int = 1):
                 share = [_splat(builder, builder.fmul(bs, ir.Constant(_F32, -zero / lanes)), floats) for bs in block_sum]
             for k in range(rows):
                 row_o = builder.add(w.starts[k], o)
-                q = integers(builder, (base, row_o), lanes, in_table)  # unpacked once for all the tokens
+                q = integers(builder, (base, row_o), lanes)  # unpacked once for all the tokens
                 d = _splat(builder, _f16(builder, base, row_o), floats)
                 m = _f16(builder, base, _plus(builder, row_o, m_at)) if m_at is not None else None
                 for i in range(tokens):
@@ -415,6 +413,51 @@ def block_dot(qtype: str, rows: int, lanes: int = WIDTH, tokens: int = 1):
         if m_at is not None:
             out = [[builder.fadd(v, builder.load(m)) for v, m in zip(o, ms)] for o, ms in zip(out, mins)]
         _tile_store(builder, tile, out)
+        return context.get_dummy_value()
+
+    return _tile_intrinsic(True, codegen)
+
+
+def nibble_table_dot(qtype: str, rows: int, tokens: int = 1):
+    """Q4_0 or Q4_1 on AVX-512 (`NIBBLE_TABLES`): the intrinsic of `block_dot`, with the same arguments and
+    result, written around the table of the 16 weights a nibble can stand for. Per block and row:
+        table    = d * (0 .. 15 - zero) [+ m]         16 lanes (Q4_0: zero 8; Q4_1: zero 0 and its m)
+        w0, w1   = table[q & 15], table[q >> 4]       of bytes 0 .. 15: the block's 32 weights (`_lookup`)
+        acc[t]  = fma(x[t, 32b + 16 : + 16], w1, fma(x[t, 32b : + 16], w0, acc[t]))   per token t
+    Each table entry is the float32 the reference unpacking makes (d (q - zero) is exact; + m rounds once,
+    as there), so w0 and w1 are the dequantized weights exactly. The table, its two lookups, the zero
+    extension and the shift (5 instructions) serve every token of the tile, and each token then costs 2
+    multiply-adds per block and row, where `block_dot` spends 3. Strict IR, as there: a token of a tile is
+    bit for bit that token alone."""
+    size, _, m_at, zero = _BLOCKS[qtype]
+    floats = _vector(_F32, 16)
+    steps = ir.Constant(floats, [float(i - zero) for i in range(16)])
+    four = _const(_vector(_I32, 16), 4)
+
+    def codegen(context, builder, signature, args):
+        tile = _tile_start(context, builder, signature, args, rows, tokens, True)
+        w, x_rows, base, blocks = tile.w, tile.x_rows, tile.w.packed, tile.blocks
+        acc = [[cgutils.alloca_once_value(builder, _const(floats, 0.0)) for _ in range(rows)] for _ in x_rows]
+
+        with cgutils.for_range(builder, blocks) as loop:
+            b = loop.index
+            o = builder.mul(b, ir.Constant(_I64, size))  # the block's byte offset in a row
+            c = builder.mul(b, ir.Constant(_I64, 32))  # the block's first column
+            xv = [[_floats(builder, x_row, _plus(builder, c, 16 * j), 16) for j in range(2)] for x_row in x_rows]
+            _prefetch_ahead(builder, tile, o, size)
+            for k in range(rows):
+                row_o = builder.add(w.starts[k], o)
+                d = _splat(builder, _f16(builder, base, row_o), floats)
+                if m_at is None:
+                    table = builder.fmul(d, steps)
+                else:
+                    table = _llvm_fma(builder, d, steps, _splat(builder, _f16(builder, base, _plus(builder, row_o, m_at)), floats))
+                qs = _ints(builder, base, _plus(builder, row_o, size - 16), lanes=16)  # bytes 0 .. 15
+                weights = [_lookup(builder, table, qs), _lookup(builder, table, builder.lshr(qs, four))]
+                for i in range(tokens):
+                    a = _llvm_fma(builder, xv[i][0], weights[0], builder.load(acc[i][k]))
+                    builder.store(_llvm_fma(builder, xv[i][1], weights[1], a), acc[i][k])
+        _tile_store(builder, tile, [[_ordered_lane_sum(builder, builder.load(a)) for a in row] for row in acc])
         return context.get_dummy_value()
 
     return _tile_intrinsic(True, codegen)
@@ -445,9 +488,13 @@ def _prefetch_ahead(builder, tile, o, size):
 # AVX-512's 32 vector registers; AVX2's 16 hold one token's 4 rows and its x only.
 BLOCK_TOKENS = 4 if WIDTH == 16 else 1
 
+# Q4_0 and Q4_1 through their tables of weights (`nibble_table_dot`) where 16 lanes run on AVX-512.
+NIBBLE_TABLES = AVX512 and WIDTH == 16
+_four_bit = nibble_table_dot if NIBBLE_TABLES else block_dot
+
 _Q8_0, _Q8_0_T = block_dot("Q8_0", ROWS), block_dot("Q8_0", ROWS, WIDTH, BLOCK_TOKENS)
-_Q4_0, _Q4_0_T = block_dot("Q4_0", ROWS), block_dot("Q4_0", ROWS, WIDTH, BLOCK_TOKENS)
-_Q4_1, _Q4_1_T = block_dot("Q4_1", ROWS), block_dot("Q4_1", ROWS, WIDTH, BLOCK_TOKENS)
+_Q4_0, _Q4_0_T = _four_bit("Q4_0", ROWS), _four_bit("Q4_0", ROWS, tokens=BLOCK_TOKENS)
+_Q4_1, _Q4_1_T = _four_bit("Q4_1", ROWS), _four_bit("Q4_1", ROWS, tokens=BLOCK_TOKENS)
 _Q5_0, _Q5_0_T = block_dot("Q5_0", ROWS), block_dot("Q5_0", ROWS, WIDTH, BLOCK_TOKENS)
 _Q5_1, _Q5_1_T = block_dot("Q5_1", ROWS), block_dot("Q5_1", ROWS, WIDTH, BLOCK_TOKENS)
 
