@@ -61,7 +61,7 @@ def layer_shapes(cfg, i: int) -> dict[str, tuple[int, ...]]:
 
 def load_layer(t: dict, cfg, i: int) -> Layer:
     p = f"model.layers.{i}."
-    q, kv, F = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    q, kv = cfg.q_size, cfg.kv_size
     qkv = t[p + "self_attn.qkv_proj.weight"]  # (H*HD + 2*KVH*HD, D): rows Q | K | V
     gate_up = t[p + "mlp.gate_up_proj.weight"]  # (2F, D): rows gate | up
     return Layer(

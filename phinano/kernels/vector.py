@@ -789,6 +789,14 @@ def _signed_byte(builder, lanes, p):
     return builder.ashr(top, _const(_INTS8, 24))
 
 
+def _q6_k_super_block(builder, tile, b):
+    """(first column, byte offset in the matrix) of Q6_K super-block b (210 bytes) of a one-row tile; the
+    first tile's hints for the bytes ahead are emitted first."""
+    o = builder.mul(b, ir.Constant(_I64, 210))
+    _prefetch_ahead(builder, tile, o, 210)
+    return builder.mul(b, ir.Constant(_I64, 256)), builder.add(tile.w.starts[0], o)
+
+
 def q6_k_tile_dot(tokens: int):
     """Q6_K for `tokens` tokens at once: the intrinsic (x_bl, data, y, r, t0), x_bl (T, K) in byte-lane order,
     writing y[t, r] for tokens t0 .. t0 + tokens - 1 (clamped to T - 1). Per super-block and half, the 8
@@ -797,19 +805,14 @@ def q6_k_tile_dot(tokens: int):
     accumulator. Strict IR (`llvm.fma`, no fast-math flags): each token is summed alike in every tile. One
     row per call: two rows sharing each x load measured 9.6 against 10.3 G weights/s from memory (AMD EPYC
     Zen 3, 2 threads), as with the loop before this one (8.9 against 11.1)."""
-    size = 210
 
     def codegen(context, builder, signature, args):
         tile = _tile_start(context, builder, signature, args, 1, tokens, False)
-        w, x_rows, base, K = tile.w, tile.x_rows, tile.w.packed, tile.K
+        x_rows, base, K = tile.x_rows, tile.w.packed, tile.K
         acc = [cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in x_rows]
 
         with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 256))) as loop:
-            b = loop.index
-            o = builder.mul(b, ir.Constant(_I64, size))
-            c0 = builder.mul(b, ir.Constant(_I64, 256))
-            _prefetch_ahead(builder, tile, o, size)
-            row_o = builder.add(w.starts[0], o)
+            c0, row_o = _q6_k_super_block(builder, tile, loop.index)
             d = _splat(builder, _f16(builder, base, _plus(builder, row_o, 208)))
             for h in range(2):
                 sc = _ints(builder, base, _plus(builder, row_o, 192 + 8 * h), signed=True)  # sc[8h .. 8h + 7]
@@ -856,7 +859,7 @@ def q6_k_wide_tile_dot(tokens: int):
     (x, data, y, r, t0, first), x (T, K) in its own order, writing y[t, r] for tokens t0 .. t0 + tokens - 1
     (clamped to T - 1). Each half super-block's numbers q - 32 are unpacked once for all the tokens. Strict
     IR (`llvm.fma`, no fast-math flags): each token is summed alike in every tile."""
-    size, floats, ints = 210, _vector(_F32, 16), _vector(_I32, 16)
+    floats, ints = _vector(_F32, 16), _vector(_I32, 16)
     bytes16, bytes32, bytes64, words = _vector(_I8, 16), _vector(_I8, 32), _vector(_I8, 64), _vector(ir.IntType(16), 32)
 
     def halves(low, high):  # 32 words: `low` in the low 256 bits, `high` in the high ones
@@ -864,7 +867,7 @@ def q6_k_wide_tile_dot(tokens: int):
 
     def codegen(context, builder, signature, args):
         tile = _tile_start(context, builder, signature, args, 1, tokens, False)
-        w, x_rows, base, K = tile.w, tile.x_rows, tile.w.packed, tile.K
+        x_rows, base, K = tile.x_rows, tile.w.packed, tile.K
         acc = [[cgutils.alloca_once_value(builder, _const(floats, 0.0)) for _ in range(4)] for _ in x_rows]
         scales = cgutils.alloca_once(builder, floats)  # d sc[0 .. 15] of the super-block
         nibbles, pairs = halves(0x0F0F, 0x0F0F), halves(0x3030, 0x3030)
@@ -873,11 +876,7 @@ def q6_k_wide_tile_dot(tokens: int):
             return builder.load(builder.bitcast(builder.gep(base, [at]), vector_type.as_pointer()), align=1)
 
         with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 256))) as loop:
-            b = loop.index
-            o = builder.mul(b, ir.Constant(_I64, size))
-            c0 = builder.mul(b, ir.Constant(_I64, 256))
-            _prefetch_ahead(builder, tile, o, size)
-            row_o = builder.add(w.starts[0], o)
+            c0, row_o = _q6_k_super_block(builder, tile, loop.index)
             d = _splat(builder, _f16(builder, base, _plus(builder, row_o, 208)), floats)
             sc = builder.sext(load(_plus(builder, row_o, 192), bytes16), ints)  # sc[0 .. 15]
             builder.store(builder.fmul(d, builder.sitofp(sc, floats)), scales)
