@@ -43,7 +43,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import vector
-from .quantized import KERNELS, MatrixKernels, _f16_at, _i8, _sums_of_32, _two_rows, _u32_at
+from .quantized import KERNELS, MatrixKernels, _f16_at, _i8, _sums_of_32, _u32_at
 from .runtime import FASTMATH
 
 

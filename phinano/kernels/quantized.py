@@ -55,14 +55,6 @@ def _i8(byte):
     return np.float32(np.int8(byte))
 
 
-@njit(inline="always")
-def _two_rows(data, item):
-    """The rows (r0, r1) of work item `item` in the two-row kernels: 2 item and 2 item + 1, at most N - 1 (the
-    last item of an odd N computes row N - 1 twice and writes the same value)."""
-    r0 = 2 * item
-    return r0, min(r0 + 1, data.shape[0] - 1)
-
-
 @njit(fastmath=FASTMATH, cache=True)
 def _sums_of_32(x):
     """(T, K) float32 -> (T, K // 32): the sum of each block of 32 values of each row. A block's zero point or
