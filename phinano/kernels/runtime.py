@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 
@@ -60,6 +61,7 @@ def run(kernel, work: int, *args) -> None:
 
 
 _twins: dict = {}  # kernel -> its serial twin, made at the first call that needs it
+_twins_lock = threading.Lock()
 
 
 def serial_twin(kernel):
@@ -78,11 +80,13 @@ def serial_twin(kernel):
         return twin
     if not getattr(kernel, "targetoptions", {}).get("parallel"):
         return kernel
-    f = kernel.py_func
-    body = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
-    body.__qualname__, body.__module__ = f.__qualname__ + "_serial", f.__module__
-    twin = _twins[kernel] = numba.njit(cache=True, fastmath=kernel.targetoptions.get("fastmath", False))(body)
-    return twin
+    with _twins_lock:  # a server's worker and the main thread may ask at once: one twin per kernel
+        if kernel not in _twins:
+            f = kernel.py_func
+            body = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+            body.__qualname__, body.__module__ = f.__qualname__ + "_serial", f.__module__
+            _twins[kernel] = numba.njit(cache=True, fastmath=kernel.targetoptions.get("fastmath", False))(body)
+    return _twins[kernel]
 
 
 # BLAS work (prefill) is split by us into one independent part per thread, each run on a worker thread
