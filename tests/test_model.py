@@ -99,6 +99,33 @@ def test_generation_with_an_observer_equals_generation_without(checkpoint_dir):
     assert rows == [30] + [1] * 18 + [49] + [1] * 10
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_one_product_per_fused_matrix_gives_the_separate_products_bits(checkpoint_dir, backend):
+    """The Phi-3 layer multiplies the stored qkv and gate_up matrices once each and splits the columns
+    (blocks/phi3.py). Each output column of a product depends only on its own weight row, so that must be
+    bit for bit the three (two) separate products of the row views: prefill and decode, all layers."""
+    from dataclasses import replace
+
+    model = phinano.load(checkpoint_dir("mini-128k"), backend=backend)
+    fused = list(model.weights.layers)
+    F = model.config.intermediate_size
+
+    def separate_layer(ops, cfg, w, x, step, i):  # the layer as written before: q, k, v, gate, up apart
+        h = ops.rmsnorm(x, w.attn_norm, cfg.rms_norm_eps)
+        x = x + phi3.self_attention(ops, cfg, replace(w.attn, qkv=None), h, step, i)
+        h = ops.rmsnorm(x, w.mlp_norm, cfg.rms_norm_eps)
+        gate, up = ops.linear(h, w.gate_up[:F]), ops.linear(h, w.gate_up[F:])
+        return x + ops.linear(ops.swiglu(gate, up), w.down)
+
+    ids = prompt(20)
+    want = [model.step(cache := model.new_cache(32), ids[:19]), model.step(cache, ids[19:])]
+    model.blocks = type("Separate", (), {"forward_layer": staticmethod(separate_layer), "norm": phi3.norm})
+    got = [model.step(cache := model.new_cache(32), ids[:19]), model.step(cache, ids[19:])]
+    assert all(layer.attn.qkv is not None for layer in fused)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
 def test_architecture_picks_the_block_module(checkpoint_dir):
     assert ARCHITECTURES == {"Phi3ForCausalLM": phi3, "PhimoeForCausalLM": phimoe, "Phi3SmallForCausalLM": phi3small,
                              "Phi3VForCausalLM": phi3}

@@ -24,9 +24,9 @@ AMD EPYC (Zen 3, AVX2) machine, each kernel against the Q8_0 kernel in the same 
   of 4, scaled by d * sc of its two sub-blocks into the row's one accumulator, one row per work item. The
   plain loop before it made the weight d * sc * (q - 32) in a register and multiplied it with x; the first
   vector loop ran 1.4-1.5x faster.
-- On AVX-512, Q4_K runs 16 lanes with its nibbles by table, and Q4_K and Q6_K run tiles of 4 tokens
-  (`vector.q4_k_tile_dot`, `vector.q6_k_tile_dot`): each super-block unpacked once for all of them, each
-  token summed as it is alone (strict IR), for batched decode and short prompts.
+- On AVX-512, Q4_K runs 16 lanes with its weights looked up in a per-sub-block table, and Q4_K and Q6_K
+  run tiles of 4 tokens (`vector.q4_k_tile_dot`, `vector.q6_k_wide_tile_dot`): each super-block unpacked
+  once for all of them, each token summed as it is alone (strict IR), for batched decode and short prompts.
 - Q5_K and Q6_K read their packed bytes 32 at a time and take byte p of every 4-byte lane as one vector,
   so x comes permuted to match (`_in_byte_lane_order`, once per call): 1.2-1.5x over widening 8 bytes at
   a time (docs/kernels.md). On AVX-512, Q6_K runs in 16 lanes in x's own order instead
@@ -137,7 +137,7 @@ def _q4_k_or_q5_k(five: bool) -> MatrixKernels:
         One work item = two rows r0, r0 + 1. Tiles of tokens walk both rows' super-blocks side by side
         (vector.py draws the loops): each packed byte read once and unpacked once for the tile's tokens,
         each x load shared by the two rows; a token past the end repeats the last one, and a single token
-        (decode) takes a tile of one. Q4_K on AVX-512 runs 16 lanes with its nibbles by table
+        (decode) takes a tile of one. Q4_K on AVX-512 runs 16 lanes with its weights by table
         (`vector.q4_k_tile_dot`, Q4_K_TOKENS tokens a tile); otherwise 8 lanes (`vector.k_quant_tile_dot`,
         K_TOKENS tokens: 4 on AVX-512, 1 elsewhere). Every token is summed by the same instructions whatever
         the tile: bit for bit what it gives alone. The first tile also prefetches the bytes ahead.
@@ -227,11 +227,12 @@ def _q6_k_scales(row, o, h, k):
 def _q6_k_matmul(x, data, y):
     """y[t, r] = sum over sub-blocks j of (d * sc[j]) * (x . (q - 32) over sub-block j).
 
-    One work item = one row. `vector.q6_k_tile_dot` walks the row's super-blocks in 8-lane vectors (per
-    quarter of 32 weights, q - 32 from one 32-byte load each of ql and qh, byte p of every 4-byte lane times
-    x in the same order, scaled by d * sc into one accumulator per token), for tiles of Q6_K_TOKENS tokens
-    on AVX-512 (each quarter unpacked once for all of them) and one token a pass elsewhere. The first tile
-    prefetches the bytes ahead.
+    One work item = one row. On AVX-512 `vector.q6_k_wide_tile_dot` walks the row's super-blocks in 16
+    lanes (64 bytes of numbers q - 32 at a time, in x's own order, times d * sc: the weights, into four
+    accumulators per token), for tiles of Q6_K_TOKENS tokens, each half super-block unpacked once for all
+    of them. Elsewhere `vector.q6_k_tile_dot` runs 8 lanes one token a pass (per quarter of 32 weights,
+    q - 32 from one 32-byte load each of ql and qh, byte p of every 4-byte lane times x in byte-lane
+    order, scaled by d * sc). The first tile prefetches the bytes ahead.
     """
     x_bl = x if vector.Q6_K_WIDE else _in_byte_lane_order(x)  # (T, K), made once: the same for every row
     T = x.shape[0]

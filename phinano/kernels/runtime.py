@@ -3,7 +3,8 @@
 Nothing here computes anything; `fast.py` (the ops) and `quantized.py` (the packed-weight kernels) use it:
 - `FASTMATH`: the floating-point freedoms every reduction kernel is compiled with.
 - `set_threads` / `threads`: how many threads the parallel kernels and the BLAS parts use.
-- `run(kernel, work, *args)`: a parallel kernel, on the calling thread alone when the work is small.
+- `run(kernel, work, *args)`: a parallel kernel, or its serial twin (`serial_twin`) on the calling thread
+  when the work is small.
 - `in_parts(work, parts)`: BLAS work split into one part per thread, each with single-threaded BLAS.
 """
 

@@ -5,8 +5,8 @@ K-quants in kquants.py `k_quant_tile` (Q4_K, Q5_K), `q4_k_tile` (Q4_K on AVX-512
 token, or several that share each unpacked block) and writes y itself.
 The legacy types' vectors have WIDTH float32 lanes: 16 (one AVX-512 register) where the CPU has AVX-512,
 else 8 (AVX2); Q4_K's too (`q4_k_tile_dot`), Q5_K's have 8. On AVX-512 the 4-bit types turn nibbles
-into float32 by a table lookup (`_nibbles_as_floats`), Q4_0 and Q4_1 straight into their dequantized
-weights (`nibble_table_dot`), and Q6_K runs in 16 lanes (`q6_k_wide_tile_dot`). The bf16 decode loop lives
+straight into their dequantized weights by a table lookup (`_lookup`: `nibble_table_dot` for Q4_0 and
+Q4_1, Q4_K's loop), and Q6_K runs in 16 lanes (`q6_k_wide_tile_dot`). The bf16 decode loop lives
 here too (section "bf16 pairs"), written out for a different reason: each token summed alike in every tile.
 
 Why explicit vectors. These products are bound by arithmetic on an AVX2 CPU: each weight is unpacked to
@@ -40,8 +40,9 @@ Per block b of 32 weights and per row (weight = d * (q - zero) or d * q + m), wi
     s    = x[t, 32b : 32b + n] q0 + x[t, 32b + n : 32b + 2n] q1 + ... - (zero / n) sums[t, b]  (n lanes)
     acc += d s                                                                          (n lanes)
     a   += m sums[t, b]                                            (only types with a stored minimum m)
-and y = (sum of acc's n lanes) + a (`block_dot`; Q4_0 and Q4_1 on AVX-512 differ, `nibble_table_dot`). The zero point's share -(zero / n) sums[b] sits in every lane, so the
-n lanes together subtract zero * sums[b], the block's d * zero * sum of x once scaled by d; zero / n is a
+and y = (sum of acc's n lanes) + a (`block_dot`; Q4_0 and Q4_1 on AVX-512 differ: `nibble_table_dot`). The
+zero point's share -(zero / n) sums[b] sits in every lane, so the n lanes together subtract zero * sums[b],
+the block's d * zero * sum of x once scaled by d; zero / n is a
 power of two (1 or 2 for 8 lanes, 0.5 or 1 for 16), an exact scaling. Results differ from the unpacked
 reference only in the order of float32 additions and in the rounding of that share
 (tests/test_quantized.py states the bound).
@@ -52,8 +53,8 @@ intrinsic) it also asks for the bytes PREFETCH_AHEAD beyond the blocks it reads 
 the other types' branches compile away.
 
 Editing this file: Numba's on-disk cache keys each compiled kernel on the file that defines it
-(quantized.py, kquants.py), not on the files its helpers come from. After a change here, touch those two
-files (or delete phinano/kernels/__pycache__), or the kernels keep running the old loops.
+(quantized.py, kquants.py, fast.py), not on the files its helpers come from. After a change here, touch
+those three files (or delete phinano/kernels/__pycache__), or the kernels keep running the old loops.
 """
 
 from __future__ import annotations
@@ -79,8 +80,6 @@ def _host_width() -> int:
     (8 or 16) overrides it, for tests of the other width."""
     import os
 
-    from llvmlite import binding
-
     from ..errors import PhinanoError
 
     asked = os.environ.get("PHINANO_VECTOR_LANES")
@@ -103,7 +102,6 @@ def _host_has_avx512() -> bool:
     (16 lanes alone do not: PHINANO_VECTOR_LANES=16 on an AVX2 CPU runs them as pairs of 8-lane halves).
     Where Numba is told to compile for another CPU (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES, e.g. for a cache
     shared between machines), only an explicit +avx512f counts."""
-    from llvmlite import binding
     from numba.core import config
 
     if config.CPU_FEATURES:
@@ -206,6 +204,13 @@ def _keep_in_memory(builder, pointer):
     builder.asm(barrier, "", "r,~{memory}", [pointer], True)
 
 
+def _lane_from_memory(builder, slot, j, vector_type):
+    """Lane j of the float vector stored at `slot` (kept there by `_keep_in_memory`), in every lane of
+    vector_type: LLVM makes it the broadcast operand of the instruction that uses it."""
+    at = builder.gep(builder.bitcast(slot, _F32.as_pointer()), [ir.Constant(_I32, j)])
+    return _splat(builder, builder.load(at), vector_type)
+
+
 def _plus(builder, offset, n):
     return builder.add(offset, ir.Constant(_I64, n))
 
@@ -228,10 +233,8 @@ def _nibble_integers(qs_at, qh_at):
         row, o = block
         ints = _vector(_I32, lanes)
         fifteen, four = _const(ints, 15), _const(ints, 4)
-        if lanes == 16:
+        if lanes == 16:  # (Q4_0 and Q4_1 on AVX-512 take `nibble_table_dot` instead)
             qs = _ints(builder, row, _plus(builder, o, qs_at), lanes=16)  # bytes 0..15
-            if qh_at is None and AVX512:  # the nibbles as float32 straight from a table (see `_nibbles_as_floats`)
-                return [_nibbles_as_floats(builder, qs), _nibbles_as_floats(builder, builder.lshr(qs, four))]
             q = [builder.and_(qs, fifteen), builder.lshr(qs, four)]  # q[0..15], q[16..31]
         else:
             low8 = _ints(builder, row, _plus(builder, o, qs_at))  # bytes 0..7
@@ -250,21 +253,17 @@ def _nibble_integers(qs_at, qh_at):
 
 def _lookup(builder, table, ints):
     """table[ints & 15] lane by lane, for a 16-lane float32 table and 16 int32 lanes: one `vpermps`
-    (AVX-512F), which reads only the low 4 bits of each index lane."""
+    (AVX-512F), which reads only the low 4 bits of each index lane. So one instruction turns a lane holding
+    a byte into a float32 chosen by its low nibble (after a shift, by its high one), where an AND and an
+    int-to-float conversion took two of AVX-512's two vector ports (docs/kernels.md, "Nibbles by table on
+    AVX-512"); with a table of the block's weights (`nibble_table_dot`, Q4_K's loop) it also applies the
+    scale. AVX2's `vpermps` has 8 table lanes, too few for 16 nibble values."""
     permute = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(table.type, [table.type, ints.type]), "llvm.x86.avx512.permvar.sf.512")
     return builder.call(permute, [table, ints])
 
 
 _NIBBLES = ir.Constant(_vector(_F32, 16), [float(i) for i in range(16)])  # 0.0 .. 15.0
-
-
-def _nibbles_as_floats(builder, ints):
-    """float32(ints & 15) lane by lane, for 16 int32 lanes: a lookup in the table 0.0 .. 15.0 (`_lookup`).
-    It replaces an AND and an int-to-float conversion, which share AVX-512's two vector ports with the rest
-    of the loop: the 4-bit loops read 1.1-1.26x faster (Intel Xeon, Emerald Rapids; docs/kernels.md). The
-    integers are the same exactly. AVX2's `vpermps` has 8 table lanes, too few for 16 nibble values."""
-    return _lookup(builder, _NIBBLES, ints)
 
 
 # (bytes per block, its integers, where m is or None, zero point or 0) per type
@@ -275,8 +274,6 @@ _BLOCKS = {
     "Q5_0": (22, _nibble_integers(6, 2), None, 16),
     "Q5_1": (24, _nibble_integers(8, 4), 2, 0),
 }
-
-
 
 
 # ------------------------------------------------------------------------------------------- the dot product
@@ -291,8 +288,8 @@ class _Packed(NamedTuple):
 
 
 class _Tile(NamedTuple):
-    """What the tile intrinsics (`block_dot`, `k_quant_tile_dot`, `q4_k_tile_dot`, `q6_k_tile_dot`) start from
-    (`_tile_start`)."""
+    """What the tile intrinsics (`block_dot`, `nibble_table_dot`, `k_quant_tile_dot`, `q4_k_tile_dot`,
+    `q6_k_tile_dot`, `q6_k_wide_tile_dot`) start from (`_tile_start`)."""
 
     K: object  # i64
     N: object  # i64
@@ -677,17 +674,15 @@ def q4_k_tile_dot(rows: int, tokens: int):
     def codegen(context, builder, signature, args):
         tile = _tile_start(context, builder, signature, args, rows, tokens, True)
         w, x_rows, base, K = tile.w, tile.x_rows, tile.w.packed, tile.K
+        # per token and row: the accumulators of the low and of the high sub-blocks, and the minimums'
         acc = [[cgutils.alloca_once_value(builder, _const(floats, 0.0)) for _ in range(rows)] for _ in x_rows]
+        acc_high = [[cgutils.alloca_once_value(builder, _const(floats, 0.0)) for _ in range(rows)] for _ in x_rows]
         mins = [[cgutils.alloca_once_value(builder, _const(_FLOATS8, 0.0)) for _ in range(rows)] for _ in x_rows]
         four = _const(sixteen_lanes, 4)
+        slots = [cgutils.alloca_once(builder, _FLOATS8) for _ in range(rows)]  # per row: d sc[0 .. 7]
 
-        slots = [cgutils.alloca_once(builder, _FLOATS8) for _ in range(rows)]
-
-        def scale(k, j):  # lane j of row k's d sc, in all 16 lanes: a broadcast from memory
-            at = builder.gep(builder.bitcast(slots[k], _F32.as_pointer()), [ir.Constant(_I32, j)])
-            return _splat(builder, builder.load(at), floats)
-
-        acc_high = [[cgutils.alloca_once_value(builder, _const(floats, 0.0)) for _ in range(rows)] for _ in x_rows]
+        def scale(k, j):  # lane j of row k's d sc, in all 16 lanes
+            return _lane_from_memory(builder, slots[k], j, floats)
 
         with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 256))) as loop:
             b = loop.index
@@ -719,8 +714,8 @@ def q4_k_tile_dot(rows: int, tokens: int):
     return _tile_intrinsic(True, codegen)
 
 
-# Q4_K's tiles (AVX-512 only: the nibble table needs it, and 2 rows x 4 tokens of 16-lane accumulators need
-# its 32 registers). 0 elsewhere: Q4_K then runs the 8-lane loop above, one token at a time.
+# Q4_K's tiles (AVX-512 only: the table lookups need it, and 2 rows x 4 tokens x 2 of 16-lane accumulators
+# need its 32 registers). 0 elsewhere: Q4_K then runs the 8-lane loop above, one token at a time.
 Q4_K_TOKENS = 4 if AVX512 and WIDTH == 16 else 0
 _Q4_K_1, _Q4_K_T = q4_k_tile_dot(2, 1), q4_k_tile_dot(2, max(Q4_K_TOKENS, 1))
 
@@ -860,7 +855,7 @@ def q6_k_wide_tile_dot(tokens: int):
     (clamped to T - 1). Each half super-block's numbers q - 32 are unpacked once for all the tokens. Strict
     IR (`llvm.fma`, no fast-math flags): each token is summed alike in every tile."""
     floats, ints = _vector(_F32, 16), _vector(_I32, 16)
-    bytes16, bytes32, bytes64, words = _vector(_I8, 16), _vector(_I8, 32), _vector(_I8, 64), _vector(ir.IntType(16), 32)
+    bytes32, bytes64, words = _vector(_I8, 32), _vector(_I8, 64), _vector(ir.IntType(16), 32)
 
     def halves(low, high):  # 32 words: `low` in the low 256 bits, `high` in the high ones
         return ir.Constant(words, [low] * 16 + [high] * 16)
@@ -872,18 +867,15 @@ def q6_k_wide_tile_dot(tokens: int):
         scales = cgutils.alloca_once(builder, floats)  # d sc[0 .. 15] of the super-block
         nibbles, pairs = halves(0x0F0F, 0x0F0F), halves(0x3030, 0x3030)
 
-        def load(at, vector_type):  # the bytes at offset `at` of the packed matrix
-            return builder.load(builder.bitcast(builder.gep(base, [at]), vector_type.as_pointer()), align=1)
-
         with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 256))) as loop:
             c0, row_o = _q6_k_super_block(builder, tile, loop.index)
             d = _splat(builder, _f16(builder, base, _plus(builder, row_o, 208)), floats)
-            sc = builder.sext(load(_plus(builder, row_o, 192), bytes16), ints)  # sc[0 .. 15]
+            sc = _ints(builder, base, _plus(builder, row_o, 192), signed=True, lanes=16)  # sc[0 .. 15]
             builder.store(builder.fmul(d, builder.sitofp(sc, floats)), scales)
             _keep_in_memory(builder, scales)
             for h in range(2):
-                ql = builder.bitcast(load(_plus(builder, row_o, 64 * h), bytes64), words)
-                qh32 = load(_plus(builder, row_o, 128 + 32 * h), bytes32)
+                ql = builder.bitcast(_load(builder, base, _plus(builder, row_o, 64 * h), bytes64), words)
+                qh32 = _load(builder, base, _plus(builder, row_o, 128 + 32 * h), bytes32)
                 qh = builder.bitcast(builder.shuffle_vector(qh32, qh32, ir.Constant(_vector(_I32, 64), list(range(32)) * 2)),
                                      words)
                 six = [builder.or_(builder.and_(ql, nibbles), builder.and_(builder.shl(qh, halves(4, 2)), pairs)),
@@ -893,8 +885,8 @@ def q6_k_wide_tile_dot(tokens: int):
                 for j in range(8):  # sub-block 8h + j: weights 128h + 16j .. + 15
                     part = ir.Constant(_vector(_I32, 16), list(range(16 * (j % 4), 16 * (j % 4) + 16)))
                     numbers = builder.sext(builder.shuffle_vector(q[j // 4], q[j // 4], part), ints)
-                    dsc = builder.load(builder.gep(builder.bitcast(scales, _F32.as_pointer()), [ir.Constant(_I32, 8 * h + j)]))
-                    weights = builder.fmul(builder.sitofp(numbers, floats), _splat(builder, dsc, floats))
+                    dsc = _lane_from_memory(builder, scales, 8 * h + j, floats)  # d sc[8h + j] in 16 lanes
+                    weights = builder.fmul(builder.sitofp(numbers, floats), dsc)
                     col = _plus(builder, c0, 128 * h + 16 * j)
                     for i in range(tokens):
                         a = acc[i][j % 4]
