@@ -343,6 +343,25 @@ def test_decode_attention_gives_each_query_what_it_gives_alone(seed, T, S, block
         assert np.array_equal(together[t], alone[0]), f"query {t} of {T}"
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), T=st.integers(1, 4), S=st.integers(1, 900), block=st.sampled_from([3, 64, 256]),
+       window=st.sampled_from([0, 1, 5, 300]), kv_heads=st.sampled_from([1, 2, 3]), threads=st.integers(2, 5))
+def test_decode_attention_cut_by_heads_gives_the_bits_of_the_cut_by_keys(seed, T, S, block, window, kv_heads, threads):
+    """With few blocks of keys the threads take runs of KV heads instead (`HEAD_RUNS_ABOVE`). Each head's sums
+    are the same instructions either way, so the result is too, bit for bit: a call told of 1 thread always
+    cuts by keys, one told of 2-5 threads cuts short caches by heads (the work items still run on the
+    threads there are)."""
+    rng = np.random.default_rng(seed)
+    H, HD = 2 * kv_heads, 16
+    start = max(0, S - T)
+    q, k, v = f32(rng, (T, H, HD)), f32(rng, (S, kv_heads, HD)), f32(rng, (S, kv_heads, HD))
+    by_keys, by_heads = np.empty_like(q), np.empty_like(q)
+    with np.errstate(invalid="ignore"):
+        fast._attention_parts(q, k, v, start, window, block, 1, by_keys)
+        fast._attention_parts(q, k, v, start, window, block, threads, by_heads)
+    assert np.array_equal(by_keys, by_heads, equal_nan=True)
+
+
 @pytest.mark.parametrize("block", [1, 2, 3, 7, 256])
 def test_decode_attention_merges_any_split_of_the_keys(block, monkeypatch):
     """The compiled decode kernel cuts the visible keys into blocks at fixed positions and merges the blocks'

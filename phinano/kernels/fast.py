@@ -104,6 +104,15 @@ ATTENTION_BLAS_MIN_ROWS = 10
 # ...), so a query's sums are the same whichever other queries share its call (a speculative step's rows are
 # bit for bit single steps'), and the threads take contiguous runs of blocks.
 ATTENTION_KEY_BLOCK = 256
+# _attention_parts: threads take runs of KV heads instead of runs of blocks when the blocks would leave the
+# busiest thread more than this many times its even share of the keys (a short cache: up to 256 keys are
+# one block). Cut by heads, each thread reads part of every cache row, slower per byte than whole rows:
+# 0.92-0.95x of the split by keys when both share out evenly (Intel Xeon, Emerald Rapids, 2 threads,
+# 2026-12-01, Phi-3-mini's heads at 1000-4000 keys), 0.81x for a plain sum (AMD EPYC Zen 3, docs/kernels.md).
+# Decode attention with this rule on the same Intel, Phi-3-mini's heads, caches from memory, paired turns: 64 /
+# 100 / 200 / 300 / 600 / 800 / 1100 keys 1.28 / 1.32 / 1.42 / 1.27 / 1.26 / 1.08 / 1.28x faster; at 500,
+# 1000, 2047 and 4000 keys, where the blocks share out evenly, it cuts by keys as before (0.99-1.02x).
+HEAD_RUNS_ABOVE = 1.2
 # _attend_keys (decode attention): value rows summed per head in chunks of this many keys, each chunk kept
 # in cache while every query and head takes its share. The same additions in the same order as one key at
 # a time (bit for bit), 8-11 % faster at 4096 cached keys (AMD EPYC Zen 3, 2026-11-30, measured in the
@@ -663,10 +672,11 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 
 @njit(inline="always")
-def _attend_keys(q, k, v, lo, hi, a, b, top, total, acc):
-    """Every query's attention over the keys a .. b - 1 only, unnormalised. Query t sees keys lo[t] ..
-    hi[t] - 1; for each query t and head h: top[t, h] = its largest visible score (-inf if it sees none of
-    these keys), total[t, h] = sum_j exp(score_j - top) and acc[t, h] = sum_j exp(score_j - top) * v[j].
+def _attend_keys(q, k, v, lo, hi, a, b, kv0, kv1, top, total, acc):
+    """Every query's attention over the keys a .. b - 1 only, unnormalised, for the KV heads kv0 .. kv1 - 1
+    (and their query heads) only. Query t sees keys lo[t] .. hi[t] - 1; for each query t and head h:
+    top[t, h] = its largest visible score (-inf if it sees none of these keys), total[t, h] = sum_j
+    exp(score_j - top) and acc[t, h] = sum_j exp(score_j - top) * v[j].
     q (T, H, HD); k, v (S, KVH, HD); top, total (T, H); acc (T, H, HD).
 
     Each key row k[j] (every KV head of key j, contiguous) is loaded once and used by every query and
@@ -678,7 +688,7 @@ def _attend_keys(q, k, v, lo, hi, a, b, top, total, acc):
     scale = np.float32(HD**-0.5)
     scores = np.empty((T, H, b - a), np.float32)  # (T, H, n); keys a query does not see stay unused
     for j in range(a, b):
-        for kvh in range(KVH):
+        for kvh in range(kv0, kv1):
             kj = k[j, kvh]  # (HD,)
             for t in range(T):
                 if lo[t] <= j < hi[t]:
@@ -691,7 +701,7 @@ def _attend_keys(q, k, v, lo, hi, a, b, top, total, acc):
                         scores[t, h, j - a] = s * scale
     for t in range(T):
         a_t, b_t = max(a, lo[t]), min(b, hi[t])  # the keys of a .. b - 1 query t sees
-        for h in range(H):
+        for h in range(kv0 * G, kv1 * G):
             for d in range(HD):
                 acc[t, h, d] = 0.0
             if b_t <= a_t:
@@ -701,7 +711,7 @@ def _attend_keys(q, k, v, lo, hi, a, b, top, total, acc):
             m, sum_e = _exp_below_max(row)  # exp(score - top) in place, and its sum
             top[t, h], total[t, h] = m, np.float32(sum_e)
     for j0 in range(a, b, _VALUE_CHUNK):
-        for kvh in range(KVH):
+        for kvh in range(kv0, kv1):
             for t in range(T):
                 j1, j2 = max(j0, lo[t]), min(j0 + _VALUE_CHUNK, b, hi[t])  # the chunk's keys query t sees
                 for g in range(G):
@@ -715,7 +725,7 @@ def _attend_keys(q, k, v, lo, hi, a, b, top, total, acc):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _attention_parts(q, k, v, start, window, block, out):
+def _attention_parts(q, k, v, start, window, block, threads, out):
     """Decode attention (a few queries), split over the keys: the keys any query sees are cut into blocks
     at fixed positions (keys block * p .. block * (p + 1) - 1), one work item each (`_attend_keys`: every
     query over that block). Query t at position i = start + t sees keys j <= i, and i - j < window when
@@ -728,6 +738,12 @@ def _attention_parts(q, k, v, start, window, block, out):
     blocks sit at fixed positions, a query's sums do not depend on the other queries of its call: each row
     of out is bit for bit what that query gives alone (blocks it does not see add exact zeros).
     A query that sees no key gets nan, as the reference's softmax of all -inf does.
+
+    Few blocks do not share out evenly between `threads` threads: a cache of up to `block` keys is one
+    block, all on one thread, and blocks of 256 and 44 keys keep one thread 6 times as long as the other.
+    When the busiest thread would get more than HEAD_RUNS_ABOVE times its even share of the keys, the KV
+    heads are cut into `threads` runs instead, and thread r takes run r of every block: every thread
+    equally busy, each reading its part of every row. A head's sums are the same either way.
     """
     T, H, HD = q.shape
     S = k.shape[0]
@@ -746,9 +762,13 @@ def _attention_parts(q, k, v, start, window, block, out):
     top = np.empty((parts, T, H), np.float32)  # (P, T, H): each block's largest score
     total = np.empty((parts, T, H), np.float32)  # (P, T, H): each block's sum of exp(score - top)
     acc = np.empty((parts, T, H, HD), np.float32)  # (P, T, H, HD): each block's sum of exp(score - top) * v
-    for p in prange(parts):
+    KVH = k.shape[1]
+    busiest = min(last - first, -(-parts // threads) * block)  # keys of the busiest thread, split by keys
+    runs = min(threads, KVH) if threads * busiest > HEAD_RUNS_ABOVE * (last - first) else 1  # runs of KV heads
+    for item in prange(runs * parts):
+        r, p = item // parts, item % parts  # KV heads r KVH / runs .. (r + 1) KVH / runs - 1, block p
         a, b = max(first, (b0 + p) * block), min(last, (b0 + p + 1) * block)
-        _attend_keys(q, k, v, lo, hi, a, max(a, b), top[p], total[p], acc[p])
+        _attend_keys(q, k, v, lo, hi, a, max(a, b), r * KVH // runs, (r + 1) * KVH // runs, top[p], total[p], acc[p])
     for t in range(T):  # the merge
         for h in range(H):
             _merge_blocks(top[:, t, h], total[:, t, h], acc[:, t, h], out[t, h])
@@ -863,7 +883,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
         return _attention_blas(q, k, v, int(start), w)
     out = np.empty_like(q)
     if T:  # blocks of keys at fixed positions, the threads taking runs of them
-        run(_attention_parts, 2 * T * S * KVH * HD, q, k, v, int(start), w, ATTENTION_KEY_BLOCK, out)
+        run(_attention_parts, 2 * T * S * KVH * HD, q, k, v, int(start), w, ATTENTION_KEY_BLOCK, threads(), out)
     return out
 
 
