@@ -56,6 +56,13 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "input-grounded text")
 
 
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """The prompt: the last argument, or --prompt/-p TEXT (as `phinano diff` and llama.cpp spell it)."""
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (or give it with --prompt)")
+    p.add_argument("--prompt", "-p", dest="prompt_flag", default=None, metavar="TEXT",
+                   help="the prompt, as a flag instead of the last argument")
+
+
 def cores_available() -> int:
     """The most kernel threads --threads may ask for: Numba's thread pool size (all cores this process may
     use, unless NUMBA_NUM_THREADS says otherwise)."""
@@ -69,6 +76,11 @@ def cores_available() -> int:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse out-of-range flags before anything is loaded (FlagError naming the flag)."""
+    if hasattr(args, "prompt_flag"):  # generate, trace: the prompt once, as the last argument or --prompt
+        if (args.prompt is None) == (args.prompt_flag is None):
+            raise FlagError("give the prompt once: as the last argument or with --prompt"
+                            + (", not both" if args.prompt is not None else ""))
+        args.prompt = args.prompt if args.prompt is not None else args.prompt_flag
     if getattr(args, "model", None) is not None and not args.model.strip():
         raise FlagError("--model: the model name is empty; give a model folder, a nano model name or a Hub repo id")
     if getattr(args, "threads", None) is not None:
@@ -321,10 +333,13 @@ def with_image_markers(text: str, n_images: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="phinano", description="Phi-3 family inference in NumPy + Numba")
+    # allow_abbrev=False everywhere: with prefixes allowed, `generate --prompt TEXT` was read as
+    # --prompt-lookup and failed with "invalid int value", naming a flag the user never wrote
+    parser = argparse.ArgumentParser(prog="phinano", description="Phi-3 family inference in NumPy + Numba",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="continue a prompt (or answer it with --chat), streaming to stdout")
+    g = sub.add_parser("generate", allow_abbrev=False, help="continue a prompt (or answer it with --chat), streaming to stdout")
     add_model_args(g)
     add_sampling_args(g)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -337,21 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action="append", metavar="PATH",
                    help="Phi-3-vision: an image for the prompt (repeatable; <|image_1|> ... placed in front unless "
                         "the prompt has them)")
-    g.add_argument("prompt")
+    add_prompt_args(g)
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("info", help="architecture, parameter count, dtype, memory")
+    i = sub.add_parser("info", allow_abbrev=False, help="architecture, parameter count, dtype, memory")
     add_model_args(i)
     i.set_defaults(func=cmd_info)
 
-    c = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /system TEXT, /exit)")
+    c = sub.add_parser("chat", allow_abbrev=False, help="interactive chat in the terminal (/reset, /system TEXT, /exit)")
     add_model_args(c)
     add_sampling_args(c)
     c.add_argument("--system", default=None, help="system message")
     c.add_argument("--verbose", "-v", action="store_true", help="print a speed report after each answer")
     c.set_defaults(func=cmd_chat)
 
-    s = sub.add_parser("serve", help="OpenAI- and Ollama-compatible HTTP server (needs phinano[serve])")
+    s = sub.add_parser("serve", allow_abbrev=False, help="OpenAI- and Ollama-compatible HTTP server (needs phinano[serve])")
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000)
@@ -362,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get a 413")
     s.set_defaults(func=cmd_serve)
 
-    q = sub.add_parser("quantize", help="write a safetensors checkpoint as a GGUF file of int8/int4 blocks")
+    q = sub.add_parser("quantize", allow_abbrev=False, help="write a safetensors checkpoint as a GGUF file of int8/int4 blocks")
     q.add_argument("--model", "-m", required=True, help="local folder, nano model name or Hub repo id (safetensors)")
     q.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     q.add_argument("--type", required=True, choices=sorted(QUANT_TYPES),
@@ -370,16 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, type=Path, help="the .gguf file to write (written whole or not at all)")
     q.set_defaults(func=cmd_quantize)
 
-    t = sub.add_parser("trace", help="pictures of one forward: logit lens, attention, expert routing, residual "
+    t = sub.add_parser("trace", allow_abbrev=False, help="pictures of one forward: logit lens, attention, expert routing, residual "
                                      "norms, tied together in an index.html (needs phinano[pictures])")
     add_model_args(t)
     t.add_argument("--out", "-o", type=Path, default=Path("phinano-trace"), help="folder to write (default phinano-trace)")
     t.add_argument("--layers", default=None, help="attention maps of these layers, e.g. 0,3 (default: first and last)")
     t.add_argument("--heads", default=None, help="of these heads, e.g. 0,1 (default: all)")
-    t.add_argument("prompt")
+    add_prompt_args(t)
     t.set_defaults(func=cmd_trace)
 
-    d = sub.add_parser("diff", help="compare phinano with Transformers stage by stage (needs torch, transformers)")
+    d = sub.add_parser("diff", allow_abbrev=False, help="compare phinano with Transformers stage by stage (needs torch, transformers)")
     d.add_argument("--model", "-m", default=DEFAULT_MODEL, help="local folder, .gguf file, nano model name or Hub repo id")
     d.add_argument("--backend", choices=("numba", "numpy"), default="numba", help="kernel backend (default numba)")
     d.add_argument("--threads", type=int, default=None, help="kernel threads, 1 to the cores available")

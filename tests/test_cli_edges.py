@@ -78,6 +78,38 @@ def test_threads_up_to_the_cores_available(no_loading, capsys):
         main(["generate", "--threads", str(cores), "hi"])
 
 
+@pytest.mark.parametrize("command", ["generate", "trace"])
+def test_the_prompt_as_the_last_argument_or_with_prompt_once(no_loading, capsys, monkeypatch, command):
+    """`--prompt TEXT` / `-p TEXT` (as `phinano diff` and llama.cpp spell it) or the last argument, exactly once.
+    Flags are never read by a prefix: `--prompt` once went to --prompt-lookup, failing on "an invalid int"."""
+    import phinano.cli as cli
+
+    prompts = []  # the prompt each accepted command line ends up with
+    real_check = cli.check_flags
+    monkeypatch.setattr(cli, "check_flags", lambda args: real_check(args) or prompts.append(args.prompt))
+    for argv in ([command, "--prompt", "hello there"], [command, "-p", "hello there"], [command, "hello there"]):
+        with pytest.raises(Loaded):
+            main(argv)
+    assert prompts == ["hello there"] * 3
+    assert "give the prompt once" in refused([command], capsys)
+    assert refused([command, "--prompt", "a", "b"], capsys).endswith("not both")
+
+
+def argparse_refuses(argv, capsys) -> str:
+    """argparse's own refusal: exit status 2, its usage line and one error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv,flag", [(["generate", "--prompt-look", "3", "hi"], "--prompt-look"),
+                                       (["generate", "--max-new", "3", "hi"], "--max-new"),
+                                       (["chat", "--temp", "0.5"], "--temp"), (["serve", "--max-b", "2"], "--max-b")])
+def test_no_flag_is_read_by_a_prefix(no_loading, capsys, argv, flag):
+    assert argparse_refuses(argv, capsys).startswith(f"phinano: error: unrecognized arguments: {flag}")
+
+
 def test_empty_model_name(no_loading, capsys):
     assert "the model name is empty" in refused(["info", "--model", ""], capsys)
 
