@@ -226,12 +226,16 @@ KERNELS: dict[str, MatrixKernels] = {
     # off later. Intel Xeon (Emerald Rapids), 2026-12-01, 8192 x 3072, 2 threads, matrices in turn, ms fused /
     # tiles + BLAS: Q8_0 32 tokens 12.3 / 17.3, 48 tokens 19.6 / 21.8; Q4_0 32 12.3 / 16.7, 48 19.6 / 19.0;
     # Q4_1 32 14.1 / 16.9, 48 21.1 / 18.4; Q5_0 32 14.9 / 17.7, 48 23.2 / 19.1; Q5_1 32 17.0 / 17.1.
+    # Q4_0 and Q4_1 moved on with their tables of weights (`vector.nibble_table_dot`, tiles 1.2-1.4x faster):
+    # the same Intel, later that day, medians of 7 paired turns, ms fused / tiles + BLAS: Q4_0 56 tokens
+    # 20.0 / 25.3, 64 24.8 / 30.4, 72 24.0 / 26.1 (even), 88 37.6 / 38.2; Q4_1 56 25.5 / 29.0, 64 29.8 / 31.5,
+    # 72 31.9 / 31.0; Q8_0 48 26.1 / 26.5 (even). Q5_0 40 25.5 / 24.3 and Q5_1 40 30.2 / 26.1 keep theirs.
     "Q8_0": MatrixKernels(_vector_matmul("Q8_0"), _q8_0_dequantize_rows, blas_min_tokens=_tiled(48, 16)),
-    # Q4_1 unpacks at about the same rate (docs/quantization.md) and takes the same switch. The 5-bit types'
-    # switch was measured with the plain loops they had before (between 4 and 8 tokens, AMD EPYC guest, load
-    # average 4-5 from other jobs; `scripts/kernel_bench.py --prefill`).
-    "Q4_0": _legacy_kernels("Q4_0", has_min=False, has_qh=False, blas_min_tokens=_tiled(48, 16)),
-    "Q4_1": _legacy_kernels("Q4_1", has_min=True, has_qh=False, blas_min_tokens=_tiled(40, 16)),
+    # Without tiles Q4_1 unpacks at about Q4_0's rate (docs/quantization.md) and takes the same switch. The
+    # 5-bit types' switch there was measured with the plain loops they had before (between 4 and 8 tokens,
+    # AMD EPYC guest, load average 4-5 from other jobs; `scripts/kernel_bench.py --prefill`).
+    "Q4_0": _legacy_kernels("Q4_0", has_min=False, has_qh=False, blas_min_tokens=_tiled(72, 16)),
+    "Q4_1": _legacy_kernels("Q4_1", has_min=True, has_qh=False, blas_min_tokens=_tiled(64, 16)),
     "Q5_0": _legacy_kernels("Q5_0", has_min=False, has_qh=True, blas_min_tokens=_tiled(40, 8)),
     "Q5_1": _legacy_kernels("Q5_1", has_min=True, has_qh=True, blas_min_tokens=_tiled(32, 8)),
 }
