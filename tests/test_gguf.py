@@ -181,6 +181,12 @@ def test_bad_gguf_files(tiny, tmp_path):
     empty.write_bytes(b"")
     gguf_error(empty, "empty.gguf")
 
+    not_utf8 = tmp_path / "utf8.gguf"  # a damaged string value: the architecture's 4 bytes are not UTF-8
+    value = data.index(b"general.architecture") + len(b"general.architecture") + 4 + 8  # after type and length
+    assert data[value : value + 4] == b"phi3"
+    not_utf8.write_bytes(data[:value] + b"\xff\xfe\xfd\xfc" + data[value + 4 :])
+    gguf_error(not_utf8, "utf8.gguf", "general.architecture", "UnicodeDecodeError")
+
 
 def test_gguf_unknown_architecture_and_missing_tensor(tiny, tmp_path):
     path, folder = tiny("mini-4k", "F32")

@@ -73,7 +73,10 @@ def read_gguf(path: str | Path) -> GGUFFile:
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or not field.types:
             continue
-        value = field.contents()
+        try:  # strings are decoded here: a damaged file's bytes may not be UTF-8
+            value = field.contents()
+        except (UnicodeDecodeError, ValueError) as e:
+            raise PhinanoError(f"{path}: metadata {name!r} is not readable ({type(e).__name__}: {e})") from None
         if field.types[0] == GGUFValueType.ARRAY and field.types[-1] == GGUFValueType.STRING:
             value = list(value)
         metadata[name] = value
