@@ -251,6 +251,9 @@ def config_from_dict(raw: dict, where: str = "config.json") -> Config:
         head_dim = hidden // heads
         head_dim_from = f"head dim {head_dim} = 'hidden_size' / 'num_attention_heads'"
     max_pos = top.integer("max_position_embeddings")
+    if top.text("hidden_act", "silu") != "silu":  # Transformers would run whatever ACT2FN names; phinano runs SwiGLU
+        top.fail("'hidden_act' must be \"silu\" (the activation of every Phi-3, Phi-3.5, Phi-4-mini and PhiMoE "
+                 "release; phinano's MLP is SwiGLU)")
 
     # Rotary: Transformers 5 keeps everything in `rope_parameters`; the release keeps `rope_theta` and
     # `rope_scaling` at the top level (PhiMoE puts original_max_position_embeddings inside rope_scaling).

@@ -102,7 +102,7 @@ def load_tokenizer(folder) -> "Tokenizer":
     for name in NAMED_SPECIAL_TOKENS:
         token = config.get(name)
         if token is not None:
-            special_tokens[name] = token["content"] if isinstance(token, dict) else str(token)
+            special_tokens[name] = _token_content(token, name, folder / CONFIG_FILE)
     _mark_special(backend, [config[name] for name in NAMED_SPECIAL_TOKENS if config.get(name) is not None])
 
     # Transformers encodes with truncation and padding off unless asked; tokenizer.json may have them on.
@@ -128,6 +128,14 @@ def _read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise PhinanoError(f"{path} should hold a JSON object")
     return config
+
+
+def _token_content(token, name: str, path: Path) -> str:
+    """A named special token's text: the string itself, or an AddedToken-style object's "content"."""
+    content = token.get("content") if isinstance(token, dict) else token
+    if not isinstance(content, str):
+        raise PhinanoError(f"{path}: {name} should be a string or an object with a \"content\" string, got {token!r}")
+    return content
 
 
 def _mark_special(backend: BackendTokenizer, tokens: list) -> None:
@@ -156,9 +164,15 @@ def _read_chat_templates(folder: Path, config: dict) -> dict:
     if isinstance(entry, str):
         templates["default"] = entry
     elif isinstance(entry, list):  # older multi-template form: [{"name": ..., "template": ...}, ...]
-        templates.update({item["name"]: item["template"] for item in entry})
+        pairs = [(item.get("name"), item.get("template")) if isinstance(item, dict) else (None, None) for item in entry]
+        templates.update(pairs)
     elif isinstance(entry, dict):
         templates.update(entry)
+    elif entry is not None:
+        templates[None] = entry  # refused below
+    if not all(isinstance(key, str) and isinstance(value, str) for key, value in templates.items()):
+        raise PhinanoError(f"{folder / CONFIG_FILE}: chat_template should be a string, a list of "
+                           f"{{\"name\", \"template\"}} objects or an object of named templates")
 
     jinja_file = folder / CHAT_TEMPLATE_FILE
     extra_files = sorted((folder / CHAT_TEMPLATE_DIR).glob("*.jinja"))

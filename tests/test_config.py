@@ -127,6 +127,8 @@ def test_the_bases_are_valid():
     ("tie_word_embeddings", "false", "'tie_word_embeddings' must be true or false, got 'false'"),
     ("eos_token_id", [32000, "32007"], "'eos_token_id' must be a token id or a list of token ids"),
     ("partial_rotary_factor", 1.5, "'partial_rotary_factor' must be a number in (0, 1], got 1.5"),
+    ("hidden_act", "gelu", "'hidden_act' must be \"silu\""),  # Transformers would run gelu; phinano runs SwiGLU
+    ("hidden_act", 0, "'hidden_act'"),
 ])
 def test_messages(key, value, message):
     with pytest.raises(PhinanoError) as e:

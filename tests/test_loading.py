@@ -187,6 +187,15 @@ def test_read_safetensors_rejects_bad_offsets(tmp_path):
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
     with pytest.raises(PhinanoError, match="dtype I64"):
         read_safetensors(path)
+    # found by fuzzing the header: a dtype that is not a string, offsets that are not integers
+    for entry, message in (({"dtype": {}, "shape": [2], "data_offsets": [0, 8]}, "has dtype {}"),
+                           ({"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, "has dtype"),
+                           ({"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}, "malformed header entry"),
+                           ({"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}, "malformed header entry")):
+        header = json.dumps({"w": entry}).encode()
+        path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+        with pytest.raises(PhinanoError, match=message.replace("[", r"\[").replace("{", r"\{")):
+            read_safetensors(path)
 
 
 def vm_flags_of(path: Path) -> list[set[str]]:

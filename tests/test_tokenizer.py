@@ -494,3 +494,25 @@ def test_bad_input(tmp_path, tiny):
     (tmp_path / "tokenizer.json").write_text("{ not json", encoding="utf-8")
     with pytest.raises(PhinanoError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("bos_token", {"text": "<s>"}, ["bos_token", "content"]),  # an AddedToken object without its content
+    ("eos_token", 7, ["eos_token", "string"]),  # Transformers refuses a number too
+    ("chat_template", [{"name": "default"}], ["chat_template"]),  # an entry without its template
+    ("chat_template", [3], ["chat_template"]),
+    ("chat_template", 5, ["chat_template"]),
+    ("chat_template", {"default": None}, ["chat_template"]),
+])
+def test_a_damaged_tokenizer_config_is_one_clear_error(tmp_path, tiny_dir, key, value, words):
+    """Found by fuzzing tokenizer_config.json: these raised KeyError or TypeError from inside the loader."""
+    import shutil
+
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_dir, folder)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**config, key: value}), encoding="utf-8")
+    with pytest.raises(PhinanoError) as e:
+        load_tokenizer(folder)
+    assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)

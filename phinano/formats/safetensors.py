@@ -55,9 +55,11 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     for name, info in header.items():
         try:
             dtype_name, shape, (start, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
+                raise TypeError("offsets are not integers")
         except (KeyError, TypeError, ValueError):
             raise PhinanoError(f"{path}: malformed header entry for tensor '{name}'") from None
-        if dtype_name not in DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise PhinanoError(f"{path}: tensor '{name}' has dtype {dtype_name}; phinano reads BF16, F16 and F32")
         dtype = np.dtype(DTYPES[dtype_name])
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
