@@ -274,6 +274,18 @@ def test_ollama_store(tiny, tmp_path, monkeypatch):
     with pytest.raises(PhinanoError) as e:
         phinano.load("ollama:phi4", tokenizer=False)
     assert "phi3:latest" in str(e.value) and "phi3.5:q8" in str(e.value)
+    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "phi3" / "latest"
+    good = manifest.read_text()
+    for layers, words in (([1, 2], "not an Ollama manifest"),  # layers that are not objects
+                          ([{"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:../../x"}], "64 hex"),
+                          ([{"mediaType": "application/vnd.ollama.image.model", "digest": 7}], "is not sha256")):
+        manifest.write_text(json.dumps({"layers": layers}))
+        with pytest.raises(PhinanoError, match=words):
+            phinano.load("ollama:phi3", tokenizer=False)
+    manifest.write_text(good)
+    for name in ("ollama:../phi3", "ollama:phi3:..", "ollama:a/../phi3"):  # no way out of the store
+        with pytest.raises(PhinanoError, match="not a model name"):
+            phinano.load(name, tokenizer=False)
     shutil.rmtree(store / "blobs")
     with pytest.raises(PhinanoError, match="missing"):
         phinano.load("ollama:phi3", tokenizer=False)

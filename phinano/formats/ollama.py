@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from ..errors import PhinanoError
@@ -34,7 +35,7 @@ def parse_name(name: str) -> tuple[str, str, str, str]:
     """'phi3.5' -> (registry.ollama.ai, library, phi3.5, latest); 'me/tiny:q4' -> (.., me, tiny, q4)."""
     path, _, tag = name.partition(":")
     parts = [p for p in path.split("/") if p]
-    if not parts or len(parts) > 3 or not tag and ":" in name:
+    if not parts or len(parts) > 3 or not tag and ":" in name or {".", ".."} & {*parts, tag} or "/" in tag:
         raise PhinanoError(f"ollama:{name}: not a model name (NAME, NAME:TAG, NAMESPACE/NAME:TAG)")
     parts = [DEFAULT_REGISTRY, "library"][: 3 - len(parts)] + parts
     return parts[0], parts[1], parts[2], tag or "latest"
@@ -64,10 +65,10 @@ def resolve(name: str) -> Path:
     try:
         layers = json.loads(manifest.read_text(encoding="utf-8"))["layers"]
         digest = next(layer["digest"] for layer in layers if layer.get("mediaType") == MODEL_LAYER)
-    except (json.JSONDecodeError, KeyError, TypeError, StopIteration, UnicodeDecodeError):
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, StopIteration, UnicodeDecodeError):
         raise PhinanoError(f"{manifest}: not an Ollama manifest with a model layer") from None
-    if not isinstance(digest, str) or not digest.startswith("sha256:"):
-        raise PhinanoError(f"{manifest}: model layer digest {digest!r} is not sha256:<hex>")
+    if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        raise PhinanoError(f"{manifest}: model layer digest {digest!r} is not sha256:<64 hex digits>")
     blob = root / "blobs" / digest.replace(":", "-")
     if not blob.is_file():
         raise PhinanoError(f"ollama:{name}: the manifest names blob {blob.name}, which is missing from {root / 'blobs'}")
