@@ -61,6 +61,9 @@ def final_norm_name(cfg: Config) -> str:
 
 def check_tensors(tensors: dict, cfg: Config, where: str) -> None:
     """Raise one error that names every missing, unexpected and mis-shaped tensor."""
+    if cfg.num_hidden_layers > len(tensors):  # every layer has tensors: a damaged count would list them forever
+        raise PhinanoError(f"{where}: the config says {cfg.num_hidden_layers} layers, but the checkpoint has only "
+                           f"{len(tensors)} tensors")
     want = expected_shapes(cfg)
 
     def listed(names: list[str]) -> str:

@@ -188,6 +188,41 @@ def test_bad_gguf_files(tiny, tmp_path):
     gguf_error(not_utf8, "utf8.gguf", "general.architecture", "UnicodeDecodeError")
 
 
+def with_metadata(source: Path, out: Path, name: str, value, value_type) -> Path:
+    """A copy of a GGUF file with one metadata value replaced (gguf's own writer)."""
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or not field.types:
+            continue
+        if key == name:
+            writer.add_array(key, value) if value_type == gguf.GGUFValueType.ARRAY else writer.add_key_value(key, value, value_type)
+        elif field.types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, field.contents())
+        else:
+            writer.add_key_value(key, field.contents(), field.types[0])
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+@pytest.mark.parametrize("name,value,value_type,words", [
+    ("phi3.block_count", 2**64 - 1, gguf.GGUFValueType.UINT64, ["18446744073709551615 layers"]),  # was: MemoryError
+    ("phi3.embedding_length", "", gguf.GGUFValueType.STRING, ["'phi3.embedding_length' must be a positive integer"]),
+    ("phi3.attention.head_count", 0, gguf.GGUFValueType.UINT32, ["'phi3.attention.head_count'"]),
+    ("phi3.rope.dimension_count", [1, 2], gguf.GGUFValueType.ARRAY, ["'phi3.rope.dimension_count'"]),
+])
+def test_damaged_gguf_metadata_is_one_clear_error(tiny, tmp_path, name, value, value_type, words):
+    """Found by fuzzing the metadata of a file: these raised ZeroDivisionError, ValueError, TypeError, or
+    listed 2^64 layers' tensors until memory ran out."""
+    path, _ = tiny("mini-4k", "Q8_0")
+    gguf_error(with_metadata(path, tmp_path / "damaged.gguf", name, value, value_type), "damaged.gguf", *words)
+
+
 def test_gguf_unknown_architecture_and_missing_tensor(tiny, tmp_path):
     path, folder = tiny("mini-4k", "F32")
     cfg = load_config(folder)

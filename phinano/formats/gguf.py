@@ -167,15 +167,21 @@ def config_from_gguf(gguf: GGUFFile) -> Config:
             raise PhinanoError(f"{where}: required key '{arch}.{name}' is missing")
         return value  # floats are float32 in GGUF (1e-5 reads 9.99999975e-06): the same float32 the kernels use
 
+    def count(name: str, default=None) -> int:  # the sizes the head dimension is worked out from, checked first
+        value = key(name, default)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise PhinanoError(f"{where}: '{arch}.{name}' must be a positive integer, got {value!r}")
+        return int(value)
+
     if "token_embd.weight" not in tensors:
         raise PhinanoError(f"{gguf.path}: missing tensor 'token_embd.weight'")
     vocab, hidden = tensors["token_embd.weight"].shape
-    heads = key("attention.head_count")
+    heads = count("attention.head_count")
     context = key("context_length")
     raw = {
         "architectures": [GGUF_ARCHITECTURES[arch]],
         "vocab_size": vocab,
-        "hidden_size": key("embedding_length"),
+        "hidden_size": count("embedding_length"),
         "intermediate_size": key("feed_forward_length"),
         "num_hidden_layers": key("block_count"),
         "num_attention_heads": heads,
@@ -189,10 +195,10 @@ def config_from_gguf(gguf: GGUFFile) -> Config:
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
-    head_dim = int(raw["hidden_size"]) // int(heads)
-    if meta.get(f"{arch}.attention.key_length", head_dim) != head_dim:  # SlimMoE: 128, with hidden 4096 / 16 heads
-        head_dim = raw["head_dim"] = int(meta[f"{arch}.attention.key_length"])
-    rotary = meta.get(f"{arch}.rope.dimension_count", head_dim)
+    head_dim = raw["hidden_size"] // heads
+    if count("attention.key_length", head_dim) != head_dim:  # SlimMoE: 128, with hidden 4096 / 16 heads
+        head_dim = raw["head_dim"] = count("attention.key_length")
+    rotary = count("rope.dimension_count", head_dim)
     if rotary != head_dim:
         raw["partial_rotary_factor"] = rotary / head_dim
     if "rope_factors_long.weight" in tensors:  # longrope: the factor lists travel as two F32 tensors
