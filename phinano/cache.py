@@ -13,6 +13,9 @@ as Transformers' cache that keeps only the last W-1 keys.
 
 from __future__ import annotations
 
+import mmap
+import platform
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +50,7 @@ class KVCache:
 
     def copy(self) -> "KVCache":
         """An independent copy of the filled positions, with the same capacity (a beam that branches)."""
-        k, v = np.zeros_like(self.k), np.zeros_like(self.v)
+        k, v = zeros(self.k.shape), zeros(self.v.shape)
         k[:, : self.length] = self.k[:, : self.length]
         v[:, : self.length] = self.v[:, : self.length]
         return KVCache(k=k, v=v, length=self.length, variant=self.variant)
@@ -65,6 +68,30 @@ class KVCache:
 
 
 def new_cache(cfg: Config, capacity: int) -> KVCache:
-    """Room for `capacity` positions in every layer (capacity * L * 2 * KVH * HD * 4 bytes)."""
+    """Room for `capacity` positions in every layer (capacity * L * 2 * KVH * HD * 4 bytes of address space;
+    memory only for the positions written, `zeros`)."""
     shape = (cfg.num_hidden_layers, capacity, cfg.num_key_value_heads, cfg.head_dim)
-    return KVCache(k=np.zeros(shape, np.float32), v=np.zeros(shape, np.float32))
+    return KVCache(k=zeros(shape), v=zeros(shape))
+
+
+# MAP_NORESERVE: Python's mmap module names it from 3.13 on; Linux on x86-64 and ARM64 gives it 0x4000.
+_NO_RESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") and
+                      platform.machine() in ("x86_64", "aarch64") else 0)
+
+
+def zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array of zeros whose memory is taken only as it is written: an anonymous private map without
+    a reservation (MAP_NORESERVE). A request that may run to the end of a 128k context (an OpenAI chat request
+    without max_tokens) needs room for 131072 positions, 48 GiB a cache for Phi-3.5-mini; Linux refuses such
+    a reservation outright on a smaller machine (np.zeros raised MemoryError), while the positions a
+    generation really fills cost what they cost. Where anonymous maps are not available: np.zeros."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * 4
+    flags = getattr(mmap, "MAP_PRIVATE", None), getattr(mmap, "MAP_ANONYMOUS", None)
+    if nbytes == 0 or None in flags:
+        return np.zeros(shape, np.float32)
+    try:
+        buffer = mmap.mmap(-1, nbytes, flags=flags[0] | flags[1] | _NO_RESERVE)
+    except (OSError, OverflowError) as e:
+        raise PhinanoError(f"cannot set aside {nbytes / 2**30:.1f} GiB for a KV cache of shape {shape}: {e}; "
+                           "ask for fewer new tokens") from None
+    return np.frombuffer(buffer, np.float32).reshape(shape)

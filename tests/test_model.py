@@ -205,3 +205,32 @@ def test_kernels_are_a_real_package_folder():
     assert Path(phinano.kernels.__file__).parent == PACKAGE / "kernels"
     pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
     assert "package-dir" not in pyproject
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc/self/statm), in bytes."""
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="resident memory is read from Linux's /proc")
+def test_a_cache_for_a_whole_128k_context_takes_memory_only_as_it_fills():
+    """An OpenAI chat request without max_tokens may run to the context's end: on Phi-3.5-mini a cache with room
+    for 131072 positions, 48 GiB for keys and as much for values. np.zeros asked Linux to reserve that and got
+    MemoryError on a 24 GB machine; the cache's pages are now taken as they are written."""
+    from phinano.cache import new_cache
+    from phinano.config import config_from_dict
+    from test_config import PHI35_MINI
+
+    cfg = config_from_dict(PHI35_MINI)
+    before = resident_bytes()
+    caches = [new_cache(cfg, cfg.max_position_embeddings) for _ in range(2)]  # two requests at once
+    assert caches[0].k.shape == (32, 131072, 32, 96) and caches[0].k.dtype == np.float32
+    for cache in caches:
+        cache.k[:, :100] = 1.0  # a 100-token prompt in every layer
+        cache.v[:, :100] = 2.0
+    assert caches[1].k[5, 99, 3, 7] == 1.0 and caches[1].v[5, 100, 3, 7] == 0.0
+    copy = caches[0].copy()  # a beam that branches: room for as much again
+    assert copy.k.shape == caches[0].k.shape
+    assert resident_bytes() - before < 400 * 2**20  # what 100 positions take, not 2 x 96 GiB
