@@ -161,6 +161,16 @@ def test_unreadable_and_empty_images_are_one_clear_error(tmp_path):
         preprocess.crops(Image.new("RGB", (7, 0)), 4)
     with pytest.raises(PhinanoError, match="not a readable image"):
         preprocess.crops(b"\x89PNG\r\n\x1a\n broken", 4)
+    # a 57-byte PNG whose header says 100000 x 100000: PIL's decompression-bomb guard (found by fuzzing)
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    with pytest.raises(PhinanoError, match="image data: image too large"):
+        preprocess.crops(bomb, 4)
 
 
 def test_image_bytes_and_paths_give_the_same_crops(tmp_path):

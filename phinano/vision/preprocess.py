@@ -61,6 +61,8 @@ def open_image(image, name: str = "image"):
             raise PhinanoError(f"{name}: no such image file") from None
         except IsADirectoryError:
             raise PhinanoError(f"{name}: is a directory, not an image") from None
+        except Image.DecompressionBombError as e:  # PIL's guard against a small file that unpacks to gigabytes
+            raise PhinanoError(f"{name}: image too large ({e})") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise PhinanoError(f"{name}: not a readable image ({e})") from None
     if img.width == 0 or img.height == 0:
