@@ -242,7 +242,14 @@ class Tokenizer:
         """Text → ids. add_special_tokens applies tokenizer.json's post-processor (Phi-3: prepend <s>)."""
         if not isinstance(text, str):
             raise PhinanoError(f"encode expects a str, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # the Rust side refuses a str it cannot turn into UTF-8 ("must be str")
+            bad = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) < 0xE000), None)
+            if bad is None:
+                raise
+            raise PhinanoError(f"text is not valid Unicode: a lone surrogate U+{ord(text[bad]):04X} at character "
+                               f"{bad}") from None
 
     def encode_prompt(self, text: str) -> list[int]:
         """A prompt that may hold image markers `<|image_1|>`, `<|image_2|>` ... -> ids with one -N per marker,
@@ -258,7 +265,11 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Ids → text. Unknown ids are ignored, as in Transformers."""
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        try:
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        except OverflowError:  # the Rust side takes u32 ids
+            raise PhinanoError(f"token ids must be integers from 0 to 2^32 - 1, got {min(ids)}..{max(ids)}") from None
 
     def stream(self, skip_special_tokens: bool = False) -> "StreamDecoder":
         """A decoder that takes ids one at a time and returns the new text each time (see StreamDecoder)."""

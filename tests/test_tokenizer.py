@@ -491,6 +491,13 @@ def test_no_chat_template(tmp_path):
 def test_bad_input(tmp_path, tiny):
     with pytest.raises(PhinanoError, match="str"):
         tiny.encode(["not", "text"])
+    # found by fuzzing: JSON can carry a lone surrogate ("\\ud800"), and ids may come negative from a caller
+    with pytest.raises(PhinanoError, match="lone surrogate U\\+D800 at character 3"):
+        tiny.encode("hi \ud800 there")
+    with pytest.raises(PhinanoError, match="token ids must be integers from 0"):
+        tiny.decode([5, -1])
+    with pytest.raises(PhinanoError, match="token ids must be integers from 0"):
+        tiny.stream().push(-3)
     (tmp_path / "tokenizer.json").write_text("{ not json", encoding="utf-8")
     with pytest.raises(PhinanoError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
