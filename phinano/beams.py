@@ -19,16 +19,18 @@ beam, in Sequence.feed, as in Transformers (docs/pitfalls.md#longrope-switch).
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence as Ids
 
 import numpy as np
 
 from .errors import PhinanoError
-from .generate import Sequence
+from .generate import Sequence, stop_ids, stop_texts
 from .sampling import check_options
 
 DROPPED = np.float32(-1.0e9)  # Transformers' score for "not a candidate"
+CHECKED = set(inspect.signature(check_options).parameters)  # the options check_options validates
 NEUTRAL = {"temperature": (0, 0.0, None), "repetition_penalty": (1, 1.0, None),
            "sampler_order": ("transformers", "llama.cpp", None), "prompt_lookup_num_tokens": (None, 0),
            "stop_strings": (None, (), [])}  # sampling options that leave beam search as it is
@@ -53,6 +55,9 @@ def beam_search(model, token_ids: Ids[int], max_new_tokens: int, num_beams: int,
 
     stop_token_ids: None = the model's own list; [] = run to max_new_tokens. Sampling options are refused
     unless neutral (temperature 0, no filters, no penalty): beam search is deterministic."""
+    check_options(**{key: value for key, value in sampling.items() if key in CHECKED})  # types first
+    if "stop_strings" in sampling and sampling["stop_strings"] is not None:
+        sampling["stop_strings"] = stop_texts(sampling["stop_strings"])
     given = {key: value for key, value in sampling.items() if value not in NEUTRAL.get(key, (None,))}
     if given:
         raise PhinanoError(f"beam search does not sample: {', '.join(sorted(given))} cannot be combined with "
@@ -63,7 +68,7 @@ def beam_search(model, token_ids: Ids[int], max_new_tokens: int, num_beams: int,
     ids = [int(t) for t in model.check_ids(token_ids)]
     P = len(ids)
     max_new = min(options["max_new_tokens"], model.config.max_position_embeddings - P)
-    stops = set(model.stop_token_ids if stop_token_ids is None else stop_token_ids)
+    stops = stop_ids(model, stop_token_ids)
     keep = max(2, 1 + len(stops)) * B  # candidates looked at per step
     V = model.config.vocab_size
 

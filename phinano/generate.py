@@ -33,6 +33,30 @@ from .speculate import prompt_lookup
 from .sampling import repetition_penalty as apply_repetition_penalty
 
 
+def stop_ids(model, stop_token_ids) -> set[int]:
+    """The ids that end a generation: the model's own (None) or the given ones, each an integer id."""
+    if stop_token_ids is None:
+        return set(model.stop_token_ids)
+    if isinstance(stop_token_ids, (str, bytes)) or not hasattr(stop_token_ids, "__iter__"):
+        raise PhinanoError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
+    ids = list(stop_token_ids)
+    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) for i in ids):
+        raise PhinanoError(f"stop_token_ids must be a list of token ids, got {ids!r}")
+    return {int(i) for i in ids}
+
+
+def stop_texts(stop_strings) -> list[str]:
+    """The stop strings as a list: one string, or a list of them (empty ones are dropped)."""
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if not hasattr(stop_strings, "__iter__") or isinstance(stop_strings, bytes):
+        raise PhinanoError(f"stop_strings must be a list of strings, got {stop_strings!r}")
+    texts = list(stop_strings)
+    if not all(isinstance(t, str) for t in texts):
+        raise PhinanoError(f"stop_strings must be a list of strings, got {texts!r}")
+    return [t for t in texts if t]
+
+
 class Sequence:
     """A sequence being generated: its tokens and their KV cache (room for `capacity` positions)."""
 
@@ -87,10 +111,10 @@ class TextStops:
     """
 
     def __init__(self, tokenizer, stop_strings: Ids[str] = (), skip_special_tokens: bool = True):
+        self.stops = stop_texts(stop_strings)
         if tokenizer is None:
             raise PhinanoError("stop strings and text output need a tokenizer (no tokenizer.json in the model folder)")
         self.decoder = tokenizer.stream(skip_special_tokens=skip_special_tokens)
-        self.stops = [s for s in stop_strings if s]
         self.keep = max((len(s) for s in self.stops), default=1) - 1  # chars that might begin a stop string
         self.held = ""
         self.stopped = False
@@ -145,7 +169,7 @@ def generate_steps(model, token_ids: Ids[int], max_new_tokens: int, *, temperatu
     cfg = model.config
     ids = model.check_ids(token_ids, images=images)  # (P,)
     max_new = min(options["max_new_tokens"], cfg.max_position_embeddings - len(ids))
-    stops = set(model.stop_token_ids if stop_token_ids is None else stop_token_ids)
+    stops = stop_ids(model, stop_token_ids)
     lookup = options["prompt_lookup_num_tokens"] or 0
     rng = np.random.default_rng(options["seed"])
     stats = {} if stats is None else stats

@@ -162,16 +162,22 @@ class Model:
     def check_ids(self, token_ids: Sequence[int], start: int = 0, images: Sequence | None = None) -> np.ndarray:
         """Token ids as int64 (T,), refusing an empty input, ids outside the vocabulary, or a sequence
         longer than the model's context. With `images` (see with_images), -i marks a position of image i."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        try:
+            ids = np.asarray(token_ids).reshape(-1)
+        except (TypeError, ValueError) as e:  # ragged nesting and the like
+            raise PhinanoError(f"token ids must be a sequence of integers ({e})") from None
         if ids.size == 0:
             raise PhinanoError("no input tokens")
+        if ids.dtype.kind not in "iu":  # floats would be cut to integers, strings and bools are no ids
+            raise PhinanoError(f"token ids must be integers, got {ids.dtype} values")
+        ids = ids.astype(np.int64)
         if images:
             self.embed_prompt(ids, images, check_only=True)
             ids = np.where(ids < 0, 0, ids)  # the vocabulary check below is for the text ids
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise PhinanoError(f"token id out of range 0..{self.config.vocab_size - 1}")
         self._check_length(start + ids.size)
-        return np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        return np.asarray(token_ids).reshape(-1).astype(np.int64)
 
     def check_embeddings(self, embeddings: np.ndarray, start: int = 0) -> np.ndarray:
         x = np.ascontiguousarray(embeddings, dtype=np.float32)

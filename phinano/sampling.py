@@ -136,6 +136,9 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.
 # ---------------------------------------------------------------------------------------------------------
 
 
+MAX_BEAMS = 256  # each beam keeps a KV cache and a model row per step: a bound, not a search anyone runs on a CPU
+
+
 class OptionError(PhinanoError):
     """A generation option outside its range. `param` names it (the CLI prints the message; the server
     answers 400 naming `param`)."""
@@ -173,7 +176,7 @@ def check_options(*, max_new_tokens=1, temperature=0.0, top_k=None, top_p=None, 
         seed                integer >= 0, or None (random)
         sampler_order       "transformers" or "llama.cpp" (the order the filters and temperature apply in)
         prompt_lookup_num_tokens  integer >= 0, or None (0 and None = no speculation; generate.py)
-        num_beams           integer >= 1 (1 = no beam search; beams.py)
+        num_beams           integer 1 .. MAX_BEAMS (1 = no beam search; beams.py)
         length_penalty      a number (beam scores are divided by length ** length_penalty)
         early_stopping      True, False or "never" (Transformers' meanings; beams.py)
 
@@ -213,8 +216,8 @@ def check_options(*, max_new_tokens=1, temperature=0.0, top_k=None, top_p=None, 
             raise OptionError("prompt_lookup_num_tokens",
                               f"prompt_lookup_num_tokens must be >= 0 (0 = off), got {lookup}")
     beams = _number("num_beams", num_beams, integer=True)
-    if beams < 1:
-        raise OptionError("num_beams", f"num_beams must be at least 1 (1 = no beam search), got {beams}")
+    if not 1 <= beams <= MAX_BEAMS:
+        raise OptionError("num_beams", f"num_beams must be from 1 (no beam search) to {MAX_BEAMS}, got {beams}")
     penalty = _number("length_penalty", length_penalty)
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):
         raise OptionError("early_stopping", f"early_stopping must be true, false or 'never', got {early_stopping!r}")

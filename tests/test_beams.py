@@ -128,7 +128,10 @@ def test_beam_search_returns_the_score_and_checks_its_options(checkpoint_dir):
     logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
     np.testing.assert_allclose(score, logp[np.arange(8), tokens].sum() / 8, rtol=1e-4)
     assert model.generate(ids, 8, num_beams=1, stop_token_ids=[]) == model.generate(ids, 8, stop_token_ids=[])
-    for bad, words in [(dict(num_beams=0), "num_beams must be at least 1"),
+    for bad, words in [(dict(num_beams=0), "num_beams must be from 1"),
+                       (dict(num_beams=10**30), "num_beams must be from 1 .* to 256"),  # was: OverflowError
+                       (dict(num_beams=2, top_p=(5,)), "top_p"),  # was: numpy's "truth value is ambiguous"
+                       (dict(num_beams=2, stop_token_ids=3), "stop_token_ids must be a list of token ids"),
                        (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be"),
                        (dict(num_beams=2, length_penalty="long"), "length_penalty must be a number"),
                        (dict(num_beams=2, temperature=0.7), "beam search does not sample"),

@@ -56,6 +56,25 @@ def test_step_refuses_bad_input(checkpoint_dir):
         model.forward()
 
 
+@pytest.mark.parametrize("ids,options,words", [
+    ([1.7, 2.0], {}, "token ids must be integers, got float64"),  # was: cut to 1 and 2 without a word
+    ("hello", {}, "token ids must be integers"),  # was: numpy's ValueError
+    ([True, False], {}, "token ids must be integers, got bool"),
+    ([[1, 2], [3]], {}, "token ids must be a sequence of integers"),
+    ([1, 2], dict(stop_token_ids=3), "stop_token_ids must be a list of token ids"),  # was: TypeError
+    ([1, 2], dict(stop_token_ids=[1.5]), "stop_token_ids must be a list of token ids"),
+    ([1, 2], dict(stop_strings=7), "stop_strings must be a list of strings"),
+    ([1, 2], dict(stop_strings=["ok", 3]), "stop_strings must be a list of strings"),
+])
+def test_generate_refuses_bad_arguments_in_one_error(checkpoint_dir, ids, options, words):
+    """Found by fuzzing Model.generate's arguments: each raised a TypeError or ValueError from deep inside."""
+    model = phinano.load(checkpoint_dir("mini-4k"), backend="numpy")
+    with pytest.raises(PhinanoError) as e:
+        model.generate(ids, 2, **options)
+    assert words in str(e.value), str(e.value)
+    assert len(model.generate(np.array([1, 2], np.int32), 2, stop_token_ids=(np.int64(5),))) <= 2  # numpy ids fine
+
+
 def test_step_refuses_mixing_rope_factor_sets(checkpoint_dir):
     """Keys rotated with the short factors cannot be extended by a step past the original length: the caller
     must recompute (the generation loop does)."""
