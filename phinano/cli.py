@@ -98,8 +98,14 @@ def check_flags(args: argparse.Namespace) -> None:
             raise FlagError(f"--max-batch must be at least 1, got {args.max_batch}")
         if args.max_request_bytes < 1:
             raise FlagError(f"--max-request-bytes must be at least 1, got {args.max_request_bytes}")
-    if getattr(args, "out", None) is not None and args.command == "quantize" and args.out.suffix != ".gguf":
-        raise FlagError(f"--out must name a .gguf file, got {str(args.out)!r}")
+    if getattr(args, "out", None) is not None and args.command == "quantize":  # checked before minutes of work
+        if args.out.suffix != ".gguf" or args.out.is_dir():
+            raise FlagError(f"--out must name a .gguf file, got {str(args.out)!r}")
+        folder = args.out.parent
+        if not folder.is_dir():
+            raise FlagError(f"--out: the folder {str(folder)!r} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise FlagError(f"--out: the folder {str(folder)!r} cannot be written")
     if hasattr(args, "temperature"):  # generate and chat: the sampling flags, by phinano.sampling's rules
         try:
             resolve_options({key: getattr(args, key, None) for key in (*SAMPLING_KEYS, "max_new_tokens")})

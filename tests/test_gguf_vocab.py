@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import phinano
 from phinano.errors import PhinanoError
 from phinano.formats.gguf_vocab import tokenizer_parts, vocab_metadata
 from phinano.nano import nano_path
@@ -888,6 +889,29 @@ def test_quantize_with_a_bad_tokenizer_writes_nothing(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "tokenizer.json: a Unigram model" in error
     assert list(tmp_path.glob("out.gguf*")) == []
+
+
+def test_quantize_to_a_place_it_cannot_write_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """An --out in a folder that does not exist was found only after every tensor was rounded, and then as a
+    FileNotFoundError traceback; a file that cannot be created is one line, with nothing left behind."""
+    from phinano import quantize
+    from phinano.cli import main
+
+    rounded = []
+    monkeypatch.setattr(quantize, "write_quantized", lambda *a, **k: rounded.append(a))
+    for out, words in ((tmp_path / "no" / "such" / "x.gguf", "the folder"), (tmp_path, "must name a .gguf file")):
+        assert main(["quantize", "--model", "nano-phi3", "--type", "q8_0", "--out", str(out)]) == 2
+        assert words in capsys.readouterr().err and rounded == []
+    monkeypatch.undo()
+    (tmp_path / "taken.gguf").mkdir()  # the name is a folder: creating the file fails
+    out = tmp_path / "taken.gguf" / ".." / "taken.gguf"
+    assert main(["quantize", "--model", "nano-phi3", "--type", "q8_0", "--out", str(out)]) == 2
+    assert "must name a .gguf file" in capsys.readouterr().err
+    from phinano.formats.gguf_write import write_gguf
+
+    with pytest.raises(PhinanoError, match="cannot write the GGUF file"):
+        write_gguf("/proc/phinano-test.gguf", phinano.load("nano-phi3", tokenizer=False).config, {}, lambda n, a: "F32")
+    assert not list(tmp_path.glob("*.partial"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

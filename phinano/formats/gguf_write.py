@@ -127,9 +127,11 @@ def write_gguf(path: str | Path, cfg: Config, tensors: dict, type_of, vocab: dic
         writer.write_ti_data_to_file()
         for gname, values in named.items():
             writer.write_tensor_data(encode_tensor(values, types[gname]))
-    except BaseException:
+    except BaseException as error:
         writer.close()
         partial.unlink(missing_ok=True)  # nothing half-written stays behind
+        if isinstance(error, OSError):  # no such folder, no permission, disk full
+            raise PhinanoError(f"{path}: cannot write the GGUF file ({error.strerror or error})") from None
         raise
     writer.close()
     partial.replace(path)
