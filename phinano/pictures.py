@@ -236,8 +236,13 @@ def write_trace(model, prompt: str, out: str | Path, layers: str | list[int] | N
     labels = [short_label(tok, i) for i in ids]
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    if out.exists() and not out.is_dir():
+        raise PhinanoError(f"{out}: a file is there; phinano trace writes a folder of pictures")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    except OSError as e:  # no permission, a read-only file system
+        raise PhinanoError(f"{out}: cannot write the trace there ({e.strerror or e})") from None
     try:
         sections = [("Logit lens", "Each layer's residual stream put through the final norm and the head: the "
                      "token it would predict next at each position (columns: the input token at that position; "

@@ -65,6 +65,18 @@ def test_bad_layers_or_heads_write_nothing(tmp_path, capsys, flags, message, sta
     assert list(tmp_path.iterdir()) == []  # no folder, no scratch left behind
 
 
+def test_an_out_that_cannot_be_a_folder_is_one_line(tmp_path, capsys):
+    """--out naming a file, or a place no folder can be made: one line (they were FileExistsError and
+    FileNotFoundError tracebacks), and the file is left as it was."""
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    assert main(["trace", "--model", "nano-phi3", "--out", str(taken), "hi"]) == 1
+    assert capsys.readouterr().err == f"phinano: error: {taken}: a file is there; phinano trace writes a folder of pictures\n"
+    assert taken.read_text() == "mine"
+    assert main(["trace", "--model", "nano-phi3", "--out", str(taken / "t"), "hi"]) == 1  # under a file
+    assert "cannot write the trace there" in capsys.readouterr().err
+
+
 def test_without_matplotlib_one_line_says_how_to_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["trace", "--out", str(tmp_path / "t"), "hi"]) == 1
