@@ -32,7 +32,7 @@ BLOCK_32 = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
 def check_type(name: str) -> str:
-    if name not in TYPES:
+    if not isinstance(name, str) or name not in TYPES:
         raise PhinanoError(f"unknown quantization type {name!r}; choose one of {', '.join(TYPES)}")
     return TYPES[name]
 

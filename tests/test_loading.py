@@ -165,6 +165,10 @@ def test_offline_hub_id_is_one_clear_line():
         phinano.load("microsoft/Phi-3-mini-4k-instruct")
     with pytest.raises(PhinanoError, match="no such folder"):
         phinano.load("./no/such/folder")
+    with pytest.raises(PhinanoError, match="not a usable path"):  # was: OSError "File name too long"
+        phinano.load("a" * 5000)
+    with pytest.raises(PhinanoError, match="unknown quantization type"):  # was: TypeError "unhashable"
+        phinano.load("nano-phi3", quantize=["q8_0"])
     r = subprocess.run([sys.executable, "-m", "phinano.cli", "info", "--model", "microsoft/Phi-3-mini-4k-instruct"],
                        capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 1

@@ -43,9 +43,13 @@ def resolve(path_or_repo_id: str | Path, revision: str | None = None, cache_dir:
     if not str(path_or_repo_id).strip():
         raise PhinanoError("the model name is empty: give a folder, a .gguf file, ollama:NAME, a nano model or a Hub id")
     local = Path(path_or_repo_id).expanduser()
-    if local.is_dir():
+    try:
+        is_dir, is_file = local.is_dir(), local.is_file()
+    except OSError as e:  # a name longer than the file system allows, and the like
+        raise PhinanoError(f"{str(path_or_repo_id)[:80]}: not a usable path ({e.strerror or e})") from None
+    if is_dir:
         return local
-    if local.is_file():
+    if is_file:
         if not is_gguf(local):
             raise PhinanoError(f"{local}: not a GGUF file (no GGUF magic) and not a model folder")
         return local
