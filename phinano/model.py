@@ -264,7 +264,7 @@ class Model:
 
         Options (generate.generate_tokens): temperature, top_k, top_p, min_p, repetition_penalty, seed,
         sampler_order, prompt_lookup_num_tokens, stop_token_ids (None: the model's own list; []: never stop
-        early), stop_strings, observer. With num_beams > 1: beam search (beams.beam_search: length_penalty,
+        early), stop_strings (a string or a list of them), observer. With num_beams > 1: beam search (beams.beam_search: length_penalty,
         early_stopping, stop_token_ids; Transformers' generate(num_beams=B)).
         images (Phi-3-vision): paths, bytes or PIL images for the prompt's `<|image_1|>`, `<|image_2|>` ...
         markers; token_ids is then Tokenizer.encode_prompt of the prompt text (one id -i per marker).
