@@ -149,6 +149,8 @@ class _Values:
         name, value, given = self._lookup(key, default)
         if given and (not _is_int(value) or value < minimum):
             self._wrong(name, "a positive integer" if minimum == 1 else f"an integer >= {minimum}", value)
+        if given and value >= 2**31:  # no size, length or id of a real model comes near; a damaged one would
+            self._wrong(name, "an integer below 2^31", value)  # overflow the int64 of the kernels or memory
         return value
 
     def number(self, key: str, default=_ABSENT, rule: str = "positive") -> float:

@@ -64,6 +64,9 @@ def check_tensors(tensors: dict, cfg: Config, where: str) -> None:
     if cfg.num_hidden_layers > len(tensors):  # every layer has tensors: a damaged count would list them forever
         raise PhinanoError(f"{where}: the config says {cfg.num_hidden_layers} layers, but the checkpoint has only "
                            f"{len(tensors)} tensors")
+    if cfg.is_moe and cfg.num_hidden_layers * cfg.num_local_experts > len(tensors):  # and every expert too
+        raise PhinanoError(f"{where}: the config says {cfg.num_local_experts} experts in each of "
+                           f"{cfg.num_hidden_layers} layers, but the checkpoint has only {len(tensors)} tensors")
     want = expected_shapes(cfg)
 
     def listed(names: list[str]) -> str:

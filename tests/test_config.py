@@ -129,6 +129,8 @@ def test_the_bases_are_valid():
     ("partial_rotary_factor", 1.5, "'partial_rotary_factor' must be a number in (0, 1], got 1.5"),
     ("hidden_act", "gelu", "'hidden_act' must be \"silu\""),  # Transformers would run gelu; phinano runs SwiGLU
     ("hidden_act", 0, "'hidden_act'"),
+    ("sliding_window", 2**64 - 1, "'sliding_window' must be an integer below 2^31"),  # was: OverflowError in attention
+    ("max_position_embeddings", 2**40, "'max_position_embeddings' must be an integer below 2^31"),
 ])
 def test_messages(key, value, message):
     with pytest.raises(PhinanoError) as e:

@@ -694,3 +694,20 @@ def test_cli_show_experts_on_a_dense_model_is_a_clear_error(checkpoint_dir, tmp_
     assert cli_main(["generate", "--model", str(folder), "--backend", "numpy", "--show-experts", "-n", "3", "hi"]) == 1
     err = capsys.readouterr().err
     assert "--show-experts needs a mixture-of-experts model" in err and "Phi3ForCausalLM" in err
+
+
+def test_an_absurd_expert_count_is_refused_before_any_list_is_made(moe_checkpoint, tmp_path):
+    """Found by fuzzing a PhiMoE GGUF's metadata: an expert count of 2^32 - 1 listed each expert's tensor names
+    until memory ran out. More experts than the checkpoint has tensors is one error at once."""
+    import json
+    import shutil
+
+    folder = tmp_path / "moe"
+    shutil.copytree(moe_checkpoint(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_local_experts": 10**6}))
+    with pytest.raises(phinano.PhinanoError, match="1000000 experts in each of"):
+        phinano.load(folder, backend="numpy")
+    (folder / "config.json").write_text(json.dumps({**config, "num_local_experts": 2**32 - 1}))
+    with pytest.raises(phinano.PhinanoError, match="'num_local_experts' must be an integer below 2\\^31"):
+        phinano.load(folder, backend="numpy")
