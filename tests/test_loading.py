@@ -130,9 +130,9 @@ def test_wrong_shape_and_missing_tensor(checkpoint_dir, tmp_path):
     cfg["num_hidden_layers"] = 3
     (folder / "config.json").write_text(json.dumps(cfg))
     expect_error(folder, "missing", "model.layers.2.")
-    cfg["num_hidden_layers"] = 10**15  # more layers than tensors: refused before any list of names is made
+    cfg["num_hidden_layers"] = 10**6  # more layers than tensors: refused before any list of names is made
     (folder / "config.json").write_text(json.dumps(cfg))
-    expect_error(folder, "1000000000000000 layers")
+    expect_error(folder, "1000000 layers")
 
 
 def test_unknown_architecture_and_missing_key(checkpoint_dir, tmp_path):
