@@ -345,7 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", allow_abbrev=False, help="continue a prompt (or answer it with --chat), streaming to stdout")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, allow_abbrev=False)
+
+    g = command("generate", "continue a prompt (or answer it with --chat), streaming to stdout")
     add_model_args(g)
     add_sampling_args(g)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -361,18 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompt_args(g)
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("info", allow_abbrev=False, help="architecture, parameter count, dtype, memory")
+    i = command("info", "architecture, parameter count, dtype, memory")
     add_model_args(i)
     i.set_defaults(func=cmd_info)
 
-    c = sub.add_parser("chat", allow_abbrev=False, help="interactive chat in the terminal (/reset, /system TEXT, /exit)")
+    c = command("chat", "interactive chat in the terminal (/reset, /system TEXT, /exit)")
     add_model_args(c)
     add_sampling_args(c)
     c.add_argument("--system", default=None, help="system message")
     c.add_argument("--verbose", "-v", action="store_true", help="print a speed report after each answer")
     c.set_defaults(func=cmd_chat)
 
-    s = sub.add_parser("serve", allow_abbrev=False, help="OpenAI- and Ollama-compatible HTTP server (needs phinano[serve])")
+    s = command("serve", "OpenAI- and Ollama-compatible HTTP server (needs phinano[serve])")
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000)
@@ -383,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get a 413")
     s.set_defaults(func=cmd_serve)
 
-    q = sub.add_parser("quantize", allow_abbrev=False, help="write a safetensors checkpoint as a GGUF file of int8/int4 blocks")
+    q = command("quantize", "write a safetensors checkpoint as a GGUF file of int8/int4 blocks")
     q.add_argument("--model", "-m", required=True, help="local folder, nano model name or Hub repo id (safetensors)")
     q.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     q.add_argument("--type", required=True, choices=sorted(QUANT_TYPES),
@@ -391,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, type=Path, help="the .gguf file to write (written whole or not at all)")
     q.set_defaults(func=cmd_quantize)
 
-    t = sub.add_parser("trace", allow_abbrev=False, help="pictures of one forward: logit lens, attention, expert routing, residual "
-                                     "norms, tied together in an index.html (needs phinano[pictures])")
+    t = command("trace", "pictures of one forward: logit lens, attention, expert routing, residual "
+                         "norms, tied together in an index.html (needs phinano[pictures])")
     add_model_args(t)
     t.add_argument("--out", "-o", type=Path, default=Path("phinano-trace"), help="folder to write (default phinano-trace)")
     t.add_argument("--layers", default=None, help="attention maps of these layers, e.g. 0,3 (default: first and last)")
@@ -400,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompt_args(t)
     t.set_defaults(func=cmd_trace)
 
-    d = sub.add_parser("diff", allow_abbrev=False, help="compare phinano with Transformers stage by stage (needs torch, transformers)")
+    d = command("diff", "compare phinano with Transformers stage by stage (needs torch, transformers)")
     d.add_argument("--model", "-m", default=DEFAULT_MODEL, help="local folder, .gguf file, nano model name or Hub repo id")
     d.add_argument("--backend", choices=("numba", "numpy"), default="numba", help="kernel backend (default numba)")
     d.add_argument("--threads", type=int, default=None, help="kernel threads, 1 to the cores available")

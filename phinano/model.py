@@ -170,14 +170,15 @@ class Model:
             raise PhinanoError("no input tokens")
         if ids.dtype.kind not in "iu":  # floats would be cut to integers, strings and bools are no ids
             raise PhinanoError(f"token ids must be integers, got {ids.dtype} values")
-        ids = ids.astype(np.int64)
+        ids = ids.astype(np.int64)  # (T,)
+        text = ids  # the ids the vocabulary check applies to
         if images:
             self.embed_prompt(ids, images, check_only=True)
-            ids = np.where(ids < 0, 0, ids)  # the vocabulary check below is for the text ids
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            text = np.where(ids < 0, 0, ids)  # -i marks image i's positions, checked just now
+        if text.min() < 0 or text.max() >= self.config.vocab_size:
             raise PhinanoError(f"token id out of range 0..{self.config.vocab_size - 1}")
         self._check_length(start + ids.size)
-        return np.asarray(token_ids).reshape(-1).astype(np.int64)
+        return ids
 
     def check_embeddings(self, embeddings: np.ndarray, start: int = 0) -> np.ndarray:
         x = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -264,8 +265,8 @@ class Model:
 
         Options (generate.generate_tokens): temperature, top_k, top_p, min_p, repetition_penalty, seed,
         sampler_order, prompt_lookup_num_tokens, stop_token_ids (None: the model's own list; []: never stop
-        early), stop_strings (a string or a list of them), observer. With num_beams > 1: beam search (beams.beam_search: length_penalty,
-        early_stopping, stop_token_ids; Transformers' generate(num_beams=B)).
+        early), stop_strings (a string or a list of them), observer. With num_beams > 1: beam search
+        (beams.beam_search: length_penalty, early_stopping, stop_token_ids; Transformers' generate(num_beams=B)).
         images (Phi-3-vision): paths, bytes or PIL images for the prompt's `<|image_1|>`, `<|image_2|>` ...
         markers; token_ids is then Tokenizer.encode_prompt of the prompt text (one id -i per marker).
         """

@@ -164,13 +164,12 @@ def _read_chat_templates(folder: Path, config: dict) -> dict:
     if isinstance(entry, str):
         templates["default"] = entry
     elif isinstance(entry, list):  # older multi-template form: [{"name": ..., "template": ...}, ...]
-        pairs = [(item.get("name"), item.get("template")) if isinstance(item, dict) else (None, None) for item in entry]
-        templates.update(pairs)
+        templates.update((item.get("name"), item.get("template")) if isinstance(item, dict) else (None, None)
+                         for item in entry)
     elif isinstance(entry, dict):
         templates.update(entry)
-    elif entry is not None:
-        templates[None] = entry  # refused below
-    if not all(isinstance(key, str) and isinstance(value, str) for key, value in templates.items()):
+    named = all(isinstance(name, str) and isinstance(text, str) for name, text in templates.items())
+    if not (entry is None or isinstance(entry, (str, list, dict)) and named):
         raise PhinanoError(f"{folder / CONFIG_FILE}: chat_template should be a string, a list of "
                            f"{{\"name\", \"template\"}} objects or an object of named templates")
 

@@ -253,3 +253,27 @@ def test_a_cache_for_a_whole_128k_context_takes_memory_only_as_it_fills():
     copy = caches[0].copy()  # a beam that branches: room for as much again
     assert copy.k.shape == caches[0].k.shape
     assert resident_bytes() - before < 400 * 2**20  # what 100 positions take, not 2 x 96 GiB
+
+
+def test_a_cache_the_system_refuses_is_one_clear_error(monkeypatch):
+    """Where the map itself is refused (a strict overcommit policy, no address space): one error with the size."""
+    import mmap
+
+    from phinano import cache
+    from phinano.config import config_from_dict
+    from test_config import PHI35_MINI
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    with pytest.raises(PhinanoError, match=r"cannot set aside 48\.0 GiB for a KV cache .*ask for fewer new tokens"):
+        cache.new_cache(config_from_dict(PHI35_MINI), 131072)
+
+
+def test_one_stop_string_is_one_stop_not_its_characters():
+    """stop_strings="ab" once meant the stops "a" and "b"; it is now the one string, as in Transformers."""
+    from phinano.generate import TextStops
+
+    tokenizer = phinano.load("nano-phi3").tokenizer
+    assert TextStops(tokenizer, "ab").stops == ["ab"] == TextStops(tokenizer, ["ab", ""]).stops

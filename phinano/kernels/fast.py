@@ -112,6 +112,7 @@ ATTENTION_KEY_BLOCK = 256
 # Decode attention with this rule on the same Intel, Phi-3-mini's heads, caches from memory, paired turns: 64 /
 # 100 / 200 / 300 / 600 / 800 / 1100 keys 1.28 / 1.32 / 1.42 / 1.27 / 1.26 / 1.08 / 1.28x faster; at 500,
 # 1000, 2047 and 4000 keys, where the blocks share out evenly, it cuts by keys as before (0.99-1.02x).
+# A constant of the compiled kernel (Numba reads it when it compiles; after a change, clear the cache).
 HEAD_RUNS_ABOVE = 1.2
 # _attend_keys (decode attention): value rows summed per head in chunks of this many keys, each chunk kept
 # in cache while every query and head takes its share. The same additions in the same order as one key at
@@ -765,10 +766,11 @@ def _attention_parts(q, k, v, start, window, block, threads, out):
     KVH = k.shape[1]
     busiest = min(last - first, -(-parts // threads) * block)  # keys of the busiest thread, split by keys
     runs = min(threads, KVH) if threads * busiest > HEAD_RUNS_ABOVE * (last - first) else 1  # runs of KV heads
-    for item in prange(runs * parts):
-        r, p = item // parts, item % parts  # KV heads r KVH / runs .. (r + 1) KVH / runs - 1, block p
-        a, b = max(first, (b0 + p) * block), min(last, (b0 + p + 1) * block)
-        _attend_keys(q, k, v, lo, hi, a, max(a, b), r * KVH // runs, (r + 1) * KVH // runs, top[p], total[p], acc[p])
+    for item in prange(runs * parts):  # thread r (of runs > 1) takes items r parts .. (r + 1) parts - 1
+        r, p = item // parts, item % parts
+        a, b = max(first, (b0 + p) * block), min(last, (b0 + p + 1) * block)  # block p's keys
+        kv0, kv1 = r * KVH // runs, (r + 1) * KVH // runs  # run r's KV heads
+        _attend_keys(q, k, v, lo, hi, a, max(a, b), kv0, kv1, top[p], total[p], acc[p])
     for t in range(T):  # the merge
         for h in range(H):
             _merge_blocks(top[:, t, h], total[:, t, h], acc[:, t, h], out[t, h])
