@@ -504,6 +504,44 @@ def test_compiling_for_another_cpu_emits_no_avx512_intrinsics(tmp_path):
     assert run.stdout.split() == ["ok"]
 
 
+_WITHOUT_VBMI_PROBE = """
+import sys, numpy as np
+from phinano.kernels import fast, vector
+from phinano.formats.gguf_write import encode_tensor
+from phinano.formats.quantized import QuantizedTensor
+assert vector.AVX512 and not vector.VBMI
+rng = np.random.default_rng(5)
+w = QuantizedTensor("Q6_K", (13, 768), encode_tensor(rng.standard_normal((13, 768)).astype(np.float32) * 3, "Q6_K"))
+x = rng.standard_normal((6, 768)).astype(np.float32)
+sys.stdout.write(fast.linear(x, w).tobytes().hex() + " " + fast.linear(x[:1], w).tobytes().hex())
+"""
+
+
+def test_q6_k_without_byte_permutes_gives_the_same_bits(tmp_path):
+    """Q6_K's 16-lane loop takes each sub-block's numbers with a byte permute where the CPU has AVX-512 VBMI
+    (`vector._top_bytes`, (q - 32) 2^24 then d 2^-24) and by a shuffle and a sign extension where it has
+    AVX-512 without VBMI (Skylake-SP, Cascade Lake). The two make the same weights exactly and add them in
+    the same order: this compiles the second for this CPU (NUMBA_CPU_FEATURES without avx512vbmi, an empty
+    cache) and compares the bits, one token and a tile of tokens."""
+    from llvmlite import binding
+
+    from phinano.formats.gguf_write import encode_tensor
+
+    features = binding.get_host_cpu_features()
+    if not (vector.VBMI and features.get("avx512vbmi")):
+        pytest.skip("this CPU runs Q6_K without byte permutes already (no AVX-512 VBMI)")
+    flags = features.flatten().replace("+avx512vbmi,", "-avx512vbmi,").replace("+avx512vbmi2", "-avx512vbmi2")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_CPU_FEATURES": flags}
+    run = subprocess.run([sys.executable, "-c", _WITHOUT_VBMI_PROBE], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rng = np.random.default_rng(5)
+    w = QuantizedTensor("Q6_K", (13, 768), encode_tensor(rng.standard_normal((13, 768)).astype(np.float32) * 3, "Q6_K"))
+    x = rng.standard_normal((6, 768)).astype(np.float32)
+    here = fast.linear(x, w).tobytes().hex() + " " + fast.linear(x[:1], w).tobytes().hex()
+    assert run.stdout == here
+
+
 def test_the_vector_kernels_at_the_vector_width_this_cpu_does_not_pick(tmp_path):
     """Q8_0, the legacy types, Q4_K and bf16 pairs run in 16-lane vectors where the CPU has AVX-512 and in
     8-lane ones elsewhere (vector.WIDTH; bf16 in tiles of 4 tokens, else 2; the block types, Q4_K and Q6_K

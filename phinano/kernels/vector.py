@@ -97,21 +97,23 @@ def _host_width() -> int:
 WIDTH = _host_width()
 
 
-def _host_has_avx512() -> bool:
-    """Whether the code Numba compiles may use AVX-512F: the x86 intrinsics of 16-lane table lookups need it
-    (16 lanes alone do not: PHINANO_VECTOR_LANES=16 on an AVX2 CPU runs them as pairs of 8-lane halves).
-    Where Numba is told to compile for another CPU (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES, e.g. for a cache
-    shared between machines), only an explicit +avx512f counts."""
+def _host_has(feature: str) -> bool:
+    """Whether the code Numba compiles may use an instruction set (LLVM's name: "avx512f", "avx512vbmi"):
+    the x86 intrinsics of 16-lane table lookups need AVX-512F (16 lanes alone do not: PHINANO_VECTOR_LANES=16
+    on an AVX2 CPU runs them as pairs of 8-lane halves), Q6_K's byte permutes AVX-512 VBMI. Where Numba is
+    told to compile for another CPU (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES, e.g. for a cache shared between
+    machines), only an explicit +feature counts."""
     from numba.core import config
 
     if config.CPU_FEATURES:
-        return "+avx512f" in config.CPU_FEATURES.split(",")
+        return f"+{feature}" in config.CPU_FEATURES.split(",")
     if config.CPU_NAME not in (None, "host"):
         return False
-    return bool(binding.get_host_cpu_features().get("avx512f"))
+    return bool(binding.get_host_cpu_features().get(feature))
 
 
-AVX512 = _host_has_avx512()
+AVX512 = _host_has("avx512f")
+VBMI = AVX512 and _host_has("avx512vbmi")  # byte permutes (vpermb): Intel from Ice Lake on, AMD from Zen 4 on
 _I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _BYTES8, _INTS8, _FLOATS8 = ir.VectorType(_I8, LANES), ir.VectorType(_I32, LANES), ir.VectorType(_F32, LANES)
 
@@ -264,6 +266,23 @@ def _lookup(builder, table, ints):
 
 
 _NIBBLES = ir.Constant(_vector(_F32, 16), [float(i) for i in range(16)])  # 0.0 .. 15.0
+
+# Inline assembly with instructions in it needs LLVM's assembly parser, which Numba does not set up.
+binding.initialize_native_asmparser()
+
+
+def _top_bytes(builder, v, first):
+    """Bytes first .. first + 15 of a 64-byte vector, byte i as the top byte of int32 lane i, the other three
+    bytes 0: (byte << 24) lane by lane, so a signed byte b becomes the int32 b * 2^24. One `vpermb` with a
+    zeroing mask (AVX-512 VBMI), where taking a 128-bit part out and sign-extending it took two instructions,
+    both on the one vector port that also does every shuffle. It is written as inline assembly: LLVM turns
+    the same permute-and-select in IR into `vpermt2b`, which costs two of that port's cycles."""
+    bytes64 = _vector(_I8, 64)
+    picks = ir.Constant(bytes64, [first + k // 4 for k in range(64)])  # byte k of the result: byte first + k // 4
+    tops = ir.Constant(ir.IntType(64), 0x8888888888888888)  # keep byte 3 of every 4, zero the rest
+    permute = ir.FunctionType(bytes64, [bytes64, bytes64, ir.IntType(64)])
+    out = builder.asm(permute, "vpermb $1, $2, $0 {$3} {z}", "=v,v,v,^Yk", [v, picks, tops], False)
+    return builder.bitcast(out, _vector(_I32, 16))
 
 
 # (bytes per block, its integers, where m is or None, zero point or 0) per type
@@ -846,6 +865,9 @@ def q6_k_tile_dot(tokens: int):
 # sub-block); they are added as (a0 + a1) + (a2 + a3) at the end. d sc[j] comes as a broadcast from memory
 # (`_keep_in_memory`), like Q4_K's. Per 32 weights about 12 vector instructions, against about 22 of the
 # 8-lane loop above in 256-bit registers: 1.2-1.35x (docs/kernels.md, "Q6_K in 16 lanes").
+# With AVX-512 VBMI (`VBMI`) the 16 bytes come out by one byte permute as (q - 32) 2^24 (`_top_bytes`) and
+# d 2^-24 scales them back: the same weights, bit for bit, one shuffle-port instruction a sub-block fewer
+# (1.18x on the Intel Xeon, docs/kernels.md).
 Q6_K_WIDE = AVX512 and WIDTH == 16
 
 
@@ -869,9 +891,11 @@ def q6_k_wide_tile_dot(tokens: int):
 
         with cgutils.for_range(builder, builder.udiv(K, ir.Constant(_I64, 256))) as loop:
             c0, row_o = _q6_k_super_block(builder, tile, loop.index)
-            d = _splat(builder, _f16(builder, base, _plus(builder, row_o, 208)), floats)
+            d = _f16(builder, base, _plus(builder, row_o, 208))
+            if VBMI:  # the numbers come as (q - 32) 2^24 (`_top_bytes`): d 2^-24 undoes it, exactly
+                d = builder.fmul(d, ir.Constant(_F32, 2.0 ** -24))
             sc = _ints(builder, base, _plus(builder, row_o, 192), signed=True, lanes=16)  # sc[0 .. 15]
-            builder.store(builder.fmul(d, builder.sitofp(sc, floats)), scales)
+            builder.store(builder.fmul(_splat(builder, d, floats), builder.sitofp(sc, floats)), scales)
             _keep_in_memory(builder, scales)
             for h in range(2):
                 ql = builder.bitcast(_load(builder, base, _plus(builder, row_o, 64 * h), bytes64), words)
@@ -883,8 +907,11 @@ def q6_k_wide_tile_dot(tokens: int):
                                    builder.and_(builder.lshr(qh, halves(0, 2)), pairs))]
                 q = [builder.sub(builder.bitcast(v, bytes64), _const(bytes64, 32)) for v in six]  # weights 0-63, 64-127
                 for j in range(8):  # sub-block 8h + j: weights 128h + 16j .. + 15
-                    part = ir.Constant(_vector(_I32, 16), list(range(16 * (j % 4), 16 * (j % 4) + 16)))
-                    numbers = builder.sext(builder.shuffle_vector(q[j // 4], q[j // 4], part), ints)
+                    if VBMI:
+                        numbers = _top_bytes(builder, q[j // 4], 16 * (j % 4))  # (q - 32) 2^24
+                    else:
+                        part = ir.Constant(_vector(_I32, 16), list(range(16 * (j % 4), 16 * (j % 4) + 16)))
+                        numbers = builder.sext(builder.shuffle_vector(q[j // 4], q[j // 4], part), ints)
                     dsc = _lane_from_memory(builder, scales, 8 * h + j, floats)  # d sc[8h + j] in 16 lanes
                     weights = builder.fmul(builder.sitofp(numbers, floats), dsc)
                     col = _plus(builder, c0, 128 * h + 16 * j)
