@@ -572,6 +572,37 @@ def _six_bit_scales(builder, row, o):
     return sc, m
 
 
+def _six_bit_scales_by_shuffle(builder, row, o):
+    """`_six_bit_scales` in vector instructions alone (AVX2's 256-bit `vpshufb`; used where the CPU has
+    AVX-512): the 16 bytes of the super-block at byte o (d, dmin, then a, b, c as there) in both 128-bit
+    halves of a register, and one byte shuffle per result puts into int32 lane j the byte of sc[j] (m[j]),
+    and for j >= 4 the byte of a (b) with bits 4-5 above it, 8 bits up:
+        lanes 0-3: a_j                  -> & 0x3F
+        lanes 4-7: c_j | a_j << 8       -> & 0x0F (m: >> 4 first), | (>> 10) & 0x30
+    (v & M) | (v >> 10 & ~M), M = 0x3F or 0x0F by lane: lanes 0-3 have nothing at bit 10 and up. The scalar
+    masks and shifts and the moves of their words into a vector took as many instructions, most of them
+    on the two vector ports the loop is bound by (1.06x the Q4_K loop, docs/kernels.md)."""
+    bytes16, bytes32 = _vector(_I8, 16), _vector(_I8, 32)
+    raw = _load(builder, row, o, bytes16)
+    both = builder.shuffle_vector(raw, raw, ir.Constant(_vector(_I32, 32), list(range(16)) * 2))
+    shuffle = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bytes32, [bytes32, bytes32]),
+                                             "llvm.x86.avx2.pshuf.b")  # a byte index with bit 7 set gives 0
+
+    def lanes(low4, high4):  # byte indices: lanes 0-3 take byte low4 + j, lanes 4-7 bytes 12 + j and high4 + j
+        picks = [[low4 + j, 0x80, 0x80, 0x80] for j in range(4)] + [[12 + j, high4 + j, 0x80, 0x80] for j in range(4)]
+        return builder.bitcast(builder.call(shuffle, [both, ir.Constant(bytes32, sum(picks, []))]), _INTS8)
+
+    mask = ir.Constant(_INTS8, [0x3F] * 4 + [0x0F] * 4)
+    above = ir.Constant(_INTS8, [~0x3F] * 4 + [~0x0F] * 4)
+
+    def six_bits(v, shift):
+        return builder.or_(builder.and_(builder.lshr(v, shift), mask), builder.and_(builder.lshr(v, _const(_INTS8, 10)), above))
+
+    sc = six_bits(lanes(4, 4), _const(_INTS8, 0))
+    m = six_bits(lanes(8, 8), ir.Constant(_INTS8, [0] * 4 + [4] * 4))
+    return builder.sitofp(sc, _FLOATS8), builder.sitofp(m, _FLOATS8)
+
+
 def _lane(builder, v, j):
     """Lane j of v, in every lane."""
     return builder.shuffle_vector(v, ir.Constant(_FLOATS8, ir.Undefined), _const(_INTS8, j))
@@ -589,18 +620,23 @@ def _shift(builder, v, n):
     return builder.shl(v, _const(_INTS8, n)) if n > 0 else builder.lshr(v, _const(_INTS8, -n)) if n < 0 else v
 
 
-def _super_block_scales(builder, tile, b, o, size, mins):
+def _super_block_scales(builder, tile, b, o, size, mins, by_shuffle=False):
     """Q4_K/Q5_K super-block b (at byte o of each row) of a tile: per row k, the 8 lanes d sc[j] (returned);
     -dmin m[j] times the sum of x over sub-block j added to lane j of mins[i][k] (8 lanes) for each token i.
-    On the first tile of a call, the hints for the bytes ahead first."""
+    On the first tile of a call, the hints for the bytes ahead first. by_shuffle: the scales by
+    `_six_bit_scales_by_shuffle` (AVX-512 CPUs), else `_six_bit_scales`."""
     w, base = tile.w, tile.w.packed
     sub_sums = [_floats(builder, sum_row, builder.mul(b, ir.Constant(_I64, 8))) for sum_row in tile.sum_rows]
     _prefetch_ahead(builder, tile, o, size)
     dsc = []
     for k, start in enumerate(w.starts):
         row_o = builder.add(start, o)
-        sc, m = _six_bit_scales(builder, base, row_o)
         d, dmin = _f16(builder, base, row_o), _f16(builder, base, _plus(builder, row_o, 2))
+        if by_shuffle:  # (the barrier keeps d and dmin loads of their own: LLVM took them out of the vector)
+            _keep_in_memory(builder, base)
+            sc, m = _six_bit_scales_by_shuffle(builder, base, row_o)
+        else:
+            sc, m = _six_bit_scales(builder, base, row_o)
         dsc.append(builder.fmul(_splat(builder, d), sc))
         minus_dm = builder.fmul(_splat(builder, builder.fneg(dmin)), m)
         for i, token_mins in enumerate(mins):
@@ -707,7 +743,7 @@ def q4_k_tile_dot(rows: int, tokens: int):
             b = loop.index
             o = builder.mul(b, ir.Constant(_I64, size))
             c0 = builder.mul(b, ir.Constant(_I64, 256))  # the super-block's first column
-            dsc = _super_block_scales(builder, tile, b, o, size, mins)
+            dsc = _super_block_scales(builder, tile, b, o, size, mins, by_shuffle=True)
             for k in range(rows):
                 builder.store(dsc[k], slots[k])
                 _keep_in_memory(builder, slots[k])
