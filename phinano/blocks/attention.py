@@ -91,8 +91,10 @@ def rotate_cache_attend(ops, step: Step | list[Step], layer: int, q, k, v, atten
     sequence's cache, and `attend(step, q_rows, keys, values)` per sequence over its cached keys and
     values (S, KVH, HD). One Step: T tokens of one sequence; a list: consecutive rows per sequence."""
     steps = step if isinstance(step, list) else [step]
-    cos = np.concatenate([s.cos for s in steps])  # (T, R): each row the rotation of its own position
-    sin = np.concatenate([s.sin for s in steps])  # (T, R)
+    if len(steps) == 1:  # one sequence: its own tables
+        cos, sin = steps[0].cos, steps[0].sin  # (T, R)
+    else:  # (T, R): each row the rotation of its own position
+        cos, sin = np.concatenate([s.cos for s in steps]), np.concatenate([s.sin for s in steps])
     q = ops.rope(q, cos, sin)  # (T, H, HD)
     k = ops.rope(k, cos, sin)  # (T, KVH, HD)
     out = np.empty_like(q)  # (T, H, HD)

@@ -574,6 +574,15 @@ def _rope_rows(x, cos, sin, out):
                 out[t, h, i] = x[t, h, i]
 
 
+def _rope_table(table, T: int) -> np.ndarray:
+    """cos or sin as the kernel reads them: (T, R) float32, C-contiguous (a (1, R) row repeated). Most calls
+    (a layer's q and k, every layer of a step) pass the step's own tables, already so: taken as they are."""
+    if isinstance(table, np.ndarray) and table.dtype == np.float32 and table.ndim == 2 and table.shape[0] == T \
+            and table.flags.c_contiguous:
+        return table
+    return np.ascontiguousarray(np.broadcast_to(np.asarray(table, np.float32), (T, np.shape(table)[-1])))
+
+
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotary embedding, "rotate-half" (NeoX) pairing, on the first R dims of every head.
 
@@ -584,8 +593,7 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """
     x3 = activation(x)
     T = x3.shape[0]
-    cos = np.ascontiguousarray(np.broadcast_to(np.asarray(cos, np.float32), (T, np.shape(cos)[-1])))
-    sin = np.ascontiguousarray(np.broadcast_to(np.asarray(sin, np.float32), (T, np.shape(sin)[-1])))
+    cos, sin = _rope_table(cos, T), _rope_table(sin, T)
     if cos.shape[1] > x3.shape[2] or cos.shape[1] % 2:
         raise ValueError(f"rope: rotary dims {cos.shape[1]} must be even and at most the head dim {x3.shape[2]}")
     out = np.empty_like(x3)
