@@ -580,8 +580,8 @@ def _six_bit_scales_by_shuffle(builder, row, o):
         lanes 0-3: a_j                  -> & 0x3F
         lanes 4-7: c_j | a_j << 8       -> & 0x0F (m: >> 4 first), | (>> 10) & 0x30
     (v & M) | (v >> 10 & ~M), M = 0x3F or 0x0F by lane: lanes 0-3 have nothing at bit 10 and up. The scalar
-    masks and shifts and the moves of their words into a vector took as many instructions, most of them
-    on the two vector ports the loop is bound by (1.06x the Q4_K loop, docs/kernels.md)."""
+    masks and shifts, and the moves of their words into a vector, took about twice the instructions, a
+    dozen of them on the two vector ports the loop is bound by (the Q4_K loop 1.06x, docs/kernels.md)."""
     bytes16, bytes32 = _vector(_I8, 16), _vector(_I8, 32)
     raw = _load(builder, row, o, bytes16)
     both = builder.shuffle_vector(raw, raw, ir.Constant(_vector(_I32, 32), list(range(16)) * 2))
