@@ -87,6 +87,24 @@ def test_embed_rejects_out_of_range_ids():
         fast.embed(np.zeros((4, 3), np.uint16), np.array([-5]))
 
 
+def test_rope_takes_tables_in_every_form_it_documents():
+    """The step's own (T, R) float32 tables go to the kernel as they are; a (1, R) row, float64 tables and a
+    strided view are made (T, R) float32 first. Every form gives the bits of the (T, R) float32 one."""
+    rng = np.random.default_rng(4)
+    T, R = 3, 64
+    x = rng.standard_normal((T, 4, 96)).astype(np.float32)
+    angles = rng.uniform(0, 6, (T, R // 2))
+    cos = np.concatenate([np.cos(angles)] * 2, axis=1).astype(np.float32)  # (T, R)
+    sin = np.concatenate([np.sin(angles)] * 2, axis=1).astype(np.float32)
+    want = fast.rope(x, cos, sin)
+    assert np.array_equal(want, reference.rope(x, cos, sin))
+    wide_cos, wide_sin = np.repeat(cos, 2, axis=1), np.repeat(sin, 2, axis=1)  # every other column: strided
+    for c, s in ((cos.astype(np.float64), sin.astype(np.float64)), (wide_cos[:, ::2], wide_sin[:, ::2])):
+        assert np.array_equal(fast.rope(x, c, s), want)
+    row = fast.rope(x, cos[:1], sin[:1])  # one row for every token
+    assert np.array_equal(row, reference.rope(x, np.repeat(cos[:1], T, 0), np.repeat(sin[:1], T, 0)))
+
+
 # ------------------------------------------------------------------------------------------------------ linear
 
 

@@ -18,7 +18,8 @@ AMD EPYC (Zen 3, AVX2) machine, each kernel against the Q8_0 kernel in the same 
   one accumulator; the minimums add -dmin * m[j] * (sum of x over sub-block j) to lane j, and those sums
   of x are the same for every row: `_sums_of_32` makes them once per call. The 16 six-bit scales and
   minimums come out of three 32-bit words with four masks (`_scales_and_mins` here for the row unpacking,
-  `_six_bit_scales` there); unpacked one by one into a scratch array they took 30 % of the time. The
+  `_six_bit_scales` there; on AVX-512 two byte shuffles, `_six_bit_scales_by_shuffle`); unpacked one by
+  one into a scratch array they took 30 % of the time. The
   plain Numba loop this replaced ran 1.5-1.7x slower (docs/kernels.md, "Explicit vector loops").
 - Q6_K: explicit vector code too (`q6_k_tile_dot`): per quarter of 32 weights, x . (q - 32) in 8 lanes
   of 4, scaled by d * sc of its two sub-blocks into the row's one accumulator, one row per work item. The
@@ -30,7 +31,8 @@ AMD EPYC (Zen 3, AVX2) machine, each kernel against the Q8_0 kernel in the same 
 - Q5_K and Q6_K read their packed bytes 32 at a time and take byte p of every 4-byte lane as one vector,
   so x comes permuted to match (`_in_byte_lane_order`, once per call): 1.2-1.5x over widening 8 bytes at
   a time (docs/kernels.md). On AVX-512, Q6_K runs in 16 lanes in x's own order instead
-  (`vector.q6_k_wide_tile_dot`: 64 bytes of numbers q - 32 at a time, 1.2-1.35x).
+  (`vector.q6_k_wide_tile_dot`: 64 bytes of numbers q - 32 at a time, 1.2-1.35x; with AVX-512 VBMI each
+  sub-block's 16 numbers by one byte permute, `vector._top_bytes`, 1.18x more).
 Unpacking each super-block once into a buffer of small integers and then multiplying (amortised over
 tokens) was also tried: slower for Q4_K and Q5_K at one token, faster only for Q6_K.
 """
