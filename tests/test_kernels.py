@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 pytest.importorskip("numba")
 
 import phinano.kernels as kernels  # noqa: E402
-from phinano.kernels import fast, reference, runtime  # noqa: E402
+from phinano.kernels import fast, lanes, reference, runtime  # noqa: E402
 from phinano.testing import check_op, compare  # noqa: E402
 from phinano.testing.strategies import make_weight  # noqa: E402
 
@@ -317,7 +317,7 @@ def assert_attention_close(q, k, v, start, window):
 @pytest.mark.parametrize("path", ["compiled", "blas", "blas-query-chunks"])
 def test_attention_many_queries_and_views_of_a_larger_cache(path, monkeypatch):
     """Many queries through each path (compiled: the keys cut into blocks at fixed positions, every query of
-    the call over each block, and value rows summed in chunks of `_VALUE_CHUNK` keys, windows starting
+    the call over each block, and keys and values read in chunks of `_KEY_CHUNK` keys, windows starting
     inside a chunk; BLAS: several query chunks, cut by the score block's bytes or by ATTENTION_QUERY_CHUNK,
     each chunk's products stopping at its last query's key), with k, v views of a preallocated cache and q
     a non-contiguous slice."""
@@ -333,7 +333,7 @@ def test_attention_many_queries_and_views_of_a_larger_cache(path, monkeypatch):
     cache_v = f32(rng, (100, KVH, HD))
     start = 11
     S = start + T
-    assert S > 2 * fast._VALUE_CHUNK + 1  # whole chunks and a partial one
+    assert S > 2 * fast._KEY_CHUNK + 1  # whole chunks and a partial one
     q = f32(rng, (T, H, HD))
     for window in (None, 1, 7, S - 1, S):
         assert_attention_close(q, cache_k[:S], cache_v[:S], start, window)
@@ -399,6 +399,57 @@ def test_decode_attention_merges_any_split_of_the_keys(block, monkeypatch):
             blind = np.isnan(ref).all(axis=(1, 2))  # queries that see no key
             assert np.isnan(got[blind]).all()
             np.testing.assert_allclose(got[~blind], ref[~blind], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("HD", [2, 8, 16, 18, 40, 50, 112, 144])
+def test_decode_attention_any_head_dim(HD, monkeypatch):
+    """The compiled kernel's explicit vector loops (lanes.py) take a head in pieces of 16 numbers, up to 4
+    pieces at once, and the last HD % 16 numbers one by one: every split of a head (no piece, 1-3 pieces
+    left over after groups of 4, a scalar tail) against the reference, over several chunks of keys."""
+    monkeypatch.setattr(fast, "ATTENTION_BLAS_MIN_ROWS", 10**9)
+    rng = np.random.default_rng(HD)
+    T, H, KVH, S = 2, 6, 3, 3 * fast._KEY_CHUNK + 5
+    q, k, v = f32(rng, (T, H, HD)), f32(rng, (S, KVH, HD)), f32(rng, (S, KVH, HD))
+    for window in (None, 7):
+        ref = reference.attention(q, k, v, S - T, window)
+        np.testing.assert_allclose(fast.attention(q, k, v, S - T, window), ref, rtol=1e-5, atol=1e-6)
+
+
+@numba.njit
+def _row_dot(q, t, h, k, j, kvh):
+    return lanes.row_dot(q, t, h, k, j, kvh)
+
+
+@numba.njit
+def _weighted_rows_into(acc, t, h, w, a, v, j1, j2, kvh):
+    lanes.weighted_rows_into(acc, t, h, w, a, v, j1, j2, kvh)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), HD=st.integers(1, 150), keys=st.integers(0, 20),
+       scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e4]))
+def test_lane_loops_equal_numpy(seed, HD, keys, scale):
+    """The twins of the decode attention kernel's two inner loops: a score q[t, h] . k[j, kvh] and a run of
+    value rows summed into acc[t, h] by their weights, against NumPy in float64 (float32 summation-order
+    bounds), for any head size, run of keys (none included) and magnitude; what lies outside the row
+    written stays as it was."""
+    rng = np.random.default_rng(seed)
+    T, H, S, KVH = 2, 3, keys + 3, 2
+    q, k = f32(rng, (T, H, HD), scale), f32(rng, (S, KVH, HD), scale)
+    want = q[1, 2].astype(np.float64) @ k[S - 1, 1].astype(np.float64)
+    bound = 2 * HD * np.finfo(np.float32).eps * (np.abs(q[1, 2].astype(np.float64)) @ np.abs(k[S - 1, 1]))
+    assert abs(float(_row_dot(q, 1, 2, k, S - 1, 1)) - want) <= bound + 1e-45
+    acc, w, v = f32(rng, (T, H, HD)), f32(rng, (T, H, keys + 1)), f32(rng, (S, KVH, HD), scale)
+    before = acc.copy()
+    j1, a = 2, 1  # keys 2 .. 2 + keys - 1, their weights w[1, 0, j - a]
+    _weighted_rows_into(acc, 1, 0, w, a, v, j1, j1 + keys, 1)
+    terms = w[1, 0, j1 - a : j1 - a + keys, None].astype(np.float64) * v[j1 : j1 + keys, 1]  # (keys, HD)
+    want = before[1, 0] + terms.sum(axis=0)
+    bound = (keys + 1) * np.finfo(np.float32).eps * (np.abs(before[1, 0]) + np.abs(terms).sum(axis=0))
+    assert np.all(np.abs(acc[1, 0] - want) <= bound + 1e-45)
+    untouched = np.ones(acc.shape, bool)
+    untouched[1, 0] = False
+    assert np.array_equal(acc[untouched], before[untouched])
 
 
 @pytest.mark.filterwarnings("error")  # and says nothing about it (the BLAS path runs on worker threads)

@@ -52,6 +52,7 @@ from .quantized import KERNELS, MatrixKernels
 from . import amx, kquants  # kquants adds the K-quant kernels (Q4_K, Q5_K, Q6_K) to KERNELS
 from .runtime import FASTMATH, in_parts, run, set_threads, threads
 from .expf import exp32
+from .lanes import row_dot, weighted_rows_into
 from .vector import BF16_TOKENS, bf16_tile
 from .widening import activation, stored, to_f32
 
@@ -114,12 +115,15 @@ ATTENTION_KEY_BLOCK = 256
 # 1000, 2047 and 4000 keys, where the blocks share out evenly, it cuts by keys as before (0.99-1.02x).
 # A constant of the compiled kernel (Numba reads it when it compiles; after a change, clear the cache).
 HEAD_RUNS_ABOVE = 1.2
-# _attend_keys (decode attention): value rows summed per head in chunks of this many keys, each chunk kept
-# in cache while every query and head takes its share. The same additions in the same order as one key at
-# a time (bit for bit), 8-11 % faster at 4096 cached keys (AMD EPYC Zen 3, 2026-11-30, measured in the
-# kernel before the keys were split between threads: 9.2 -> 8.2 ms for 32 heads of 96, 5.7 -> 5.1 ms for
-# 24 query heads over 8 KV heads of 128).
-_VALUE_CHUNK = 16
+# _attend_keys (decode attention): keys per chunk. Both passes over a block's keys go chunk by chunk, and
+# within a chunk head by head, so each head's slice of the chunk's rows is one short stream: a core has a
+# chunk's worth of streams to read at once instead of one. Chunks of 16 keys (Intel Xeon, Emerald Rapids,
+# 2 threads, 2026-12-01, Phi-3-mini's heads at 2048 keys, caches from memory): the score pass by whole rows
+# took half the kernel's time and read slower than a plain reader, the value pass read faster; scores by
+# chunks of 1 / 16 / 32 / 64 keys 11-13 / 14-16 / 14-16 / 12-15 GB/s. Values by chunks were 8-11 % faster
+# at 4096 keys on AMD EPYC (Zen 3, 2026-11-30). Any chunk gives the same bits: each score and each value
+# sum is the same operations in the same order.
+_KEY_CHUNK = 16
 # attention(): bytes of one score block (G heads x a chunk of queries x S keys) in the BLAS path, and at
 # most this many queries a chunk. A chunk's products stop at its last query's key, so smaller chunks skip
 # more of the causal mask's empty triangle: a 512-token prompt of Phi-3-mini's heads took 32 ms a layer in
@@ -688,26 +692,22 @@ def _attend_keys(q, k, v, lo, hi, a, b, kv0, kv1, top, total, acc):
     exp(score_j - top) and acc[t, h] = sum_j exp(score_j - top) * v[j].
     q (T, H, HD); k, v (S, KVH, HD); top, total (T, H); acc (T, H, HD).
 
-    Each key row k[j] (every KV head of key j, contiguous) is loaded once and used by every query and
-    every query head that reads it (grouped-query attention); the HD loops vectorise. Value rows are summed
-    in chunks of _VALUE_CHUNK keys, each chunk kept in cache while every query and head takes its share."""
+    Keys and values are read in chunks of _KEY_CHUNK keys, head by head within a chunk (each head's slices
+    of the chunk's rows are so many short streams read at once, while the chunk stays in cache for every
+    query and query head that reads it: grouped-query attention). The two inner loops are explicit 16-lane
+    vector loops (lanes.py): a score is `row_dot`, a head's share of a chunk of values `weighted_rows_into`,
+    which keeps the accumulator row in registers over the chunk's keys."""
     T, H, HD = q.shape
     KVH = k.shape[1]
     G = H // KVH
     scale = np.float32(HD**-0.5)
     scores = np.empty((T, H, b - a), np.float32)  # (T, H, n); keys a query does not see stay unused
-    for j in range(a, b):
-        for kvh in range(kv0, kv1):
-            kj = k[j, kvh]  # (HD,)
-            for t in range(T):
-                if lo[t] <= j < hi[t]:
-                    for g in range(G):
-                        h = kvh * G + g
-                        qh = q[t, h]  # (HD,)
-                        s = np.float32(0.0)
-                        for d in range(HD):
-                            s += qh[d] * kj[d]
-                        scores[t, h, j - a] = s * scale
+    for j0 in range(a, b, _KEY_CHUNK):
+        for t in range(T):
+            j1, j2 = max(j0, lo[t]), min(j0 + _KEY_CHUNK, b, hi[t])  # the chunk's keys query t sees
+            for h in range(kv0 * G, kv1 * G):
+                for j in range(j1, j2):
+                    scores[t, h, j - a] = row_dot(q, t, h, k, j, h // G) * scale
     for t in range(T):
         a_t, b_t = max(a, lo[t]), min(b, hi[t])  # the keys of a .. b - 1 query t sees
         for h in range(kv0 * G, kv1 * G):
@@ -719,18 +719,13 @@ def _attend_keys(q, k, v, lo, hi, a, b, kv0, kv1, top, total, acc):
             row = scores[t, h, a_t - a : b_t - a]
             m, sum_e = _exp_below_max(row)  # exp(score - top) in place, and its sum
             top[t, h], total[t, h] = m, np.float32(sum_e)
-    for j0 in range(a, b, _VALUE_CHUNK):
+    for j0 in range(a, b, _KEY_CHUNK):
         for kvh in range(kv0, kv1):
             for t in range(T):
-                j1, j2 = max(j0, lo[t]), min(j0 + _VALUE_CHUNK, b, hi[t])  # the chunk's keys query t sees
+                j1, j2 = max(j0, lo[t]), min(j0 + _KEY_CHUNK, b, hi[t])  # the chunk's keys query t sees
                 for g in range(G):
                     h = kvh * G + g
-                    ah = acc[t, h]  # (HD,)
-                    for j in range(j1, j2):
-                        p = scores[t, h, j - a]
-                        vj = v[j, kvh]  # (HD,)
-                        for d in range(HD):
-                            ah[d] += p * vj[d]
+                    weighted_rows_into(acc, t, h, scores, a, v, j1, j2, kvh)  # acc[t, h] += sum_j p_j v[j, kvh]
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
