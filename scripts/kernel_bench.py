@@ -3,6 +3,7 @@
     python scripts/kernel_bench.py              # decode matvecs: bf16 vs BLAS, then bf16 vs the quantized types
     python scripts/kernel_bench.py --prefill    # + the fused-vs-BLAS crossover in tokens, and attention
     python scripts/kernel_bench.py --startup    # + compile time and cached start time, in fresh processes
+    python scripts/kernel_bench.py --no-decode --attention   # decode attention over caches from memory
 
 Decode: y = x @ w.T with w a 1 GiB bfloat16 matrix (32768 x 16384, uint16 bits) through
 `fast.linear` (and 1 GiB of each Phi-3-mini matrix shape in turn, beside it), against NumPy's float32 BLAS
@@ -18,6 +19,9 @@ Beside each type, a streaming-read probe on the same matrices (a parallel sum of
 which does nothing but read): the memory limit for that data size, in the same run; "share" is the kernel's
 GB/s over the probe's.
 Last, each format's compute ceiling per core, which other processes on the cores barely change.
+--attention: decode attention (one query) over 16 layers' KV caches in turn, so that the cache comes from
+memory as in a decode step, at Phi-3-mini's and Phi-4-mini's head shapes, taking turns with the streaming-read
+probe on the same caches; "share" is the median of the rounds' ratios.
 Median (and best) of --repeats runs after one warm-up. The machine is shared: run it when it is quiet.
 """
 
@@ -240,6 +244,30 @@ def bench_attention(fast, reference, repeats: int) -> None:
               + (f"   (KV cache read at {kv / f:.1f} GB/s)" if T == 1 else ""))
 
 
+def bench_decode_attention(fast, repeats: int) -> None:
+    """One query's attention over `layers` caches in turn (each read once from memory, as a decode step reads
+    its layers'), the probe reading the same caches in between: GB/s of cache read and the share of the
+    probe's rate at the same moment."""
+    rng = np.random.default_rng(3)
+    layers = 16
+    print(f"\ndecode attention, 1 query, {layers} layers' caches in turn (float32), against a read of the same caches:")
+    for S, H, KVH, HD in ((512, 32, 32, 96), (2047, 32, 32, 96), (512, 24, 8, 128), (2047, 24, 8, 128)):
+        q = rng.standard_normal((1, H, HD), dtype=np.float32)
+        ks = [rng.standard_normal((S, KVH, HD), dtype=np.float32) for _ in range(layers)]
+        vs = [rng.standard_normal((S, KVH, HD), dtype=np.float32) for _ in range(layers)]
+        gb = 2 * sum(k.nbytes for k in ks) / 1e9
+        rates, shares = [], []
+        for _ in range(repeats):
+            t = timed(lambda: [fast.attention(q, k, v, S - 1, None) for k, v in zip(ks, vs)], 1)[0]
+            probe = stream_read_gbs(ks + vs, 1)[0]
+            rates.append(gb / t)
+            shares.append(gb / t / probe)
+        print(f"  S={S:<5} H={H:<3} KVH={KVH:<3} HD={HD:<4} {np.median(rates):5.1f} GB/s "
+              f"(best {max(rates):5.1f}), {100 * np.median(shares):3.0f} % of the read at the same moment, "
+              f"{1e3 * gb / layers / np.median(rates):6.2f} ms a layer")
+        del ks, vs
+
+
 _STARTUP = """
 import time
 t0 = time.perf_counter()
@@ -281,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill", action="store_true", help="also the token-count crossover and attention")
     parser.add_argument("--startup", action="store_true", help="also compile and cached start times")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode benchmarks")
+    parser.add_argument("--attention", action="store_true", help="also decode attention over caches from memory")
     parser.add_argument("--ceilings", action="store_true",
                         help="only each format's compute ceiling per core (best of 3), quick and robust to load")
     parser.add_argument("--types", default=",".join(FLOAT16_FIELDS), help="quantized types to measure, comma-separated")
@@ -308,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.prefill:
         bench_prefill(fast, args.repeats, qtypes)
         bench_attention(fast, reference, args.repeats)
+    if args.attention:
+        bench_decode_attention(fast, args.repeats)
     if args.startup:
         bench_startup()
     print(f"\nload average {load_average()} after (1, 5, 15 minutes; other processes share the cores)")
